@@ -1,0 +1,51 @@
+"""Datasets (find, load, download, check) and the device-resident batch loader.
+
+    images, labels = load_dataset("cifar10", "train")
+    spec = dataset_spec("cifar10")
+    loader = DeviceLoader(images, labels, batch_size=128, mean=spec.mean, std=spec.std,
+                          device="cuda", augment=spec.default_augment)
+    for x, y in loader.epoch(epoch): ...
+"""
+
+from __future__ import annotations
+
+from .augment import Augment, parse_augment
+from .datasets import (
+    DatasetCheck,
+    DatasetSpec,
+    FileCheck,
+    RemoteFile,
+    SplitCheck,
+    cache_root,
+    check_dataset,
+    dataset_spec,
+    download_dataset,
+    download_file,
+    find_dataset_dir,
+    load_dataset,
+)
+from .formats import CorruptFileError, load_cifar, load_idx, load_svhn_mat, read_idx
+from .loader import DeviceLoader
+
+__all__ = [
+    "Augment",
+    "CorruptFileError",
+    "DatasetCheck",
+    "DatasetSpec",
+    "DeviceLoader",
+    "FileCheck",
+    "RemoteFile",
+    "SplitCheck",
+    "cache_root",
+    "check_dataset",
+    "dataset_spec",
+    "download_dataset",
+    "download_file",
+    "find_dataset_dir",
+    "load_cifar",
+    "load_dataset",
+    "load_idx",
+    "load_svhn_mat",
+    "parse_augment",
+    "read_idx",
+]

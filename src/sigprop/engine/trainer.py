@@ -1,0 +1,227 @@
+"""The training loop: data -> rule steps -> evaluation -> metrics and checkpoint.
+
+The hot loop keeps per-step numbers on the device; it syncs with the host once
+every ``check_every`` steps (non-finite-loss check and progress bar) and once per
+epoch. A checkpoint is written atomically after every epoch; a resumed run
+replays exactly: the loader's draws depend only on (seed, epoch), and the global
+RNG state (dropout) is restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
+from ..errors import ConfigError, TrainingError
+from ..networks import build_network
+from ..rules import LearningRule, build_rule
+from . import runio
+from .config import Config
+
+STEP_MILESTONES = (0.50, 0.75, 0.89, 0.94)  # Sec. IV: lr x0.25 at these fractions
+STEP_FACTOR = 0.25
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate during ``epoch`` (0-based)."""
+    if schedule == "step":
+        passed = sum(epoch >= round(f * epochs) for f in STEP_MILESTONES)
+        return STEP_FACTOR**passed
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this machine has no usable CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+@dataclass
+class Experiment:
+    """Everything built from a config: the rule and both loaders."""
+
+    rule: LearningRule
+    train: DeviceLoader
+    test: DeviceLoader
+    device: torch.device
+
+
+def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    spec = dataset_spec(cfg.data.dataset)
+    torch.manual_seed(cfg.train.seed)  # model init
+    network = build_network(cfg.model.network, spec.shape, spec.num_classes, cfg.model.dropout)
+    rule = build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule).to(device)
+    augment = parse_augment(cfg.data.augment, spec)
+    if with_train:
+        images, labels = load_dataset(spec.name, "train", cfg.data.data_dir)
+        if cfg.data.train_limit is not None:
+            images, labels = images[: cfg.data.train_limit], labels[: cfg.data.train_limit]
+    else:  # evaluation only: an empty training set
+        images = torch.zeros(0, *spec.shape, dtype=torch.uint8)
+        labels = torch.zeros(0, dtype=torch.int64)
+    train = DeviceLoader(
+        images, labels, batch_size=cfg.data.batch_size, mean=spec.mean, std=spec.std,
+        device=device, shuffle=True, augment=augment, seed=cfg.train.seed,
+    ) if len(labels) else None
+    t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
+    test = DeviceLoader(
+        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
+        std=spec.std, device=device, shuffle=False,
+    )
+    return Experiment(rule, train, test, device)
+
+
+def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
+    """Accuracy of every exit of ``rule`` over ``loader`` (one host sync)."""
+    rule.set_training(False)
+    correct = None
+    for x, y in loader.epoch(0):
+        c = rule.eval_step(x, y)
+        correct = c if correct is None else correct + c
+    assert correct is not None
+    acc = (correct.double() / loader.num_samples).tolist()
+    return dict(zip(rule.exit_names, acc))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.out = out
+
+    def _log(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def run(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        ckpt_path = self.run_dir / runio.CHECKPOINT
+        if ckpt_path.exists() and not self.resume:
+            raise ConfigError(
+                f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --run-dir"
+            )
+        exp = build_experiment(cfg)
+        rule = exp.rule
+        history: list[dict[str, Any]] = []
+        start = 0
+        if self.resume and ckpt_path.exists():
+            state = runio.load_checkpoint(ckpt_path, exp.device)
+            rule.load_state_dict(state["rule"])
+            torch.set_rng_state(state["rng"].cpu())
+            if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
+            history = state["history"]
+            start = state["epoch"]
+            self._log(f"resuming {self.run_dir} after epoch {start}")
+        elif self.resume:
+            self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runio.atomic_write_text(
+            self.run_dir / runio.CONFIG,
+            json.dumps({"config": cfg.to_dict(), "seed": cfg.train.seed,
+                        "versions": runio.versions()}, indent=2),
+        )
+        if start == 0:
+            torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
+        for epoch in range(start, cfg.train.epochs):
+            record = self._epoch(exp, epoch)
+            history.append(record)
+            runio.save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "config": cfg.to_dict(), "rule": rule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(exp.device) if exp.device.type == "cuda" else None,
+                "history": history,
+            })
+            runio.write_metrics(self.run_dir, history)
+            exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
+            self._log(
+                f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {record['train_loss']:.4f}  "
+                f"test_acc {record['test_acc']:.4f}  [{exits}]  "
+                f"{record['samples_per_s']:.0f} samples/s"
+            )
+        return history
+
+    def _epoch(self, exp: Experiment, epoch: int) -> dict[str, Any]:
+        cfg, rule, loader = self.cfg, exp.rule, exp.train
+        factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
+        lr = cfg.rule.lr * factor
+        for opt in rule.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        k = len(rule.exit_names)
+        every = cfg.train.check_every
+        loss_sum = torch.zeros(k, device=exp.device, dtype=torch.float64)
+        correct_sum = torch.zeros(k, device=exp.device, dtype=torch.int64)
+        window = torch.zeros(every, k, device=exp.device)  # recent losses, for the check
+        seen = 0
+        rule.set_training(True)
+        bar = tqdm(
+            total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
+            disable=not cfg.train.progress, leave=False, file=sys.stderr,
+        )
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader.epoch(epoch)):
+            losses, correct = rule.train_step(x, y)
+            window[step % every] = losses
+            loss_sum += losses * x.shape[0]
+            correct_sum += correct
+            seen += x.shape[0]
+            last = step + 1 == len(loader)
+            if (step + 1) % every == 0 or last:
+                self._check_finite(window[: step % every + 1], rule, epoch, step)
+                bar.update(step % every + 1)
+                bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
+                                acc=f"{int(correct_sum[-1]) / seen:.4f}")
+        elapsed = time.perf_counter() - start
+        bar.close()
+        test_acc = evaluate(rule, exp.test)
+        train_loss = (loss_sum / seen).tolist()
+        train_acc = (correct_sum.double() / seen).tolist()
+        names = rule.exit_names
+        return {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss[-1],
+            "train_acc": train_acc[-1],
+            "test_acc": test_acc[names[-1]],
+            "test_error": 1.0 - test_acc[names[-1]],
+            "train_loss_exits": dict(zip(names, train_loss)),
+            "train_acc_exits": dict(zip(names, train_acc)),
+            "test_acc_exits": test_acc,
+            "epoch_time_s": elapsed,
+            "samples_per_s": seen / elapsed,
+        }
+
+    @staticmethod
+    def _check_finite(window: torch.Tensor, rule: LearningRule, epoch: int, step: int) -> None:
+        """Raise naming the first (step, exit) whose loss is NaN or infinite."""
+        bad = ~torch.isfinite(window)
+        if not bool(bad.any()):
+            return
+        row, col = (int(i) for i in bad.nonzero()[0])
+        first = step - (window.shape[0] - 1) + row
+        value = float(window[row, col])
+        raise TrainingError(
+            f"loss of {rule.exit_names[col]} became {value} at epoch {epoch + 1}, step "
+            f"{first + 1}; lower the learning rate (--lr) or check the input data"
+        )

@@ -1,0 +1,145 @@
+"""The paper's equations as pure functions (no state, one return type each).
+
+Shapes: ``h`` is ``(n, d)`` (n samples), ``t`` is ``(m, d)`` (one target per class
+for Eq. 1, or any set of m targets). Comparisons return *similarity logits*
+``(n, m)``: larger means "h belongs to t". Eq. 9 writes CE(y*, -O(h, t)); the sign
+there makes sense for a distance, so we fold it into the comparison: dot gives
+``+h·t`` and L2 gives ``-||h - t||²``. ``scale`` multiplies the logits (a softmax
+temperature); see ``default_scale`` for why the raw dot product needs one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "dot_compare",
+    "l2_compare",
+    "compare",
+    "compare_paired",
+    "default_scale",
+    "pred_loss",
+    "class_targets",
+    "label_projection",
+    "label_input_modulation",
+    "loop_back_prediction",
+    "loop_back_error",
+]
+
+
+def dot_compare(h: Tensor, t: Tensor, scale: float = 1.0) -> Tensor:
+    """Eq. 6, O_dot(h, t) = h · tᵀ, times ``scale``. (n, d), (m, d) -> (n, m)."""
+    return (h.flatten(1) @ t.flatten(1).T) * scale
+
+
+def l2_compare(h: Tensor, t: Tensor, scale: float = 1.0) -> Tensor:
+    """Eq. 7 as a similarity: -Σ_k (t_jk - h_ik)², times ``scale``. -> (n, m).
+
+    Expanded as 2h·t - |h|² - |t|² so no (n, m, d) tensor is built.
+    """
+    h, t = h.flatten(1), t.flatten(1)
+    sq = 2 * (h @ t.T) - (h * h).sum(1, keepdim=True) - (t * t).sum(1)
+    return sq * scale
+
+
+def compare(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
+    """Dispatch to :func:`dot_compare` or :func:`l2_compare` by name."""
+    if kind == "dot":
+        return dot_compare(h, t, scale)
+    if kind == "l2":
+        return l2_compare(h, t, scale)
+    raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
+
+
+def default_scale(kind: str, dim: int) -> float:
+    """Logit scale used unless the user sets one.
+
+    With BatchNorm + LeakyReLU units of order 1, an aligned pair gives h·t ~ d and a
+    random one ~ √d; for d = 1000 raw logits reach 60-120, the softmax saturates and
+    deeper layers stop learning (measured: early-exit accuracy falls with depth).
+    Dividing by √d (as in scaled dot-product attention) brings aligned pairs to
+    ~√d and random ones to ~1, where every layer keeps learning (docs/RESULTS.md).
+    Squared L2 distances grow like d, so they are divided by d.
+    """
+    return 1.0 / math.sqrt(dim) if kind == "dot" else 1.0 / dim
+
+
+def pred_loss(
+    h: Tensor, t: Tensor, y: Tensor, kind: str = "dot", scale: float = 1.0
+) -> Tensor:
+    """Eq. 9, L_pred = CE(y, O(h, t)) with one target per class.
+
+    h: (n, d) outputs; t: (m, d) targets, row c the target of class c; y: (n,) class
+    indices in [0, m). Rows of ``t`` that are NaN-free but absent from the batch are
+    fine; use :func:`class_targets` to build ``t`` from per-sample targets.
+    """
+    return F.cross_entropy(compare(h, t, kind, scale), y)
+
+
+def class_targets(t: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-sample targets (n, d) -> per-class means (m, d) and a presence mask (m,).
+
+    Eq. 10 and the loop-back generators make one target per sample; L_pred compares
+    each output against one target per class, so targets of a class are averaged.
+    A class absent from the batch gets a zero row and ``present[c] = False``.
+    """
+    flat = t.flatten(1)
+    sums = flat.new_zeros(num_classes, flat.shape[1]).index_add_(0, y, flat)
+    counts = torch.bincount(y, minlength=num_classes).to(flat.dtype)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    return means.view(num_classes, *t.shape[1:]), counts > 0
+
+
+# --- target generators (Sec. III-D), as functions of their weights ---------------
+
+def label_projection(c: Tensor, S: Tensor, d: Tensor, f=F.leaky_relu) -> Tensor:
+    """Eq. 1, t1 = f(S1 c + d1). c: (m, classes) one-hot rows -> (m, out)."""
+    return f(F.linear(c, S, d))
+
+
+def label_input_modulation(
+    h1: Tensor, c: Tensor, S1: Tensor, d1: Tensor, S2: Tensor, d2: Tensor, f=torch.sigmoid
+) -> Tensor:
+    """Eq. 10, t1 = h1 ⊙ f(S1 c + d1) + f(S2 c + d2): one target per sample.
+
+    h1: (n, *D) first-layer outputs; c: (n, classes) one-hot labels of those samples.
+    S1, S2 project to prod(D) features; the result has the shape of h1.
+    """
+    scale = f(F.linear(c, S1, d1)).view_as(h1)
+    shift = f(F.linear(c, S2, d2)).view_as(h1)
+    return h1 * scale + shift
+
+
+def loop_back_prediction(
+    y_out: Tensor, c: Tensor, S: Tensor, d: Tensor, f=F.leaky_relu
+) -> Tensor:
+    """Eq. 11, t1 = f(S1 y3 + S1 y* + d1): the output prediction plus the label.
+
+    y_out: (n, classes) output probabilities; c: (n, classes) one-hot labels.
+    """
+    return f(F.linear(y_out + c, S, d))
+
+
+def loop_back_error(
+    h_out: Tensor, grad_out: Tensor, S: Tensor, d: Tensor, eta: float, f=F.leaky_relu
+) -> Tensor:
+    """Eq. 12, t1 = f(S1 (h3 - η dL/dh3) + d1): the output moved against its error."""
+    return f(F.linear(h_out - eta * grad_out, S, d))
+
+
+def compare_paired(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
+    """Compare each sample with its own candidate targets: (n, d), (n, m, d) -> (n, m).
+
+    Used at inference for per-sample generators, where sample j has one candidate
+    target per class.
+    """
+    h, t = h.flatten(1).unsqueeze(1), t.flatten(2)
+    if kind == "dot":
+        return (h * t).sum(-1) * scale
+    if kind == "l2":
+        return -((h - t) ** 2).sum(-1) * scale
+    raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")

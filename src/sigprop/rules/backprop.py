@@ -1,0 +1,58 @@
+"""Reference rules on the same networks: end-to-end backprop, and ``shallow``
+(hidden blocks stay at their random initialisation; only the head learns)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..networks import Network
+from ..registry import register_rule
+from .base import LearningRule, RuleConfig, make_adam
+
+
+@register_rule("backprop")
+class Backprop(LearningRule):
+    """One loss at the output, gradients through every block, one Adam."""
+
+    exit_names = ["output"]
+
+    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        super().__init__(network, num_classes, cfg)
+        self.opt = make_adam(network.parameters(), cfg)
+        self.optimizers = [self.opt]
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.network(x)
+        loss = F.cross_entropy(logits, y)
+        self._step(self.opt, loss)
+        return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
+
+    def exit_scores(self, x: Tensor) -> list[Tensor]:
+        return [self.network(x)]
+
+
+@register_rule("shallow")
+class Shallow(LearningRule):
+    """Only the classification head learns, on features of the fixed random blocks."""
+
+    exit_names = ["output"]
+
+    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        super().__init__(network, num_classes, cfg)
+        network.blocks.requires_grad_(False)
+        self.opt = make_adam(network.head.parameters(), cfg)
+        self.optimizers = [self.opt]
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            for block in self.network.blocks:
+                x = block(x)
+        logits = self.network.head(x)
+        loss = F.cross_entropy(logits, y)
+        self._step(self.opt, loss)
+        return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
+
+    def exit_scores(self, x: Tensor) -> list[Tensor]:
+        return [self.network(x)]

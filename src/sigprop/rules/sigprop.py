@@ -1,0 +1,155 @@
+"""Signal propagation (Sec. III): every block learns from its own L_pred, at once.
+
+One training step, for blocks B_1..B_L and target generator G:
+
+    h1 = B_1(x);  t1 = G(h1, y)                 # Eq. 1 / 10 / 11 / 12
+    [h_i, t_i] = B_i([h_{i-1}, t_{i-1}])        # Eq. 2-3: one call, same weights
+    L_i = CE(y, O(h_i, t_i))  ->  step B_i now  # Eq. 9; B_1's step also moves G
+    (classifier head: CE(y, head(h_L)) -> step head)          # Fig. 2b
+
+Inputs of each block are detached, so no gradient crosses a block boundary and
+only one block's activations are alive at a time. Each block has its own Adam.
+Prediction: the last block's output-target comparison (Fig. 2a), or the head
+(Fig. 2b, which needs neither labels nor the generator at inference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import functional as SF
+from ..batchnorm import convert_batchnorm, stats_from_first
+from ..errors import ConfigError
+from ..networks import Network
+from ..registry import register_rule
+from ..signals import Feedback, TargetGenerator, build_signal
+from .base import LearningRule, RuleConfig, make_adam
+
+
+@register_rule("sigprop")
+class Sigprop(LearningRule):
+    def __init__(
+        self, network: Network, num_classes: int, cfg: RuleConfig,
+        signal: TargetGenerator | None = None,
+    ) -> None:
+        super().__init__(network, num_classes, cfg)
+        convert_batchnorm(network.blocks)
+        shapes = network.block_shapes
+        if signal is None:
+            signal = build_signal(
+                cfg.signal, num_classes, shapes[0], cfg.signal_learned,
+                head=network.head, out_dim=math.prod(shapes[-1]), eta=cfg.eta,
+            )
+        if signal.target_shape != shapes[0]:
+            raise ConfigError(
+                f"target generator makes targets of shape {signal.target_shape}, "
+                f"but the first block outputs {shapes[0]}"
+            )
+        if signal.needs_feedback and cfg.head != "classifier":
+            raise ConfigError(
+                f"signal {cfg.signal!r} loops the network's prediction back (Fig. 2c); "
+                "it needs --head classifier"
+            )
+        self.signal = signal
+        self.modules["signal"] = signal
+        self.classifier = cfg.head == "classifier"
+        self.scales = [
+            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s)) for s in shapes
+        ]
+        # The first block learns together with the generator (Eq. 1: L_1(h1, t1)).
+        blocks = network.blocks
+        self.block_opts = [make_adam(blocks[0].parameters(), cfg)]
+        if self.block_opts[0] is not None and signal.learned:
+            self.block_opts[0].add_param_group({"params": list(signal.parameters())})
+        elif signal.learned:
+            self.block_opts[0] = make_adam(signal.parameters(), cfg)
+        self.block_opts += [make_adam(b.parameters(), cfg) for b in blocks[1:]]
+        self.head_opt = make_adam(network.head.parameters(), cfg) if self.classifier else None
+        self.optimizers = [o for o in [*self.block_opts, self.head_opt] if o is not None]
+        self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))]
+        if self.classifier:
+            self.exit_names.append("head")
+
+    # --- training ---------------------------------------------------------------
+    def _stats_rows(self, n: int) -> int | None:
+        return n if self.cfg.bn_stats == "inputs" else None
+
+    def _feedback(self, x: Tensor) -> Feedback:
+        """A label-free pass for loop-back generators (Fig. 2c), without gradients."""
+        with torch.no_grad():
+            h = x
+            for block in self.network.blocks:
+                h = block(h)
+            return Feedback(h.flatten(1), self.network.head(h))
+
+    def _layer_logits(self, i: int, h: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """(n, classes) logits of L_pred at block i; per-sample targets become class means."""
+        if not self.signal.per_sample:
+            return SF.compare(h, t, self.cfg.loss, self.scales[i])
+        means, present = SF.class_targets(t, y, self.num_classes)
+        logits = SF.compare(h, means, self.cfg.loss, self.scales[i])
+        return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        fb = self._feedback(x) if self.signal.needs_feedback else None
+        losses, correct = [], []
+        h = t = x
+        for i, (block, opt) in enumerate(zip(self.network.blocks, self.block_opts)):
+            if i == 0:
+                h_out = block(x)  # only inputs here: BN statistics are the inputs'
+                t_out = self.signal.targets(h_out, y, fb)
+            else:
+                with stats_from_first(self._stats_rows(n)):
+                    z = block(torch.cat([h, t]))  # (n + m, *D): inputs, then targets
+                h_out, t_out = z[:n], z[n:]
+            logits = self._layer_logits(i, h_out, t_out, y)
+            loss = F.cross_entropy(logits, y)
+            self._step(opt, loss)
+            losses.append(loss.detach())
+            correct.append((logits.detach().argmax(1) == y).sum())
+            h, t = h_out.detach(), t_out.detach()
+        if self.classifier:
+            logits = self.network.head(h)
+            loss = F.cross_entropy(logits, y)
+            self._step(self.head_opt, loss)
+            losses.append(loss.detach())
+            correct.append((logits.detach().argmax(1) == y).sum())
+        return torch.stack(losses), torch.stack(correct)
+
+    # --- inference ----------------------------------------------------------------
+    def exit_scores(self, x: Tensor) -> list[Tensor]:
+        """Early exits (Eq. 8) of every block, then the head's logits if there is one.
+
+        Per-class generators: h and the m class targets go through each block and are
+        compared. Per-sample generators: each sample's m candidate targets (one per
+        class) go through each block, m x the target work, and the best match wins.
+        """
+        with torch.no_grad():
+            n = x.shape[0]
+            fb = self._feedback(x) if self.signal.needs_feedback else None
+            scores = []
+            h = x
+            t = None
+            for i, block in enumerate(self.network.blocks):
+                h = block(h)
+                if i == 0:
+                    t = (
+                        self.signal.candidates(h, fb).flatten(0, 1)  # (n * m, *D)
+                        if self.signal.per_sample
+                        else self.signal.targets(h)  # (m, *D)
+                    )
+                else:
+                    t = block(t)
+                if self.signal.per_sample:
+                    paired = t.view(n, self.num_classes, *t.shape[1:])
+                    scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
+                else:
+                    scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
+            if self.classifier:
+                scores.append(self.network.head(h))
+            return scores

@@ -68,6 +68,21 @@ def _infer_shapes(blocks: nn.ModuleList, input_shape: tuple[int, ...]) -> list[t
     return shapes
 
 
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, saving only the 1-byte mask for backward (not a float copy)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g * keep * ctx.scale, None, None
+
+
 class Dropout(nn.Module):
     """Inverted dropout with a mask from 16-bit random draws.
 
@@ -96,7 +111,7 @@ class Dropout(nn.Module):
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_()
         lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)
         keep = (lanes & 0x7FFF) >= self._cut
-        return x * keep * (32768.0 / (32768 - self._cut))
+        return _MaskedScale.apply(x, keep, 32768.0 / (32768 - self._cut))
 
 
 def fc_block(d_in: int, d_out: int, dropout: float) -> nn.Sequential:

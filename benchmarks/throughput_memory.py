@@ -1,0 +1,602 @@
+#!/usr/bin/env python
+"""Training throughput and peak activation memory: sigprop vs backprop, one process.
+
+    python benchmarks/throughput_memory.py                       # fc-3x1000, batch 128, CPU
+    python benchmarks/throughput_memory.py --profile --json out.json
+    python benchmarks/throughput_memory.py --device cuda --threads 1
+
+What it measures (see benchmarks/README.md for the method):
+
+* throughput: every rule is built once (same seed, same initial network weights),
+  warmed up, then timed in ``--repeats`` interleaved segments of ``--steps`` training
+  steps each (the order of the rules alternates between repeats). Per rule: median,
+  min and max samples/s over its segments. The sigprop/backprop ratio is computed per
+  paired repeat (same repeat, adjacent in time) and summarised by its median and range,
+  since the throughput of a shared CPU drifts between segments.
+* matmul FLOPs per step, counted analytically from the network's Linear layers, and
+  the GFLOP/s each rule achieves; the FLOP ratio is the ideal throughput ratio.
+* peak activation memory: bytes of tensors saved for backward during one training
+  step, counted with ``torch.autograd.graph.saved_tensors_hooks``: a running total goes
+  up when autograd packs a tensor and down when it releases it; the peak is reported.
+  Cross-check: unique saved bytes per block, combined as max over blocks (sigprop,
+  each block's graph is freed by its own backward) or sum over blocks (backprop).
+
+Data are synthetic Fashion-MNIST-shaped batches (1x28x28, 10 classes) made on the
+device before timing, so no data loading is measured. Only the public API is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import sigprop
+
+INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
+NUM_CLASSES = 10
+MIB = 1024 * 1024
+
+
+# --- setup ----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Training throughput (samples/s) and peak activation memory per step "
+        "of sigprop vs backprop, side by side in one process.",
+    )
+    p.add_argument("--network", default="fc-3x1000", help="network name (default fc-3x1000)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--steps", type=int, default=50, help="steps per timed segment (default 50)")
+    p.add_argument("--repeats", type=int, default=8,
+                   help="interleaved timed segments per rule (default 8)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps per rule (default 20)")
+    p.add_argument("--rules", default="sigprop,backprop",
+                   help="comma-separated rule names (default sigprop,backprop)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table per rule (top ops by self time) and a "
+                   "side-by-side per-op comparison")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="training steps profiled per rule with --profile (default 10)")
+    p.add_argument("--memory-detail", action="store_true",
+                   help="list every tensor saved for backward in the memory step")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
+    p.add_argument("--pool", type=int, default=16,
+                   help="pre-generated batches cycled through (default 16)")
+    p.add_argument("--target-throughput", type=float, default=1.15,
+                   help="required sigprop/backprop throughput ratio (default 1.15)")
+    p.add_argument("--target-memory", type=float, default=0.5,
+                   help="allowed sigprop/backprop activation memory ratio (default 0.5)")
+    args = p.parse_args(argv)
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not args.rules:
+        p.error("--rules is empty")
+    if len(set(args.rules)) != len(args.rules):
+        p.error("--rules lists a rule twice")
+    for name in ("batch_size", "steps", "repeats", "pool", "profile_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def machine_facts(device: torch.device) -> dict:
+    facts = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sigprop": getattr(sigprop, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_average": load_average(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def make_pool(args: argparse.Namespace, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Synthetic Fashion-MNIST-like batches: pixels in [0, 1], normalised; uniform labels."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pool = []
+    for _ in range(args.pool):
+        x = torch.rand(args.batch_size, *INPUT_SHAPE, generator=g)
+        x = (x - 0.286) / 0.353  # Fashion-MNIST mean / std
+        y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g)
+        pool.append((x.to(device), y.to(device)))
+    return pool
+
+
+def build(name: str, args: argparse.Namespace, device: torch.device):
+    torch.manual_seed(args.seed)  # same initial network weights for every rule
+    net = sigprop.build_network(args.network, INPUT_SHAPE, NUM_CLASSES, dropout=args.dropout)
+    rule = sigprop.build_rule(name, net, NUM_CLASSES)
+    rule.modules.to(device)
+    rule.set_training(True)
+    return rule
+
+
+class Stepper:
+    """Cycles one rule through the batch pool (each rule sees the same sequence)."""
+
+    def __init__(self, rule, pool) -> None:
+        self.rule, self.pool, self.k = rule, pool, 0
+        self.last = None
+
+    def __call__(self, steps: int) -> None:
+        rule, pool = self.rule, self.pool
+        for _ in range(steps):
+            x, y = pool[self.k % len(pool)]
+            self.k += 1
+            self.last = rule.train_step(x, y)
+
+
+# --- FLOPs ------------------------------------------------------------------------------
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _other_weight_layers(module: nn.Module) -> list[str]:
+    kinds = (nn.modules.conv._ConvNd,)
+    return sorted({type(m).__name__ for m in module.modules() if isinstance(m, kinds)})
+
+
+def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
+    """Matmul FLOPs of one training step (2 FLOPs per multiply-add), Linear layers only.
+
+    backprop: per Linear 2·n·in·out for the forward, the same for the weight gradient,
+      and the same for the input gradient of every Linear but the first (the input
+      needs no gradient); head included.
+    sigprop ('label' signal, target head): block 1 sees n rows, later blocks n + m rows
+      (inputs and the m class targets in one call); forward + weight gradient, no input
+      gradients (block inputs are detached; inside a block, Linears after the first do
+      need input gradients). Plus L_pred, h·tᵀ: forward 2·n·d·m and its two gradients
+      (w.r.t. h and t), and the generator Linear(m, d) on the m one-hot rows (forward +
+      weight gradient). The untrained head costs nothing.
+    Other rules: counted like backprop.
+    """
+    blocks = list(network.blocks)
+    notes = []
+    other = _other_weight_layers(network)
+    if other:
+        notes.append(f"not counted: {', '.join(other)} layers (only Linear FLOPs are counted)")
+    parts: dict[str, int] = defaultdict(int)
+    if rule_name == "sigprop":
+        shapes = network.block_shapes
+        for i, block in enumerate(blocks):
+            rows = n if i == 0 else n + m
+            for j, lin in enumerate(_linears(block)):
+                f = 2 * rows * lin.in_features * lin.out_features
+                parts["forward"] += f
+                parts["weight_grad"] += f
+                if j > 0:
+                    parts["input_grad"] += f
+            d = math.prod(shapes[i])
+            parts["lpred"] += 3 * 2 * n * d * m
+        parts["generator"] += 2 * 2 * m * m * math.prod(shapes[0])
+        notes.append("sigprop counted for the default 'label' signal (m = classes targets)")
+    else:
+        layers = [lin for b in blocks for lin in _linears(b)] + _linears(network.head)
+        for i, lin in enumerate(layers):
+            f = 2 * n * lin.in_features * lin.out_features
+            parts["forward"] += f
+            parts["weight_grad"] += f
+            if i > 0:
+                parts["input_grad"] += f
+    return {"total": sum(parts.values()), "parts": dict(parts), "notes": notes}
+
+
+# --- activation memory --------------------------------------------------------------------
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """(storage data_ptr, storage bytes); falls back to the tensor's own size."""
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.data_ptr(), t.numel() * t.element_size()
+
+
+class _Packed:
+    """What autograd holds instead of a saved tensor; its release decrements the meter."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key: int, meter: SavedTensorMeter) -> None:
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of tensors saved for backward, deduplicated by storage.
+
+    Tensors sharing storage with a parameter are not activations and are skipped.
+    ``region`` (set by forward pre-hooks on the blocks and the head) attributes each
+    newly saved storage to the part of the network whose forward saved it.
+    """
+
+    def __init__(self, params, detail: bool = False) -> None:
+        self.log: list[str] | None = [] if detail else None
+        self.param_ptrs = {_storage_key(p)[0] for p in params}
+        self.lock = threading.Lock()  # on CUDA, autograd releases on its own thread
+        self.live: dict[int, list[int]] = {}  # storage ptr -> [bytes, references]
+        self.live_bytes = 0
+        self.peak = 0
+        self.packed = 0  # pack calls counted (excluding parameters)
+        self.region = "pre"
+        self.region_bytes: dict[str, int] = defaultdict(int)
+
+    def pack(self, t: torch.Tensor):
+        ptr, nbytes = _storage_key(t)
+        if ptr in self.param_ptrs or nbytes == 0:
+            self._note(t, nbytes, "parameter, not counted")
+            return t
+        with self.lock:
+            self.packed += 1
+            entry = self.live.get(ptr)
+            if entry is None:
+                self.live[ptr] = [nbytes, 1]
+                self.live_bytes += nbytes
+                self.peak = max(self.peak, self.live_bytes)
+                self.region_bytes[self.region] += nbytes
+            else:
+                entry[1] += 1
+            self._note(t, nbytes, "new" if entry is None else "shares a saved storage")
+        return _Packed(t, ptr, self)
+
+    def _note(self, t: torch.Tensor, nbytes: int, what: str) -> None:
+        if self.log is not None:
+            fn = type(t.grad_fn).__name__ if t.grad_fn is not None else "-"
+            self.log.append(
+                f"{self.region:7} {str(tuple(t.shape)):14} {str(t.dtype)[6:]:8} {fn:26} "
+                f"storage {nbytes:9d} B  live {self.live_bytes:9d} B  {what}"
+            )
+
+    @staticmethod
+    def unpack(p):
+        return p.tensor if isinstance(p, _Packed) else p
+
+    def _release(self, ptr: int) -> None:
+        with self.lock:
+            entry = self.live[ptr]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.live[ptr]
+                self.live_bytes -= entry[0]
+
+
+def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False) -> dict:
+    """Peak live saved-for-backward bytes of one training step, plus the per-block split."""
+    network = rule.network
+    meter = SavedTensorMeter(rule.modules.parameters(), detail)
+    handles = []
+
+    def enter(region):
+        def hook(_module, _inputs):
+            meter.region = region
+        return hook
+
+    for i, block in enumerate(network.blocks):
+        handles.append(block.register_forward_pre_hook(enter(f"block{i + 1}")))
+    handles.append(network.head.register_forward_pre_hook(enter("head")))
+    gc.collect()
+    sync()
+    cuda_peak = None
+    try:
+        if x.device.type == "cuda":
+            base = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            rule.train_step(x, y)
+        sync()
+        gc.collect()
+        if x.device.type == "cuda":
+            cuda_peak = torch.cuda.max_memory_allocated(x.device) - base
+    finally:
+        for h in handles:
+            h.remove()
+    regions = dict(meter.region_bytes)
+    # Cross-check: sigprop frees each block's graph in its own backward -> max over
+    # blocks; backprop keeps the whole graph until its one backward -> sum.
+    combine = max if name == "sigprop" else sum
+    per_block = combine(regions.values()) if regions else 0
+    return {
+        "peak_bytes": meter.peak,
+        "per_block_bytes": per_block,
+        "per_block_method": "max over blocks" if name == "sigprop" else "sum over blocks",
+        "regions": regions,
+        "saved_tensors": meter.packed,
+        "live_after_step": meter.live_bytes,
+        "cuda_peak_allocated_bytes": cuda_peak,
+        "detail": meter.log,
+    }
+
+
+# --- profile ------------------------------------------------------------------------------
+
+def profile_rule(stepper: Stepper, steps: int, device: torch.device, sync) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    sync()
+    with profile(activities=acts) as prof:
+        stepper(steps)
+        sync()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=sort, row_limit=20)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_op = {}
+    for e in events:
+        t = getattr(e, attr, None)
+        if t is None and device.type == "cuda":
+            t = getattr(e, "self_cuda_time_total", 0)
+        per_op[e.key] = {"self_us_per_step": (t or 0) / steps, "calls_per_step": e.count / steps}
+    return {"table": table, "per_op": per_op, "sort": sort}
+
+
+def side_by_side(profiles: dict[str, dict], top: int = 15) -> str:
+    names = list(profiles)
+    keys: set[str] = set()
+    for prof in profiles.values():
+        ranked = sorted(prof["per_op"].items(), key=lambda kv: -kv[1]["self_us_per_step"])
+        keys.update(k for k, _ in ranked[:top])
+
+    def cost(k):
+        return max(p["per_op"].get(k, {}).get("self_us_per_step", 0.0) for p in profiles.values())
+
+    width = max([len(k) for k in keys] + [10])
+    head = f"{'op':<{width}}" + "".join(f"  {n + ' ms/step':>18}  {'calls':>6}" for n in names)
+    lines = [head, "-" * len(head)]
+    for k in sorted(keys, key=cost, reverse=True):
+        row = f"{k:<{width}}"
+        for n in names:
+            e = profiles[n]["per_op"].get(k)
+            if e is None:
+                row += f"  {'-':>18}  {'-':>6}"
+            else:
+                row += f"  {e['self_us_per_step'] / 1e3:>18.3f}  {e['calls_per_step']:>6.1f}"
+        lines.append(row)
+    totals = "".join(
+        f"  {sum(e['self_us_per_step'] for e in profiles[n]['per_op'].values()) / 1e3:>18.3f}"
+        f"  {'':>6}" for n in names
+    )
+    lines.append(f"{'total self time':<{width}}" + totals)
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def _fmt_mib(b: int | float | None) -> str:
+    return "n/a" if b is None else f"{b / MIB:.2f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sync = make_sync(device)
+    facts = machine_facts(device)
+
+    print("== machine")
+    for k, v in facts.items():
+        print(f"  {k:16} {v}")
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = 0.0
+    if device.type == "cpu" and torch.get_num_threads() > 1 and load1 > 0.5:
+        print(f"  WARNING: load average {load1:.2f} on {os.cpu_count()} CPUs before the "
+              f"benchmark: other processes compete for the cores; with "
+              f"{torch.get_num_threads()} threads, parallel ops wait for descheduled "
+              "threads and timings can be many times slower and noisy (try --threads 1)")
+    print("== setup")
+    print(f"  network {args.network}  dropout {args.dropout}  batch {args.batch_size}  "
+          f"rules {','.join(args.rules)}")
+    print(f"  warmup {args.warmup}  repeats {args.repeats} x {args.steps} steps per rule, "
+          f"interleaved (order alternates per repeat)  pool {args.pool} synthetic batches "
+          f"{INPUT_SHAPE}, {NUM_CLASSES} classes")
+
+    pool = make_pool(args, device)
+    rules = {name: build(name, args, device) for name in args.rules}
+    steppers = {name: Stepper(rule, pool) for name, rule in rules.items()}
+    n = args.batch_size
+
+    # FLOPs (analytic)
+    flops = {name: matmul_flops(name, rule.network, n) for name, rule in rules.items()}
+
+    # warm-up: each rule on its own (Adam state, allocator, kernels settle)
+    for name, st in steppers.items():
+        st(args.warmup)
+    sync()
+
+    # timed, interleaved segments
+    seg_times: dict[str, list[float]] = {name: [] for name in args.rules}
+    gc_was_enabled = gc.isenabled()
+    for r in range(args.repeats):
+        order = args.rules if r % 2 == 0 else args.rules[::-1]
+        for name in order:
+            gc.collect()
+            gc.disable()
+            sync()
+            t0 = time.perf_counter()
+            steppers[name](args.steps)
+            sync()
+            seg_times[name].append(time.perf_counter() - t0)
+            if gc_was_enabled:
+                gc.enable()
+
+    results: dict = {"machine": facts, "args": {k: v for k, v in vars(args).items()},
+                     "rules": {}}
+    print("== throughput (samples/s per segment)")
+    thr: dict[str, list[float]] = {}
+    for name in args.rules:
+        thr[name] = [args.steps * n / t for t in seg_times[name]]
+        print(f"  {name:10} " + " ".join(f"{v:8.0f}" for v in thr[name]))
+    print("== per rule")
+    for name in args.rules:
+        med = statistics.median(thr[name])
+        last = steppers[name].last
+        finite = bool(torch.isfinite(last[0]).all()) if last is not None else True
+        f = flops[name]
+        gflop = f["total"] / 1e9
+        results["rules"][name] = {
+            "samples_per_s": thr[name], "median_samples_per_s": med,
+            "min_samples_per_s": min(thr[name]), "max_samples_per_s": max(thr[name]),
+            "ms_per_step_median": 1e3 * n / med,
+            "gflop_per_step": gflop, "flop_parts": f["parts"],
+            "achieved_gflop_per_s": gflop * med / n,
+            "last_losses": [float(v) for v in last[0].flatten()] if last is not None else None,
+            "losses_finite": finite,
+        }
+        parts = ", ".join(f"{k} {v / 1e9:.3f}" for k, v in f["parts"].items())
+        print(f"  {name:10} median {med:8.0f} samples/s (min {min(thr[name]):.0f}, "
+              f"max {max(thr[name]):.0f}), {1e3 * n / med:.2f} ms/step; "
+              f"{gflop:.3f} GFLOP/step ({parts}) -> {gflop * med / n:.1f} GFLOP/s"
+              + ("" if finite else "  [NON-FINITE LOSS]"))
+        for note in f["notes"]:
+            print(f"  {'':10} note: {note}")
+
+    # activation memory (deterministic: one step after the timing, same batch for all)
+    print("== activation memory per training step (bytes saved for backward)")
+    x0, y0 = pool[0]
+    for name in args.rules:
+        mem = measure_activation_memory(rules[name], name, x0, y0, sync, args.memory_detail)
+        results["rules"][name]["memory"] = mem
+        regions = ", ".join(f"{k} {_fmt_mib(v)}" for k, v in mem["regions"].items())
+        print(f"  {name:10} peak live {_fmt_mib(mem['peak_bytes'])}  "
+              f"({mem['per_block_method']}: {_fmt_mib(mem['per_block_bytes'])}; "
+              f"{mem['saved_tensors']} saved tensors; {mem['peak_bytes']} B)")
+        print(f"  {'':10} new saved bytes by region: {regions}")
+        for line in mem["detail"] or []:
+            print(f"  {'':10} {line}")
+        if mem["cuda_peak_allocated_bytes"] is not None:
+            print(f"  {'':10} CUDA peak allocated above baseline during the step: "
+                  f"{_fmt_mib(mem['cuda_peak_allocated_bytes'])} (includes grads, Adam temps)")
+        if mem["live_after_step"]:
+            print(f"  {'':10} WARNING: {_fmt_mib(mem['live_after_step'])} of saved tensors "
+                  "still alive after the step (graph retained?)")
+
+    profiles = {}
+    if args.profile:
+        for name in args.rules:
+            profiles[name] = profile_rule(steppers[name], args.profile_steps, device, sync)
+            print(f"== profile: {name} ({args.profile_steps} steps, sorted by "
+                  f"{profiles[name]['sort']})")
+            print(profiles[name]["table"])
+        if len(profiles) > 1:
+            print("== profile side by side (self time per step, top ops of each rule)")
+            print(side_by_side(profiles))
+        results["profile"] = {k: v["per_op"] for k, v in profiles.items()}
+
+    # summary
+    print("== summary")
+    summary: dict = {}
+    if "sigprop" in rules and "backprop" in rules:
+        s, b = results["rules"]["sigprop"], results["rules"]["backprop"]
+        ratios = [a / c for a, c in zip(thr["sigprop"], thr["backprop"])]
+        r_med = statistics.median(ratios)
+        ideal = flops["backprop"]["total"] / flops["sigprop"]["total"]
+        m_ratio = s["memory"]["peak_bytes"] / max(b["memory"]["peak_bytes"], 1)
+        m_ratio2 = s["memory"]["per_block_bytes"] / max(b["memory"]["per_block_bytes"], 1)
+        thr_ok = r_med >= args.target_throughput
+        mem_ok = m_ratio <= args.target_memory
+        summary = {
+            "throughput_ratio_median": r_med, "throughput_ratios": ratios,
+            "throughput_ratio_min": min(ratios), "throughput_ratio_max": max(ratios),
+            "ideal_ratio_from_flops": ideal,
+            "memory_ratio": m_ratio, "memory_ratio_per_block_method": m_ratio2,
+            "target_throughput": args.target_throughput, "throughput_pass": thr_ok,
+            "target_memory": args.target_memory, "memory_pass": mem_ok,
+        }
+        print(f"throughput  sigprop {s['median_samples_per_s']:.0f} samples/s  backprop "
+              f"{b['median_samples_per_s']:.0f} samples/s  ratio {r_med:.2f} (median of "
+              f"{len(ratios)} paired repeats, range {min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"flops       sigprop {s['gflop_per_step']:.3f} GFLOP/step  backprop "
+              f"{b['gflop_per_step']:.3f} GFLOP/step  ideal throughput ratio {ideal:.2f}; "
+              f"achieved {s['achieved_gflop_per_s']:.1f} vs {b['achieved_gflop_per_s']:.1f} "
+              "GFLOP/s")
+        print(f"activation memory per step  sigprop {_fmt_mib(s['memory']['peak_bytes'])}  "
+              f"backprop {_fmt_mib(b['memory']['peak_bytes'])}  ratio {m_ratio:.3f} "
+              f"(per-block cross-check: {_fmt_mib(s['memory']['per_block_bytes'])} vs "
+              f"{_fmt_mib(b['memory']['per_block_bytes'])}, ratio {m_ratio2:.3f})")
+        print(f"target throughput ratio >= {args.target_throughput:.2f}: "
+              f"{'PASS' if thr_ok else 'FAIL'} ({r_med:.2f})")
+        print(f"target memory ratio     <= {args.target_memory:.2f}: "
+              f"{'PASS' if mem_ok else 'FAIL'} ({m_ratio:.3f})")
+    else:
+        for name in args.rules:
+            s = results["rules"][name]
+            print(f"{name}: {s['median_samples_per_s']:.0f} samples/s, "
+                  f"activation memory {_fmt_mib(s['memory']['peak_bytes'])}")
+        print("(ratios and targets need both sigprop and backprop in --rules)")
+    results["summary"] = summary
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

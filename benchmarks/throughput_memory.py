@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import sigprop
+from sigprop.engine.perf import tune_allocator
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
 NUM_CLASSES = 10
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-detail", action="store_true",
                    help="list every tensor saved for backward in the memory step")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="leave glibc malloc as is (the CLI tunes it; see sigprop.engine.perf)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--pool", type=int, default=16,
                    help="pre-generated batches cycled through (default 16)")
@@ -434,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    tuned = False if args.no_tune_allocator else tune_allocator()
     sync = make_sync(device)
     facts = machine_facts(device)
 
@@ -449,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
               f"benchmark: other processes compete for the cores; with "
               f"{torch.get_num_threads()} threads, parallel ops wait for descheduled "
               "threads and timings can be many times slower and noisy (try --threads 1)")
+    print(f"  allocator tuned  {tuned} (same process setting for every rule)")
     print("== setup")
     print(f"  network {args.network}  dropout {args.dropout}  batch {args.batch_size}  "
           f"rules {','.join(args.rules)}")

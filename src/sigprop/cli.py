@@ -89,9 +89,11 @@ def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .engine.config import Config, apply_overrides, config_from_dict, load_toml
+    from .engine.perf import tune_allocator
     from .engine.runio import CONFIG, read_json
     from .engine.trainer import Trainer
 
+    tune_allocator()
     overrides = _overrides(ns)
     resume = getattr(ns, "resume", False)
     run_dir = overrides.get("train", {}).get("run_dir")

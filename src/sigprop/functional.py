@@ -102,16 +102,17 @@ def label_projection(c: Tensor, S: Tensor, d: Tensor, f=F.leaky_relu) -> Tensor:
 
 
 def label_input_modulation(
-    h1: Tensor, c: Tensor, S1: Tensor, d1: Tensor, S2: Tensor, d2: Tensor, f=torch.sigmoid
+    h1: Tensor, c: Tensor, S1: Tensor, d1: Tensor, S2: Tensor, d2: Tensor,
+    f_scale=torch.sigmoid, f_shift=F.leaky_relu,
 ) -> Tensor:
     """Eq. 10, t1 = h1 ⊙ f(S1 c + d1) + f(S2 c + d2): one target per sample.
 
-    h1: (n, *D) first-layer outputs; c: (n, classes) one-hot labels of those samples.
-    S1, S2 project to prod(D) features; the result has the shape of h1.
+    h1: (..., d) first-layer outputs, flattened; c: (..., classes) one-hot labels; the
+    leading axes broadcast, e.g. h1 (n, 1, d) with c (m, classes) gives every sample's
+    target under every class, (n, m, d). The scale goes through ``f_scale`` (default a
+    sigmoid: a gain in (0, 1)), the shift through ``f_shift``.
     """
-    scale = f(F.linear(c, S1, d1)).view_as(h1)
-    shift = f(F.linear(c, S2, d2)).view_as(h1)
-    return h1 * scale + shift
+    return h1 * f_scale(F.linear(c, S1, d1)) + f_shift(F.linear(c, S2, d2))
 
 
 def loop_back_prediction(

@@ -114,10 +114,10 @@ class Dropout(nn.Module):
         return _MaskedScale.apply(x, keep, 32768.0 / (32768 - self._cut))
 
 
-def fc_block(d_in: int, d_out: int, dropout: float) -> nn.Sequential:
-    """Linear -> BatchNorm -> LeakyReLU(0.01) -> Dropout (Sec. IV order)."""
-    layers: list[nn.Module] = [
-        nn.Flatten(),  # a no-op on flat input; lets the first block take images
+def fc_block(d_in: int, d_out: int, dropout: float, flatten: bool = False) -> nn.Sequential:
+    """[Flatten ->] Linear -> BatchNorm -> LeakyReLU(0.01) -> Dropout (Sec. IV order)."""
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []  # first block takes images
+    layers += [
         nn.Linear(d_in, d_out),
         nn.BatchNorm1d(d_out),
         nn.LeakyReLU(LEAKY_SLOPE),
@@ -135,12 +135,14 @@ def fully_connected(
     m = re.fullmatch(r"(\d+)x(\d+)", arch)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise ConfigError(
-            f"bad fully connected architecture {arch!r}; expected e.g. fc-3x1000 "
+            f"bad fully connected architecture 'fc-{arch}'; expected e.g. fc-3x1000 "
             "(<layers>x<width>)"
         )
     depth, width = int(m.group(1)), int(m.group(2))
     d_in = math.prod(input_shape)
-    blocks = [fc_block(d_in if i == 0 else width, width, dropout) for i in range(depth)]
+    blocks = [
+        fc_block(d_in if i == 0 else width, width, dropout, flatten=i == 0) for i in range(depth)
+    ]
     return Network(blocks, nn.Linear(width, num_classes), input_shape)
 
 

@@ -101,18 +101,19 @@ class LabelInputModulation(TargetGenerator):
         self.shift = nn.Linear(num_classes, d)
         self._finish()
 
-    def _gain_bias(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.sigmoid(self.scale(c)), _leaky(self.shift(c))
+    def _modulate(self, h1_flat: Tensor, c: Tensor) -> Tensor:
+        return SF.label_input_modulation(
+            h1_flat, c, self.scale.weight, self.scale.bias, self.shift.weight, self.shift.bias,
+            torch.sigmoid, _leaky,
+        )
 
     def targets(self, h1: Tensor, y: Tensor, fb: Feedback | None = None) -> Tensor:
-        gain, bias = self._gain_bias(self._eye(h1))  # (m, d) each
-        flat = h1.flatten(1)
-        return (flat * gain[y] + bias[y]).view_as(h1)  # (n, *D)
+        c = F.one_hot(y, self.num_classes).to(h1.dtype)
+        return self._modulate(h1.flatten(1), c).view_as(h1)  # (n, *D)
 
     def candidates(self, h1: Tensor, fb: Feedback | None = None) -> Tensor:
-        gain, bias = self._gain_bias(self._eye(h1))
-        flat = h1.flatten(1).unsqueeze(1)  # (n, 1, d)
-        return (flat * gain + bias).view(h1.shape[0], self.num_classes, *self.target_shape)
+        t = self._modulate(h1.flatten(1).unsqueeze(1), self._eye(h1))  # (n, m, d)
+        return t.view(h1.shape[0], self.num_classes, *self.target_shape)
 
 
 @register_signal("loop-pred")

@@ -34,7 +34,8 @@ STEP_FACTOR = 0.25
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     """Multiplier of the base learning rate during ``epoch`` (0-based)."""
     if schedule == "step":
-        passed = sum(epoch >= round(f * epochs) for f in STEP_MILESTONES)
+        # the epoch nearest each fraction, never the first (a 1-epoch run keeps its lr)
+        passed = sum(epoch >= max(1, round(f * epochs)) for f in STEP_MILESTONES)
         return STEP_FACTOR**passed
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
@@ -78,9 +79,14 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     else:  # evaluation only: an empty training set
         images = torch.zeros(0, *spec.shape, dtype=torch.uint8)
         labels = torch.zeros(0, dtype=torch.int64)
+    if with_train and len(labels) < 2:
+        raise ConfigError(f"training needs at least 2 samples, got {len(labels)} (--train-limit)")
+    # BatchNorm cannot train on one sample: a last batch of exactly one is dropped (a
+    # different sample each epoch, since the order is shuffled).
+    drop_last = len(labels) % cfg.data.batch_size == 1
     train = DeviceLoader(
         images, labels, batch_size=cfg.data.batch_size, mean=spec.mean, std=spec.std,
-        device=device, shuffle=True, augment=augment, seed=cfg.train.seed,
+        device=device, shuffle=True, augment=augment, seed=cfg.train.seed, drop_last=drop_last,
     ) if len(labels) else None
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
     test = DeviceLoader(
@@ -103,14 +109,14 @@ def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, out=None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.out = out
+        self.out = out  # None: whatever sys.stdout is when a line is printed
 
     def _log(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        print(msg, file=self.out or sys.stdout, flush=True)
 
     def run(self) -> list[dict[str, Any]]:
         cfg = self.cfg

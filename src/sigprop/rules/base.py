@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..networks import Network
 from ..registry import RULES, SIGNALS
 
@@ -114,11 +114,20 @@ class LearningRule:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.modules.load_state_dict(state["modules"])
+        """Load a state from :meth:`state_dict`; a mismatch raises CheckpointError."""
+        hint = "the checkpoint was made with another network, rule or signal"
+        try:
+            self.modules.load_state_dict(state["modules"])
+        except (RuntimeError, KeyError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{hint} ({first})") from None
         if len(state["optimizers"]) != len(self.optimizers):
-            raise ConfigError("checkpoint was made with a different rule configuration")
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+            raise CheckpointError(hint)
+        try:
+            for opt, s in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(s)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{hint} ({err})") from None
 
     @staticmethod
     def _step(opt: torch.optim.Optimizer | None, loss: Tensor) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as SF
-from ..batchnorm import convert_batchnorm, stats_from_first
+from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
 from ..networks import Network
 from ..registry import register_rule
@@ -79,8 +79,12 @@ class Sigprop(LearningRule):
         return n if self.cfg.bn_stats == "inputs" else None
 
     def _feedback(self, x: Tensor) -> Feedback:
-        """A label-free pass for loop-back generators (Fig. 2c), without gradients."""
-        with torch.no_grad():
+        """A label-free pass for loop-back generators (Fig. 2c), without gradients.
+
+        In training mode it normalises with the batch's statistics, as the pass that
+        follows will, but does not count the batch in the running statistics twice.
+        """
+        with torch.no_grad(), frozen_running_stats():
             h = x
             for block in self.network.blocks:
                 h = block(h)
@@ -106,7 +110,7 @@ class Sigprop(LearningRule):
             else:
                 with stats_from_first(self._stats_rows(n)):
                     z = block(torch.cat([h, t]))  # (n + m, *D): inputs, then targets
-                h_out, t_out = z[:n], z[n:]
+                h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
             logits = self._layer_logits(i, h_out, t_out, y)
             loss = F.cross_entropy(logits, y)
             self._step(opt, loss)

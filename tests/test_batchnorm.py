@@ -1,0 +1,133 @@
+"""InputStatsBatchNorm / stats_from_first / convert_batchnorm against manual BatchNorm."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sigprop.batchnorm import InputStatsBatchNorm, convert_batchnorm, stats_from_first
+
+
+def make_bn(kind: str, c: int, momentum=0.1, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    bn = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d}[kind](c, momentum=momentum)
+    with torch.no_grad():  # non-trivial affine parameters and running stats
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn
+
+
+def manual_bn(x: torch.Tensor, stats: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Normalise all of ``x`` with the mean and biased variance of ``stats``."""
+    dims = [0, *range(2, x.dim())]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = stats.mean(dims, keepdim=True)
+    var = ((stats - mean) ** 2).mean(dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+
+
+@pytest.mark.parametrize("kind,shape", [("1d", (10, 5)), ("2d", (9, 3, 4, 4))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_stats_from_first_rows(kind, shape, momentum):
+    n = 4
+    plain = make_bn(kind, shape[1], momentum)
+    ref = copy.deepcopy(plain)
+    bn = convert_batchnorm(copy.deepcopy(plain))
+    assert isinstance(bn, InputStatsBatchNorm)
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):  # two steps: the cumulative average (momentum None) counts batches
+        x = torch.randn(*shape, generator=g) * 2 + 1
+        x[n:] += 5.0  # "targets" distributed very differently from the inputs
+        with stats_from_first(n):
+            out = bn(x)
+        torch.testing.assert_close(out, manual_bn(x, x[:n], bn), atol=1e-5, rtol=1e-5)
+        # running statistics as a plain BatchNorm sees them on the first n rows only
+        ref_out = ref(x[:n])
+        torch.testing.assert_close(out[:n], ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn.running_mean, ref.running_mean)
+        torch.testing.assert_close(bn.running_var, ref.running_var)
+        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+
+
+@pytest.mark.parametrize("kind,shape", [("1d", (10, 5)), ("2d", (6, 3, 2, 2))])
+def test_outside_context_is_plain_batchnorm(kind, shape):
+    plain = make_bn(kind, shape[1])
+    bn = convert_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(*shape)
+    torch.testing.assert_close(bn(x), plain(x))
+    torch.testing.assert_close(bn.running_mean, plain.running_mean)
+    torch.testing.assert_close(bn.running_var, plain.running_var)
+    # n covering every row, or None, is also the plain behaviour
+    for n in (None, shape[0], shape[0] + 3):
+        with stats_from_first(n):
+            torch.testing.assert_close(bn(x), plain(x))
+    # eval mode: running statistics, whatever the context
+    bn.eval()
+    plain.eval()
+    with stats_from_first(2):
+        torch.testing.assert_close(bn(x), plain(x))
+
+
+def test_context_is_scoped_and_nested():
+    plain = make_bn("1d", 4)
+    bn = convert_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(8, 4)
+    with stats_from_first(3):
+        with stats_from_first(5):
+            torch.testing.assert_close(bn(x), manual_bn(x, x[:5], bn), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn(x), manual_bn(x, x[:3], bn), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError), stats_from_first(3):
+        raise RuntimeError("boom")
+    torch.testing.assert_close(bn(x), manual_bn(x, x, bn), atol=1e-5, rtol=1e-5)  # reset
+
+
+def test_statistics_are_differentiable():
+    """Gradients flow through the first-n-rows statistics (as in the manual formula)."""
+    bn = convert_batchnorm(make_bn("1d", 3))
+    x = torch.randn(7, 3, requires_grad=True)
+    w = torch.randn(7, 3)
+    with stats_from_first(4):
+        (bn(x) * w).sum().backward()
+    got_x, got_w = x.grad.clone(), bn.weight.grad.clone()
+    x.grad = None
+    bn.weight.grad = None
+    (manual_bn(x, x[:4], bn) * w).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_w, bn.weight.grad, atol=1e-5, rtol=1e-5)
+    assert x.grad[:4].abs().sum() > 0
+
+
+def test_convert_keeps_state_dict_and_shares_parameters():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, momentum=None)))
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bn1, bn2 = net[1], net[3][1]
+    tensors = [bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, bn1.num_batches_tracked]
+    out = convert_batchnorm(net)
+    assert out is net
+    assert isinstance(net[1], InputStatsBatchNorm) and isinstance(net[3][1], InputStatsBatchNorm)
+    assert net[3][1].momentum is None and net[1].momentum == bn1.momentum
+    assert not net[1].training  # mode kept
+    assert list(net.state_dict()) == list(before)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    new = net[1]
+    for old_t, new_t in zip(tensors, [new.weight, new.bias, new.running_mean, new.running_var,
+                                      new.num_batches_tracked]):
+        assert old_t is new_t  # shared, not copied
+    # training the converted module moves the original's tensors too
+    net.train()
+    with stats_from_first(3):
+        net[1](torch.randn(5, 6))
+    assert int(bn1.num_batches_tracked) == 1
+    assert not torch.equal(bn1.running_mean, before["1.running_mean"])
+    # converting twice is a no-op
+    assert convert_batchnorm(net)[1] is new
+    assert convert_batchnorm(bn2) is not bn2  # a bare BatchNorm is swapped and returned

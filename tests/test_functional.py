@@ -104,10 +104,12 @@ def test_compare_paired_matches_loop(kind):
 
 
 def test_default_scale():
-    assert SF.default_scale("dot", 1000) == pytest.approx(1 / math.sqrt(1000))
-    assert SF.default_scale("dot", 16) == pytest.approx(0.25)
-    assert SF.default_scale("l2", 1000) == pytest.approx(1e-3)
-    assert SF.default_scale("l2", 32) == pytest.approx(1 / 32)
+    assert SF.default_scale("dot", 1000) == pytest.approx(4 / math.sqrt(1000))
+    assert SF.default_scale("dot", 16) == pytest.approx(1.0)
+    assert SF.default_scale("l2", 1000) == pytest.approx(2 / math.sqrt(1000))
+    assert SF.default_scale("l2", 16) == pytest.approx(0.5)
+    assert SF.default_scale("dot", 16, per_sample=True) == pytest.approx(0.25)
+    assert SF.default_scale("l2", 16, per_sample=True) == pytest.approx(0.125)
 
 
 # --------------------------------------------------------------------------- L_pred

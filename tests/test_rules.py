@@ -90,7 +90,7 @@ def reference_sigprop(net, gen, data, lr, signal, kind, logit_scale=None, joint=
                     z = block(torch.cat([h, t]))
                 h_out, t_out = z[:n], z[n:]
             d = h_out.shape[1]
-            scale = logit_scale or (1 / math.sqrt(d) if kind == "dot" else 1 / d)
+            scale = logit_scale or SF.default_scale(kind, d, per_sample=signal != "label")
             losses.append(F.cross_entropy(ref_logits(h_out, t_out, y, signal, kind, scale), y))
             h, t = (h_out, t_out) if joint else (h_out.detach(), t_out.detach())
         if joint:
@@ -106,18 +106,25 @@ def reference_sigprop(net, gen, data, lr, signal, kind, logit_scale=None, joint=
                 o.step()
 
 
+@pytest.fixture
+def float64():
+    """float64 throughout: a Linear bias before BatchNorm has an analytically zero
+    gradient, and Adam turns float32 rounding noise there into full-size steps."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.mark.parametrize("signal,kind,logit_scale", [
     ("label", "dot", None), ("label-input", "dot", None), ("label", "l2", None),
     ("label", "dot", 0.5),
 ])
-def test_each_block_learns_from_its_own_loss_only(signal, kind, logit_scale):
+def test_each_block_learns_from_its_own_loss_only(signal, kind, logit_scale, float64):
     lr = 1e-2
     rule = make_rule(arch="fc-3x16", signal=signal, loss=kind, lr=lr, logit_scale=logit_scale)
     net0, gen0 = copy.deepcopy(rule.network), copy.deepcopy(rule.signal)
     wrong_net, wrong_gen = copy.deepcopy(net0), copy.deepcopy(gen0)
-    # A Linear bias before BatchNorm has an analytically zero gradient; Adam with its
-    # default eps turns the float rounding noise there into full-size steps of random
-    # sign. A larger eps (same in both) keeps such noise from deciding the comparison.
     eps = 1e-4
     for o in rule.optimizers:
         for g in o.param_groups:
@@ -376,7 +383,7 @@ def loop_exit_scores(rule, x, fb=None):
             for i, b in enumerate(blocks):
                 if i:
                     t = b(t)
-                scale = SF.default_scale(rule.cfg.loss, hs[i].shape[1])
+                scale = SF.default_scale(rule.cfg.loss, hs[i].shape[1], rule.signal.per_sample)
                 if rule.cfg.loss == "dot":
                     scores[i][:, c] = (hs[i] * t).sum(1) * scale
                 else:
@@ -423,8 +430,8 @@ def test_label_inference_compares_with_class_targets():
         t1 = rule.signal.targets(h1)
         t2 = rule.network.blocks[1](t1)
     got = rule.exit_scores(x)
-    torch.testing.assert_close(got[0], SF.dot_compare(h1, t1, 1 / 4))
-    torch.testing.assert_close(got[1], SF.dot_compare(h2, t2, 1 / 4))
+    torch.testing.assert_close(got[0], SF.dot_compare(h1, t1, 1.0))
+    torch.testing.assert_close(got[1], SF.dot_compare(h2, t2, 1.0))
 
 
 # --------------------------------------------------------------------------- BN wiring

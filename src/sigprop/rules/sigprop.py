@@ -58,7 +58,8 @@ class Sigprop(LearningRule):
         self.modules["signal"] = signal
         self.classifier = cfg.head == "classifier"
         self.scales = [
-            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s)) for s in shapes
+            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
+            for s in shapes
         ]
         # The first block learns together with the generator (Eq. 1: L_1(h1, t1)).
         blocks = network.blocks

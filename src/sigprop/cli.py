@@ -29,7 +29,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--signal", "rule", "signal", {"help": "target generator: label | label-input | loop-pred | loop-error"}),
     ("--head", "rule", "head", {"help": "target (Fig. 2a) | classifier (Fig. 2b)"}),
     ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
-    ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default 1/sqrt(d) dot, 1/d l2)"}),
+    ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
     ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
     ("--epochs", "train", "epochs", {}),

@@ -36,7 +36,7 @@ class RuleConfig:
     signal_learned: bool = True
     head: str = "target"  # target (Fig. 2a, output-target prediction) | classifier (Fig. 2b)
     loss: str = "dot"  # comparison inside L_pred: dot (Eq. 6) | l2 (Eq. 7)
-    logit_scale: float | None = None  # None: 1/sqrt(d) for dot, 1/d for l2
+    logit_scale: float | None = None  # None: functional.default_scale (c/sqrt(d))
     bn_stats: str = "inputs"  # inputs: BN statistics from inputs only | all: inputs and targets
     eta: float = 1.0  # Eq. 12 error step
 

@@ -61,13 +61,10 @@ class Sigprop(LearningRule):
             cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
             for s in shapes
         ]
-        # The first block learns together with the generator (Eq. 1: L_1(h1, t1)).
+        # The first block learns together with the generator (Eq. 1: L_1(h1, t1)); a
+        # fixed generator's parameters do not require grad and make_adam skips them.
         blocks = network.blocks
-        self.block_opts = [make_adam(blocks[0].parameters(), cfg)]
-        if self.block_opts[0] is not None and signal.learned:
-            self.block_opts[0].add_param_group({"params": list(signal.parameters())})
-        elif signal.learned:
-            self.block_opts[0] = make_adam(signal.parameters(), cfg)
+        self.block_opts = [make_adam([*blocks[0].parameters(), *signal.parameters()], cfg)]
         self.block_opts += [make_adam(b.parameters(), cfg) for b in blocks[1:]]
         self.head_opt = make_adam(network.head.parameters(), cfg) if self.classifier else None
         self.optimizers = [o for o in [*self.block_opts, self.head_opt] if o is not None]

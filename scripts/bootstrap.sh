@@ -18,8 +18,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0 \
     || { say "could not install PyTorch; install it (https://pytorch.org/get-started), then rerun"; exit 1; }
 fi
-if ! "$PY" -c "import sigprop, pytest, scipy, tqdm, matplotlib" 2>/dev/null \
-   || ! command -v sigprop >/dev/null; then
+# (re)install when missing, or when the installed sigprop is another checkout's
+here=$(pwd -P)/src/sigprop
+there=$("$PY" -c "import sigprop, pytest, scipy, tqdm, matplotlib, os; print(os.path.dirname(os.path.realpath(sigprop.__file__)))" 2>/dev/null || true)
+if [ "$there" != "$here" ] || ! command -v sigprop >/dev/null; then
   say "installing sigprop (editable) with its test extras"
   "$PY" -m pip install -q -e ".[test]" \
     || { say "could not install sigprop; run: $PY -m pip install -e '.[test]'"; exit 1; }

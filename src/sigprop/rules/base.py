@@ -133,7 +133,11 @@ class LearningRule:
     def _step(opt: torch.optim.Optimizer | None, loss: Tensor) -> None:
         if opt is None:
             return
-        opt.zero_grad(set_to_none=True)
+        # zero_grad(set_to_none=True) by hand: the method's profiling wrapper and
+        # foreach bookkeeping cost ~0.1 ms a call, paid once per block in local rules
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
         loss.backward()
         opt.step()
 

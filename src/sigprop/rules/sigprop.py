@@ -99,7 +99,7 @@ class Sigprop(LearningRule):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         fb = self._feedback(x) if self.signal.needs_feedback else None
-        losses, correct = [], []
+        losses, logits_seen = [], []
         h = t = x
         for i, (block, opt) in enumerate(zip(self.network.blocks, self.block_opts)):
             if i == 0:
@@ -113,15 +113,16 @@ class Sigprop(LearningRule):
             loss = F.cross_entropy(logits, y)
             self._step(opt, loss)
             losses.append(loss.detach())
-            correct.append((logits.detach().argmax(1) == y).sum())
+            logits_seen.append(logits.detach())
             h, t = h_out.detach(), t_out.detach()
         if self.classifier:
             logits = self.network.head(h)
             loss = F.cross_entropy(logits, y)
             self._step(self.head_opt, loss)
             losses.append(loss.detach())
-            correct.append((logits.detach().argmax(1) == y).sum())
-        return torch.stack(losses), torch.stack(correct)
+            logits_seen.append(logits.detach())
+        correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)  # every exit at once
+        return torch.stack(losses), correct
 
     # --- inference ----------------------------------------------------------------
     def exit_scores(self, x: Tensor) -> list[Tensor]:

@@ -131,3 +131,25 @@ def test_convert_keeps_state_dict_and_shares_parameters():
     # converting twice is a no-op
     assert convert_batchnorm(net)[1] is new
     assert convert_batchnorm(bn2) is not bn2  # a bare BatchNorm is swapped and returned
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (7, 3, 4, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_input_stats_bn_backward_passes_gradcheck(shape, affine):
+    """The hand-written backward (stats from rows [:n], applied to all rows) vs finite
+    differences, in float64, for 2D and 4D inputs, with and without affine parameters."""
+    from sigprop.batchnorm import _InputStatsBN
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    c = shape[1]
+    w = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True) if affine else None
+    b = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True) if affine else None
+    n = shape[0] - 3
+    inputs = (x, w, b) if affine else (x,)
+
+    def f(*args):
+        xx, ww, bb = (*args, None, None) if not affine else args
+        return _InputStatsBN.apply(xx, ww, bb, n, 1e-5, None)
+
+    assert torch.autograd.gradcheck(f, inputs)

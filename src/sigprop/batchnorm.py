@@ -80,11 +80,14 @@ class _InputStatsBN(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         w = weight if weight is not None else torch.ones_like(mean)
         g = g.contiguous()
+        invstd = torch.rsqrt(var + ctx.eps)
+        # Eval mode (train=False): no statistics term. The CUDA kernel wants save_mean /
+        # save_invstd defined even then (an internal assert otherwise); they hold the
+        # same statistics, so every backend and code path computes the same thing.
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            g, x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+            g, x, w, mean, var, mean, invstd, False, ctx.eps, [True, True, True]
         )
         # rows [:n] made the statistics: dx_j -= r * (w*db + xh_j * w*dw) / N
-        invstd = torch.rsqrt(var + ctx.eps)
         k = w * dw * invstd.square() / ctx.count  # coefficient of (x_j - mu)
         c = w * db * invstd / ctx.count - mean * k
         shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -48,7 +48,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this machine has no usable CUDA GPU")
+        raise ConfigError(
+            f"device {name!r} asked for, but this machine has no usable CUDA GPU; "
+            "pass --device cpu (a checkpoint made on a GPU loads on the CPU)"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
     return device

@@ -1,0 +1,112 @@
+"""Where sigprop's step time goes on fc-3x1000: ablations measured side by side.
+
+    python benchmarks/overhead_ablation.py                 # batch 128, 2 threads
+    python benchmarks/overhead_ablation.py --threads 1 --batch-size 512
+
+Every variant is built from the same weights and timed in interleaved segments (order
+alternating), like throughput_memory.py; the speed-up over backprop is the median of
+the per-repeat paired ratios. The variants that change the math exist only here, to
+bound what removing a cost could buy; none of them is a training option:
+
+  backprop            reference
+  sigprop             the real rule
+  sigprop-one-adam    all blocks' Adam steps in one call after the sweep (same math)
+  sigprop-no-lpred    L_pred replaced by CE on 10 output units (no target comparison)
+  sigprop-no-adam     optimizer steps skipped (gradients still computed)
+  backprop-no-adam    optimizer step skipped
+
+``sigprop-no-lpred`` + ``sigprop-one-adam`` together give a ceiling for cutting every
+sigprop-only cost except the target rows; ``*-no-adam`` show the shared Adam cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+import sigprop
+from sigprop.engine.perf import tune_allocator
+from sigprop.rules.base import RuleConfig, make_adam
+
+VARIANTS = ["backprop", "sigprop", "sigprop-one-adam", "sigprop-no-lpred",
+            "sigprop-no-lpred-one-adam", "sigprop-no-adam", "backprop-no-adam"]
+
+
+def build(variant: str, args: argparse.Namespace):
+    torch.manual_seed(args.seed)
+    net = sigprop.build_network("fc-3x1000", (1, 28, 28), 10, dropout=args.dropout)
+    rule = sigprop.build_rule(variant.split("-")[0], net, 10)
+    rule.set_training(True)
+    if "no-lpred" in variant:
+        rule._layer_logits = lambda i, h, t, y: h[:, :10]
+    if "no-adam" in variant:
+        for opt in rule.optimizers:
+            opt.step = lambda: None
+    if "one-adam" in variant:
+        params = [p for o in rule.block_opts for g in o.param_groups for p in g["params"]]
+        one = make_adam(params, RuleConfig())
+        for opt in rule.block_opts:
+            opt.step = lambda: None
+        step = rule.train_step
+
+        def train_step(x, y):
+            out = step(x, y)
+            one.step()
+            return out
+
+        rule.train_step = train_step
+    return rule
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    names = args.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
+    if unknown or names[0] != "backprop":
+        p.error(f"variants: start with backprop, choose from {', '.join(VARIANTS)}")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pool = [((torch.rand(args.batch_size, 1, 28, 28, generator=g) - 0.286) / 0.353,
+             torch.randint(0, 10, (args.batch_size,), generator=g)) for _ in range(16)]
+    rules = {v: build(v, args) for v in names}
+
+    def run(rule, steps):
+        for k in range(steps):
+            x, y = pool[k % len(pool)]
+            rule.train_step(x, y)
+
+    for rule in rules.values():
+        run(rule, args.warmup)
+    times: dict[str, list[float]] = {v: [] for v in names}
+    gc.disable()
+    for r in range(args.repeats):
+        for v in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            run(rules[v], args.steps)
+            times[v].append((time.perf_counter() - t) / args.steps * 1e3)
+    gc.enable()
+    print(f"fc-3x1000  batch {args.batch_size}  threads {args.threads}  dropout {args.dropout}  "
+          f"{args.repeats} x {args.steps} steps per variant, interleaved")
+    print(f"{'variant':28} {'ms/step':>8} {'speed-up vs backprop':>22}")
+    base = times["backprop"]
+    for v in names:
+        ratio = statistics.median(b / t for b, t in zip(base, times[v]))
+        print(f"{v:28} {statistics.median(times[v]):8.2f} {ratio:22.3f}")
+
+
+if __name__ == "__main__":
+    main()

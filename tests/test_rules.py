@@ -4,13 +4,12 @@ inference, and backprop/shallow against manual autograd steps."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from conftest import blobs
+from torch import nn
 
 import sigprop.functional as SF
 from sigprop.batchnorm import stats_from_first
@@ -248,6 +247,7 @@ def test_loop_signals_need_classifier_head(signal):
     ({"head": "mlp"}, "head"), ({"loss": "cos"}, "loss"), ({"bn_stats": "x"}, "bn_stats"),
     ({"signal": "nope"}, "signal"), ({"logit_scale": 0.0}, "logit scale"),
     ({"weight_decay": -1.0}, "weight decay"), ({"bogus": 1}, "bogus"),
+    ({"exit_targets": "both"}, "exit_targets"),
 ])
 def test_rule_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -278,7 +278,10 @@ def test_classifier_prediction_ignores_the_signal(signal):
         for p in rule.signal.parameters():
             p.copy_(torch.randn_like(p) * 3)
     torch.testing.assert_close(rule.predict(x), pred)
-    assert not torch.allclose(rule.exit_scores(x)[0], early)  # the early exit does change
+    # The early exit of a per-class generator compares with its targets, so it changes;
+    # per-sample generators' exits compare with stored prototypes, no generator involved.
+    same = torch.allclose(rule.exit_scores(x)[0], early)
+    assert same == rule.signal.per_sample
 
 
 @pytest.mark.parametrize("arch,head,names", [
@@ -396,7 +399,8 @@ def loop_exit_scores(rule, x, fb=None):
     ("loop-pred", "classifier", "dot"), ("loop-error", "classifier", "dot"),
 ])
 def test_per_sample_inference_scores_every_candidate(signal, head, loss):
-    rule = make_rule(arch="fc-3x16", signal=signal, head=head, loss=loss, lr=1e-2)
+    rule = make_rule(arch="fc-3x16", signal=signal, head=head, loss=loss, lr=1e-2,
+                     exit_targets="candidates")
     rule.set_training(True)
     for x, y in batches(3):
         rule.train_step(x, y)
@@ -415,6 +419,77 @@ def test_per_sample_inference_scores_every_candidate(signal, head, loss):
         torch.testing.assert_close(got[i], ref[i], atol=1e-5, rtol=1e-4)
     expect = [int((s.argmax(1) == y).sum()) for s in ref]
     assert rule.eval_step(x, y).tolist()[:3] == expect
+
+
+@pytest.mark.parametrize("signal,head,loss", [
+    ("label-input", "target", "dot"), ("label-input", "target", "l2"),
+    ("loop-pred", "classifier", "dot"), ("loop-error", "classifier", "dot"),
+])
+def test_prototypes_are_running_class_means_of_training_targets(signal, head, loss):
+    """Reference: replay the steps, recompute each layer's class means of the targets
+    with a loop, and keep the running means by hand."""
+    rule = make_rule(arch="fc-3x16", signal=signal, head=head, loss=loss, lr=1e-2)
+    seen_targets = []  # per step, per layer: (targets, labels), captured as trained
+    orig = rule._layer_logits
+
+    def spy(i, h, t, y):
+        if i == 0:
+            seen_targets.append([])
+        seen_targets[-1].append((t.detach().clone(), y.clone()))
+        return orig(i, h, t, y)
+
+    rule._layer_logits = spy
+    rule.set_training(True)
+    data = batches(3)
+    data[0] = (data[0][0][:6], torch.tensor([0, 0, 1, 1, 2, 2]))  # class 3 absent at first
+    for x, y in data:
+        rule.train_step(x, y)
+    m = rule.prototypes.momentum
+    for i in range(3):
+        ref = torch.zeros(CLASSES, 16)
+        seen = [False] * CLASSES
+        for step in seen_targets:
+            t, y = step[i]
+            for c in range(CLASSES):
+                rows = [t[j] for j in range(len(y)) if int(y[j]) == c]
+                if not rows:
+                    continue
+                mean_c = torch.stack(rows).mean(0)
+                ref[c] = (1 - m) * ref[c] + m * mean_c if seen[c] else mean_c
+                seen[c] = True
+        proto, got_seen = rule.prototypes.get(i)
+        torch.testing.assert_close(proto, ref, atol=1e-6, rtol=1e-5)
+        assert got_seen.tolist() == seen
+    # the exits compare with them, with the rule's scale; no label, no generator
+    rule.set_training(False)
+    x, _ = batches(1, n=10, seed=5)[0]
+    scores = rule.exit_scores(x)
+    with torch.no_grad():
+        h = x
+        for i, b in enumerate(rule.network.blocks):
+            h = b(h)
+            want = SF.compare(h, rule.prototypes.get(i)[0], loss, rule.scales[i])
+            torch.testing.assert_close(scores[i], want)
+
+
+def test_unseen_class_prototype_never_wins_and_state_dict_carries_prototypes():
+    rule = make_rule(signal="label-input", lr=1e-2)
+    rule.set_training(True)
+    x, _ = batches(1)[0]
+    rule.train_step(x, torch.arange(len(x)) % 3)  # class 3 never seen
+    rule.set_training(False)
+    scores = rule.exit_scores(x)
+    assert all(torch.isinf(s[:, 3]).all() and (s[:, 3] < 0).all() for s in scores)
+    assert (scores[-1].argmax(1) != 3).all()
+    state = rule.state_dict()
+    assert "prototypes.mean0" in state["modules"] and "prototypes.seen1" in state["modules"]
+    other = make_rule(signal="label-input", seed=5)
+    other.load_state_dict(state)
+    for i in range(2):
+        for a, b in zip(other.prototypes.get(i), rule.prototypes.get(i)):
+            assert torch.equal(a, b)
+    assert make_rule(signal="label").prototypes is None  # per-class targets need none
+    assert make_rule(signal="label-input", exit_targets="candidates").prototypes is None
 
 
 def test_label_inference_compares_with_class_targets():

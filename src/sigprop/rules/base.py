@@ -39,6 +39,9 @@ class RuleConfig:
     logit_scale: float | None = None  # None: functional.default_scale (c/sqrt(d))
     bn_stats: str = "inputs"  # inputs: BN statistics from inputs only | all: inputs and targets
     eta: float = 1.0  # Eq. 12 error step
+    # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
+    # each layer's training targets) | candidates (each sample's target under every class)
+    exit_targets: str = "prototypes"
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -51,6 +54,10 @@ class RuleConfig:
             raise ConfigError(f"loss must be 'dot' or 'l2', got {self.loss!r}")
         if self.bn_stats not in ("inputs", "all"):
             raise ConfigError(f"bn_stats must be 'inputs' or 'all', got {self.bn_stats!r}")
+        if self.exit_targets not in ("prototypes", "candidates"):
+            raise ConfigError(
+                f"exit_targets must be 'prototypes' or 'candidates', got {self.exit_targets!r}"
+            )
         if self.signal not in SIGNALS:
             raise ConfigError(
                 f"unknown signal {self.signal!r}; choose one of: {', '.join(SIGNALS.names())}"

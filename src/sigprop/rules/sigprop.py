@@ -11,6 +11,13 @@ Inputs of each block are detached, so no gradient crosses a block boundary and
 only one block's activations are alive at a time. Each block has its own Adam.
 Prediction: the last block's output-target comparison (Fig. 2a), or the head
 (Fig. 2b, which needs neither labels nor the generator at inference).
+
+Per-sample generators (Eq. 10-12) make one target per sample, built from its label;
+L_pred compares each output with the class means of the batch's targets. Their early
+exits compare, by default, with *prototypes*: running means of those class means,
+kept per layer while training (the comparison L_pred trained). The alternative,
+``exit_targets="candidates"``, builds every sample's target under every class and
+sends all of them through the blocks (m x the target work).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as SF
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
@@ -28,6 +35,36 @@ from ..networks import Network
 from ..registry import register_rule
 from ..signals import Feedback, TargetGenerator, build_signal
 from .base import LearningRule, RuleConfig, make_adam
+
+PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
+
+
+class Prototypes(nn.Module):
+    """Per layer, a running mean of the class means of the training targets.
+
+    ``mean{i}`` (m, *D) and ``seen{i}`` (m,) are buffers, so they travel with the
+    state_dict (checkpoints, resume). A class's first batch sets its prototype; later
+    batches move it by ``momentum``. Classes never seen score -inf.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], num_classes: int,
+                 momentum: float = PROTOTYPE_MOMENTUM) -> None:
+        super().__init__()
+        self.momentum = momentum
+        for i, shape in enumerate(shapes):
+            self.register_buffer(f"mean{i}", torch.zeros(num_classes, *shape))
+            self.register_buffer(f"seen{i}", torch.zeros(num_classes, dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, i: int, means: Tensor, present: Tensor) -> None:
+        mean, seen = getattr(self, f"mean{i}"), getattr(self, f"seen{i}")
+        rows = (-1,) + (1,) * (mean.dim() - 1)
+        moved = torch.where(seen.view(rows), mean.lerp(means, self.momentum), means)
+        mean.copy_(torch.where(present.view(rows), moved, mean))
+        seen.logical_or_(present)
+
+    def get(self, i: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"mean{i}"), getattr(self, f"seen{i}")
 
 
 @register_rule("sigprop")
@@ -56,6 +93,10 @@ class Sigprop(LearningRule):
             )
         self.signal = signal
         self.modules["signal"] = signal
+        self.prototypes: Prototypes | None = None
+        if signal.per_sample and cfg.exit_targets == "prototypes":
+            self.prototypes = Prototypes(shapes, num_classes)
+            self.modules["prototypes"] = self.prototypes
         self.classifier = cfg.head == "classifier"
         self.scales = [
             cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
@@ -93,6 +134,8 @@ class Sigprop(LearningRule):
         if not self.signal.per_sample:
             return SF.compare(h, t, self.cfg.loss, self.scales[i])
         means, present = SF.class_targets(t, y, self.num_classes)
+        if self.prototypes is not None:
+            self.prototypes.update(i, means.detach(), present)
         logits = SF.compare(h, means, self.cfg.loss, self.scales[i])
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
@@ -129,9 +172,13 @@ class Sigprop(LearningRule):
         """Early exits (Eq. 8) of every block, then the head's logits if there is one.
 
         Per-class generators: h and the m class targets go through each block and are
-        compared. Per-sample generators: each sample's m candidate targets (one per
-        class) go through each block, m x the target work, and the best match wins.
+        compared. Per-sample generators: with ``exit_targets="prototypes"`` (default)
+        h is compared with each layer's running class means of the training targets;
+        with ``"candidates"`` each sample's m candidate targets (one per class) go
+        through each block, m x the target work, and the best match wins.
         """
+        if self.prototypes is not None:
+            return self._prototype_scores(x)
         with torch.no_grad():
             n = x.shape[0]
             fb = self._feedback(x) if self.signal.needs_feedback else None
@@ -153,6 +200,22 @@ class Sigprop(LearningRule):
                     scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
                 else:
                     scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
+            if self.classifier:
+                scores.append(self.network.head(h))
+            return scores
+
+    def _prototype_scores(self, x: Tensor) -> list[Tensor]:
+        """Exits of per-sample generators compared with each layer's prototypes: no
+        label, no generator, no target rows at inference."""
+        assert self.prototypes is not None
+        with torch.no_grad():
+            scores = []
+            h = x
+            for i, block in enumerate(self.network.blocks):
+                h = block(h)
+                proto, seen = self.prototypes.get(i)
+                s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
+                scores.append(s.masked_fill(~seen, float("-inf")))
             if self.classifier:
                 scores.append(self.network.head(h))
             return scores

@@ -67,6 +67,14 @@ def test_dropout_contract(p):
     kept = y[y != 0]
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-3, atol=1e-3)
     assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout keeps the mean
+    # backward: the same mask and scale
+    xg = torch.randn(50, 30, requires_grad=True)
+    out = d(xg)
+    g = torch.randn_like(out)
+    out.backward(g)
+    mask = (out != 0).float() / (1 - d._cut / 65536)
+    torch.testing.assert_close(out, xg.detach() * mask)
+    torch.testing.assert_close(xg.grad, g * mask)
     # every lane of the 64-bit draws is used: no fixed position is always dropped
     y2 = d(torch.ones(4000, 8))
     assert ((y2 == 0).float().mean(0) - p).abs().max() < 0.05

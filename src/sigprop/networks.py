@@ -69,18 +69,22 @@ def _infer_shapes(blocks: nn.ModuleList, input_shape: tuple[int, ...]) -> list[t
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the 1-byte mask for backward (not a float copy)."""
+    """x * keep * scale, saving only the 1-byte mask for backward (not a float copy).
+
+    The mask multiplies as uint8: on this CPU a float x bool product took 0.27 ms on a
+    (138, 1000) batch, float x uint8 0.06 ms (the bool path converts element by element).
+    """
 
     @staticmethod
     def forward(ctx, x, keep, scale: float):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * keep * scale
+        return torch.mul(x, keep.view(torch.uint8)).mul_(scale)
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        return g * keep * ctx.scale, None, None
+        return torch.mul(g, keep.view(torch.uint8)).mul_(ctx.scale), None, None
 
 
 class Dropout(nn.Module):
@@ -89,9 +93,9 @@ class Dropout(nn.Module):
     Same contract as ``nn.Dropout`` (zero each element with probability ``p``, scale
     the rest by 1/(1-p); identity in eval mode), but ``nn.Dropout``'s per-element
     ``bernoulli_`` cost 1.9 ms on a (138, 1000) batch on this CPU, more than the
-    layer's matmul (1.3 ms). Here one 64-bit draw feeds four 16-bit lanes, of which
-    the low 15 bits are used (``random_`` leaves the top bit of an int64 at 0):
-    0.4 ms. ``p`` is rounded to a multiple of 1/32768.
+    layer's matmul (1.3 ms). Here one full-range 64-bit draw feeds four 16-bit lanes,
+    each compared with a threshold: about 0.3 ms with the multiply. ``p`` is rounded
+    to a multiple of 1/65536.
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -99,7 +103,7 @@ class Dropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {p}")
         self.p = p
-        self._cut = round(p * 32768)  # drop where 15 random bits < cut
+        self._cut = round(p * 65536)  # drop where the 16-bit lane, as unsigned, < cut
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -108,10 +112,11 @@ class Dropout(nn.Module):
         if not self.training or self._cut == 0:
             return x
         words = (x.numel() + 3) // 4
-        bits = torch.empty(words, dtype=torch.int64, device=x.device).random_()
-        lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)
-        keep = (lanes & 0x7FFF) >= self._cut
-        return _MaskedScale.apply(x, keep, 32768.0 / (32768 - self._cut))
+        # from = int64 min, to = None: all 64 bits uniform (ATen's full-range kernel)
+        bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-2^15, 2^15)
+        keep = lanes >= self._cut - 32768
+        return _MaskedScale.apply(x, keep, 65536.0 / (65536 - self._cut))
 
 
 def fc_block(d_in: int, d_out: int, dropout: float, flatten: bool = False) -> nn.Sequential:

@@ -143,13 +143,15 @@ class Sigprop(LearningRule):
         n = x.shape[0]
         fb = self._feedback(x) if self.signal.needs_feedback else None
         losses, logits_seen = [], []
-        h = stacked = x
+        h = t = x
+        z = None  # the last block's (n + m)-row output
         for i, (block, opt) in enumerate(zip(self.network.blocks, self.block_opts)):
             if i == 0:
                 h_out = block(x)  # only inputs here: BN statistics are the inputs'
                 t_out = self.signal.targets(h_out, y, fb)
-                z = None
             else:
+                # [h, t]: built once after block 1; later it is z itself (no copy)
+                stacked = torch.cat([h, t]) if z is None else z.detach()
                 with stats_from_first(self._stats_rows(n)):
                     z = block(stacked)  # (n + m, *D): inputs, then targets
                 h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
@@ -158,9 +160,7 @@ class Sigprop(LearningRule):
             self._step(opt, loss)
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
-            h = h_out.detach()
-            # the next block's input: [h, t] is z itself after block 1 (no copy)
-            stacked = torch.cat([h, t_out.detach()]) if z is None else z.detach()
+            h, t = h_out.detach(), t_out.detach()
         if self.classifier:
             logits = self.network.head(h)
             loss = F.cross_entropy(logits, y)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import sigprop
+from sigprop import fastpath
 from sigprop.engine.perf import tune_allocator
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
@@ -66,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=8,
                    help="interleaved timed segments per rule (default 8)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps per rule (default 20)")
-    p.add_argument("--rules", default="sigprop,backprop",
-                   help="comma-separated rule names (default sigprop,backprop)")
+    p.add_argument("--rules", default="sigprop,sigprop-autograd,backprop",
+                   help="comma-separated rule names (default sigprop,sigprop-autograd,backprop; "
+                   "sigprop-autograd is sigprop with fast_path='off')")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
@@ -160,10 +162,20 @@ def make_pool(args: argparse.Namespace, device: torch.device) -> list[tuple[torc
     return pool
 
 
+RULE_SPECS = {  # benchmark name -> (library rule, options)
+    "sigprop-autograd": ("sigprop", {"fast_path": "off"}),
+}
+
+
+def base_rule(name: str) -> str:
+    return RULE_SPECS.get(name, (name, {}))[0]
+
+
 def build(name: str, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(args.seed)  # same initial network weights for every rule
     net = sigprop.build_network(args.network, INPUT_SHAPE, NUM_CLASSES, dropout=args.dropout)
-    rule = sigprop.build_rule(name, net, NUM_CLASSES)
+    rule_name, options = RULE_SPECS.get(name, (name, {}))
+    rule = sigprop.build_rule(rule_name, net, NUM_CLASSES, **options)
     rule.modules.to(device)
     rule.set_training(True)
     return rule
@@ -215,7 +227,7 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
     if other:
         notes.append(f"not counted: {', '.join(other)} layers (only Linear FLOPs are counted)")
     parts: dict[str, int] = defaultdict(int)
-    if rule_name == "sigprop":
+    if base_rule(rule_name) == "sigprop":
         shapes = network.block_shapes
         for i, block in enumerate(blocks):
             rows = n if i == 0 else n + m
@@ -268,10 +280,13 @@ class SavedTensorMeter:
 
     Tensors sharing storage with a parameter are not activations and are skipped.
     ``region`` (set by forward pre-hooks on the blocks and the head) attributes each
-    newly saved storage to the part of the network whose forward saved it.
+    newly saved storage to the part of the network whose forward saved it. With
+    ``segment=True`` (sigprop's fast path, which module hooks would switch off) a new
+    region starts whenever a tensor is saved while nothing is live: each block's
+    update releases everything it kept before the next block starts.
     """
 
-    def __init__(self, params, detail: bool = False) -> None:
+    def __init__(self, params, detail: bool = False, segment: bool = False) -> None:
         self.log: list[str] | None = [] if detail else None
         self.param_ptrs = {_storage_key(p)[0] for p in params}
         self.lock = threading.Lock()  # on CUDA, autograd releases on its own thread
@@ -281,6 +296,8 @@ class SavedTensorMeter:
         self.packed = 0  # pack calls counted (excluding parameters)
         self.region = "pre"
         self.region_bytes: dict[str, int] = defaultdict(int)
+        self.segment = segment
+        self.segments = 0
 
     def pack(self, t: torch.Tensor):
         ptr, nbytes = _storage_key(t)
@@ -289,6 +306,9 @@ class SavedTensorMeter:
             return t
         with self.lock:
             self.packed += 1
+            if self.segment and self.live_bytes == 0:
+                self.segments += 1
+                self.region = f"block{self.segments}"
             entry = self.live.get(ptr)
             if entry is None:
                 self.live[ptr] = [nbytes, 1]
@@ -324,7 +344,8 @@ class SavedTensorMeter:
 def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False) -> dict:
     """Peak live saved-for-backward bytes of one training step, plus the per-block split."""
     network = rule.network
-    meter = SavedTensorMeter(rule.modules.parameters(), detail)
+    fast = bool(getattr(rule, "fast_parts", None))  # sigprop's written-out step
+    meter = SavedTensorMeter(rule.modules.parameters(), detail, segment=fast)
     handles = []
 
     def enter(region):
@@ -332,9 +353,10 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
             meter.region = region
         return hook
 
-    for i, block in enumerate(network.blocks):
-        handles.append(block.register_forward_pre_hook(enter(f"block{i + 1}")))
-    handles.append(network.head.register_forward_pre_hook(enter("head")))
+    if not fast:
+        for i, block in enumerate(network.blocks):
+            handles.append(block.register_forward_pre_hook(enter(f"block{i + 1}")))
+        handles.append(network.head.register_forward_pre_hook(enter("head")))
     gc.collect()
     sync()
     cuda_peak = None
@@ -342,7 +364,8 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
         if x.device.type == "cuda":
             base = torch.cuda.memory_allocated(x.device)
             torch.cuda.reset_peak_memory_stats(x.device)
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack), \
+                fastpath.track_saved(meter.pack):
             rule.train_step(x, y)
         sync()
         gc.collect()
@@ -354,12 +377,13 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
     regions = dict(meter.region_bytes)
     # Cross-check: sigprop frees each block's graph in its own backward -> max over
     # blocks; backprop keeps the whole graph until its one backward -> sum.
-    combine = max if name == "sigprop" else sum
+    local = base_rule(name) == "sigprop"
+    combine = max if local else sum
     per_block = combine(regions.values()) if regions else 0
     return {
         "peak_bytes": meter.peak,
         "per_block_bytes": per_block,
-        "per_block_method": "max over blocks" if name == "sigprop" else "sum over blocks",
+        "per_block_method": "max over blocks" if local else "sum over blocks",
         "regions": regions,
         "saved_tensors": meter.packed,
         "live_after_step": meter.live_bytes,
@@ -463,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = make_pool(args, device)
     rules = {name: build(name, args, device) for name in args.rules}
+    for name, rule in rules.items():
+        if hasattr(rule, "step_kind"):
+            print(f"  {name} step: {rule.step_kind}")
     steppers = {name: Stepper(rule, pool) for name, rule in rules.items()}
     n = args.batch_size
 
@@ -584,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
               f"backprop {_fmt_mib(b['memory']['peak_bytes'])}  ratio {m_ratio:.3f} "
               f"(per-block cross-check: {_fmt_mib(s['memory']['per_block_bytes'])} vs "
               f"{_fmt_mib(b['memory']['per_block_bytes'])}, ratio {m_ratio2:.3f})")
+        if "sigprop-autograd" in rules:
+            a = results["rules"]["sigprop-autograd"]
+            ratios_a = [v / c for v, c in zip(thr["sigprop-autograd"], thr["backprop"])]
+            summary["autograd_throughput_ratio_median"] = statistics.median(ratios_a)
+            summary["autograd_throughput_ratios"] = ratios_a
+            print(f"            sigprop-autograd {a['median_samples_per_s']:.0f} samples/s  "
+                  f"ratio {statistics.median(ratios_a):.2f} (range {min(ratios_a):.2f}-"
+                  f"{max(ratios_a):.2f}): the same updates through autograd "
+                  f"(fast_path='off'); activation memory "
+                  f"{_fmt_mib(a['memory']['peak_bytes'])}")
         print(f"target throughput ratio >= {args.target_throughput:.2f}: "
               f"{'PASS' if thr_ok else 'FAIL'} ({r_med:.2f})")
         print(f"target memory ratio     <= {args.target_memory:.2f}: "

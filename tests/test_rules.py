@@ -168,31 +168,30 @@ def test_block_inputs_carry_no_gradient(signal, head):
 
 
 @pytest.mark.parametrize("head", ["target", "classifier"])
-def test_one_optimizer_per_block_generator_with_block1(head):
-    rule = make_rule(arch="fc-3x16", head=head)
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_one_parameter_group_per_block_generator_with_block1(head, fast_path):
+    rule = make_rule(arch="fc-3x16", head=head, fast_path=fast_path)
     blocks = rule.network.blocks
+    (opt,) = rule.optimizers
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["block1", "block2", "block3"] + (["head"] if head == "classifier" else [])
     owners = []
     for mod in [*blocks, rule.signal, rule.network.head]:
         ids = {id(p) for p in mod.parameters()}
-        owners.append({k for k, o in enumerate(rule.optimizers)
-                       for g in o.param_groups for p in g["params"] if id(p) in ids})
-    assert len(rule.optimizers) == 3 + (head == "classifier")
-    assert owners[0] == owners[3] == {0}  # block 1 and the generator share optimizer 0
-    assert owners[1] == {1} and owners[2] == {2}
-    assert owners[4] == ({3} if head == "classifier" else set())
-    # behaviour: with every other optimizer's lr at 0, one step moves block 1 and the
+        owners.append({g["name"] for g in opt.param_groups for p in g["params"] if id(p) in ids})
+    assert owners[0] == owners[3] == {"block1"}  # block 1 and the generator share a group
+    assert owners[1] == {"block2"} and owners[2] == {"block3"}
+    assert owners[4] == ({"head"} if head == "classifier" else set())
+    # behaviour: with every other group's lr at 0, one step moves block 1 and the
     # generator only
-    for o in rule.optimizers[1:]:
-        for g in o.param_groups:
-            g["lr"] = 0.0
-    before = {k: params_of(m) for k, m in
-              [("b1", blocks[0]), ("b2", blocks[1]), ("b3", blocks[2]), ("gen", rule.signal),
-               ("head", rule.network.head)]}
+    for g in opt.param_groups[1:]:
+        g["lr"] = 0.0
+    mods = {"b1": blocks[0], "b2": blocks[1], "b3": blocks[2], "gen": rule.signal,
+            "head": rule.network.head}
+    before = {k: params_of(m) for k, m in mods.items()}
     x, y = batches(1)[0]
     rule.set_training(True)
     rule.train_step(x, y)
-    mods = {"b1": blocks[0], "b2": blocks[1], "b3": blocks[2], "gen": rule.signal,
-            "head": rule.network.head}
     for k, m in mods.items():
         moved = any(changed(before[k], m))
         assert moved == (k in ("b1", "gen")), k

@@ -114,14 +114,16 @@ class InputStatsBatchNorm(_BatchNorm):
         # The statistics stay differentiable for the target rows too: holding them
         # constant there (BN "in inference mode" for targets) cost 10-15 points of
         # deep-layer accuracy in a 3x1000 net (docs/ARCHITECTURE.md).
-        running = None
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            momentum = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
-            running = (self.running_mean, self.running_var, momentum)
-        return _InputStatsBN.apply(x, self.weight, self.bias, n, self.eps, running)
+        return _InputStatsBN.apply(x, self.weight, self.bias, n, self.eps, self.count_batch())
+
+    def count_batch(self) -> tuple | None:
+        """Count one training batch; (running_mean, running_var, momentum) to update,
+        as ``nn.BatchNorm`` would, or None when running statistics are not tracked."""
+        if not (self.track_running_stats and self.num_batches_tracked is not None):
+            return None
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return (self.running_mean, self.running_var, momentum)
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

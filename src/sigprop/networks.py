@@ -108,15 +108,27 @@ class Dropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self._cut == 0:
-            return x
+    @property
+    def active(self) -> bool:
+        return self.training and self._cut > 0
+
+    @property
+    def scale(self) -> float:
+        """The factor 1/(1-p) applied to kept elements (p as rounded)."""
+        return 65536.0 / (65536 - self._cut)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A bool mask shaped like ``x``, True with probability 1 - p."""
         words = (x.numel() + 3) // 4
         # from = int64 min, to = None: all 64 bits uniform (ATen's full-range kernel)
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-2^15, 2^15)
-        keep = lanes >= self._cut - 32768
-        return _MaskedScale.apply(x, keep, 65536.0 / (65536 - self._cut))
+        return lanes >= self._cut - 32768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        return _MaskedScale.apply(x, self.keep_mask(x), self.scale)
 
 
 def fc_block(d_in: int, d_out: int, dropout: float, flatten: bool = False) -> nn.Sequential:

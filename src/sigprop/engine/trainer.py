@@ -150,6 +150,8 @@ class Trainer:
             json.dumps({"config": cfg.to_dict(), "seed": cfg.train.seed,
                         "versions": runio.versions()}, indent=2),
         )
+        if hasattr(rule, "step_kind"):
+            self._log(f"{cfg.rule.name} step: {rule.step_kind}")
         if start == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
         for epoch in range(start, cfg.train.epochs):

@@ -18,6 +18,11 @@ exits compare, by default, with *prototypes*: running means of those class means
 kept per layer while training (the comparison L_pred trained). The alternative,
 ``exit_targets="candidates"``, builds every sample's target under every class and
 sends all of them through the blocks (m x the target work).
+
+For standard fully connected blocks and the label signal the step runs without
+autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
+the same updates, less overhead. Anything else, a user's own blocks included, takes
+the autograd path.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fastpath
 from .. import functional as SF
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
-from ..networks import Network
+from ..networks import LEAKY_SLOPE, Network
 from ..registry import register_rule
-from ..signals import Feedback, TargetGenerator, build_signal
-from .base import LearningRule, RuleConfig, make_adam
+from ..signals import Feedback, LabelProjection, TargetGenerator, build_signal
+from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 
@@ -105,15 +111,51 @@ class Sigprop(LearningRule):
         # The first block learns together with the generator (Eq. 1: L_1(h1, t1)); a
         # fixed generator's parameters do not require grad and make_adam skips them.
         blocks = network.blocks
-        self.block_opts = [make_adam([*blocks[0].parameters(), *signal.parameters()], cfg)]
-        self.block_opts += [make_adam(b.parameters(), cfg) for b in blocks[1:]]
-        self.head_opt = make_adam(network.head.parameters(), cfg) if self.classifier else None
-        self.optimizers = [o for o in [*self.block_opts, self.head_opt] if o is not None]
+        # One parameter group per block (block 1's also holds the generator) and one for
+        # a classifier head; one step() after every block has its gradient. No block
+        # reads another's update within a step (each block's input was computed
+        # before), so this is the same arithmetic as stepping each block at once.
+        groups = {"block1": [*blocks[0].parameters(), *signal.parameters()]}
+        groups.update({f"block{i + 1}": b.parameters() for i, b in enumerate(blocks) if i})
+        if self.classifier:
+            groups["head"] = network.head.parameters()
+        self.optimizer = make_grouped_adam(groups, cfg)
+        self.optimizers = [self.optimizer] if self.optimizer is not None else []
+        self._trainable = [p for p in self.modules.parameters() if p.requires_grad]
         self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))]
         if self.classifier:
             self.exit_names.append("head")
+        self.fast_parts, self.fast_path_off = self._plan_fast_path()
 
     # --- training ---------------------------------------------------------------
+    def _plan_fast_path(self) -> tuple[list[fastpath.FCParts], str | None]:
+        """The blocks' parts for the written-out step, and None; or [] and why not."""
+        if self.cfg.fast_path == "off":
+            return [], "fast_path='off'"
+        why = None
+        parts = []
+        if type(self.signal) is not LabelProjection:
+            why = f"signal {self.cfg.signal!r} (only 'label' has a written-out step)"
+        else:
+            for i, block in enumerate(self.network.blocks):
+                p = fastpath.match_fc_block(block)
+                if isinstance(p, str):
+                    why = f"block {i + 1}: {p}"
+                    break
+                parts.append(p)
+        if why is None:
+            return parts, None
+        if self.cfg.fast_path == "on":
+            raise ConfigError(f"fast_path='on' but the written-out step does not apply: {why}")
+        return [], why
+
+    @property
+    def step_kind(self) -> str:
+        """How train_step computes the updates, for logs."""
+        if self.fast_path_off is None:
+            return "written-out local updates (sigprop.fastpath)"
+        return f"autograd per block ({self.fast_path_off})"
+
     def _stats_rows(self, n: int) -> int | None:
         return n if self.cfg.bn_stats == "inputs" else None
 
@@ -140,12 +182,69 @@ class Sigprop(LearningRule):
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
+            p.grad = None
+        if self.fast_parts and not fastpath.hooked(self._fast_modules):
+            out = self._fast_train_step(x, y)
+        elif self.fast_parts and self.cfg.fast_path == "on":
+            raise ConfigError(
+                "fast_path='on' but a block has forward or backward hooks, which only the "
+                "autograd path runs; use fast_path='auto' or 'off'"
+            )
+        else:
+            out = self._autograd_train_step(x, y)
+        if self.optimizer is not None:
+            self.optimizer.step()  # every block's update, from its own gradient
+        return out
+
+    @property
+    def _fast_modules(self) -> tuple[nn.Module, ...]:
+        return tuple(m for p in self.fast_parts for m in p.modules)
+
+    def _head_loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The classifier head's own loss on detached features (Fig. 2b)."""
+        logits = self.network.head(h)
+        loss = F.cross_entropy(logits, y)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach(), logits.detach()
+
+    def _fast_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients for standard fc blocks and the label signal, without autograd:
+        the same as the autograd path's (tests/test_fastpath.py)."""
+        n = x.shape[0]
+        kind = self.cfg.loss
+        losses, logits_seen = [], []
+        with torch.no_grad():
+            proj = self.signal.proj
+            t1, pre_t1 = fastpath.label_targets(proj, LEAKY_SLOPE)
+            z = x
+            for i, parts in enumerate(self.fast_parts):
+                if i == 0:  # its output and t1 go into one buffer: [h1, t1], no cat
+                    z = x.new_empty((n + t1.shape[0], *t1.shape[1:]))
+                    _, loss, logits, dt1 = fastpath.block_step(
+                        parts, x, n, n, y, kind, self.scales[0], targets=t1, out=z[:n])
+                    fastpath.label_backward(proj, LEAKY_SLOPE, pre_t1, dt1)
+                    z[n:] = t1
+                else:
+                    z, loss, logits, _ = fastpath.block_step(
+                        parts, z, n, self._stats_rows(n) or z.shape[0], y, kind, self.scales[i])
+                losses.append(loss)
+                logits_seen.append(logits)
+        if self.classifier:
+            loss, logits = self._head_loss(z[:n], y)
+            losses.append(loss)
+            logits_seen.append(logits)
+        correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
+        return torch.stack(losses), correct
+
+    def _autograd_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         fb = self._feedback(x) if self.signal.needs_feedback else None
         losses, logits_seen = [], []
         h = t = x
         z = None  # the last block's (n + m)-row output
-        for i, (block, opt) in enumerate(zip(self.network.blocks, self.block_opts)):
+        for i, block in enumerate(self.network.blocks):
             if i == 0:
                 h_out = block(x)  # only inputs here: BN statistics are the inputs'
                 t_out = self.signal.targets(h_out, y, fb)
@@ -157,16 +256,15 @@ class Sigprop(LearningRule):
                 h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
             logits = self._layer_logits(i, h_out, t_out, y)
             loss = F.cross_entropy(logits, y)
-            self._step(opt, loss)
+            if loss.requires_grad:  # this block's (and at block 1 the generator's) grads
+                loss.backward()
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
             h, t = h_out.detach(), t_out.detach()
         if self.classifier:
-            logits = self.network.head(h)
-            loss = F.cross_entropy(logits, y)
-            self._step(self.head_opt, loss)
-            losses.append(loss.detach())
-            logits_seen.append(logits.detach())
+            loss, logits = self._head_loss(h, y)
+            losses.append(loss)
+            logits_seen.append(logits)
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)  # every exit at once
         return torch.stack(losses), correct
 

@@ -1,0 +1,226 @@
+"""The written-out sigprop step (sigprop.fastpath) against the autograd path.
+
+Both paths must produce the same updates: parameters, BatchNorm running statistics,
+optimizer state, losses and correct counts after several steps, in float64 (a Linear
+bias before BatchNorm has an analytically zero gradient that float32 rounding noise,
+amplified by Adam, would make path-dependent).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sigprop.functional as SF
+from sigprop import fastpath
+from sigprop.batchnorm import convert_batchnorm, stats_from_first
+from sigprop.errors import ConfigError
+from sigprop.networks import Network, build_network, fc_block
+from sigprop.rules import build_rule
+
+CLASSES = 5
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make(arch="fc-3x24", input_shape=(1, 6, 6), dropout=0.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = build_network(arch, input_shape, CLASSES, dropout=dropout)
+    return build_rule("sigprop", net, CLASSES, **kw)
+
+
+def data(k=4, n=30, input_shape=(1, 6, 6), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+            for _ in range(k)]
+
+
+def run(rule, batches, seed=7):
+    rule.set_training(True)
+    torch.manual_seed(seed)  # the dropout masks: both paths draw the same numbers
+    return [rule.train_step(x, y) for x, y in batches]
+
+
+def assert_same_state(a, b, atol=1e-9):
+    sa, sb = a.modules.state_dict(), b.modules.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=1e-7, msg=k)
+    for oa, ob in zip(a.optimizers, b.optimizers):
+        for pa, pb in zip(oa.state.values(), ob.state.values()):
+            for k in pa:
+                torch.testing.assert_close(pa[k], pb[k], atol=atol, rtol=1e-7, msg=k)
+
+
+CASES = [
+    {},
+    {"dropout": 0.2},
+    {"loss": "l2"},
+    {"loss": "l2", "dropout": 0.2},
+    {"bn_stats": "all"},
+    {"head": "classifier", "dropout": 0.1},
+    {"signal_learned": False},
+    {"logit_scale": 0.3, "weight_decay": 1e-3},
+    {"arch": "fc-1x16"},
+    {"arch": "fc-2x16", "input_shape": (12,)},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_fast_path_matches_autograd(case, float64):
+    case = dict(case)
+    input_shape = case.pop("input_shape", (1, 6, 6))
+    fast = make(input_shape=input_shape, fast_path="on", **case)
+    slow = make(input_shape=input_shape, fast_path="off", **case)
+    assert fast.fast_path_off is None and "written-out" in fast.step_kind
+    assert slow.fast_path_off is not None and "autograd" in slow.step_kind
+    batches = data(input_shape=input_shape)
+    out_fast, out_slow = run(fast, batches), run(slow, batches)
+    for (lf, cf), (ls, cs) in zip(out_fast, out_slow):
+        torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
+        assert torch.equal(cf, cs)
+    assert_same_state(fast, slow)
+    # and the trained rules agree at inference
+    x = batches[0][0]
+    fast.set_training(False)
+    slow.set_training(False)
+    for a, b in zip(fast.exit_scores(x), slow.exit_scores(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_fast_path_float32_stays_close():
+    """In float32 the paths differ by rounding; parameters whose gradient is near zero
+    (the Linear bias before BatchNorm: exactly zero) may take different Adam steps,
+    so the comparison is of what the steps compute: losses and early exits."""
+    fast, slow = make(fast_path="on", dropout=0.1), make(fast_path="off", dropout=0.1)
+    batches = data(k=3)
+    for (lf, cf), (ls, cs) in zip(run(fast, batches), run(slow, batches)):
+        torch.testing.assert_close(lf, ls, atol=1e-4, rtol=1e-4)
+    fast.set_training(False)
+    slow.set_training(False)
+    for a, b in zip(fast.exit_scores(batches[0][0]), slow.exit_scores(batches[0][0])):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["dot", "l2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_block_step_gradients_against_autograd(kind, dropout, float64):
+    torch.manual_seed(0)
+    block = convert_batchnorm(fc_block(7, 9, dropout))
+    parts = fastpath.match_fc_block(block)
+    assert isinstance(parts, fastpath.FCParts)
+    n, m = 11, CLASSES
+    x = torch.randn(n + m, 7)
+    y = torch.randint(0, CLASSES, (n,))
+    ref = copy.deepcopy(block)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        o, loss, logits, dt = fastpath.block_step(parts, x, n, n, y, kind, 0.7)
+    assert dt is None and o.shape == (n + m, 9) and logits.shape == (n, m)
+    ref.train()
+    torch.manual_seed(1)
+    with stats_from_first(n):
+        out = ref(x)
+    ref_loss = F.cross_entropy(SF.compare(out[:n], out[n:], kind, 0.7), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(o, out.detach())
+    for (name, p), q in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(parts.bn, name), getattr(ref[1], name), msg=name)
+
+
+def test_block_step_with_given_targets_returns_their_gradient(float64):
+    torch.manual_seed(0)
+    block = convert_batchnorm(fc_block(7, 9, 0.0))
+    parts = fastpath.match_fc_block(block)
+    n = 13
+    x, y = torch.randn(n, 7), torch.randint(0, CLASSES, (n,))
+    t = torch.randn(CLASSES, 9, requires_grad=True)
+    ref = copy.deepcopy(block)
+    with torch.no_grad():
+        _, _, _, dt = fastpath.block_step(parts, x, n, n, y, "dot", 0.5, targets=t.detach())
+    ref.train()
+    F.cross_entropy(SF.compare(ref(x), t, "dot", 0.5), y).backward()
+    torch.testing.assert_close(dt, t.grad)
+    for p, q in zip(block.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_fast_path_builds_no_graph():
+    rule = make(fast_path="on", dropout=0.1)
+    x, y = data(k=1)[0]
+    rule.set_training(True)
+    with torch.enable_grad():
+        losses, correct = rule.train_step(x, y)
+    assert not losses.requires_grad and losses.shape == (3,) and correct.shape == (3,)
+
+
+def test_saved_tensors_are_counted_and_released():
+    rule = make(fast_path="on", dropout=0.1)
+    x, y = data(k=1)[0]
+    live, peak, packed = [0], [0], []
+
+    class Handle:
+        def __init__(self, t):
+            self.nbytes = t.numel() * t.element_size()
+            live[0] += self.nbytes
+            peak[0] = max(peak[0], live[0])
+            packed.append(self.nbytes)
+
+        def __del__(self):
+            live[0] -= self.nbytes
+
+    rule.set_training(True)
+    with fastpath.track_saved(Handle):
+        rule.train_step(x, y)
+    assert len(packed) == 4 * 3  # x, a, the LeakyReLU/dropout factor, o per block
+    assert live[0] == 0
+    # one block's worth at a time: the largest block's four tensors
+    assert peak[0] == max(sum(packed[i:i + 4]) for i in range(0, 12, 4))
+
+
+def test_auto_falls_back_with_a_reason():
+    rule = make(signal="label-input")
+    assert rule.fast_path_off is not None and "label-input" in rule.step_kind
+    with pytest.raises(ConfigError, match="fast_path='on' but"):
+        make(signal="label-input", fast_path="on")
+    with pytest.raises(ConfigError, match="fast_path must be"):
+        make(fast_path="yes")
+
+
+def test_user_blocks_take_the_autograd_path():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh()),
+              nn.Sequential(nn.Linear(16, 16), nn.Tanh())]
+    net = Network(blocks, nn.Linear(16, CLASSES), (1, 6, 6))
+    rule = build_rule("sigprop", net, CLASSES)
+    assert "block 1" in rule.fast_path_off and "Tanh" in rule.fast_path_off
+    run(rule, data(k=1))
+    with pytest.raises(ConfigError, match="block 1"):
+        build_rule("sigprop", Network(copy.deepcopy(blocks), nn.Linear(16, CLASSES), (1, 6, 6)),
+                   CLASSES, fast_path="on")
+
+
+def test_hooks_switch_to_autograd_or_fail_when_required():
+    rule = make()
+    seen = []
+    handle = rule.network.blocks[1].register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    run(rule, data(k=1))
+    assert seen, "a module hook must run: the step takes the autograd path"
+    strict = make(fast_path="on")
+    strict.network.blocks[0][1].register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(ConfigError, match="hooks"):
+        run(strict, data(k=1))
+    handle.remove()

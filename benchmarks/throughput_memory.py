@@ -63,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--network", default="fc-3x1000", help="network name (default fc-3x1000)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--steps", type=int, default=50, help="steps per timed segment (default 50)")
-    p.add_argument("--repeats", type=int, default=8,
-                   help="interleaved timed segments per rule (default 8)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed segment (default 10)")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="interleaved timed segments per rule (default 30; short segments, "
+                   "many pairs: this CPU's speed drifts by 30%% within seconds)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps per rule (default 20)")
     p.add_argument("--rules", default="sigprop,sigprop-autograd,backprop",
                    help="comma-separated rule names (default sigprop,sigprop-autograd,backprop; "

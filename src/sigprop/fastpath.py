@@ -7,7 +7,7 @@ BatchNorm -> LeakyReLU [-> Dropout]``, :func:`sigprop.networks.fc_block`) with t
 per-class label generator (Eq. 1), :func:`block_step` runs the forward pass and
 writes every parameter's gradient directly:
 
-    a = x Wᵀ + b;  u = BN(a) (statistics from rows [:n_stats]);  o = u * c,
+    a = x Wᵀ (+ b);  u = BN(a) (statistics from rows [:n_stats]);  o = u * c,
     c = keep/(1-p) * (1 if u > 0 else slope)   (LeakyReLU and dropout as one factor)
     logits = compare(o[:n], t) * s;  L = CE(logits, y)
     dlogits = s (softmax(logits) - onehot(y)) / n
@@ -110,16 +110,18 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     )
 
 
-def _bn_forward(parts: FCParts, a: Tensor, n_stats: int) -> tuple[Tensor, Tensor, Tensor]:
+def _bn_forward(parts: FCParts, a: Tensor, n_stats: int, shift: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BatchNorm of all rows with the statistics of rows [:n_stats];
-    updates the running estimates as nn.BatchNorm does. Returns u, mean, var."""
+    updates the running estimates as nn.BatchNorm does, for ``a + shift`` (the
+    Linear's bias, which the normalisation itself cancels). Returns u, mean, var."""
     bn = parts.bn
     stats = a[:n_stats] if n_stats < a.shape[0] else a
     mean, var = torch.batch_norm_update_stats(stats, None, None, 0.0)  # biased variance
     running = bn.count_batch()
     if running is not None:
         running_mean, running_var, momentum = running
-        running_mean.lerp_(mean, momentum)
+        running_mean.lerp_(mean if shift is None else mean + shift, momentum)
         running_var.lerp_(var * (n_stats / max(n_stats - 1, 1)), momentum)
     u = torch.native_batch_norm(a, bn.weight, bn.bias, mean, var, False, 0.0, bn.eps)[0]
     return u, mean, var
@@ -184,15 +186,17 @@ def block_step(
     if parts.flatten:
         x = x.flatten(1)
     lin = parts.linear
-    a = torch.addmm(lin.bias, x, lin.weight.T) if lin.bias is not None else x @ lin.weight.T
-    u, mean, var = _bn_forward(parts, a, n_stats)
+    # The Linear's bias shifts every row alike and BatchNorm subtracts the mean right
+    # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
+    a = x @ lin.weight.T
+    u, mean, var = _bn_forward(parts, a, n_stats, lin.bias)
     drop = parts.dropout
     if out is None:
         out = torch.empty_like(u)
     if drop is not None and drop.active:
         # c = keep/(1-p) * LeakyReLU'(u): one factor for both, reused by the update
-        c = drop.keep_mask(u).view(torch.uint8).to(u.dtype)
-        c = torch.ops.aten.leaky_relu_backward(c, u, parts.slope, False).mul_(drop.scale)
+        c = torch.mul(drop.keep_mask(u).view(torch.uint8), drop.scale)  # uint8 -> float
+        c = torch.ops.aten.leaky_relu_backward.grad_input(c, u, parts.slope, False, grad_input=c)
         o = torch.mul(u, c, out=out)
     else:
         c = None

@@ -48,50 +48,67 @@ def frozen_running_stats() -> Iterator[None]:
         _FROZEN.reset(token)
 
 
-class _InputStatsBN(torch.autograd.Function):
-    """y = (x - mu) * r * w + b with mu, var from rows [:n] only, r = (var + eps)^-1/2.
+def input_stats_forward(x: torch.Tensor, weight, bias, n: int, eps: float,
+                        running: tuple | None, shift: torch.Tensor | None = None):
+    """y = (x - mu) * r * w + b for all rows, mu and var from rows [:n] only; returns
+    (y, mu, var). ``running`` = (running_mean, running_var, momentum) is updated as
+    nn.BatchNorm does, for ``x + shift`` when a shift (a bias the normalisation
+    cancels) was left out of x."""
+    stats = x[:n] if n < x.shape[0] else x
+    mean, var = torch.batch_norm_update_stats(stats, None, None, 0.0)  # biased var
+    count = stats.numel() // stats.shape[1]
+    if running is not None:
+        running_mean, running_var, momentum = running
+        running_mean.lerp_(mean if shift is None else mean + shift, momentum)
+        running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+    y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    return y, mean, var
 
-    Differentiable through the statistics, with the closed-form backward
+
+def input_stats_backward(g: torch.Tensor, x: torch.Tensor, weight, mean, var, n: int,
+                         eps: float):
+    """Gradients (dx, dw, db) of :func:`input_stats_forward`, through the statistics:
+
         dx_j = r * (dxh_j - [j < n] * (sum(dxh) + xh_j * sum(dxh * xh)) / N),
+
     dxh = g * w, xh = (x - mu) * r, sums over all rows, N the element count per channel
-    in rows [:n]. Built from ATen's fused batch-norm kernels: statistics
-    (batch_norm_update_stats), eval-mode normalisation with the batch statistics, and
-    the eval-mode backward (which yields g * w * r, sum(g * xh), sum(g)), plus one
-    correction over rows [:n]. Saves only x; the same math in autograd ops saved three
-    tensors.
+    in rows [:n]. ATen's eval-mode backward (statistics held fixed) yields g * w * r,
+    sum(g * xh) and sum(g); one correction over rows [:n] adds the statistics' term.
+    """
+    w = weight if weight is not None else torch.ones_like(mean)
+    invstd = torch.rsqrt(var + eps)
+    # The CUDA kernel wants save_mean / save_invstd defined even in eval mode (an
+    # internal assert otherwise); they hold the same statistics, so every backend
+    # computes the same thing.
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, var, mean, invstd, False, eps, [True, True, True]
+    )
+    count = x[:n].numel() // x.shape[1]
+    k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
+    c = w * db * invstd / count - mean * k
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dx[:n] -= torch.addcmul(c.view(shape), x[:n], k.view(shape))
+    return dx, dw, db
+
+
+class _InputStatsBN(torch.autograd.Function):
+    """:func:`input_stats_forward` with :func:`input_stats_backward` as its gradient.
+
+    Saves only x (and the per-channel statistics); the same math in autograd ops saved
+    three tensors.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, n: int, eps: float, running: tuple | None):
-        stats = x[:n]
-        mean, var = torch.batch_norm_update_stats(stats, None, None, 0.0)  # biased var
-        count = stats.numel() // stats.shape[1]
-        if running is not None:
-            running_mean, running_var, momentum = running
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
-        y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        y, mean, var = input_stats_forward(x, weight, bias, n, eps, running)
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.n, ctx.count, ctx.eps = n, count, eps
+        ctx.n, ctx.eps = n, eps
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, mean, var = ctx.saved_tensors
-        w = weight if weight is not None else torch.ones_like(mean)
-        g = g.contiguous()
-        invstd = torch.rsqrt(var + ctx.eps)
-        # Eval mode (train=False): no statistics term. The CUDA kernel wants save_mean /
-        # save_invstd defined even then (an internal assert otherwise); they hold the
-        # same statistics, so every backend and code path computes the same thing.
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            g, x, w, mean, var, mean, invstd, False, ctx.eps, [True, True, True]
-        )
-        # rows [:n] made the statistics: dx_j -= r * (w*db + xh_j * w*dw) / N
-        k = w * dw * invstd.square() / ctx.count  # coefficient of (x_j - mu)
-        c = w * db * invstd / ctx.count - mean * k
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dx[: ctx.n] -= torch.addcmul(c.view(shape), x[: ctx.n], k.view(shape))
+        dx, dw, db = input_stats_backward(g.contiguous(), x, weight, mean, var, ctx.n, ctx.eps)
         if weight is None:
             return dx, None, None, None, None, None
         return dx, dw, db, None, None, None

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batchnorm import InputStatsBatchNorm
+from .batchnorm import InputStatsBatchNorm, input_stats_backward, input_stats_forward
 from .networks import Dropout
 
 _PACK: ContextVar[Callable[[Tensor], object] | None] = ContextVar("sigprop_fast_pack", default=None)
@@ -110,45 +110,6 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     )
 
 
-def _bn_forward(parts: FCParts, a: Tensor, n_stats: int, shift: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode BatchNorm of all rows with the statistics of rows [:n_stats];
-    updates the running estimates as nn.BatchNorm does, for ``a + shift`` (the
-    Linear's bias, which the normalisation itself cancels). Returns u, mean, var."""
-    bn = parts.bn
-    stats = a[:n_stats] if n_stats < a.shape[0] else a
-    mean, var = torch.batch_norm_update_stats(stats, None, None, 0.0)  # biased variance
-    running = bn.count_batch()
-    if running is not None:
-        running_mean, running_var, momentum = running
-        running_mean.lerp_(mean if shift is None else mean + shift, momentum)
-        running_var.lerp_(var * (n_stats / max(n_stats - 1, 1)), momentum)
-    u = torch.native_batch_norm(a, bn.weight, bn.bias, mean, var, False, 0.0, bn.eps)[0]
-    return u, mean, var
-
-
-def _bn_backward(parts: FCParts, du: Tensor, a: Tensor, mean: Tensor, var: Tensor,
-                 n_stats: int) -> Tensor:
-    """da for u = BN(a) with statistics from rows [:n_stats]; sets γ and β grads.
-
-    Eval-mode native backward (statistics held fixed) gives du*γ*r, Σ du*û and Σ du;
-    rows [:n_stats] then get the statistics' term, as in ``batchnorm._InputStatsBN``.
-    """
-    bn = parts.bn
-    w = bn.weight if bn.weight is not None else torch.ones_like(mean)
-    invstd = torch.rsqrt(var + bn.eps)
-    da, dw, db = torch.ops.aten.native_batch_norm_backward(
-        du, a, w, mean, var, mean, invstd, False, bn.eps, [True, True, True]
-    )
-    k = w * dw * invstd.square() / n_stats  # coefficient of (a_j - mean)
-    c = w * db * invstd / n_stats - mean * k
-    da[:n_stats] -= torch.addcmul(c, a[:n_stats], k)
-    if bn.weight is not None:
-        bn.weight.grad = dw
-        bn.bias.grad = db
-    return da
-
-
 def _logit_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor,
                  dt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """L_pred = CE(compare(h, t) * scale, y): loss and logits; dL/dh is written into
@@ -189,7 +150,9 @@ def block_step(
     # The Linear's bias shifts every row alike and BatchNorm subtracts the mean right
     # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
     a = x @ lin.weight.T
-    u, mean, var = _bn_forward(parts, a, n_stats, lin.bias)
+    bn = parts.bn
+    u, mean, var = input_stats_forward(a, bn.weight, bn.bias, n_stats, bn.eps,
+                                       bn.count_batch(), shift=lin.bias)
     drop = parts.dropout
     if out is None:
         out = torch.empty_like(u)
@@ -200,7 +163,7 @@ def block_step(
         o = torch.mul(u, c, out=out)
     else:
         c = None
-        o = torch._C._nn.leaky_relu(u, parts.slope, out=out)
+        o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
     pack = _PACK.get()
     held = [pack(v) for v in (x, a, u if c is None else c, o)] if pack is not None else None
 
@@ -212,7 +175,9 @@ def block_step(
         loss, logits, dt = _logit_grads(kind, scale, o, targets, y, do)
     du = do.mul_(c) if c is not None else torch.ops.aten.leaky_relu_backward(
         do, u, parts.slope, False)
-    da = _bn_backward(parts, du, a, mean, var, n_stats)
+    da, dw, db = input_stats_backward(du, a, bn.weight, mean, var, n_stats, bn.eps)
+    if bn.weight is not None:
+        bn.weight.grad, bn.bias.grad = dw, db
     lin.weight.grad = da.T @ x
     if lin.bias is not None:
         lin.bias.grad = da.sum(0)

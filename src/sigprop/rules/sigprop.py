@@ -8,7 +8,9 @@ One training step, for blocks B_1..B_L and target generator G:
     (classifier head: CE(y, head(h_L)) -> step head)          # Fig. 2b
 
 Inputs of each block are detached, so no gradient crosses a block boundary and
-only one block's activations are alive at a time. Each block has its own Adam.
+only one block's activations are alive at a time. Each block has its own Adam
+parameter group; one grouped step after the sweep (the same arithmetic: no block
+reads another's update within a step).
 Prediction: the last block's output-target comparison (Fig. 2a), or the head
 (Fig. 2b, which needs neither labels nor the generator at inference).
 

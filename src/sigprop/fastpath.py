@@ -102,7 +102,9 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     which only a real module call honours."""
     from torch.nn.modules import module as _m
 
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                    "_global_backward_hooks", "_global_backward_pre_hooks")
+    if any(getattr(_m, name, None) for name in global_hooks):
         return True
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks

@@ -59,7 +59,9 @@ def _bias_before_bn(root):
 
 
 @pytest.mark.parametrize("name, kw", [
-    ("sigprop", {}),
+    ("sigprop", {}),  # label signal: the fast path (sigprop.fastpath)
+    ("sigprop", {"fast_path": "off"}),  # the same through autograd
+    ("sigprop", {"fast_path": "on", "head": "classifier"}),
     ("sigprop", {"loss": "l2"}),
     ("sigprop", {"head": "classifier"}),
     ("sigprop", {"signal": "label-input"}),

@@ -91,9 +91,10 @@ def make_grouped_adam(groups: dict[str, Iterable[nn.Parameter]], cfg: RuleConfig
     Each group has its own hyper-parameters and each parameter its own state, so a
     group's update reads nothing but its own gradients: the same arithmetic as one
     optimizer per part. Parts without trainable parameters get no group; None when
-    nothing is trainable. One ``step()`` costs a fraction of one per part: measured
-    on this CPU, three per-block ``Adam.step`` calls cost ~0.5 ms more a step than one
-    (docs/RESULTS.md).
+    nothing is trainable. One ``step()`` saves the per-call Python of one optimizer per
+    part (profiled on this CPU: 0.55 ms a step for three ``Adam.step`` calls against
+    0.34 ms for one); end to end the difference was within this machine's noise
+    (benchmarks/overhead_ablation.py, sigprop-adam-per-block).
     """
     param_groups = []
     for name, params in groups.items():

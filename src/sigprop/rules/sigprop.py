@@ -4,8 +4,9 @@ One training step, for blocks B_1..B_L and target generator G:
 
     h1 = B_1(x);  t1 = G(h1, y)                 # Eq. 1 / 10 / 11 / 12
     [h_i, t_i] = B_i([h_{i-1}, t_{i-1}])        # Eq. 2-3: one call, same weights
-    L_i = CE(y, O(h_i, t_i))  ->  step B_i now  # Eq. 9; B_1's step also moves G
-    (classifier head: CE(y, head(h_L)) -> step head)          # Fig. 2b
+    L_i = CE(y, O(h_i, t_i))  ->  grads of B_i  # Eq. 9; L_1 also moves G
+    (classifier head: CE(y, head(h_L)) -> grads of the head)  # Fig. 2b
+    one Adam step: every block from its own gradients
 
 Inputs of each block are detached, so no gradient crosses a block boundary and
 only one block's activations are alive at a time. Each block has its own Adam
@@ -111,7 +112,7 @@ class Sigprop(LearningRule):
             for s in shapes
         ]
         # The first block learns together with the generator (Eq. 1: L_1(h1, t1)); a
-        # fixed generator's parameters do not require grad and make_adam skips them.
+        # fixed generator's parameters do not require grad and get no place in a group.
         blocks = network.blocks
         # One parameter group per block (block 1's also holds the generator) and one for
         # a classifier head; one step() after every block has its gradient. No block

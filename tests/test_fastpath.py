@@ -213,6 +213,17 @@ def test_user_blocks_take_the_autograd_path():
                    CLASSES, fast_path="on")
 
 
+def test_linear_on_unflattened_samples_takes_the_autograd_path():
+    torch.manual_seed(0)
+    # (8, 6) samples -> Linear -> (8, 8); BatchNorm1d(8) then normalises over dim 1
+    blocks = [nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.01))]
+    net = Network(blocks, nn.Sequential(nn.Flatten(), nn.Linear(64, CLASSES)), (8, 6))
+    rule = build_rule("sigprop", net, CLASSES)
+    assert "without Flatten" in rule.fast_path_off
+    (losses, _), = run(rule, data(k=1, input_shape=(8, 6)))
+    assert torch.isfinite(losses).all()
+
+
 def test_hooks_switch_to_autograd_or_fail_when_required():
     rule = make()
     seen = []

@@ -145,6 +145,9 @@ class Sigprop(LearningRule):
                 if isinstance(p, str):
                     why = f"block {i + 1}: {p}"
                     break
+                if i == 0 and not p.flatten and len(self.network.input_shape) != 1:
+                    why = "block 1: a Linear on multi-dimensional samples without Flatten"
+                    break
                 parts.append(p)
         if why is None:
             return parts, None

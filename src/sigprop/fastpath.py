@@ -18,7 +18,7 @@ writes every parameter's gradient directly:
 The autograd path (``fast_path="off"``) computes the same numbers, op for op up to
 rounding; tests/test_fastpath.py checks one against the other. What this saves is
 not arithmetic but overhead, measured on this CPU (docs/RESULTS.md): a sigprop step
-of a 3-block net made ~30 autograd nodes and 3 backward calls, and its fixed cost
+of a 3-block net evaluated 50 autograd nodes in 3 backward calls, and its fixed cost
 was twice backprop's.
 
 Memory: the tensors kept from the forward pass for the update are the block input

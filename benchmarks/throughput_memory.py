@@ -78,7 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print a torch.profiler table per rule (top ops by self time) and a "
                    "side-by-side per-op comparison")
     p.add_argument("--profile-steps", type=int, default=10,
-                   help="training steps profiled per rule with --profile (default 10)")
+                   help="training steps per profile with --profile (default 10)")
+    p.add_argument("--profile-rounds", type=int, default=6,
+                   help="interleaved profiles per rule with --profile; per-op medians "
+                   "(default 6)")
     p.add_argument("--memory-detail", action="store_true",
                    help="list every tensor saved for backward in the memory step")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
@@ -395,7 +398,7 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
 
 # --- profile ------------------------------------------------------------------------------
 
-def profile_rule(stepper: Stepper, steps: int, device: torch.device, sync) -> dict:
+def _profile_once(stepper: Stepper, steps: int, device: torch.device, sync):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU]
@@ -405,17 +408,57 @@ def profile_rule(stepper: Stepper, steps: int, device: torch.device, sync) -> di
     with profile(activities=acts) as prof:
         stepper(steps)
         sync()
+    return prof.key_averages()
+
+
+def profile_rules(steppers: dict[str, Stepper], steps: int, rounds: int,
+                  device: torch.device, sync) -> dict[str, dict]:
+    """Per-op self time per step of each rule: ``rounds`` profiles of ``steps`` steps,
+    interleaved between the rules (order alternating), median per op over rounds, so
+    the machine's drift falls on every rule alike. The table is the last round's."""
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = prof.key_averages()
-    table = events.table(sort_by=sort, row_limit=20)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    per_op = {}
-    for e in events:
-        t = getattr(e, attr, None)
-        if t is None and device.type == "cuda":
-            t = getattr(e, "self_cuda_time_total", 0)
-        per_op[e.key] = {"self_us_per_step": (t or 0) / steps, "calls_per_step": e.count / steps}
-    return {"table": table, "per_op": per_op, "sort": sort}
+    names = list(steppers)
+    samples: dict[str, dict[str, list[tuple[float, float]]]] = {n: defaultdict(list) for n in names}
+    tables: dict[str, str] = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            events = _profile_once(steppers[name], steps, device, sync)
+            tables[name] = events.table(sort_by=sort, row_limit=20)
+            for e in events:
+                t = getattr(e, attr, None)
+                if t is None and device.type == "cuda":
+                    t = getattr(e, "self_cuda_time_total", 0)
+                samples[name][e.key].append(((t or 0) / steps, e.count / steps))
+    out = {}
+    for name in names:
+        per_op = {}
+        for key, vals in samples[name].items():
+            vals = vals + [(0.0, 0.0)] * (rounds - len(vals))  # absent in a round: 0
+            per_op[key] = {"self_us_per_step": statistics.median(v[0] for v in vals),
+                           "calls_per_step": statistics.median(v[1] for v in vals)}
+        out[name] = {"table": tables[name], "per_op": per_op, "sort": sort}
+    return out
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+
+
+def profile_groups(per_op: dict[str, dict]) -> dict[str, float]:
+    """ms per step in: matrix products, Adam kernel, Adam.step Python, dropout bits, rest."""
+    def ms(pred):
+        return sum(v["self_us_per_step"] for k, v in per_op.items() if pred(k)) / 1e3
+
+    groups = {
+        "matrix products": ms(lambda k: k in MATMUL_OPS),
+        "fused Adam kernel": ms(lambda k: k == "aten::_fused_adam_"),
+        "Adam.step (Python)": ms(lambda k: k.startswith("Optimizer.step")),
+        "random bits": ms(lambda k: k == "aten::random_"),
+    }
+    total = ms(lambda k: True)
+    groups["everything else"] = total - sum(groups.values())
+    groups["all ops"] = total
+    return groups
 
 
 def side_by_side(profiles: dict[str, dict], top: int = 15) -> str:
@@ -571,15 +614,22 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = {}
     if args.profile:
+        profiles = profile_rules(steppers, args.profile_steps, args.profile_rounds, device,
+                                 sync)
         for name in args.rules:
-            profiles[name] = profile_rule(steppers[name], args.profile_steps, device, sync)
-            print(f"== profile: {name} ({args.profile_steps} steps, sorted by "
-                  f"{profiles[name]['sort']})")
+            print(f"== profile: {name} (last of {args.profile_rounds} rounds of "
+                  f"{args.profile_steps} steps, sorted by {profiles[name]['sort']})")
             print(profiles[name]["table"])
-        if len(profiles) > 1:
-            print("== profile side by side (self time per step, top ops of each rule)")
-            print(side_by_side(profiles))
+        print(f"== profile side by side (self time per step, median over "
+              f"{args.profile_rounds} interleaved rounds; top ops of each rule)")
+        print(side_by_side(profiles))
+        groups = {n: profile_groups(p["per_op"]) for n, p in profiles.items()}
+        print("== profile by kind (ms per step)")
+        print(f"  {'':22}" + "".join(f"{n:>18}" for n in args.rules))
+        for g in next(iter(groups.values())):
+            print(f"  {g:22}" + "".join(f"{groups[n][g]:18.3f}" for n in args.rules))
         results["profile"] = {k: v["per_op"] for k, v in profiles.items()}
+        results["profile_groups"] = groups
 
     # summary
     print("== summary")

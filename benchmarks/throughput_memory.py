@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--network", default="fc-3x1000", help="network name (default fc-3x1000)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+    p.add_argument("--signal", default="label",
+                   help="sigprop's target generator (default label; label-input has a fast "
+                   "path too)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed segment (default 10)")
     p.add_argument("--repeats", type=int, default=30,
@@ -179,6 +182,8 @@ def build(name: str, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(args.seed)  # same initial network weights for every rule
     net = sigprop.build_network(args.network, INPUT_SHAPE, NUM_CLASSES, dropout=args.dropout)
     rule_name, options = RULE_SPECS.get(name, (name, {}))
+    if rule_name == "sigprop":
+        options = {**options, "signal": args.signal}
     rule = sigprop.build_rule(rule_name, net, NUM_CLASSES, **options)
     rule.modules.to(device)
     rule.set_training(True)
@@ -211,7 +216,8 @@ def _other_weight_layers(module: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in module.modules() if isinstance(m, kinds)})
 
 
-def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
+def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
+                 per_sample: bool = False) -> dict:
     """Matmul FLOPs of one training step (2 FLOPs per multiply-add), Linear layers only.
 
     backprop: per Linear 2·n·in·out for the forward, the same for the weight gradient,
@@ -222,7 +228,10 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
       gradients (block inputs are detached; inside a block, Linears after the first do
       need input gradients). Plus L_pred, h·tᵀ: forward 2·n·d·m and its two gradients
       (w.r.t. h and t), and the generator Linear(m, d) on the m one-hot rows (forward +
-      weight gradient). The untrained head costs nothing.
+      weight gradient). The untrained head costs nothing. Per-sample signals
+      (``per_sample``, e.g. label-input): later blocks see 2n rows (one target per
+      sample), L_pred compares with the m class means; the generator's elementwise
+      work is not counted.
     Other rules: counted like backprop.
     """
     blocks = list(network.blocks)
@@ -234,7 +243,7 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
     if base_rule(rule_name) == "sigprop":
         shapes = network.block_shapes
         for i, block in enumerate(blocks):
-            rows = n if i == 0 else n + m
+            rows = n if i == 0 else (2 * n if per_sample else n + m)
             for j, lin in enumerate(_linears(block)):
                 f = 2 * rows * lin.in_features * lin.out_features
                 parts["forward"] += f
@@ -243,8 +252,11 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES) -> dict:
                     parts["input_grad"] += f
             d = math.prod(shapes[i])
             parts["lpred"] += 3 * 2 * n * d * m
-        parts["generator"] += 2 * 2 * m * m * math.prod(shapes[0])
-        notes.append("sigprop counted for the default 'label' signal (m = classes targets)")
+        if per_sample:
+            notes.append("sigprop counted for a per-sample signal (n targets, m class means)")
+        else:
+            parts["generator"] += 2 * 2 * m * m * math.prod(shapes[0])
+            notes.append("sigprop counted for the 'label' signal (m = classes targets)")
     else:
         layers = [lin for b in blocks for lin in _linears(b)] + _linears(network.head)
         for i, lin in enumerate(layers):
@@ -523,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads and timings can be many times slower and noisy (try --threads 1)")
     print(f"  allocator tuned  {tuned} (same process setting for every rule)")
     print("== setup")
-    print(f"  network {args.network}  dropout {args.dropout}  batch {args.batch_size}  "
+    print(f"  network {args.network}  dropout {args.dropout}  signal {args.signal}  "
+          f"batch {args.batch_size}  "
           f"rules {','.join(args.rules)}")
     print(f"  warmup {args.warmup}  repeats {args.repeats} x {args.steps} steps per rule, "
           f"interleaved (order alternates per repeat)  pool {args.pool} synthetic batches "
@@ -538,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.batch_size
 
     # FLOPs (analytic)
-    flops = {name: matmul_flops(name, rule.network, n) for name, rule in rules.items()}
+    flops = {name: matmul_flops(name, rule.network, n,
+                                per_sample=getattr(getattr(rule, "signal", None), "per_sample",
+                                                   False))
+             for name, rule in rules.items()}
 
     # warm-up: each rule on its own (Adam state, allocator, kernels settle)
     for name, st in steppers.items():

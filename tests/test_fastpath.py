@@ -73,6 +73,12 @@ CASES = [
     {"logit_scale": 0.3, "weight_decay": 1e-3},
     {"arch": "fc-1x16"},
     {"arch": "fc-2x16", "input_shape": (12,)},
+    {"signal": "label-input"},
+    {"signal": "label-input", "dropout": 0.2, "loss": "l2"},
+    {"signal": "label-input", "bn_stats": "all", "head": "classifier"},
+    {"signal": "label-input", "signal_learned": False, "exit_targets": "candidates"},
+    {"signal": "label-input", "n": 4},  # classes absent from a batch: no logit for them
+    {"n": 4},
 ]
 
 
@@ -80,11 +86,12 @@ CASES = [
 def test_fast_path_matches_autograd(case, float64):
     case = dict(case)
     input_shape = case.pop("input_shape", (1, 6, 6))
+    n = case.pop("n", 30)
     fast = make(input_shape=input_shape, fast_path="on", **case)
     slow = make(input_shape=input_shape, fast_path="off", **case)
     assert fast.fast_path_off is None and "written-out" in fast.step_kind
     assert slow.fast_path_off is not None and "autograd" in slow.step_kind
-    batches = data(input_shape=input_shape)
+    batches = data(n=n, input_shape=input_shape)
     out_fast, out_slow = run(fast, batches), run(slow, batches)
     for (lf, cf), (ls, cs) in zip(out_fast, out_slow):
         torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
@@ -192,10 +199,10 @@ def test_saved_tensors_are_counted_and_released():
 
 
 def test_auto_falls_back_with_a_reason():
-    rule = make(signal="label-input")
-    assert rule.fast_path_off is not None and "label-input" in rule.step_kind
+    rule = make(signal="loop-pred", head="classifier")
+    assert rule.fast_path_off is not None and "loop-pred" in rule.step_kind
     with pytest.raises(ConfigError, match="fast_path='on' but"):
-        make(signal="label-input", fast_path="on")
+        make(signal="loop-error", head="classifier", fast_path="on")
     with pytest.raises(ConfigError, match="fast_path must be"):
         make(fast_path="yes")
 

@@ -427,7 +427,10 @@ def test_per_sample_inference_scores_every_candidate(signal, head, loss):
 def test_prototypes_are_running_class_means_of_training_targets(signal, head, loss):
     """Reference: replay the steps, recompute each layer's class means of the targets
     with a loop, and keep the running means by hand."""
-    rule = make_rule(arch="fc-3x16", signal=signal, head=head, loss=loss, lr=1e-2)
+    # the spy sits in the autograd path; the fast path's prototypes equal these
+    # (tests/test_fastpath.py compares the whole state, prototypes included)
+    rule = make_rule(arch="fc-3x16", signal=signal, head=head, loss=loss, lr=1e-2,
+                     fast_path="off")
     seen_targets = []  # per step, per layer: (targets, labels), captured as trained
     orig = rule._layer_logits
 

@@ -4,8 +4,10 @@ A sigprop block learns from its own loss on its own outputs, with its input
 detached, so its whole update is a short, fixed formula: nothing crosses a block
 boundary and no graph is needed. For the blocks this library builds (``Linear ->
 BatchNorm -> LeakyReLU [-> Dropout]``, :func:`sigprop.networks.fc_block`) with the
-per-class label generator (Eq. 1), :func:`block_step` runs the forward pass and
-writes every parameter's gradient directly:
+per-class label generator (Eq. 1) or the label-and-input generator (Eq. 10, one target
+per sample, compared through class means), :func:`block_forward`,
+:func:`pred_grads` and :func:`block_backward` run the forward pass and write every
+parameter's gradient directly (:func:`block_step` chains them for Eq. 1):
 
     a = x Wᵀ (+ b);  u = BN(a) (statistics from rows [:n_stats]);  o = u * c,
     c = keep/(1-p) * (1 if u > 0 else slope)   (LeakyReLU and dropout as one factor)
@@ -19,7 +21,9 @@ The autograd path (``fast_path="off"``) computes the same numbers, op for op up 
 rounding; tests/test_fastpath.py checks one against the other. What this saves is
 not arithmetic but overhead, measured on this CPU (docs/RESULTS.md): a sigprop step
 of a 3-block net evaluated 50 autograd nodes in 3 backward calls, and its fixed cost
-was twice backprop's.
+was twice backprop's. Eq. 10 adds t1 = h1 ⊙ σ(S1 c + d1) + f(S2 c + d2)
+(:func:`modulation_targets`), whose gradient reaches h1 as well
+(:func:`modulation_backward`).
 
 Memory: the tensors kept from the forward pass for the update are the block input
 x, the pre-normalisation a, the factor c and the output o, released when the block's
@@ -112,40 +116,70 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     )
 
 
-def _logit_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor,
-                 dt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """L_pred = CE(compare(h, t) * scale, y): loss and logits; dL/dh is written into
-    ``dh`` and dL/dt into ``dt`` (a new tensor when None), which is returned too."""
+def pred_grads(
+    kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor,
+    dt: Tensor | None = None, num_classes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """L_pred = CE(compare(h, t) * scale, y) and its gradients, without autograd.
+
+    ``t`` holds one target per class, or, with ``num_classes``, one per sample: then
+    L_pred compares with the class means of the targets and absent classes get no
+    logit (as ``Sigprop._layer_logits``). dL/dh is written into ``dh``, dL/dt into
+    ``dt`` (a new tensor when None). Returns (loss, logits, dL/dt, (means, present) of
+    per-sample targets or None).
+    """
     n = h.shape[0]
+    classes = None
+    if num_classes is not None:  # per-sample targets -> class means
+        counts = torch.bincount(y, minlength=num_classes).to(t.dtype)
+        present = counts > 0
+        means = t.new_zeros(num_classes, t.shape[1]).index_add_(0, y, t)
+        means.div_(counts.clamp_min(1).unsqueeze(1))
+        classes, t = (means, present), means
     logits = torch.mm(h, t.T)
     if kind == "l2":  # 2h·t - |h|² - |t|², as functional.l2_compare
         logits.mul_(2).sub_((h * h).sum(1, keepdim=True)).sub_((t * t).sum(1))
     logits.mul_(scale)
+    if classes is not None:
+        logits.masked_fill_(~classes[1], float("-inf"))
     logp = torch.log_softmax(logits, 1)
     loss = F.nll_loss(logp, y)
     g = logp.exp_()  # softmax; then - onehot(y), times scale / n
     g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
     g.mul_(scale / n)
     torch.mm(g, t, out=dh)
-    dt = torch.mm(g.T, h) if dt is None else torch.mm(g.T, h, out=dt)
+    if classes is None:
+        dt = torch.mm(g.T, h) if dt is None else torch.mm(g.T, h, out=dt)
+    else:
+        dt_cls = torch.mm(g.T, h)
     if kind == "l2":
         dh.mul_(2).sub_(h * (2 * g.sum(1, keepdim=True)))
-        dt.mul_(2).sub_(t * (2 * g.sum(0).unsqueeze(1)))
-    return loss, logits, dt
+        (dt if classes is None else dt_cls).mul_(2).sub_(t * (2 * g.sum(0).unsqueeze(1)))
+    if classes is not None:  # d mean_c / d t_j = 1/count_c for the samples of class c
+        dt_cls.div_(counts.clamp_min(1).unsqueeze(1))
+        dt = torch.index_select(dt_cls, 0, y, out=dt) if dt is not None else dt_cls[y]
+    return loss, logits, dt, classes
 
 
-def block_step(
-    parts: FCParts, x: Tensor, n: int, n_stats: int, y: Tensor, kind: str, scale: float,
-    targets: Tensor | None = None, out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One block's forward pass and local gradients, written into ``.grad``.
+@dataclass
+class BlockState:
+    """What a block's forward keeps for its update (one block's worth)."""
 
-    ``x``: the block input (detached); its first ``n`` rows are inputs, the rest
-    targets. The block's own loss compares output rows [:n] with output rows [n:],
-    or, when ``targets`` is given (block 1, whose targets come from the generator),
-    all output rows with ``targets``. The output goes into ``out`` if given. Returns
-    (output, loss, logits, dL/dtargets or None). Call under ``torch.no_grad()``.
-    """
+    x: Tensor  # block input (flattened)
+    a: Tensor  # x Wᵀ, before BatchNorm
+    mean: Tensor
+    var: Tensor
+    u: Tensor  # after BatchNorm
+    c: Tensor | None  # LeakyReLU slope x dropout mask / (1 - p); None: no dropout
+    o: Tensor  # block output
+    n_stats: int
+    held: list | None  # track_saved handles
+
+
+def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = None
+                  ) -> BlockState:
+    """The block's training-mode forward; the output goes into ``out`` if given.
+    BatchNorm takes its statistics from rows [:n_stats]. Call under no_grad."""
     if parts.flatten:
         x = x.flatten(1)
     lin = parts.linear
@@ -168,22 +202,46 @@ def block_step(
         o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
     pack = _PACK.get()
     held = [pack(v) for v in (x, a, u if c is None else c, o)] if pack is not None else None
+    return BlockState(x, a, mean, var, u, c, o, n_stats, held)
 
-    do = torch.empty_like(o)
-    if targets is None:
-        loss, logits, _ = _logit_grads(kind, scale, o[:n], o[n:], y, do[:n], do[n:])
-        dt = None
-    else:
-        loss, logits, dt = _logit_grads(kind, scale, o, targets, y, do)
-    du = do.mul_(c) if c is not None else torch.ops.aten.leaky_relu_backward(
-        do, u, parts.slope, False)
-    da, dw, db = input_stats_backward(du, a, bn.weight, mean, var, n_stats, bn.eps)
+
+def block_backward(parts: FCParts, st: BlockState, do: Tensor) -> None:
+    """Gradients of the block's parameters from dL/do (overwritten), into ``.grad``;
+    releases what the forward kept."""
+    bn, lin = parts.bn, parts.linear
+    du = do.mul_(st.c) if st.c is not None else torch.ops.aten.leaky_relu_backward(
+        do, st.u, parts.slope, False)
+    da, dw, db = input_stats_backward(du, st.a, bn.weight, st.mean, st.var, st.n_stats, bn.eps)
     if bn.weight is not None:
         bn.weight.grad, bn.bias.grad = dw, db
-    lin.weight.grad = da.T @ x
+    lin.weight.grad = da.T @ st.x
     if lin.bias is not None:
         lin.bias.grad = da.sum(0)
-    del held
+    st.held = None
+
+
+def block_step(
+    parts: FCParts, x: Tensor, n: int, n_stats: int, y: Tensor, kind: str, scale: float,
+    targets: Tensor | None = None, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One block's forward pass and local gradients (one target per class), written
+    into ``.grad``.
+
+    ``x``: the block input (detached); its first ``n`` rows are inputs, the rest
+    targets. The block's own loss compares output rows [:n] with output rows [n:],
+    or, when ``targets`` is given (block 1, whose targets come from the generator),
+    all output rows with ``targets``. The output goes into ``out`` if given. Returns
+    (output, loss, logits, dL/dtargets or None). Call under ``torch.no_grad()``.
+    """
+    st = block_forward(parts, x, n_stats, out)
+    o = st.o
+    do = torch.empty_like(o)
+    if targets is None:
+        loss, logits, _, _ = pred_grads(kind, scale, o[:n], o[n:], y, do[:n], do[n:])
+        dt = None
+    else:
+        loss, logits, dt, _ = pred_grads(kind, scale, o, targets, y, do)
+    block_backward(parts, st, do)
     return o, loss, logits, dt
 
 
@@ -200,3 +258,37 @@ def label_backward(proj: nn.Linear, slope: float, g: Tensor, dt: Tensor) -> None
         proj.weight.grad = dg.T.contiguous()
     if proj.bias is not None and proj.bias.requires_grad:
         proj.bias.grad = dg.sum(0)
+
+
+def modulation_targets(gen: nn.Module, h1: Tensor, y: Tensor, slope: float, out: Tensor
+                       ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Eq. 10 for the batch: t1 = h1 ⊙ σ(S1 c + d1) + LeakyReLU(S2 c + d2), c = onehot(y),
+    written into ``out``; returns (t1, what :func:`modulation_backward` needs)."""
+    pre_gain = gen.scale.weight.T[y]  # S1 c: column y of S1
+    if gen.scale.bias is not None:
+        pre_gain += gen.scale.bias
+    gain = pre_gain.sigmoid_()
+    pre_shift = gen.shift.weight.T[y]
+    if gen.shift.bias is not None:
+        pre_shift += gen.shift.bias
+    shift = F.leaky_relu(pre_shift, slope)
+    return torch.addcmul(shift, h1, gain, out=out), (gain, pre_shift)
+
+
+def modulation_backward(gen: nn.Module, h1: Tensor, y: Tensor, slope: float,
+                        saved: tuple[Tensor, Tensor], dt1: Tensor, dh1: Tensor) -> None:
+    """Eq. 10's gradients: adds dt1 ⊙ gain to ``dh1`` (t1 depends on h1) and writes
+    the generator's gradients (columns of S1, S2 gathered by label)."""
+    gain, pre_shift = saved
+    dh1.addcmul_(dt1, gain)
+    m = gen.num_classes
+    for lin, d_pre in (
+        (gen.scale, dt1 * h1 * gain * (1 - gain)),  # through the sigmoid
+        (gen.shift, torch.ops.aten.leaky_relu_backward(dt1, pre_shift, slope, False)),
+    ):
+        if lin.weight.requires_grad:
+            lin.weight.grad = d_pre.new_zeros(m, d_pre.shape[1]).index_add_(0, y, d_pre).T \
+                .contiguous()
+        if lin.bias is not None and lin.bias.requires_grad:
+            lin.bias.grad = d_pre.sum(0)
+

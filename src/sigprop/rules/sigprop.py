@@ -22,8 +22,8 @@ kept per layer while training (the comparison L_pred trained). The alternative,
 ``exit_targets="candidates"``, builds every sample's target under every class and
 sends all of them through the blocks (m x the target work).
 
-For standard fully connected blocks and the label signal the step runs without
-autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
+For standard fully connected blocks and the label or label-input signal the step
+runs without autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
 the same updates, less overhead. Anything else, a user's own blocks included, takes
 the autograd path.
 """
@@ -42,7 +42,13 @@ from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_firs
 from ..errors import ConfigError
 from ..networks import LEAKY_SLOPE, Network
 from ..registry import register_rule
-from ..signals import Feedback, LabelProjection, TargetGenerator, build_signal
+from ..signals import (
+    Feedback,
+    LabelInputModulation,
+    LabelProjection,
+    TargetGenerator,
+    build_signal,
+)
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
@@ -137,8 +143,9 @@ class Sigprop(LearningRule):
             return [], "fast_path='off'"
         why = None
         parts = []
-        if type(self.signal) is not LabelProjection:
-            why = f"signal {self.cfg.signal!r} (only 'label' has a written-out step)"
+        if type(self.signal) not in (LabelProjection, LabelInputModulation):
+            why = (f"signal {self.cfg.signal!r} (written-out steps exist for 'label' and "
+                   "'label-input')")
         else:
             for i, block in enumerate(self.network.blocks):
                 p = fastpath.match_fc_block(block)
@@ -207,17 +214,25 @@ class Sigprop(LearningRule):
     def _fast_modules(self) -> tuple[nn.Module, ...]:
         return tuple(m for p in self.fast_parts for m in p.modules)
 
-    def _head_loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The classifier head's own loss on detached features (Fig. 2b)."""
-        logits = self.network.head(h)
-        loss = F.cross_entropy(logits, y)
-        if loss.requires_grad:
-            loss.backward()
-        return loss.detach(), logits.detach()
+    def _finish_step(self, h: Tensor, y: Tensor, losses: list[Tensor],
+                     logits_seen: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The classifier head's own loss on the last block's detached output (Fig. 2b),
+        then (losses, correct counts) of every exit, counted in one op."""
+        if self.classifier:
+            logits = self.network.head(h)
+            loss = F.cross_entropy(logits, y)
+            if loss.requires_grad:
+                loss.backward()
+            losses.append(loss.detach())
+            logits_seen.append(logits.detach())
+        correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
+        return torch.stack(losses), correct
 
     def _fast_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradients for standard fc blocks and the label signal, without autograd:
-        the same as the autograd path's (tests/test_fastpath.py)."""
+        """Gradients for standard fc blocks and the label or label-input signal,
+        without autograd: the same as the autograd path's (tests/test_fastpath.py)."""
+        if self.signal.per_sample:
+            return self._fast_train_step_per_sample(x, y)
         n = x.shape[0]
         kind = self.cfg.loss
         losses, logits_seen = [], []
@@ -237,12 +252,38 @@ class Sigprop(LearningRule):
                         parts, z, n, self._stats_rows(n) or z.shape[0], y, kind, self.scales[i])
                 losses.append(loss)
                 logits_seen.append(logits)
-        if self.classifier:
-            loss, logits = self._head_loss(z[:n], y)
-            losses.append(loss)
-            logits_seen.append(logits)
-        correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
-        return torch.stack(losses), correct
+        return self._finish_step(z[:n], y, losses, logits_seen)
+
+    def _fast_train_step_per_sample(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The label-input generator (Eq. 10): one target per sample, L_pred against
+        the class means of the targets, prototypes updated as in the autograd path."""
+        n, m, kind = x.shape[0], self.num_classes, self.cfg.loss
+        gen = self.signal
+        losses, logits_seen = [], []
+        with torch.no_grad():
+            z = None
+            for i, parts in enumerate(self.fast_parts):
+                if i == 0:  # [h1, t1] built in place: t1 = Eq. 10 of h1
+                    z = x.new_empty((2 * n, parts.linear.out_features))
+                    st = fastpath.block_forward(parts, x, n, out=z[:n])
+                    t1, saved = fastpath.modulation_targets(gen, st.o, y, LEAKY_SLOPE, z[n:])
+                    do, dt1 = torch.empty_like(t1), torch.empty_like(t1)
+                    loss, logits, _, classes = fastpath.pred_grads(
+                        kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=m)
+                    fastpath.modulation_backward(gen, st.o, y, LEAKY_SLOPE, saved, dt1, do)
+                else:
+                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or 2 * n)
+                    z = st.o
+                    do = torch.empty_like(z)
+                    loss, logits, _, classes = fastpath.pred_grads(
+                        kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:], num_classes=m)
+                fastpath.block_backward(parts, st, do)
+                del st
+                if self.prototypes is not None:
+                    self.prototypes.update(i, *classes)
+                losses.append(loss)
+                logits_seen.append(logits)
+        return self._finish_step(z[:n], y, losses, logits_seen)
 
     def _autograd_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
@@ -267,12 +308,7 @@ class Sigprop(LearningRule):
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
             h, t = h_out.detach(), t_out.detach()
-        if self.classifier:
-            loss, logits = self._head_loss(h, y)
-            losses.append(loss)
-            logits_seen.append(logits)
-        correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)  # every exit at once
-        return torch.stack(losses), correct
+        return self._finish_step(h, y, losses, logits_seen)
 
     # --- inference ----------------------------------------------------------------
     def exit_scores(self, x: Tensor) -> list[Tensor]:

@@ -242,3 +242,22 @@ def test_hooks_switch_to_autograd_or_fail_when_required():
     with pytest.raises(ConfigError, match="hooks"):
         run(strict, data(k=1))
     handle.remove()
+
+
+def test_eval_mode_batchnorm_takes_the_autograd_path(float64):
+    """train_step with BatchNorm in eval mode (running statistics) is the modules' own
+    computation: the fast path steps aside, and both rules agree."""
+    fast, slow = make(fast_path="auto"), make(fast_path="off")
+    x, y = data(k=1)[0]
+    for rule in (fast, slow):
+        rule.set_training(True)
+        rule.network.blocks[1][0].eval()  # blocks[1] = [Linear, BatchNorm, LeakyReLU]
+        rule.network.blocks[1][1].eval()
+    torch.testing.assert_close(fast.train_step(x, y)[0], slow.train_step(x, y)[0])
+    assert_same_state(fast, slow)
+    strict = make(fast_path="on")
+    strict.set_training(True)
+    strict.network.blocks[0][2].eval()
+    with pytest.raises(ConfigError, match="eval mode"):
+        strict.train_step(x, y)
+

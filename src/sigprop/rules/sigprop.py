@@ -197,13 +197,18 @@ class Sigprop(LearningRule):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
             p.grad = None
-        if self.fast_parts and not fastpath.hooked(self._fast_modules):
+        # The written-out step is the training-mode computation of hook-free modules;
+        # anything else (hooks, a BatchNorm put in eval mode) is the modules' own call.
+        why = None
+        if self.fast_parts:
+            if fastpath.hooked(self._fast_modules):
+                why = "a block has forward or backward hooks, which only the autograd path runs"
+            elif not all(p.bn.training for p in self.fast_parts):
+                why = "a BatchNorm is in eval mode; the written-out step is training mode"
+        if self.fast_parts and why is None:
             out = self._fast_train_step(x, y)
         elif self.fast_parts and self.cfg.fast_path == "on":
-            raise ConfigError(
-                "fast_path='on' but a block has forward or backward hooks, which only the "
-                "autograd path runs; use fast_path='auto' or 'off'"
-            )
+            raise ConfigError(f"fast_path='on' but {why}; use fast_path='auto' or 'off'")
         else:
             out = self._autograd_train_step(x, y)
         if self.optimizer is not None:

@@ -19,7 +19,7 @@ import sigprop.functional as SF
 from sigprop import fastpath
 from sigprop.batchnorm import convert_batchnorm, stats_from_first
 from sigprop.errors import ConfigError
-from sigprop.networks import Network, build_network, fc_block
+from sigprop.networks import Dropout, Network, build_network, fc_block
 from sigprop.rules import build_rule
 
 CLASSES = 5
@@ -261,3 +261,26 @@ def test_eval_mode_batchnorm_takes_the_autograd_path(float64):
     with pytest.raises(ConfigError, match="eval mode"):
         strict.train_step(x, y)
 
+
+
+def _user_net(seed=0):
+    torch.manual_seed(seed)
+    blocks = [
+        nn.Sequential(nn.Flatten(), nn.Linear(36, 16, bias=False),
+                      nn.BatchNorm1d(16, affine=False, momentum=None), nn.LeakyReLU(0.2)),
+        nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.LeakyReLU(0.05), Dropout(0.1)),
+    ]
+    return Network(blocks, nn.Linear(16, CLASSES), (1, 6, 6))
+
+
+@pytest.mark.parametrize("signal", ["label", "label-input"])
+def test_user_blocks_of_the_standard_form_match_autograd(signal, float64):
+    """No Linear bias, BatchNorm without affine parameters and with a cumulative
+    running average, other LeakyReLU slopes: the fast path applies and agrees."""
+    fast = build_rule("sigprop", _user_net(), CLASSES, signal=signal, fast_path="on")
+    slow = build_rule("sigprop", _user_net(), CLASSES, signal=signal, fast_path="off")
+    batches = data(k=3, n=12)
+    for (lf, cf), (ls, cs) in zip(run(fast, batches), run(slow, batches)):
+        torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
+        assert torch.equal(cf, cs)
+    assert_same_state(fast, slow)

@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--network", default="fc-3x1000", help="network name (default fc-3x1000)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
     p.add_argument("--signal", default="label",
-                   help="sigprop's target generator (default label; label-input has a fast "
-                   "path too)")
+                   help="sigprop's target generator (default label; loop-pred and loop-error "
+                   "run with the classifier head)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed segment (default 10)")
     p.add_argument("--repeats", type=int, default=30,
@@ -184,6 +184,8 @@ def build(name: str, args: argparse.Namespace, device: torch.device):
     rule_name, options = RULE_SPECS.get(name, (name, {}))
     if rule_name == "sigprop":
         options = {**options, "signal": args.signal}
+        if args.signal in ("loop-pred", "loop-error"):  # Fig. 2c needs the classifier head
+            options["head"] = "classifier"
     rule = sigprop.build_rule(rule_name, net, NUM_CLASSES, **options)
     rule.modules.to(device)
     rule.set_training(True)

@@ -53,8 +53,6 @@ def one_error_line(capsys, rc):
     (["train", "--signal", "loop-pred"], "needs --head classifier"),
     (["train", "--head", "mlp"], "head must be"),
     (["train", "--fast-path", "maybe"], "fast_path must be"),
-    (["train", "--fast-path", "on", "--signal", "loop-pred", "--head", "classifier"],
-     "fast_path='on' but"),
     (["train", "--device", "tpu"], "tpu"),
     (["train", "--schedule", "linear"], "train.schedule"),
     (["frobnicate"], "invalid choice"),

@@ -21,6 +21,9 @@ from sigprop.batchnorm import convert_batchnorm, stats_from_first
 from sigprop.errors import ConfigError
 from sigprop.networks import Dropout, Network, build_network, fc_block
 from sigprop.rules import build_rule
+from sigprop.rules.base import RuleConfig
+from sigprop.rules.sigprop import Sigprop
+from sigprop.signals import LabelProjection
 
 CLASSES = 5
 
@@ -79,6 +82,9 @@ CASES = [
     {"signal": "label-input", "signal_learned": False, "exit_targets": "candidates"},
     {"signal": "label-input", "n": 4},  # classes absent from a batch: no logit for them
     {"n": 4},
+    {"signal": "loop-pred", "head": "classifier", "dropout": 0.1, "n": 8},
+    {"signal": "loop-error", "head": "classifier", "loss": "l2", "eta": 0.5},
+    {"signal": "loop-error", "head": "classifier", "signal_learned": False, "bn_stats": "all"},
 ]
 
 
@@ -198,11 +204,21 @@ def test_saved_tensors_are_counted_and_released():
     assert peak[0] == max(sum(packed[i:i + 4]) for i in range(0, 12, 4))
 
 
+class _OwnGenerator(LabelProjection):
+    """A user's generator: the rule cannot know its formula."""
+
+    def targets(self, h1, y, fb=None):
+        return super().targets(h1, y, fb) * 0.5
+
+
 def test_auto_falls_back_with_a_reason():
-    rule = make(signal="loop-pred", head="classifier")
-    assert rule.fast_path_off is not None and "loop-pred" in rule.step_kind
+    torch.manual_seed(0)
+    net = build_network("fc-2x16", (1, 6, 6), CLASSES)
+    rule = Sigprop(net, CLASSES, RuleConfig(), signal=_OwnGenerator(CLASSES, (16,)))
+    assert rule.fast_path_off is not None and "_OwnGenerator" in rule.step_kind
+    run(rule, data(k=1))
     with pytest.raises(ConfigError, match="fast_path='on' but"):
-        make(signal="loop-error", head="classifier", fast_path="on")
+        Sigprop(net, CLASSES, RuleConfig(fast_path="on"), signal=_OwnGenerator(CLASSES, (16,)))
     with pytest.raises(ConfigError, match="fast_path must be"):
         make(fast_path="yes")
 

@@ -284,6 +284,24 @@ def test_loop_error_uses_true_gradient_of_head_loss():
     torch.testing.assert_close(gen.targets(rand(n, 5), y, fb), ref)
 
 
+@pytest.mark.parametrize("name", ["loop-pred", "loop-error"])
+def test_loop_back_signals_are_the_functional_equations(name):
+    """The generators compute Eq. 11 / Eq. 12 exactly as sigprop.functional writes them."""
+    n, m, d_out, shape = 5, 3, 4, (6,)
+    head, fb = _head_and_feedback(n, m, d_out)
+    torch.manual_seed(4)
+    gen = _double(build_signal(name, m, shape, head=head, out_dim=d_out, eta=0.6))
+    y = torch.tensor([0, 2, 1, 2, 0])
+    c = F.one_hot(y, m).to(DT)
+    p = fb.logits.softmax(1)
+    if name == "loop-pred":
+        ref = SF.loop_back_prediction(p, c, gen.proj.weight, gen.proj.bias)
+    else:
+        ref = SF.loop_back_error(fb.h_out, (p - c) @ head.weight, gen.proj.weight,
+                                 gen.proj.bias, eta=0.6)
+    torch.testing.assert_close(gen.targets(rand(n, *shape), y, fb), ref)
+
+
 def test_loop_error_needs_linear_head():
     with pytest.raises(ConfigError, match="linear"):
         build_signal("loop-error", 3, (4,), head=None, out_dim=4)

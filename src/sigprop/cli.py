@@ -32,7 +32,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
     ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
-    ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks with the label or label-input signal without autograd: auto | on (error if it cannot) | off"}),
+    ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
     ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),
     ("--epochs", "train", "epochs", {}),
     ("--schedule", "train", "schedule", {"help": "step | cosine | none"}),

@@ -4,8 +4,9 @@ A sigprop block learns from its own loss on its own outputs, with its input
 detached, so its whole update is a short, fixed formula: nothing crosses a block
 boundary and no graph is needed. For the blocks this library builds (``Linear ->
 BatchNorm -> LeakyReLU [-> Dropout]``, :func:`sigprop.networks.fc_block`) with the
-per-class label generator (Eq. 1) or the label-and-input generator (Eq. 10, one target
-per sample, compared through class means), :func:`block_forward`,
+per-class label generator (Eq. 1), the label-and-input generator (Eq. 10) or the
+loop-back generators (Eq. 11, 12; one target per sample, compared through class
+means), :func:`block_forward`,
 :func:`pred_grads` and :func:`block_backward` run the forward pass and write every
 parameter's gradient directly (:func:`block_step` chains them for Eq. 1):
 
@@ -245,19 +246,31 @@ def block_step(
     return o, loss, logits, dt
 
 
-def label_targets(proj: nn.Linear, slope: float) -> tuple[Tensor, Tensor]:
-    """Eq. 1 for every class at once: t1 = LeakyReLU(Sᵀ + d); returns (t1, S c + d)."""
-    g = proj.weight.T + proj.bias if proj.bias is not None else proj.weight.T.clone()
-    return F.leaky_relu(g, slope), g
+def projection_targets(proj: nn.Linear, u: Tensor | None, slope: float,
+                       out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """t1 = LeakyReLU(proj(u)), into ``out`` if given; returns (t1, proj(u)).
+
+    ``u`` None: one row per class, u = I (Eq. 1: t1 = f(S c + d) for every one-hot c);
+    else per-sample inputs computed without gradient (Eq. 11: y_L + y*; Eq. 12:
+    h_L - η dL/dh_L)."""
+    w = proj.weight.T
+    if u is None:
+        pre = w + proj.bias if proj.bias is not None else w.clone()
+    else:
+        pre = torch.addmm(proj.bias, u, w) if proj.bias is not None else u @ w
+    if out is None:
+        return F.leaky_relu(pre, slope), pre
+    return torch.ops.aten.leaky_relu.out(pre, slope, out=out), pre
 
 
-def label_backward(proj: nn.Linear, slope: float, g: Tensor, dt: Tensor) -> None:
-    """Gradients of the label projection from dL/dt1."""
-    dg = torch.ops.aten.leaky_relu_backward(dt, g, slope, False)
+def projection_backward(proj: nn.Linear, u: Tensor | None, pre: Tensor, slope: float,
+                        dt: Tensor) -> None:
+    """Gradients of :func:`projection_targets`' ``proj`` from dL/dt1."""
+    dpre = torch.ops.aten.leaky_relu_backward(dt, pre, slope, False)
     if proj.weight.requires_grad:
-        proj.weight.grad = dg.T.contiguous()
+        proj.weight.grad = dpre.T.contiguous() if u is None else dpre.T @ u
     if proj.bias is not None and proj.bias.requires_grad:
-        proj.bias.grad = dg.sum(0)
+        proj.bias.grad = dpre.sum(0)
 
 
 def modulation_targets(gen: nn.Module, h1: Tensor, y: Tensor, slope: float, out: Tensor

@@ -129,11 +129,13 @@ class LoopBackPrediction(TargetGenerator):
         self._finish()
 
     def targets(self, h1: Tensor, y: Tensor, fb: Feedback | None = None) -> Tensor:
+        return _leaky(self.proj(self.proj_input(y, fb))).view_as(h1)
+
+    def proj_input(self, y: Tensor, fb: Feedback | None) -> Tensor:
+        """y_L + y*, what ``proj`` maps (t1 = f(proj(.)), Eq. 11 = SF.loop_back_prediction)."""
         assert fb is not None
-        c = F.one_hot(y, self.num_classes).to(h1.dtype)
         p = fb.logits.softmax(1)
-        t = SF.loop_back_prediction(p, c, self.proj.weight, self.proj.bias, _leaky)
-        return t.view_as(h1)
+        return p + F.one_hot(y, self.num_classes).to(p.dtype)
 
     def candidates(self, h1: Tensor, fb: Feedback | None = None) -> Tensor:
         assert fb is not None
@@ -173,12 +175,14 @@ class LoopBackError(TargetGenerator):
         return (fb.logits.softmax(-1) - onehot) @ w  # (..., d_L)
 
     def targets(self, h1: Tensor, y: Tensor, fb: Feedback | None = None) -> Tensor:
+        return _leaky(self.proj(self.proj_input(y, fb))).view_as(h1)
+
+    def proj_input(self, y: Tensor, fb: Feedback | None) -> Tensor:
+        """h_L - η dL/dh_L, what ``proj`` maps (t1 = f(proj(.)), Eq. 12 =
+        SF.loop_back_error)."""
         assert fb is not None
-        onehot = F.one_hot(y, self.num_classes).to(h1.dtype)
-        t = SF.loop_back_error(
-            fb.h_out, self._error(fb, onehot), self.proj.weight, self.proj.bias, self.eta, _leaky
-        )
-        return t.view_as(h1)
+        onehot = F.one_hot(y, self.num_classes).to(fb.h_out.dtype)
+        return fb.h_out - self.eta * self._error(fb, onehot)
 
     def candidates(self, h1: Tensor, fb: Feedback | None = None) -> Tensor:
         assert fb is not None

@@ -42,8 +42,8 @@ class RuleConfig:
     # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
     # each layer's training targets) | candidates (each sample's target under every class)
     exit_targets: str = "prototypes"
-    # sigprop's step for standard fc blocks with the label or label-input signal:
-    # written-out local updates without autograd (sigprop.fastpath). auto: where it applies | on: required
+    # sigprop's step for standard fc blocks with a built-in signal: written-out local
+    # updates without autograd (sigprop.fastpath). auto: where it applies | on: required
     # (an error says why not) | off: always autograd. Same numbers either way.
     fast_path: str = "auto"
 

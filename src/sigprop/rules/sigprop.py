@@ -22,8 +22,8 @@ kept per layer while training (the comparison L_pred trained). The alternative,
 ``exit_targets="candidates"``, builds every sample's target under every class and
 sends all of them through the blocks (m x the target work).
 
-For standard fully connected blocks and the label or label-input signal the step
-runs without autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
+For standard fully connected blocks and the built-in generators the step runs
+without autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
 the same updates, less overhead. Anything else, a user's own blocks included, takes
 the autograd path.
 """
@@ -46,12 +46,16 @@ from ..signals import (
     Feedback,
     LabelInputModulation,
     LabelProjection,
+    LoopBackError,
+    LoopBackPrediction,
     TargetGenerator,
     build_signal,
 )
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
+# generators with a written-out step (sigprop.fastpath)
+FAST_SIGNALS = (LabelProjection, LabelInputModulation, LoopBackPrediction, LoopBackError)
 
 
 class Prototypes(nn.Module):
@@ -143,9 +147,8 @@ class Sigprop(LearningRule):
             return [], "fast_path='off'"
         why = None
         parts = []
-        if type(self.signal) not in (LabelProjection, LabelInputModulation):
-            why = (f"signal {self.cfg.signal!r} (written-out steps exist for 'label' and "
-                   "'label-input')")
+        if type(self.signal) not in FAST_SIGNALS:
+            why = f"signal {type(self.signal).__name__} has no written-out step"
         else:
             for i, block in enumerate(self.network.blocks):
                 p = fastpath.match_fc_block(block)
@@ -234,8 +237,7 @@ class Sigprop(LearningRule):
         return torch.stack(losses), correct
 
     def _fast_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradients for standard fc blocks and the label or label-input signal,
-        without autograd: the same as the autograd path's (tests/test_fastpath.py)."""
+        """Gradients for standard fc blocks and a built-in generator, without autograd: the same as the autograd path's (tests/test_fastpath.py)."""
         if self.signal.per_sample:
             return self._fast_train_step_per_sample(x, y)
         n = x.shape[0]
@@ -243,14 +245,14 @@ class Sigprop(LearningRule):
         losses, logits_seen = [], []
         with torch.no_grad():
             proj = self.signal.proj
-            t1, pre_t1 = fastpath.label_targets(proj, LEAKY_SLOPE)
+            t1, pre_t1 = fastpath.projection_targets(proj, None, LEAKY_SLOPE)
             z = x
             for i, parts in enumerate(self.fast_parts):
                 if i == 0:  # its output and t1 go into one buffer: [h1, t1], no cat
                     z = x.new_empty((n + t1.shape[0], *t1.shape[1:]))
                     _, loss, logits, dt1 = fastpath.block_step(
                         parts, x, n, n, y, kind, self.scales[0], targets=t1, out=z[:n])
-                    fastpath.label_backward(proj, LEAKY_SLOPE, pre_t1, dt1)
+                    fastpath.projection_backward(proj, None, pre_t1, LEAKY_SLOPE, dt1)
                     z[n:] = t1
                 else:
                     z, loss, logits, _ = fastpath.block_step(
@@ -260,22 +262,31 @@ class Sigprop(LearningRule):
         return self._finish_step(z[:n], y, losses, logits_seen)
 
     def _fast_train_step_per_sample(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The label-input generator (Eq. 10): one target per sample, L_pred against
-        the class means of the targets, prototypes updated as in the autograd path."""
+        """Per-sample generators (Eq. 10-12): one target per sample, L_pred against the
+        class means of the targets, prototypes updated as in the autograd path."""
         n, m, kind = x.shape[0], self.num_classes, self.cfg.loss
         gen = self.signal
+        fb = self._feedback(x) if gen.needs_feedback else None  # label-free pass first
         losses, logits_seen = [], []
         with torch.no_grad():
             z = None
             for i, parts in enumerate(self.fast_parts):
-                if i == 0:  # [h1, t1] built in place: t1 = Eq. 10 of h1
+                if i == 0:  # [h1, t1] built in place
                     z = x.new_empty((2 * n, parts.linear.out_features))
                     st = fastpath.block_forward(parts, x, n, out=z[:n])
-                    t1, saved = fastpath.modulation_targets(gen, st.o, y, LEAKY_SLOPE, z[n:])
+                    if isinstance(gen, LabelInputModulation):  # Eq. 10: t1 from h1
+                        t1, saved = fastpath.modulation_targets(
+                            gen, st.o, y, LEAKY_SLOPE, z[n:])
+                    else:  # Eq. 11, 12: t1 = f(proj(u)), u from the label-free pass
+                        u = gen.proj_input(y, fb)
+                        t1, pre = fastpath.projection_targets(gen.proj, u, LEAKY_SLOPE, z[n:])
                     do, dt1 = torch.empty_like(t1), torch.empty_like(t1)
                     loss, logits, _, classes = fastpath.pred_grads(
                         kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=m)
-                    fastpath.modulation_backward(gen, st.o, y, LEAKY_SLOPE, saved, dt1, do)
+                    if isinstance(gen, LabelInputModulation):
+                        fastpath.modulation_backward(gen, st.o, y, LEAKY_SLOPE, saved, dt1, do)
+                    else:
+                        fastpath.projection_backward(gen.proj, u, pre, LEAKY_SLOPE, dt1)
                 else:
                     st = fastpath.block_forward(parts, z, self._stats_rows(n) or 2 * n)
                     z = st.o

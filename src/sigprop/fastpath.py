@@ -3,12 +3,10 @@
 A sigprop block learns from its own loss on its own outputs, with its input
 detached, so its whole update is a short, fixed formula: nothing crosses a block
 boundary and no graph is needed. For the blocks this library builds (``Linear ->
-BatchNorm -> LeakyReLU [-> Dropout]``, :func:`sigprop.networks.fc_block`) with the
-per-class label generator (Eq. 1), the label-and-input generator (Eq. 10) or the
-loop-back generators (Eq. 11, 12; one target per sample, compared through class
-means), :func:`block_forward`,
-:func:`pred_grads` and :func:`block_backward` run the forward pass and write every
-parameter's gradient directly (:func:`block_step` chains them for Eq. 1):
+BatchNorm -> LeakyReLU [-> Dropout]``, :func:`sigprop.networks.fc_block`) and every
+built-in target generator, :func:`block_forward`, :func:`pred_grads` and
+:func:`block_backward` run the forward pass and write every parameter's gradient
+directly (:func:`block_step` chains them for one target per class):
 
     a = x Wᵀ (+ b);  u = BN(a) (statistics from rows [:n_stats]);  o = u * c,
     c = keep/(1-p) * (1 if u > 0 else slope)   (LeakyReLU and dropout as one factor)
@@ -22,9 +20,12 @@ The autograd path (``fast_path="off"``) computes the same numbers, op for op up 
 rounding; tests/test_fastpath.py checks one against the other. What this saves is
 not arithmetic but overhead, measured on this CPU (docs/RESULTS.md): a sigprop step
 of a 3-block net evaluated 50 autograd nodes in 3 backward calls, and its fixed cost
-was twice backprop's. Eq. 10 adds t1 = h1 ⊙ σ(S1 c + d1) + f(S2 c + d2)
-(:func:`modulation_targets`), whose gradient reaches h1 as well
-(:func:`modulation_backward`).
+was twice backprop's.
+
+Generators: Eq. 1, 11 and 12 are t1 = f(proj(u)) with u = I (one row per class), y_L + y*
+or h_L - η dL/dh_L (:func:`projection_targets`); Eq. 10 is t1 = h1 ⊙ σ(S1 c + d1) +
+f(S2 c + d2) (:func:`modulation_targets`), whose gradient reaches h1 as well.
+Per-sample targets are compared through their class means (:func:`pred_grads`).
 
 Memory: the tensors kept from the forward pass for the update are the block input
 x, the pre-normalisation a, the factor c and the output o, released when the block's

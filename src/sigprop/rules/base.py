@@ -157,7 +157,11 @@ class LearningRule:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"{hint} ({first})") from None
         if len(state["optimizers"]) != len(self.optimizers):
-            raise CheckpointError(hint)
+            raise CheckpointError(
+                f"{hint} (it holds {len(state['optimizers'])} optimizer states, this rule "
+                f"has {len(self.optimizers)}; sigprop checkpoints from before one grouped "
+                "Adam per rule held one per block)"
+            )
         try:
             for opt, s in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(s)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional as SF
 from .batchnorm import InputStatsBatchNorm, input_stats_backward, input_stats_forward
 from .networks import Dropout
 
@@ -132,12 +133,9 @@ def pred_grads(
     """
     n = h.shape[0]
     classes = None
-    if num_classes is not None:  # per-sample targets -> class means
-        counts = torch.bincount(y, minlength=num_classes).to(t.dtype)
-        present = counts > 0
-        means = t.new_zeros(num_classes, t.shape[1]).index_add_(0, y, t)
-        means.div_(counts.clamp_min(1).unsqueeze(1))
-        classes, t = (means, present), means
+    if num_classes is not None:  # per-sample targets -> class means, as the autograd path
+        classes = SF.class_targets(t, y, num_classes)
+        t = classes[0]
     logits = torch.mm(h, t.T)
     if kind == "l2":  # 2h·t - |h|² - |t|², as functional.l2_compare
         logits.mul_(2).sub_((h * h).sum(1, keepdim=True)).sub_((t * t).sum(1))
@@ -150,16 +148,17 @@ def pred_grads(
     g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
     g.mul_(scale / n)
     torch.mm(g, t, out=dh)
-    if classes is None:
-        dt = torch.mm(g.T, h) if dt is None else torch.mm(g.T, h, out=dt)
-    else:
-        dt_cls = torch.mm(g.T, h)
+    # dL/d(rows of t): the targets themselves, or the class means
+    dt_rows = torch.mm(g.T, h, out=dt) if dt is not None and classes is None else g.T @ h
     if kind == "l2":
         dh.mul_(2).sub_(h * (2 * g.sum(1, keepdim=True)))
-        (dt if classes is None else dt_cls).mul_(2).sub_(t * (2 * g.sum(0).unsqueeze(1)))
-    if classes is not None:  # d mean_c / d t_j = 1/count_c for the samples of class c
-        dt_cls.div_(counts.clamp_min(1).unsqueeze(1))
-        dt = torch.index_select(dt_cls, 0, y, out=dt) if dt is not None else dt_cls[y]
+        dt_rows.mul_(2).sub_(t * (2 * g.sum(0).unsqueeze(1)))
+    if classes is None:
+        return loss, logits, dt_rows, None
+    # d mean_c / d t_j = 1/count_c for the samples j of class c
+    counts = torch.bincount(y, minlength=num_classes).clamp_min_(1).to(dt_rows.dtype)
+    dt_rows.div_(counts.unsqueeze(1))
+    dt = torch.index_select(dt_rows, 0, y, out=dt) if dt is not None else dt_rows[y]
     return loss, logits, dt, classes
 
 

@@ -173,7 +173,7 @@ class LearningRule:
         if opt is None:
             return
         # zero_grad(set_to_none=True) by hand: the method's profiling wrapper and
-        # foreach bookkeeping cost ~0.1 ms a call, paid once per block in local rules
+        # foreach bookkeeping cost ~0.1 ms a call
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = None

@@ -121,13 +121,12 @@ class Sigprop(LearningRule):
             cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
             for s in shapes
         ]
-        # The first block learns together with the generator (Eq. 1: L_1(h1, t1)); a
-        # fixed generator's parameters do not require grad and get no place in a group.
+        # One parameter group per block and one for a classifier head; block 1's also
+        # holds the generator, which learns from L_1(h1, t1) (a fixed generator's
+        # parameters do not require grad and get no place). One step() after every
+        # block has its gradient: no block reads another's update within a step (each
+        # block's input was computed before), the same arithmetic as stepping at once.
         blocks = network.blocks
-        # One parameter group per block (block 1's also holds the generator) and one for
-        # a classifier head; one step() after every block has its gradient. No block
-        # reads another's update within a step (each block's input was computed
-        # before), so this is the same arithmetic as stepping each block at once.
         groups = {"block1": [*blocks[0].parameters(), *signal.parameters()]}
         groups.update({f"block{i + 1}": b.parameters() for i, b in enumerate(blocks) if i})
         if self.classifier:
@@ -237,62 +236,32 @@ class Sigprop(LearningRule):
         return torch.stack(losses), correct
 
     def _fast_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradients for standard fc blocks and a built-in generator, without autograd: the same as the autograd path's (tests/test_fastpath.py)."""
-        if self.signal.per_sample:
-            return self._fast_train_step_per_sample(x, y)
-        n = x.shape[0]
-        kind = self.cfg.loss
+        """Gradients for standard fc blocks and a built-in generator, without autograd:
+        the same as the autograd path's (tests/test_fastpath.py)."""
+        n, kind = x.shape[0], self.cfg.loss
+        # per-sample targets: L_pred against their class means, prototypes updated
+        means_of = self.num_classes if self.signal.per_sample else None
+        fb = self._feedback(x) if self.signal.needs_feedback else None  # label-free pass
         losses, logits_seen = [], []
         with torch.no_grad():
-            proj = self.signal.proj
-            t1, pre_t1 = fastpath.projection_targets(proj, None, LEAKY_SLOPE)
             z = x
             for i, parts in enumerate(self.fast_parts):
-                if i == 0:  # its output and t1 go into one buffer: [h1, t1], no cat
-                    z = x.new_empty((n + t1.shape[0], *t1.shape[1:]))
-                    _, loss, logits, dt1 = fastpath.block_step(
-                        parts, x, n, n, y, kind, self.scales[0], targets=t1, out=z[:n])
-                    fastpath.projection_backward(proj, None, pre_t1, LEAKY_SLOPE, dt1)
-                    z[n:] = t1
-                else:
-                    z, loss, logits, _ = fastpath.block_step(
-                        parts, z, n, self._stats_rows(n) or z.shape[0], y, kind, self.scales[i])
-                losses.append(loss)
-                logits_seen.append(logits)
-        return self._finish_step(z[:n], y, losses, logits_seen)
-
-    def _fast_train_step_per_sample(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample generators (Eq. 10-12): one target per sample, L_pred against the
-        class means of the targets, prototypes updated as in the autograd path."""
-        n, m, kind = x.shape[0], self.num_classes, self.cfg.loss
-        gen = self.signal
-        fb = self._feedback(x) if gen.needs_feedback else None  # label-free pass first
-        losses, logits_seen = [], []
-        with torch.no_grad():
-            z = None
-            for i, parts in enumerate(self.fast_parts):
-                if i == 0:  # [h1, t1] built in place
-                    z = x.new_empty((2 * n, parts.linear.out_features))
+                if i == 0:  # [h1, t1] in one buffer, no cat
+                    rows = n if self.signal.per_sample else self.num_classes
+                    z = x.new_empty((n + rows, parts.linear.out_features))
                     st = fastpath.block_forward(parts, x, n, out=z[:n])
-                    if isinstance(gen, LabelInputModulation):  # Eq. 10: t1 from h1
-                        t1, saved = fastpath.modulation_targets(
-                            gen, st.o, y, LEAKY_SLOPE, z[n:])
-                    else:  # Eq. 11, 12: t1 = f(proj(u)), u from the label-free pass
-                        u = gen.proj_input(y, fb)
-                        t1, pre = fastpath.projection_targets(gen.proj, u, LEAKY_SLOPE, z[n:])
-                    do, dt1 = torch.empty_like(t1), torch.empty_like(t1)
+                    t1, targets_backward = self._fast_targets(st.o, y, fb, z[n:])
+                    do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
                     loss, logits, _, classes = fastpath.pred_grads(
-                        kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=m)
-                    if isinstance(gen, LabelInputModulation):
-                        fastpath.modulation_backward(gen, st.o, y, LEAKY_SLOPE, saved, dt1, do)
-                    else:
-                        fastpath.projection_backward(gen.proj, u, pre, LEAKY_SLOPE, dt1)
+                        kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=means_of)
+                    targets_backward(dt1, do)
                 else:
-                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or 2 * n)
+                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0])
                     z = st.o
                     do = torch.empty_like(z)
                     loss, logits, _, classes = fastpath.pred_grads(
-                        kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:], num_classes=m)
+                        kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:],
+                        num_classes=means_of)
                 fastpath.block_backward(parts, st, do)
                 del st
                 if self.prototypes is not None:
@@ -300,6 +269,20 @@ class Sigprop(LearningRule):
                 losses.append(loss)
                 logits_seen.append(logits)
         return self._finish_step(z[:n], y, losses, logits_seen)
+
+    def _fast_targets(self, h1: Tensor, y: Tensor, fb: Feedback | None, out: Tensor):
+        """t1 written into ``out``, and a function (dL/dt1, dL/dh1) -> None that sets
+        the generator's gradients (and, for Eq. 10, adds t1's term to dL/dh1)."""
+        gen = self.signal
+        if isinstance(gen, LabelInputModulation):  # Eq. 10: t1 from h1
+            t1, saved = fastpath.modulation_targets(gen, h1, y, LEAKY_SLOPE, out)
+            return t1, lambda dt1, dh1: fastpath.modulation_backward(
+                gen, h1, y, LEAKY_SLOPE, saved, dt1, dh1)
+        # Eq. 1 (u = I, one row per class); Eq. 11, 12 (u from the label-free pass)
+        u = None if isinstance(gen, LabelProjection) else gen.proj_input(y, fb)
+        t1, pre = fastpath.projection_targets(gen.proj, u, LEAKY_SLOPE, out)
+        return t1, lambda dt1, dh1: fastpath.projection_backward(
+            gen.proj, u, pre, LEAKY_SLOPE, dt1)
 
     def _autograd_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

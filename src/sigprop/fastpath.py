@@ -8,13 +8,15 @@ built-in target generator, :func:`block_forward`, :func:`pred_grads` and
 :func:`block_backward` run the forward pass and write every parameter's gradient
 directly (:func:`block_step` chains them for one target per class):
 
-    a = x Wᵀ (+ b);  u = BN(a) (statistics from rows [:n_stats]);  o = u * c,
-    c = keep/(1-p) * (1 if u > 0 else slope)   (LeakyReLU and dropout as one factor)
+    a = x Wᵀ (+ b);  u = BN_{qγ,qβ}(a) (statistics from rows [:n_stats]);
+    o = LeakyReLU(u) * keep        (q = 1/(1-p): f(q v) = q f(v), so dropout's scale
+                                    rides on BatchNorm's affine map)
     logits = compare(o[:n], t) * s;  L = CE(logits, y)
     dlogits = s (softmax(logits) - onehot(y)) / n
     do = [dlogits t ; dlogitsᵀ o[:n]]      (dot; L2 adds its |t|² term)
-    du = do * c;  da = BN backward with the input-statistics correction
-    dW = daᵀ x;  db = Σ da;  dγ = Σ du * û;  dβ = Σ du
+    du = do * keep * (1 if o > 0 else slope);  da = BN backward with the
+                                               input-statistics correction
+    dW = daᵀ x;  db = Σ da;  dγ = q Σ du * û;  dβ = q Σ du
 
 The autograd path (``fast_path="off"``) computes the same numbers, op for op up to
 rounding; tests/test_fastpath.py checks one against the other. What this saves is
@@ -28,8 +30,9 @@ f(S2 c + d2) (:func:`modulation_targets`), whose gradient reaches h1 as well.
 Per-sample targets are compared through their class means (:func:`pred_grads`).
 
 Memory: the tensors kept from the forward pass for the update are the block input
-x, the pre-normalisation a, the factor c and the output o, released when the block's
-update is done: one block's worth, as in the autograd path. :func:`track_saved`
+x, the pre-normalisation a, the output o (the next block's input anyway) and a bool
+dropout mask; all but x are released after BatchNorm's backward (:func:`bn_backward`),
+x after the weight gradient (:func:`linear_backward`): one block's worth. :func:`track_saved`
 lets a benchmark count them.
 """
 
@@ -170,11 +173,12 @@ class BlockState:
     a: Tensor  # x Wᵀ, before BatchNorm
     mean: Tensor
     var: Tensor
-    u: Tensor  # after BatchNorm
-    c: Tensor | None  # LeakyReLU slope x dropout mask / (1 - p); None: no dropout
-    o: Tensor  # block output
+    o: Tensor  # block output; its sign is the LeakyReLU's (o = 0 where dropped)
+    dropped: Tensor | None  # bool dropout mask (True: dropped); None: no dropout
+    scale: float  # dropout's 1/(1-p), folded into BatchNorm's affine map (1: none)
+    weight: Tensor | None  # BatchNorm weight as applied (times scale)
     n_stats: int
-    held: list | None  # track_saved handles
+    held: tuple[list, list] | None  # track_saved handles: (x's, the others')
 
 
 def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = None
@@ -187,37 +191,63 @@ def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = 
     # The Linear's bias shifts every row alike and BatchNorm subtracts the mean right
     # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
     a = x @ lin.weight.T
-    bn = parts.bn
-    u, mean, var = input_stats_forward(a, bn.weight, bn.bias, n_stats, bn.eps,
-                                       bn.count_batch(), shift=lin.bias)
-    drop = parts.dropout
+    bn, drop = parts.bn, parts.dropout
+    weight, bias, scale, dropped = bn.weight, bn.bias, 1.0, None
+    if drop is not None and drop.active:
+        # Dropout's 1/(1-p) commutes with the LeakyReLU (s f(u) = f(s u), s > 0), so it
+        # scales BatchNorm's affine map instead of the output: o = f(BN_{sγ,sβ}(a)),
+        # zeroed where dropped. The update keeps the bool mask, not a float factor.
+        scale = drop.scale
+        weight = weight * scale if weight is not None else a.new_full((a.shape[1],), scale)
+        bias = bias * scale if bias is not None else None
+        dropped = drop.drop_mask(a)
+    u, mean, var = input_stats_forward(a, weight, bias, n_stats, bn.eps, bn.count_batch(),
+                                       shift=lin.bias)
     if out is None:
         out = torch.empty_like(u)
-    if drop is not None and drop.active:
-        # c = keep/(1-p) * LeakyReLU'(u): one factor for both, reused by the update
-        c = torch.mul(drop.keep_mask(u).view(torch.uint8), drop.scale)  # uint8 -> float
-        c = torch.ops.aten.leaky_relu_backward.grad_input(c, u, parts.slope, False, grad_input=c)
-        o = torch.mul(u, c, out=out)
-    else:
-        c = None
-        o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
+    o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
+    if dropped is not None:
+        o.masked_fill_(dropped, 0.0)
     pack = _PACK.get()
-    held = [pack(v) for v in (x, a, u if c is None else c, o)] if pack is not None else None
-    return BlockState(x, a, mean, var, u, c, o, n_stats, held)
+    held = None
+    if pack is not None:  # x is kept until the weight gradient, the rest until BN's
+        rest = (a, o) if dropped is None else (a, o, dropped)
+        held = ([pack(x)], [pack(v) for v in rest])
+    return BlockState(x, a, mean, var, o, dropped, scale, weight, n_stats, held)
+
+
+def bn_backward(parts: FCParts, st: BlockState, do: Tensor) -> Tensor:
+    """The block's gradients up to the Linear's output: dL/da from dL/do
+    (overwritten), BatchNorm's parameter gradients into ``.grad``. Releases what the
+    forward kept except the input x; returns dL/da for :func:`linear_backward`."""
+    bn = parts.bn
+    # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
+    du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
+                                                       grad_input=do)
+    if st.dropped is not None:
+        du.masked_fill_(st.dropped, 0.0)
+    da, dw, db = input_stats_backward(du, st.a, st.weight, st.mean, st.var, st.n_stats, bn.eps)
+    if bn.weight is not None:
+        if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
+            dw, db = dw.mul_(st.scale), db.mul_(st.scale)
+        bn.weight.grad, bn.bias.grad = dw, db
+    st.a = st.o = st.dropped = st.weight = None  # type: ignore[assignment]
+    if st.held is not None:
+        st.held = (st.held[0], [])
+    return da
+
+
+def linear_backward(lin: nn.Linear, x: Tensor, da: Tensor) -> None:
+    """The Linear's gradients from its input ``x`` and dL/da, into ``.grad``."""
+    lin.weight.grad = da.T @ x
+    if lin.bias is not None:
+        lin.bias.grad = da.sum(0)
 
 
 def block_backward(parts: FCParts, st: BlockState, do: Tensor) -> None:
     """Gradients of the block's parameters from dL/do (overwritten), into ``.grad``;
     releases what the forward kept."""
-    bn, lin = parts.bn, parts.linear
-    du = do.mul_(st.c) if st.c is not None else torch.ops.aten.leaky_relu_backward(
-        do, st.u, parts.slope, False)
-    da, dw, db = input_stats_backward(du, st.a, bn.weight, st.mean, st.var, st.n_stats, bn.eps)
-    if bn.weight is not None:
-        bn.weight.grad, bn.bias.grad = dw, db
-    lin.weight.grad = da.T @ st.x
-    if lin.bias is not None:
-        lin.bias.grad = da.sum(0)
+    linear_backward(parts.linear, st.x, bn_backward(parts, st, do))
     st.held = None
 
 

@@ -203,6 +203,7 @@ class Trainer:
                 bar.update(step % every + 1)
                 bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
                                 acc=f"{int(correct_sum[-1]) / seen:.4f}")
+        rule.sync()  # updates still in flight (sigprop's pipeline) belong to this epoch
         elapsed = time.perf_counter() - start
         bar.close()
         test_acc = evaluate(rule, exp.test)

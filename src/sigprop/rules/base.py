@@ -46,6 +46,10 @@ class RuleConfig:
     # updates without autograd (sigprop.fastpath). auto: where it applies | on: required
     # (an error says why not) | off: always autograd. Same numbers either way.
     fast_path: str = "auto"
+    # sigprop on a CPU with the fast path: each block's weight gradient and Adam step
+    # run on a second thread while the forward sweep goes on (sigprop.pipeline); the
+    # same updates in the same order. auto: on a CPU with >= 2 threads | on | off.
+    pipeline: str = "auto"
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -64,6 +68,10 @@ class RuleConfig:
             )
         if self.fast_path not in ("auto", "on", "off"):
             raise ConfigError(f"fast_path must be 'auto', 'on' or 'off', got {self.fast_path!r}")
+        if self.pipeline not in ("auto", "on", "off"):
+            raise ConfigError(f"pipeline must be 'auto', 'on' or 'off', got {self.pipeline!r}")
+        if self.pipeline == "on" and self.fast_path == "off":
+            raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
         if self.signal not in SIGNALS:
             raise ConfigError(
                 f"unknown signal {self.signal!r}; choose one of: {', '.join(SIGNALS.names())}"
@@ -123,6 +131,7 @@ class LearningRule:
         raise NotImplementedError
 
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        self.sync()
         with torch.no_grad():
             return torch.stack([(s.argmax(1) == y).sum() for s in self.exit_scores(x)])
 
@@ -130,19 +139,28 @@ class LearningRule:
         """Scores (n, classes) of each exit, in ``exit_names`` order (no grad)."""
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Wait until every update of the steps taken so far is applied. Rules whose
+        updates run in the background (sigprop's ``pipeline``) override it; their own
+        methods call it before reading parameters, and so should a hand-written loop."""
+
     def predict(self, x: Tensor) -> Tensor:
+        self.sync()
         with torch.no_grad():
             return self.exit_scores(x)[-1]
 
     # --- helpers ----------------------------------------------------------------
     def set_training(self, mode: bool) -> None:
+        self.sync()
         self.modules.train(mode)
 
     def to(self, device: torch.device | str) -> LearningRule:
+        self.sync()
         self.modules.to(device)
         return self
 
     def state_dict(self) -> dict:
+        self.sync()
         return {
             "modules": self.modules.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
@@ -150,6 +168,7 @@ class LearningRule:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state from :meth:`state_dict`; a mismatch raises CheckpointError."""
+        self.sync()
         hint = "the checkpoint was made with another network, rule or signal"
         try:
             self.modules.load_state_dict(state["modules"])

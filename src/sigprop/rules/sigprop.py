@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
+from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from .. import functional as SF
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
@@ -138,6 +139,13 @@ class Sigprop(LearningRule):
         if self.classifier:
             self.exit_names.append("head")
         self.fast_parts, self.fast_path_off = self._plan_fast_path()
+        self.pipeline_off = self._plan_pipeline()
+        self._pipe: UpdateWorker | None = None
+        if self.pipeline_off is None:
+            self._pipe = UpdateWorker(len(blocks) + 1)  # one slot per block, one for the head
+            by_name = {g["name"]: g for g in self.optimizer.param_groups}
+            self._groups = [by_name.get(f"block{i + 1}") for i in range(len(blocks))]
+            self._groups.append(by_name.get("head"))
 
     # --- training ---------------------------------------------------------------
     def _plan_fast_path(self) -> tuple[list[fastpath.FCParts], str | None]:
@@ -164,12 +172,57 @@ class Sigprop(LearningRule):
             raise ConfigError(f"fast_path='on' but the written-out step does not apply: {why}")
         return [], why
 
+    def _plan_pipeline(self) -> str | None:
+        """None if block updates may run on the update thread (on a CPU with >= 2
+        threads, checked at each step), else why not."""
+        why = None
+        if self.cfg.pipeline == "off":
+            return "pipeline='off'"
+        if self.fast_path_off is not None:
+            why = "the fast path does not apply"
+        elif self.optimizer is None:
+            why = "nothing is trainable"
+        else:
+            why = group_stepping_unsupported(self.optimizer)
+        if why is not None and self.cfg.pipeline == "on":
+            raise ConfigError(f"pipeline='on' but {why}")
+        return why
+
+    def _pipelined(self, x: Tensor) -> bool:
+        """Whether this step's updates go to the update thread."""
+        if self._pipe is None:
+            return False
+        if self._pipe.active:
+            return True
+        if x.device.type != "cpu":
+            if self.cfg.pipeline == "on":
+                raise ConfigError(
+                    f"pipeline='on' is for CPUs (on {x.device.type} the device already runs "
+                    "kernels asynchronously); use pipeline='auto' or 'off'")
+            return False
+        return self.cfg.pipeline == "on" or torch.get_num_threads() >= 2
+
     @property
     def step_kind(self) -> str:
         """How train_step computes the updates, for logs."""
-        if self.fast_path_off is None:
-            return "written-out local updates (sigprop.fastpath)"
-        return f"autograd per block ({self.fast_path_off})"
+        if self.fast_path_off is not None:
+            return f"autograd per block ({self.fast_path_off})"
+        kind = "written-out local updates (sigprop.fastpath)"
+        if self.pipeline_off is not None:
+            return f"{kind}, in sequence ({self.pipeline_off})"
+        device = next(self.modules.parameters()).device
+        if device.type == "cpu" and (self.cfg.pipeline == "on" or torch.get_num_threads() >= 2):
+            return (f"{kind}; each block's weight gradient and Adam step on a second thread "
+                    "while the forward sweep goes on (sigprop.pipeline)")
+        return f"{kind}, in sequence (pipeline: needs a CPU and >= 2 threads)"
+
+    def sync(self) -> None:
+        if self._pipe is not None:
+            self._pipe.sync()
+
+    def __getstate__(self) -> dict:
+        self.sync()  # a copy or pickle sees every update applied
+        return self.__dict__.copy()
 
     def _stats_rows(self, n: int) -> int | None:
         return n if self.cfg.bn_stats == "inputs" else None
@@ -197,8 +250,6 @@ class Sigprop(LearningRule):
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
-            p.grad = None
         # The written-out step is the training-mode computation of hook-free modules;
         # anything else (hooks, a BatchNorm put in eval mode) is the modules' own call.
         why = None
@@ -207,6 +258,11 @@ class Sigprop(LearningRule):
                 why = "a block has forward or backward hooks, which only the autograd path runs"
             elif not all(p.bn.training for p in self.fast_parts):
                 why = "a BatchNorm is in eval mode; the written-out step is training mode"
+        if self.fast_parts and why is None and self._pipelined(x):
+            return self._pipelined_train_step(x, y)
+        self.sync()
+        for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
+            p.grad = None
         if self.fast_parts and why is None:
             out = self._fast_train_step(x, y)
         elif self.fast_parts and self.cfg.fast_path == "on":
@@ -222,14 +278,22 @@ class Sigprop(LearningRule):
         return tuple(m for p in self.fast_parts for m in p.modules)
 
     def _finish_step(self, h: Tensor, y: Tensor, losses: list[Tensor],
-                     logits_seen: list[Tensor]) -> tuple[Tensor, Tensor]:
+                     logits_seen: list[Tensor], pipelined: bool = False
+                     ) -> tuple[Tensor, Tensor]:
         """The classifier head's own loss on the last block's detached output (Fig. 2b),
         then (losses, correct counts) of every exit, counted in one op."""
         if self.classifier:
+            slot = len(self.fast_parts)
+            if pipelined:  # the head's last update done; its gradient starts afresh
+                self._pipe.ready(slot)
+                for p in self.network.head.parameters():
+                    p.grad = None
             logits = self.network.head(h)
             loss = F.cross_entropy(logits, y)
             if loss.requires_grad:
                 loss.backward()
+                if pipelined:
+                    self._queue_update(slot, None, None, None, None)
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
@@ -269,6 +333,71 @@ class Sigprop(LearningRule):
                 losses.append(loss)
                 logits_seen.append(logits)
         return self._finish_step(z[:n], y, losses, logits_seen)
+
+    def _pipelined_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_fast_train_step` with each block's weight gradient and Adam step on
+        the update thread (sigprop.pipeline): block i's forward waits only for block
+        i's previous update. BatchNorm's backward stays here, so what waits for the
+        update thread is the block input and dL/da."""
+        pipe = self._pipe
+        assert pipe is not None
+        pipe.begin()
+        n, kind = x.shape[0], self.cfg.loss
+        means_of = self.num_classes if self.signal.per_sample else None
+        fb = None
+        if self.signal.needs_feedback:  # the label-free pass reads every block
+            for i in range(len(self.fast_parts) + 1):
+                pipe.ready(i)
+            fb = self._feedback(x)
+        losses, logits_seen = [], []
+        with torch.no_grad():
+            z = x
+            for i, parts in enumerate(self.fast_parts):
+                pipe.ready(i)
+                if i == 0:
+                    rows = n if self.signal.per_sample else self.num_classes
+                    z = x.new_empty((n + rows, parts.linear.out_features))
+                    st = fastpath.block_forward(parts, x, n, out=z[:n])
+                    t1, targets_backward = self._fast_targets(st.o, y, fb, z[n:])
+                    do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
+                    loss, logits, _, classes = fastpath.pred_grads(
+                        kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=means_of)
+                    targets_backward(dt1, do)
+                else:
+                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0])
+                    z = st.o
+                    do = torch.empty_like(z)
+                    loss, logits, _, classes = fastpath.pred_grads(
+                        kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:],
+                        num_classes=means_of)
+                da = fastpath.bn_backward(parts, st, do)
+                self._queue_update(i, parts.linear, st.x, da, st.held)
+                del st, do
+                if self.prototypes is not None:
+                    self.prototypes.update(i, *classes)
+                losses.append(loss)
+                logits_seen.append(logits)
+        return self._finish_step(z[:n], y, losses, logits_seen, pipelined=True)
+
+    def _queue_update(self, slot: int, lin: nn.Linear | None, x: Tensor | None,
+                      da: Tensor | None, held) -> None:
+        """Queue slot's update: the Linear's gradients from (x, dL/da) if given, then
+        its group's Adam step with the learning rate of now; gradients dropped after."""
+        group = self._groups[slot]
+        optimizer = self.optimizer
+        lr = group["lr"] if group is not None else 0.0
+
+        def update() -> None:
+            nonlocal x, da, held
+            if lin is not None:
+                fastpath.linear_backward(lin, x, da)
+            x = da = held = None  # released (and uncounted) once the gradient exists
+            if group is not None:
+                adam_group_step(optimizer, group, lr)
+                for p in group["params"]:
+                    p.grad = None
+
+        self._pipe.submit(slot, update)
 
     def _fast_targets(self, h1: Tensor, y: Tensor, fb: Feedback | None, out: Tensor):
         """t1 written into ``out``, and a function (dL/dt1, dL/dh1) -> None that sets
@@ -311,6 +440,10 @@ class Sigprop(LearningRule):
 
     # --- inference ----------------------------------------------------------------
     def exit_scores(self, x: Tensor) -> list[Tensor]:
+        self.sync()
+        return self._exit_scores(x)
+
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
         """Early exits (Eq. 8) of every block, then the head's logits if there is one.
 
         Per-class generators: h and the m class targets go through each block and are

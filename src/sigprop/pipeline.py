@@ -1,0 +1,201 @@
+"""Block updates on a second thread, overlapping the forward sweep (``pipeline``).
+
+A sigprop block's update needs nothing from the blocks after it, and the next
+block's forward needs nothing from that update: only the *next step's* forward of
+the same block does. So while the main thread goes on with block i+1 (and, at the
+end of a step, with the next batch), a worker thread can compute block i's weight
+gradient and take its Adam step. Every block is updated from the same gradient as
+in the sequential step, in the same order; the forward of block i in step s+1
+waits until block i's update of step s is done. What changes is only when an
+update finishes: after ``train_step`` returns, updates may still be running, and
+:meth:`UpdateWorker.sync` waits for them (the rule's eval, state_dict,
+set_training and the trainer's epoch end call it).
+
+Backprop cannot do this: its first layer's gradient exists only after the whole
+backward pass (backward locking, Sec. I of the paper).
+
+On a CPU each thread gets half of the intra-op threads while updates are in flight
+(restored by ``sync``); results are reproducible run to run, and equal the
+sequential step's up to float rounding (tests/test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam as _adam
+
+from .errors import TrainingError
+
+
+def adam_group_step(optimizer: torch.optim.Adam, group: dict, lr: float) -> None:
+    """``optimizer.step()`` for one parameter group, with the learning rate ``lr``
+    (captured when the update was queued). The same arithmetic as ``Adam.step``,
+    whose per-group body this repeats through the functional ``adam``."""
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    exp_avgs: list[Tensor] = []
+    exp_avg_sqs: list[Tensor] = []
+    max_exp_avg_sqs: list[Tensor] = []
+    state_steps: list[Tensor] = []
+    has_complex = optimizer._init_group(
+        group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    beta1, beta2 = group["betas"]
+    _adam(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2,
+        lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
+        maximize=group["maximize"], foreach=group["foreach"],
+        capturable=group["capturable"], differentiable=group["differentiable"],
+        fused=group["fused"], grad_scale=None, found_inf=None,
+        decoupled_weight_decay=group["decoupled_weight_decay"],
+    )
+
+
+def group_stepping_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why :func:`adam_group_step` cannot stand in for ``optimizer.step()``, or None."""
+    if type(optimizer) is not torch.optim.Adam:
+        return f"the optimizer is a {type(optimizer).__name__}, not torch.optim.Adam"
+    if not hasattr(optimizer, "_init_group"):
+        return "this PyTorch's Adam has no per-group step"
+    from torch.optim import optimizer as _o
+
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or getattr(_o, "_global_optimizer_pre_hooks", None)
+            or getattr(_o, "_global_optimizer_post_hooks", None)):
+        return "the optimizer has step hooks, which only Optimizer.step runs"
+    return None
+
+
+class _Shared:
+    """What the worker thread sees (not the UpdateWorker, so that dropping the
+    worker stops the thread)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.cond = threading.Condition()
+        self.submitted = 0
+        self.finished = 0
+        self.error: BaseException | None = None
+
+
+def _run(shared: _Shared, threads: int) -> None:
+    torch.set_num_threads(threads)
+    while True:
+        fn = shared.jobs.get()
+        if fn is None:
+            return
+        try:
+            if shared.error is None:
+                with torch.no_grad():
+                    fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            shared.error = err
+        del fn
+        with shared.cond:
+            shared.finished += 1
+            shared.cond.notify_all()
+
+
+class UpdateWorker:
+    """One background thread running queued updates in order, one slot per block.
+
+    ``submit(slot, fn)`` queues ``fn``; ``ready(slot)`` blocks until the slot's last
+    update is done *and* at most one update is still queued or running (so at most
+    two blocks' worth of tensors are alive). An exception in an update is raised by
+    the next ``ready``/``sync``; later updates are skipped.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._s = _Shared()
+        self._last = [0] * slots  # sequence number of each slot's last update
+        self._thread: threading.Thread | None = None
+        self._threads = 0  # intra-op threads of the worker
+        self._saved_threads: int | None = None  # the main thread's count while active
+
+    # --- main-thread side ----------------------------------------------------------
+    def begin(self) -> None:
+        """Split the intra-op threads between the main thread and the worker (from
+        the first update after a sync until the next sync)."""
+        self._raise()
+        if self._saved_threads is not None:
+            return
+        total = torch.get_num_threads()
+        worker = max(1, total // 2)
+        if self._thread is None or worker != self._threads:
+            self._stop_thread()
+            self._threads = worker
+            self._thread = threading.Thread(target=_run, args=(self._s, worker),
+                                            name="sigprop-updates", daemon=True)
+            self._thread.start()
+        self._saved_threads = total
+        torch.set_num_threads(max(1, total - worker))
+
+    @property
+    def active(self) -> bool:
+        """True between ``begin`` and ``sync``."""
+        return self._saved_threads is not None
+
+    def submit(self, slot: int, fn: Callable[[], None]) -> None:
+        s = self._s
+        with s.cond:
+            s.submitted += 1
+            self._last[slot] = s.submitted
+        s.jobs.put(fn)
+
+    def ready(self, slot: int) -> None:
+        """Wait for ``slot``'s last update, and until at most one other is pending."""
+        s = self._s
+        with s.cond:
+            target = max(self._last[slot], s.submitted - 1)
+            while s.finished < target and s.error is None:
+                s.cond.wait()
+        self._raise()
+
+    def sync(self) -> None:
+        """Wait for every queued update; give the main thread its threads back."""
+        s = self._s
+        with s.cond:
+            while s.finished < s.submitted and s.error is None:
+                s.cond.wait()
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+        self._raise()
+
+    def close(self) -> None:
+        """Wait for the updates, then stop the thread (a later ``begin`` restarts it)."""
+        try:
+            self.sync()
+        finally:
+            self._stop_thread()
+
+    # --- internals -------------------------------------------------------------------
+    def _raise(self) -> None:
+        err = self._s.error
+        if err is not None:
+            raise TrainingError(
+                f"a block's update failed on the update thread ({type(err).__name__}: "
+                f"{err}); rerun with --pipeline off to see it in place"
+            ) from err
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._s.jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __reduce__(self):
+        """Copies and pickles get a fresh, idle worker (the owner syncs first)."""
+        return (UpdateWorker, (len(self._last),))
+
+    def __del__(self) -> None:
+        try:
+            if self._thread is not None:
+                self._s.jobs.put(None)  # no join: the thread ends after its queue
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -259,7 +259,7 @@ class Sigprop(LearningRule):
             elif not all(p.bn.training for p in self.fast_parts):
                 why = "a BatchNorm is in eval mode; the written-out step is training mode"
         if self.fast_parts and why is None and self._pipelined(x):
-            return self._pipelined_train_step(x, y)
+            return self._fast_train_step(x, y, pipelined=True)
         self.sync()
         for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
             p.grad = None
@@ -299,17 +299,34 @@ class Sigprop(LearningRule):
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
         return torch.stack(losses), correct
 
-    def _fast_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _fast_train_step(self, x: Tensor, y: Tensor, pipelined: bool = False
+                         ) -> tuple[Tensor, Tensor]:
         """Gradients for standard fc blocks and a built-in generator, without autograd:
-        the same as the autograd path's (tests/test_fastpath.py)."""
+        the same as the autograd path's (tests/test_fastpath.py).
+
+        ``pipelined``: each block's weight gradient and Adam step go to the update
+        thread (sigprop.pipeline) and block i's forward waits only for block i's
+        previous update. BatchNorm's backward stays here, so what waits for the update
+        thread is the block input and dL/da (memory: one block's worth more at most).
+        """
+        pipe = self._pipe if pipelined else None
+        if pipe is not None:
+            pipe.begin()
         n, kind = x.shape[0], self.cfg.loss
         # per-sample targets: L_pred against their class means, prototypes updated
         means_of = self.num_classes if self.signal.per_sample else None
-        fb = self._feedback(x) if self.signal.needs_feedback else None  # label-free pass
+        fb = None
+        if self.signal.needs_feedback:  # the label-free pass reads every block
+            if pipe is not None:
+                for i in range(len(self.fast_parts) + 1):
+                    pipe.ready(i)
+            fb = self._feedback(x)
         losses, logits_seen = [], []
         with torch.no_grad():
             z = x
             for i, parts in enumerate(self.fast_parts):
+                if pipe is not None:
+                    pipe.ready(i)
                 if i == 0:  # [h1, t1] in one buffer, no cat
                     rows = n if self.signal.per_sample else self.num_classes
                     z = x.new_empty((n + rows, parts.linear.out_features))
@@ -326,58 +343,17 @@ class Sigprop(LearningRule):
                     loss, logits, _, classes = fastpath.pred_grads(
                         kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:],
                         num_classes=means_of)
-                fastpath.block_backward(parts, st, do)
-                del st
-                if self.prototypes is not None:
-                    self.prototypes.update(i, *classes)
-                losses.append(loss)
-                logits_seen.append(logits)
-        return self._finish_step(z[:n], y, losses, logits_seen)
-
-    def _pipelined_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_fast_train_step` with each block's weight gradient and Adam step on
-        the update thread (sigprop.pipeline): block i's forward waits only for block
-        i's previous update. BatchNorm's backward stays here, so what waits for the
-        update thread is the block input and dL/da."""
-        pipe = self._pipe
-        assert pipe is not None
-        pipe.begin()
-        n, kind = x.shape[0], self.cfg.loss
-        means_of = self.num_classes if self.signal.per_sample else None
-        fb = None
-        if self.signal.needs_feedback:  # the label-free pass reads every block
-            for i in range(len(self.fast_parts) + 1):
-                pipe.ready(i)
-            fb = self._feedback(x)
-        losses, logits_seen = [], []
-        with torch.no_grad():
-            z = x
-            for i, parts in enumerate(self.fast_parts):
-                pipe.ready(i)
-                if i == 0:
-                    rows = n if self.signal.per_sample else self.num_classes
-                    z = x.new_empty((n + rows, parts.linear.out_features))
-                    st = fastpath.block_forward(parts, x, n, out=z[:n])
-                    t1, targets_backward = self._fast_targets(st.o, y, fb, z[n:])
-                    do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
-                    loss, logits, _, classes = fastpath.pred_grads(
-                        kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=means_of)
-                    targets_backward(dt1, do)
+                if pipe is None:
+                    fastpath.block_backward(parts, st, do)
                 else:
-                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0])
-                    z = st.o
-                    do = torch.empty_like(z)
-                    loss, logits, _, classes = fastpath.pred_grads(
-                        kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:],
-                        num_classes=means_of)
-                da = fastpath.bn_backward(parts, st, do)
-                self._queue_update(i, parts.linear, st.x, da, st.held)
+                    da = fastpath.bn_backward(parts, st, do)
+                    self._queue_update(i, parts.linear, st.x, da, st.held)
                 del st, do
                 if self.prototypes is not None:
                     self.prototypes.update(i, *classes)
                 losses.append(loss)
                 logits_seen.append(logits)
-        return self._finish_step(z[:n], y, losses, logits_seen, pipelined=True)
+        return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
 
     def _queue_update(self, slot: int, lin: nn.Linear | None, x: Tensor | None,
                       da: Tensor | None, held) -> None:

@@ -30,7 +30,7 @@ f(S2 c + d2) (:func:`modulation_targets`), whose gradient reaches h1 as well.
 Per-sample targets are compared through their class means (:func:`pred_grads`).
 
 Memory: the tensors kept from the forward pass for the update are the block input
-x, the pre-normalisation a, the output o (the next block's input anyway) and a bool
+x, the pre-normalisation a, the output o (the next block's input anyway) and a 1-byte
 dropout mask; all but x are released after BatchNorm's backward (:func:`bn_backward`),
 x after the weight gradient (:func:`linear_backward`): one block's worth. :func:`track_saved`
 lets a benchmark count them.
@@ -174,7 +174,7 @@ class BlockState:
     mean: Tensor
     var: Tensor
     o: Tensor  # block output; its sign is the LeakyReLU's (o = 0 where dropped)
-    dropped: Tensor | None  # bool dropout mask (True: dropped); None: no dropout
+    keep: Tensor | None  # dropout's keep mask as uint8 (0/1); None: no dropout
     scale: float  # dropout's 1/(1-p), folded into BatchNorm's affine map (1: none)
     weight: Tensor | None  # BatchNorm weight as applied (times scale)
     n_stats: int
@@ -192,28 +192,29 @@ def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = 
     # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
     a = x @ lin.weight.T
     bn, drop = parts.bn, parts.dropout
-    weight, bias, scale, dropped = bn.weight, bn.bias, 1.0, None
+    weight, bias, scale, keep = bn.weight, bn.bias, 1.0, None
     if drop is not None and drop.active:
         # Dropout's 1/(1-p) commutes with the LeakyReLU (s f(u) = f(s u), s > 0), so it
         # scales BatchNorm's affine map instead of the output: o = f(BN_{sγ,sβ}(a)),
-        # zeroed where dropped. The update keeps the bool mask, not a float factor.
+        # zeroed where dropped. The update keeps the 1-byte mask, not a float factor
+        # (uint8: a float x bool product costs several times a float x uint8 one).
         scale = drop.scale
         weight = weight * scale if weight is not None else a.new_full((a.shape[1],), scale)
         bias = bias * scale if bias is not None else None
-        dropped = drop.drop_mask(a)
+        keep = drop.keep_mask(a).view(torch.uint8)
     u, mean, var = input_stats_forward(a, weight, bias, n_stats, bn.eps, bn.count_batch(),
                                        shift=lin.bias)
     if out is None:
         out = torch.empty_like(u)
     o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
-    if dropped is not None:
-        o.masked_fill_(dropped, 0.0)
+    if keep is not None:
+        o.mul_(keep)
     pack = _PACK.get()
     held = None
     if pack is not None:  # x is kept until the weight gradient, the rest until BN's
-        rest = (a, o) if dropped is None else (a, o, dropped)
+        rest = (a, o) if keep is None else (a, o, keep)
         held = ([pack(x)], [pack(v) for v in rest])
-    return BlockState(x, a, mean, var, o, dropped, scale, weight, n_stats, held)
+    return BlockState(x, a, mean, var, o, keep, scale, weight, n_stats, held)
 
 
 def bn_backward(parts: FCParts, st: BlockState, do: Tensor) -> Tensor:
@@ -224,14 +225,14 @@ def bn_backward(parts: FCParts, st: BlockState, do: Tensor) -> Tensor:
     # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
     du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
                                                        grad_input=do)
-    if st.dropped is not None:
-        du.masked_fill_(st.dropped, 0.0)
+    if st.keep is not None:
+        du.mul_(st.keep)
     da, dw, db = input_stats_backward(du, st.a, st.weight, st.mean, st.var, st.n_stats, bn.eps)
     if bn.weight is not None:
         if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
             dw, db = dw.mul_(st.scale), db.mul_(st.scale)
         bn.weight.grad, bn.bias.grad = dw, db
-    st.a = st.o = st.dropped = st.weight = None  # type: ignore[assignment]
+    st.a = st.o = st.keep = st.weight = None  # type: ignore[assignment]
     if st.held is not None:
         st.held = (st.held[0], [])
     return da

@@ -117,19 +117,16 @@ class Dropout(nn.Module):
         """The factor 1/(1-p) applied to kept elements (p as rounded)."""
         return 65536.0 / (65536 - self._cut)
 
-    def _lanes(self, x: torch.Tensor) -> torch.Tensor:
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A bool mask shaped like ``x``, True with probability 1 - p."""
         words = (x.numel() + 3) // 4
         # from = int64 min, to = None: all 64 bits uniform (ATen's full-range kernel)
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        return bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-2^15, 2^15)
-
-    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """A bool mask shaped like ``x``, True with probability 1 - p."""
-        return self._lanes(x) >= self._cut - 32768
-
-    def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """``~keep_mask(x)`` from the same random draw, in one op."""
-        return self._lanes(x) < self._cut - 32768
+        lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-2^15, 2^15)
+        # compared into uint8, then viewed as bool: 19 us against 100 us for a bool
+        # result on a (138, 1000) batch on this CPU (one thread)
+        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        return torch.ge(lanes, self._cut - 32768, out=keep).view(torch.bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:

@@ -381,6 +381,8 @@ def _interrupt_after(monkeypatch, epochs_done):
 @pytest.mark.parametrize("rule", [
     {"name": "sigprop"},
     {"name": "sigprop", "signal": "label-input", "head": "classifier"},
+    {"name": "sigprop", "pipeline": "on"},  # updates on the update thread
+    {"name": "sigprop", "signal": "loop-error", "head": "classifier", "pipeline": "on"},
     {"name": "backprop"},
 ])
 def test_resume_replays_exactly(fake_fashion, tmp_path, monkeypatch, rule):

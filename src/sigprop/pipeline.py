@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -81,6 +82,8 @@ class _Shared:
         self.submitted = 0
         self.finished = 0
         self.error: BaseException | None = None
+        self.gate = threading.Event()  # cleared: updates wait (UpdateWorker.lagging)
+        self.gate.set()
 
 
 def _run(shared: _Shared, threads: int) -> None:
@@ -89,6 +92,7 @@ def _run(shared: _Shared, threads: int) -> None:
         fn = shared.jobs.get()
         if fn is None:
             return
+        shared.gate.wait()
         try:
             if shared.error is None:
                 with torch.no_grad():
@@ -116,6 +120,7 @@ class UpdateWorker:
         self._thread: threading.Thread | None = None
         self._threads = 0  # intra-op threads of the worker
         self._saved_threads: int | None = None  # the main thread's count while active
+        self._lagging = False
 
     # --- main-thread side ----------------------------------------------------------
     def begin(self) -> None:
@@ -152,20 +157,40 @@ class UpdateWorker:
         s = self._s
         with s.cond:
             target = max(self._last[slot], s.submitted - 1)
-            while s.finished < target and s.error is None:
-                s.cond.wait()
+            if s.finished < target:
+                s.gate.set()
+                while s.finished < target and s.error is None:
+                    s.cond.wait()
+                if self._lagging:
+                    s.gate.clear()
         self._raise()
 
     def sync(self) -> None:
         """Wait for every queued update; give the main thread its threads back."""
         s = self._s
+        s.gate.set()
         with s.cond:
             while s.finished < s.submitted and s.error is None:
                 s.cond.wait()
+        if self._lagging:
+            s.gate.clear()
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = None
         self._raise()
+
+    @contextmanager
+    def lagging(self) -> Iterator[None]:
+        """Within: updates run only while the main thread waits for one, so the
+        forward sweep runs as far ahead as ``ready`` allows (the most tensors alive at
+        once: for memory measurements and tests)."""
+        self._lagging = True
+        self._s.gate.clear()
+        try:
+            yield
+        finally:
+            self._lagging = False
+            self._s.gate.set()
 
     def close(self) -> None:
         """Wait for the updates, then stop the thread (a later ``begin`` restarts it)."""

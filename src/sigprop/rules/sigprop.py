@@ -30,6 +30,7 @@ the autograd path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -143,9 +144,10 @@ class Sigprop(LearningRule):
         self._pipe: UpdateWorker | None = None
         if self.pipeline_off is None:
             self._pipe = UpdateWorker(len(blocks) + 1)  # one slot per block, one for the head
-            by_name = {g["name"]: g for g in self.optimizer.param_groups}
-            self._groups = [by_name.get(f"block{i + 1}") for i in range(len(blocks))]
-            self._groups.append(by_name.get("head"))
+            # group index per slot (the dicts themselves are replaced by load_state_dict)
+            index = {g["name"]: k for k, g in enumerate(self.optimizer.param_groups)}
+            self._group_index = [index.get(f"block{i + 1}") for i in range(len(blocks))]
+            self._group_index.append(index.get("head"))
 
     # --- training ---------------------------------------------------------------
     def _plan_fast_path(self) -> tuple[list[fastpath.FCParts], str | None]:
@@ -210,15 +212,32 @@ class Sigprop(LearningRule):
         kind = "written-out local updates (sigprop.fastpath)"
         if self.pipeline_off is not None:
             return f"{kind}, in sequence ({self.pipeline_off})"
-        device = next(self.modules.parameters()).device
-        if device.type == "cpu" and (self.cfg.pipeline == "on" or torch.get_num_threads() >= 2):
+        if self.pipelines:
             return (f"{kind}; each block's weight gradient and Adam step on a second thread "
                     "while the forward sweep goes on (sigprop.pipeline)")
         return f"{kind}, in sequence (pipeline: needs a CPU and >= 2 threads)"
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether a training step now would hand block updates to the update thread
+        (fast path and pipeline apply, parameters on a CPU, >= 2 threads or 'on')."""
+        if self._pipe is None:
+            return False
+        if self._pipe.active:
+            return True
+        device = next(self.modules.parameters()).device
+        return device.type == "cpu" and (self.cfg.pipeline == "on"
+                                         or torch.get_num_threads() >= 2)
+
     def sync(self) -> None:
         if self._pipe is not None:
             self._pipe.sync()
+
+    def lagging_updates(self):
+        """Context: pipelined updates run only when the forward sweep must wait for
+        one, so it runs as far ahead as allowed (the peak memory of the pipeline;
+        :meth:`UpdateWorker.lagging`). A no-op context without the pipeline."""
+        return self._pipe.lagging() if self._pipe is not None else contextlib.nullcontext()
 
     def __getstate__(self) -> dict:
         self.sync()  # a copy or pickle sees every update applied
@@ -359,8 +378,9 @@ class Sigprop(LearningRule):
                       da: Tensor | None, held) -> None:
         """Queue slot's update: the Linear's gradients from (x, dL/da) if given, then
         its group's Adam step with the learning rate of now; gradients dropped after."""
-        group = self._groups[slot]
         optimizer = self.optimizer
+        k = self._group_index[slot]
+        group = optimizer.param_groups[k] if k is not None else None
         lr = group["lr"] if group is not None else 0.0
 
         def update() -> None:

@@ -1,0 +1,235 @@
+"""The pipelined sigprop step (sigprop.pipeline): block updates on an update thread.
+
+It must make the same updates as the sequential step: bit for bit when every op
+runs single-threaded either way, and up to float rounding otherwise; every path that
+reads parameters must see all updates applied; an update's failure must surface.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sigprop import fastpath
+from sigprop.errors import ConfigError, TrainingError
+from sigprop.networks import build_network
+from sigprop.pipeline import UpdateWorker, adam_group_step
+from sigprop.rules import build_rule
+
+CLASSES = 5
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def make(arch="fc-3x24", input_shape=(1, 6, 6), dropout=0.1, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = build_network(arch, input_shape, CLASSES, dropout=dropout)
+    return build_rule("sigprop", net, CLASSES, **kw)
+
+
+def data(k=5, n=30, input_shape=(1, 6, 6), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+            for _ in range(k)]
+
+
+def run(rule, batches, seed=7):
+    rule.set_training(True)
+    torch.manual_seed(seed)
+    return [rule.train_step(x, y) for x, y in batches]
+
+
+def states(rule):
+    s = rule.state_dict()  # syncs
+    return s["modules"], s["optimizers"]
+
+
+CASES = [
+    {},
+    {"loss": "l2"},
+    {"head": "classifier"},
+    {"bn_stats": "all", "dropout": 0.0},
+    {"signal": "label-input"},
+    {"signal": "loop-pred", "head": "classifier"},
+    {"signal": "loop-error", "head": "classifier", "exit_targets": "candidates"},
+    {"arch": "fc-1x16"},
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=[str(c) for c in CASES])
+def test_bit_identical_to_sequential_single_threaded(kw, float64, threads):
+    """One thread in the sequential run, one per thread in the pipelined one: every
+    op computes the same thing in the same order, so the results are equal exactly."""
+    torch.set_num_threads(1)
+    seq, pipe = make(pipeline="off", **kw), make(pipeline="on", **kw)
+    assert not seq.pipelines and pipe.pipelines
+    out_s, out_p = run(seq, data()), run(pipe, data())
+    for (ls, cs), (lp, cp) in zip(out_s, out_p):
+        assert torch.equal(ls, lp) and torch.equal(cs, cp)
+    (ms, os_), (mp, op) = states(seq), states(pipe)
+    for k in ms:
+        assert torch.equal(ms[k], mp[k]), k
+    for a, b in zip(os_, op):
+        for sa, sb in zip(a["state"].values(), b["state"].values()):
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), k
+    assert torch.get_num_threads() == 1  # given back by sync
+
+
+def test_same_updates_with_two_threads(float64, threads):
+    """Two threads: the main thread and the worker get one each while updates are in
+    flight (matmuls then split differently: equal up to rounding)."""
+    torch.set_num_threads(2)
+    seq, pipe = make(pipeline="off"), make()  # auto: on with >= 2 threads on a CPU
+    assert pipe.pipelines and "second thread" in pipe.step_kind
+    run(seq, data())
+    pipe.set_training(True)
+    torch.manual_seed(7)
+    for x, y in data():
+        pipe.train_step(x, y)
+        assert torch.get_num_threads() == 1  # the main thread's share
+    pipe.sync()
+    assert torch.get_num_threads() == 2
+    (ms, _), (mp, _) = states(seq), states(pipe)
+    for k in ms:
+        torch.testing.assert_close(ms[k], mp[k], atol=1e-9, rtol=1e-7, msg=k)
+
+
+def test_auto_stays_sequential_on_one_thread(threads):
+    torch.set_num_threads(1)
+    rule = make()
+    assert not rule.pipelines and "in sequence" in rule.step_kind
+
+
+def test_readers_see_every_update(threads):
+    """eval, predict, state_dict, deepcopy and set_training wait for the updates."""
+    torch.set_num_threads(1)
+    seq, pipe = make(pipeline="off"), make(pipeline="on")
+    run(seq, data())
+    run(pipe, data())  # no explicit sync
+    x = data(1, seed=9)[0][0]
+    copied = copy.deepcopy(pipe)
+    for rule in (seq, pipe, copied):
+        rule.set_training(False)
+    assert torch.equal(seq.predict(x), pipe.predict(x))
+    assert torch.equal(seq.predict(x), copied.predict(x))
+    run(pipe, data(2))
+    pipe.set_training(False)
+    assert not torch.equal(seq.predict(x), pipe.predict(x))  # the new updates landed
+
+
+def test_hooks_mid_training_fall_back_after_sync(threads):
+    torch.set_num_threads(1)
+    seq, pipe = make(pipeline="off"), make(pipeline="on")
+    batches = data(4)
+    run(seq, batches[:2])
+    run(pipe, batches[:2])
+    for rule in (seq, pipe):  # hooks: only the autograd path honours them
+        rule.network.blocks[1].register_forward_hook(lambda *a: None)
+    torch.manual_seed(11)
+    out_s = [seq.train_step(x, y) for x, y in batches[2:]]
+    torch.manual_seed(11)
+    out_p = [pipe.train_step(x, y) for x, y in batches[2:]]
+    for (ls, _), (lp, _) in zip(out_s, out_p):
+        torch.testing.assert_close(ls, lp)
+
+
+def test_update_failure_is_raised_on_the_main_thread(monkeypatch, threads):
+    torch.set_num_threads(1)
+    rule = make(pipeline="on")
+    x, y = data(1)[0]
+
+    def broken(*args, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fastpath, "linear_backward", broken)
+    rule.set_training(True)
+    with pytest.raises(TrainingError, match="update thread.*boom.*--pipeline off"):
+        for _ in range(3):
+            rule.train_step(x, y)
+        rule.sync()
+
+
+def test_lagging_peak_memory_is_bounded():
+    """With updates held back as far as allowed, at most one block's input more than
+    the sequential step's peak is alive (block i's input waits for its weight gradient
+    while block i+1 runs)."""
+    peaks = {}
+    for mode in ("off", "on"):
+        rule = make("fc-3x64", pipeline=mode)
+        rule.set_training(True)
+        x, y = data(1)[0]
+        rule.train_step(x, y)
+        rule.sync()
+        live, peak = [0], [0]
+
+        class Handle:
+            def __init__(self, t):
+                self.n = t.untyped_storage().nbytes()
+                live[0] += self.n
+                peak[0] = max(peak[0], live[0])
+
+            def __del__(self):
+                live[0] -= self.n
+
+        with fastpath.track_saved(Handle), rule.lagging_updates():
+            rule.train_step(x, y)
+            rule.sync()
+        peaks[mode] = peak[0]
+        assert live[0] == 0
+    block_input = (30 + CLASSES) * 64 * 4
+    assert peaks["off"] < peaks["on"] <= peaks["off"] + block_input
+
+
+def test_adam_group_step_matches_adam_step():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    a = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1,
+                         weight_decay=0.01, fused=True)
+    b = torch.optim.Adam([{"params": twins[:1]}, {"params": twins[1:]}], lr=0.1,
+                         weight_decay=0.01, fused=True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g, g.clone()
+        a.step()
+        for group in b.param_groups:
+            adam_group_step(b, group, group["lr"])
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_config_errors(threads):
+    with pytest.raises(ConfigError, match="pipeline must be"):
+        make(pipeline="sometimes")
+    with pytest.raises(ConfigError, match="needs the fast path"):
+        make(pipeline="on", fast_path="off")
+    net = build_network("fc-2x8", (1, 6, 6), CLASSES)
+    net.blocks[1].append(torch.nn.Identity())  # not a standard block: autograd path
+    with pytest.raises(ConfigError, match="pipeline='on' but the fast path does not apply"):
+        build_rule("sigprop", net, CLASSES, pipeline="on")
+
+
+def test_worker_threads_stop_with_their_owner():
+    worker = UpdateWorker(2)
+    worker.begin()
+    thread = worker._thread
+    worker.submit(0, lambda: None)
+    worker.close()
+    assert not thread.is_alive() and torch.get_num_threads() >= 1

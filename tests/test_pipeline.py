@@ -233,3 +233,23 @@ def test_worker_threads_stop_with_their_owner():
     worker.submit(0, lambda: None)
     worker.close()
     assert not thread.is_alive() and torch.get_num_threads() >= 1
+
+
+def test_input_batch_may_be_reused_when_train_step_returns(threads):
+    """Only block 1's update reads the input batch; it is done before train_step
+    returns, so a loop that refills one buffer gets the same updates."""
+    torch.set_num_threads(1)
+    fresh, reused = make("fc-2x16", pipeline="on"), make("fc-2x16", pipeline="on")
+    batches = data(4)
+    run(fresh, batches)
+    reused.set_training(True)
+    torch.manual_seed(7)
+    buf_x, buf_y = batches[0][0].clone(), batches[0][1].clone()
+    with reused.lagging_updates():  # updates as late as allowed: the worst case
+        for x, y in batches:
+            buf_x.copy_(x)
+            buf_y.copy_(y)
+            reused.train_step(buf_x, buf_y)
+    (ma, _), (mb, _) = states(fresh), states(reused)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k

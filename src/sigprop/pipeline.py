@@ -165,6 +165,19 @@ class UpdateWorker:
                     s.gate.clear()
         self._raise()
 
+    def wait(self, slot: int) -> None:
+        """Wait for ``slot``'s last update only."""
+        s = self._s
+        with s.cond:
+            target = self._last[slot]
+            if s.finished < target:
+                s.gate.set()
+                while s.finished < target and s.error is None:
+                    s.cond.wait()
+                if self._lagging:
+                    s.gate.clear()
+        self._raise()
+
     def sync(self) -> None:
         """Wait for every queued update; give the main thread its threads back."""
         s = self._s

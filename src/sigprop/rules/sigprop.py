@@ -372,6 +372,8 @@ class Sigprop(LearningRule):
                     self.prototypes.update(i, *classes)
                 losses.append(loss)
                 logits_seen.append(logits)
+        if pipe is not None:  # block 1's weight gradient has read x: the caller may reuse it
+            pipe.wait(0)
         return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
 
     def _queue_update(self, slot: int, lin: nn.Linear | None, x: Tensor | None,

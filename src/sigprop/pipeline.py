@@ -154,22 +154,16 @@ class UpdateWorker:
 
     def ready(self, slot: int) -> None:
         """Wait for ``slot``'s last update, and until at most one other is pending."""
-        s = self._s
-        with s.cond:
-            target = max(self._last[slot], s.submitted - 1)
-            if s.finished < target:
-                s.gate.set()
-                while s.finished < target and s.error is None:
-                    s.cond.wait()
-                if self._lagging:
-                    s.gate.clear()
-        self._raise()
+        self._wait_for(max(self._last[slot], self._s.submitted - 1))
 
     def wait(self, slot: int) -> None:
         """Wait for ``slot``'s last update only."""
+        self._wait_for(self._last[slot])
+
+    def _wait_for(self, target: int) -> None:
+        """Wait until ``target`` updates have finished (the gate opens meanwhile)."""
         s = self._s
         with s.cond:
-            target = self._last[slot]
             if s.finished < target:
                 s.gate.set()
                 while s.finished < target and s.error is None:

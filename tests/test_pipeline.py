@@ -95,7 +95,8 @@ def test_same_updates_with_two_threads(float64, threads):
     """Two threads: the main thread and the worker get one each while updates are in
     flight (matmuls then split differently: equal up to rounding)."""
     torch.set_num_threads(2)
-    seq, pipe = make(pipeline="off"), make()  # auto: on with >= 2 threads on a CPU
+    arch = "fc-2x512"  # 280 k Linear weights: enough for auto
+    seq, pipe = make(arch, pipeline="off"), make(arch)  # auto: on with >= 2 threads
     assert pipe.pipelines and "second thread" in pipe.step_kind
     run(seq, data())
     pipe.set_training(True)
@@ -112,8 +113,15 @@ def test_same_updates_with_two_threads(float64, threads):
 
 def test_auto_stays_sequential_on_one_thread(threads):
     torch.set_num_threads(1)
-    rule = make()
+    rule = make("fc-2x512")
     assert not rule.pipelines and "in sequence" in rule.step_kind
+
+
+def test_auto_stays_sequential_for_small_blocks(threads):
+    torch.set_num_threads(2)
+    rule = make()  # fc-3x24: the hand-offs would cost more than they save
+    assert not rule.pipelines and "too small" in rule.step_kind
+    assert make(pipeline="on").pipelines
 
 
 def test_readers_see_every_update(threads):

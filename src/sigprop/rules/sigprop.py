@@ -56,6 +56,12 @@ from ..signals import (
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
+# pipeline='auto' hands block updates to the update thread only for blocks with at
+# least this many Linear weights in all: the hand-offs cost ~0.8 ms a step, which
+# fc-3x16 (13 k weights) and fc-3x100 (98 k) do not earn back at batch 128 on this
+# 2-core CPU, fc-3x300 (415 k) about does, fc-2x800 and fc-3x1000 gain 10-12%
+# (docs/RESULTS.md, section 3)
+PIPELINE_MIN_WEIGHTS = 250_000
 # generators with a written-out step (sigprop.fastpath)
 FAST_SIGNALS = (LabelProjection, LabelInputModulation, LoopBackPrediction, LoopBackError)
 
@@ -180,8 +186,12 @@ class Sigprop(LearningRule):
         why = None
         if self.cfg.pipeline == "off":
             return "pipeline='off'"
+        weights = sum(p.linear.weight.numel() for p in self.fast_parts)
         if self.fast_path_off is not None:
             why = "the fast path does not apply"
+        elif self.cfg.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
+            why = (f"blocks too small to gain from it: {weights:,} Linear weights, under "
+                   f"{PIPELINE_MIN_WEIGHTS:,}; pipeline='on' forces it")
         elif self.optimizer is None:
             why = "nothing is trainable"
         else:

@@ -652,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = {}
     if args.profile:
+        for name, rule in rules.items():
+            if getattr(rule, "pipelines", False):
+                print(f"  note: {name} is pipelined; the profiler records the ops of the main "
+                      "thread only, not the update thread's (weight gradients, Adam): "
+                      "profile sigprop-sequential for a per-op comparison")
         profiles = profile_rules(steppers, args.profile_steps, args.profile_rounds, device,
                                  sync)
         for name in args.rules:

@@ -182,3 +182,21 @@ def test_resume_on_cuda_continues_the_run(fake_fashion, tmp_path, monkeypatch):
     ckpt = runio.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert ckpt["epoch"] == 3
     assert (ckpt["cuda_rng"] is not None) == (CUDA.type == "cuda")
+
+
+def test_pipeline_is_for_cpus():
+    """pipeline='on' refuses a CUDA device (kernels there already run asynchronously);
+    'auto' takes the sequential step there."""
+    from sigprop.errors import ConfigError
+
+    x, y = blobs(n_per_blob=16, classes=CLASSES, dim=DIM)
+    x, y = x.to(CUDA), y.to(CUDA)
+    forced = _rule("sigprop", CUDA, pipeline="on")
+    forced.set_training(True)
+    if CUDA.type == "cuda":
+        with pytest.raises(ConfigError, match="for CPUs"):
+            forced.train_step(x, y)
+        assert not _rule("sigprop", CUDA, pipeline="auto").pipelines
+    else:
+        forced.train_step(x, y)
+        forced.sync()

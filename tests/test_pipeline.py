@@ -177,6 +177,24 @@ def test_lagging_peak_memory_is_bounded():
     """With updates held back as far as allowed, at most one block's input more than
     the sequential step's peak is alive (block i's input waits for its weight gradient
     while block i+1 runs)."""
+    class Meter:
+        """Live and peak bytes of the tensors the fast path keeps."""
+
+        def __init__(self):
+            self.live = self.peak = 0
+
+        def pack(self, t):
+            return Handle(self, t.untyped_storage().nbytes())
+
+    class Handle:
+        def __init__(self, meter, n):
+            self.meter, self.n = meter, n
+            meter.live += n
+            meter.peak = max(meter.peak, meter.live)
+
+        def __del__(self):
+            self.meter.live -= self.n
+
     peaks = {}
     for mode in ("off", "on"):
         rule = make("fc-3x64", pipeline=mode)
@@ -184,22 +202,12 @@ def test_lagging_peak_memory_is_bounded():
         x, y = data(1)[0]
         rule.train_step(x, y)
         rule.sync()
-        live, peak = [0], [0]
-
-        class Handle:
-            def __init__(self, t):
-                self.n = t.untyped_storage().nbytes()
-                live[0] += self.n
-                peak[0] = max(peak[0], live[0])
-
-            def __del__(self):
-                live[0] -= self.n
-
-        with fastpath.track_saved(Handle), rule.lagging_updates():
+        meter = Meter()
+        with fastpath.track_saved(meter.pack), rule.lagging_updates():
             rule.train_step(x, y)
             rule.sync()
-        peaks[mode] = peak[0]
-        assert live[0] == 0
+        peaks[mode] = meter.peak
+        assert meter.live == 0
     block_input = (30 + CLASSES) * 64 * 4
     assert peaks["off"] < peaks["on"] <= peaks["off"] + block_input
 

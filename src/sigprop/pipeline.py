@@ -24,7 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import Tensor
@@ -226,8 +226,8 @@ class UpdateWorker:
         return (UpdateWorker, (len(self._last),))
 
     def __del__(self) -> None:
-        try:
+        # no join: the thread ends after its queue; at interpreter shutdown the queue
+        # may already be gone
+        with suppress(Exception):
             if self._thread is not None:
-                self._s.jobs.put(None)  # no join: the thread ends after its queue
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+                self._s.jobs.put(None)

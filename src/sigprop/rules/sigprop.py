@@ -25,7 +25,9 @@ sends all of them through the blocks (m x the target work).
 For standard fully connected blocks and the built-in generators the step runs
 without autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
 the same updates, less overhead. Anything else, a user's own blocks included, takes
-the autograd path.
+the autograd path. On a CPU the fast path can be pipelined (``pipeline``,
+:mod:`sigprop.pipeline`): each block's weight gradient and Adam step run on a second
+thread while the forward sweep goes on; ``sync()`` waits for them.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
-from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from .. import functional as SF
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
 from ..networks import LEAKY_SLOPE, Network
+from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from ..registry import register_rule
 from ..signals import (
     Feedback,

@@ -124,6 +124,13 @@ def test_auto_stays_sequential_for_small_blocks(threads):
     assert make(pipeline="on").pipelines
 
 
+def test_auto_stays_sequential_for_loop_back_generators(threads):
+    torch.set_num_threads(2)
+    rule = make("fc-2x512", signal="loop-error", head="classifier")
+    assert not rule.pipelines and "label-free pass" in rule.step_kind
+    assert make("fc-2x512", signal="label-input").pipelines  # Eq. 10 needs no such pass
+
+
 def test_readers_see_every_update(threads):
     """eval, predict, state_dict, deepcopy and set_training wait for the updates."""
     torch.set_num_threads(1)

@@ -191,6 +191,9 @@ class Sigprop(LearningRule):
         weights = sum(p.linear.weight.numel() for p in self.fast_parts)
         if self.fast_path_off is not None:
             why = "the fast path does not apply"
+        elif self.cfg.pipeline == "auto" and self.signal.needs_feedback:
+            why = ("the loop-back generator's label-free pass reads every block, so each "
+                   "step would wait for all updates (measured slower); pipeline='on' forces it")
         elif self.cfg.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
             why = (f"blocks too small to gain from it: {weights:,} Linear weights, under "
                    f"{PIPELINE_MIN_WEIGHTS:,}; pipeline='on' forces it")

@@ -181,26 +181,31 @@ def test_update_failure_is_raised_on_the_main_thread(monkeypatch, threads):
 
 
 def test_lagging_peak_memory_is_bounded():
-    """With updates held back as far as allowed, at most one block's input more than
-    the sequential step's peak is alive (block i's input waits for its weight gradient
-    while block i+1 runs)."""
+    """With updates held back as far as allowed, at most one (n + m)-row tensor more
+    than the sequential step's peak is alive: block i's pre-BatchNorm activation
+    during block i+1's product, or its input while its weight gradient waits."""
     class Meter:
-        """Live and peak bytes of the tensors the fast path keeps."""
+        """Live and peak bytes of the tensors the fast path keeps, by storage."""
 
         def __init__(self):
             self.live = self.peak = 0
+            self.refs = {}  # storage pointer -> handles
 
         def pack(self, t):
-            return Handle(self, t.untyped_storage().nbytes())
+            return Handle(self, t.untyped_storage())
 
     class Handle:
-        def __init__(self, meter, n):
-            self.meter, self.n = meter, n
-            meter.live += n
-            meter.peak = max(meter.peak, meter.live)
+        def __init__(self, meter, storage):
+            self.meter, self.key, self.n = meter, storage.data_ptr(), storage.nbytes()
+            if meter.refs.get(self.key, 0) == 0:
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+            meter.refs[self.key] = meter.refs.get(self.key, 0) + 1
 
         def __del__(self):
-            self.meter.live -= self.n
+            self.meter.refs[self.key] -= 1
+            if self.meter.refs[self.key] == 0:
+                self.meter.live -= self.n
 
     peaks = {}
     for mode in ("off", "on"):

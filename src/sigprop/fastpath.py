@@ -181,16 +181,22 @@ class BlockState:
     held: tuple[list, list] | None  # track_saved handles: (x's, the others')
 
 
-def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = None
-                  ) -> BlockState:
+def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = None,
+                  after_matmul: Callable[[], None] | None = None) -> BlockState:
     """The block's training-mode forward; the output goes into ``out`` if given.
-    BatchNorm takes its statistics from rows [:n_stats]. Call under no_grad."""
+    BatchNorm takes its statistics from rows [:n_stats]. ``after_matmul`` is called
+    between the Linear and BatchNorm (the pipeline waits there). Call under no_grad."""
     if parts.flatten:
         x = x.flatten(1)
     lin = parts.linear
     # The Linear's bias shifts every row alike and BatchNorm subtracts the mean right
     # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
     a = x @ lin.weight.T
+    pack = _PACK.get()
+    held_x = [pack(x)] if pack is not None else None
+    held_a = [pack(a)] if pack is not None else None
+    if after_matmul is not None:
+        after_matmul()
     bn, drop = parts.bn, parts.dropout
     weight, bias, scale, keep = bn.weight, bn.bias, 1.0, None
     if drop is not None and drop.active:
@@ -209,11 +215,9 @@ def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = 
     o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
     if keep is not None:
         o.mul_(keep)
-    pack = _PACK.get()
     held = None
     if pack is not None:  # x is kept until the weight gradient, the rest until BN's
-        rest = (a, o) if keep is None else (a, o, keep)
-        held = ([pack(x)], [pack(v) for v in rest])
+        held = (held_x, held_a + [pack(o)] + ([pack(keep)] if keep is not None else []))
     return BlockState(x, a, mean, var, o, keep, scale, weight, n_stats, held)
 
 

@@ -81,9 +81,28 @@ class _Shared:
         self.cond = threading.Condition()
         self.submitted = 0
         self.finished = 0
+        self.staged = 0  # updates past their first stage (UpdateWorker.stage_done)
+        self.marked = False  # the running update has marked its stage
         self.error: BaseException | None = None
-        self.gate = threading.Event()  # cleared: updates wait (UpdateWorker.lagging)
-        self.gate.set()
+        self.lagging = False  # UpdateWorker.lagging
+        self.need: tuple[str, int] | None = None  # what the main thread waits for
+
+    def may_go(self) -> bool:
+        """Whether the worker may do its next piece of work: always, unless lagging;
+        then only while the main thread waits for something not yet done. Call with
+        ``cond`` held."""
+        if not self.lagging:
+            return True
+        return self.need is not None and getattr(self, self.need[0]) < self.need[1]
+
+    def mark(self) -> None:
+        """The running update has passed its first stage."""
+        with self.cond:
+            self.staged += 1
+            self.marked = True
+            self.cond.notify_all()
+            while not self.may_go():
+                self.cond.wait()
 
 
 def _run(shared: _Shared, threads: int) -> None:
@@ -92,7 +111,10 @@ def _run(shared: _Shared, threads: int) -> None:
         fn = shared.jobs.get()
         if fn is None:
             return
-        shared.gate.wait()
+        with shared.cond:
+            while not shared.may_go():
+                shared.cond.wait()
+            shared.marked = False
         try:
             if shared.error is None:
                 with torch.no_grad():
@@ -101,6 +123,8 @@ def _run(shared: _Shared, threads: int) -> None:
             shared.error = err
         del fn
         with shared.cond:
+            if not shared.marked:  # an update without stages: staged when finished
+                shared.staged += 1
             shared.finished += 1
             shared.cond.notify_all()
 
@@ -120,7 +144,6 @@ class UpdateWorker:
         self._thread: threading.Thread | None = None
         self._threads = 0  # intra-op threads of the worker
         self._saved_threads: int | None = None  # the main thread's count while active
-        self._lagging = False
 
     # --- main-thread side ----------------------------------------------------------
     def begin(self) -> None:
@@ -154,50 +177,59 @@ class UpdateWorker:
 
     def ready(self, slot: int) -> None:
         """Wait for ``slot``'s last update, and until at most one other is pending."""
-        self._wait_for(max(self._last[slot], self._s.submitted - 1))
+        self._wait_for("finished", max(self._last[slot], self._s.submitted - 1))
 
     def wait(self, slot: int) -> None:
         """Wait for ``slot``'s last update only."""
-        self._wait_for(self._last[slot])
+        self._wait_for("finished", self._last[slot])
 
-    def _wait_for(self, target: int) -> None:
-        """Wait until ``target`` updates have finished (the gate opens meanwhile)."""
+    def staged(self) -> None:
+        """Wait until every queued update has passed its first stage (see
+        :meth:`stage_done`)."""
+        self._wait_for("staged", self._s.submitted)
+
+    def stage_done(self) -> None:
+        """Called by a running update: its first stage is done (what :meth:`staged`
+        waits for). An update that never calls it counts as staged when it ends."""
+        self._s.mark()
+
+    def _wait_for(self, counter: str, target: int) -> None:
+        """Wait until ``target`` updates have finished (``counter`` "finished") or
+        passed their first stage ("staged")."""
         s = self._s
         with s.cond:
-            if s.finished < target:
-                s.gate.set()
-                while s.finished < target and s.error is None:
+            if getattr(s, counter) < target:
+                s.need = (counter, target)
+                s.cond.notify_all()
+                while getattr(s, counter) < target and s.error is None:
                     s.cond.wait()
-                if self._lagging:
-                    s.gate.clear()
+                s.need = None
         self._raise()
 
     def sync(self) -> None:
         """Wait for every queued update; give the main thread its threads back."""
-        s = self._s
-        s.gate.set()
-        with s.cond:
-            while s.finished < s.submitted and s.error is None:
-                s.cond.wait()
-        if self._lagging:
-            s.gate.clear()
-        if self._saved_threads is not None:
-            torch.set_num_threads(self._saved_threads)
-            self._saved_threads = None
-        self._raise()
+        try:
+            self._wait_for("finished", self._s.submitted)
+        finally:
+            if self._saved_threads is not None:
+                torch.set_num_threads(self._saved_threads)
+                self._saved_threads = None
 
     @contextmanager
     def lagging(self) -> Iterator[None]:
-        """Within: updates run only while the main thread waits for one, so the
-        forward sweep runs as far ahead as ``ready`` allows (the most tensors alive at
-        once: for memory measurements and tests)."""
-        self._lagging = True
-        self._s.gate.clear()
+        """Within: the worker does each piece of work (an update's start, its second
+        stage) only while the main thread waits for one not yet done, so the forward
+        sweep runs as far ahead as allowed and holds the most tensors it ever holds
+        at once (for memory measurements and tests)."""
+        s = self._s
+        with s.cond:
+            s.lagging = True
         try:
             yield
         finally:
-            self._lagging = False
-            self._s.gate.set()
+            with s.cond:
+                s.lagging = False
+                s.cond.notify_all()
 
     def close(self) -> None:
         """Wait for the updates, then stop the thread (a later ``begin`` restarts it)."""

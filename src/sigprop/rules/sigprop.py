@@ -327,7 +327,7 @@ class Sigprop(LearningRule):
             if loss.requires_grad:
                 loss.backward()
                 if pipelined:
-                    self._queue_update(slot, None, None, None, None)
+                    self._queue_update(slot, None, None, None)
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
@@ -338,10 +338,11 @@ class Sigprop(LearningRule):
         """Gradients for standard fc blocks and a built-in generator, without autograd:
         the same as the autograd path's (tests/test_fastpath.py).
 
-        ``pipelined``: each block's weight gradient and Adam step go to the update
-        thread (sigprop.pipeline) and block i's forward waits only for block i's
-        previous update. BatchNorm's backward stays here, so what waits for the update
-        thread is the block input and dL/da (memory: one block's worth more at most).
+        ``pipelined``: each block's BatchNorm backward, weight gradient and Adam step
+        go to the update thread (sigprop.pipeline); block i's forward waits for block
+        i's previous update, and its BatchNorm forward for the BatchNorm backward of
+        the block before (which overlaps only the Linear's product). Memory: at most
+        one block input and one pre-BatchNorm activation more than in sequence.
         """
         pipe = self._pipe if pipelined else None
         if pipe is not None:
@@ -358,9 +359,12 @@ class Sigprop(LearningRule):
         losses, logits_seen = [], []
         with torch.no_grad():
             z = x
+            staged = pipe.staged if pipe is not None else None
             for i, parts in enumerate(self.fast_parts):
                 if pipe is not None:
                     pipe.ready(i)
+                    if i == 0:  # block 1 overlaps no BatchNorm backward (memory)
+                        pipe.staged()
                 if i == 0:  # [h1, t1] in one buffer, no cat
                     rows = n if self.signal.per_sample else self.num_classes
                     z = x.new_empty((n + rows, parts.linear.out_features))
@@ -371,7 +375,8 @@ class Sigprop(LearningRule):
                         kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=means_of)
                     targets_backward(dt1, do)
                 else:
-                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0])
+                    st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0],
+                                                after_matmul=staged)
                     z = st.o
                     do = torch.empty_like(z)
                     loss, logits, _, classes = fastpath.pred_grads(
@@ -380,8 +385,7 @@ class Sigprop(LearningRule):
                 if pipe is None:
                     fastpath.block_backward(parts, st, do)
                 else:
-                    da = fastpath.bn_backward(parts, st, do)
-                    self._queue_update(i, parts.linear, st.x, da, st.held)
+                    self._queue_update(i, parts, st, do)
                 del st, do
                 if self.prototypes is not None:
                     self.prototypes.update(i, *classes)
@@ -391,26 +395,31 @@ class Sigprop(LearningRule):
             pipe.wait(0)
         return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
 
-    def _queue_update(self, slot: int, lin: nn.Linear | None, x: Tensor | None,
-                      da: Tensor | None, held) -> None:
-        """Queue slot's update: the Linear's gradients from (x, dL/da) if given, then
-        its group's Adam step with the learning rate of now; gradients dropped after."""
-        optimizer = self.optimizer
+    def _queue_update(self, slot: int, parts: fastpath.FCParts | None,
+                      st: fastpath.BlockState | None, do: Tensor | None) -> None:
+        """Queue slot's update: the block's BatchNorm backward from dL/do (then the
+        stage is done: what the next BatchNorm forward waits for) and its Linear's
+        gradients, if given; then its group's Adam step with the learning rate of now;
+        gradients dropped after."""
+        optimizer, pipe = self.optimizer, self._pipe
         k = self._group_index[slot]
         group = optimizer.param_groups[k] if k is not None else None
         lr = group["lr"] if group is not None else 0.0
 
         def update() -> None:
-            nonlocal x, da, held
-            if lin is not None:
-                fastpath.linear_backward(lin, x, da)
-            x = da = held = None  # released (and uncounted) once the gradient exists
+            nonlocal st, do
+            if parts is not None:
+                da = fastpath.bn_backward(parts, st, do)  # releases a, o and the mask
+                do = None
+                pipe.stage_done()
+                fastpath.linear_backward(parts.linear, st.x, da)
+                st = da = None  # x released (and uncounted) once the gradient exists
             if group is not None:
                 adam_group_step(optimizer, group, lr)
                 for p in group["params"]:
                     p.grad = None
 
-        self._pipe.submit(slot, update)
+        pipe.submit(slot, update)
 
     def _fast_targets(self, h1: Tensor, y: Tensor, fb: Feedback | None, out: Tensor):
         """t1 written into ``out``, and a function (dL/dt1, dL/dh1) -> None that sets

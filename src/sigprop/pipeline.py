@@ -3,8 +3,8 @@
 A sigprop block's update needs nothing from the blocks after it, and the next
 block's forward needs nothing from that update: only the *next step's* forward of
 the same block does. So while the main thread goes on with block i+1 (and, at the
-end of a step, with the next batch), a worker thread can compute block i's weight
-gradient and take its Adam step. Every block is updated from the same gradient as
+end of a step, with the next batch), a worker thread can run block i's BatchNorm
+backward, compute its weight gradient and take its Adam step. Every block is updated from the same gradient as
 in the sequential step, in the same order; the forward of block i in step s+1
 waits until block i's update of step s is done. What changes is only when an
 update finishes: after ``train_step`` returns, updates may still be running, and
@@ -16,7 +16,8 @@ backward pass (backward locking, Sec. I of the paper).
 
 On a CPU each thread gets half of the intra-op threads while updates are in flight
 (restored by ``sync``); results are reproducible run to run, and equal the
-sequential step's up to float rounding (tests/test_pipeline.py).
+sequential step's bit for bit when both run single-threaded, up to float rounding
+otherwise (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class UpdateWorker:
     """One background thread running queued updates in order, one slot per block.
 
     ``submit(slot, fn)`` queues ``fn``; ``ready(slot)`` blocks until the slot's last
-    update is done *and* at most one update is still queued or running (so at most
-    two blocks' worth of tensors are alive). An exception in an update is raised by
+    update is done *and* at most one update is still queued or running, which bounds
+    the tensors alive; ``staged()`` until every queued update has called
+    ``stage_done()`` (its first stage: in sigprop, BatchNorm's backward). An exception in an update is raised by
     the next ``ready``/``sync``; later updates are skipped.
     """
 

@@ -95,3 +95,36 @@ def blobs(n_per_blob: int = 64, classes: int = 4, blobs_per_class: int = 2, dim:
     x, y = torch.cat(xs), torch.cat(ys)
     perm = torch.randperm(len(y), generator=g)
     return x[perm], y[perm]
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype within a test (exact comparisons of update paths)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def sigprop_rule(arch="fc-3x24", input_shape=(1, 6, 6), classes=5, dropout=0.0, seed=0, **kw):
+    """A seeded sigprop rule on a small fc net; ``kw`` are rule options."""
+    from sigprop.networks import build_network
+    from sigprop.rules import build_rule
+
+    torch.manual_seed(seed)
+    net = build_network(arch, input_shape, classes, dropout=dropout)
+    return build_rule("sigprop", net, classes, **kw)
+
+
+def random_batches(k=4, n=30, input_shape=(1, 6, 6), classes=5, seed=3):
+    """``k`` seeded (x, y) batches of normal noise and uniform labels."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for _ in range(k)]
+
+
+def run_steps(rule, batches, seed=7):
+    """Training steps over ``batches`` after seeding the dropout stream."""
+    rule.set_training(True)
+    torch.manual_seed(seed)  # the dropout masks: every path draws the same numbers
+    return [rule.train_step(x, y) for x, y in batches]

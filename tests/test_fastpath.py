@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batches, run_steps, sigprop_rule
 from torch import nn
 
 import sigprop.functional as SF
@@ -28,30 +29,15 @@ from sigprop.signals import LabelProjection
 CLASSES = 5
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def make(arch="fc-3x24", input_shape=(1, 6, 6), dropout=0.0, seed=0, **kw):
-    torch.manual_seed(seed)
-    net = build_network(arch, input_shape, CLASSES, dropout=dropout)
-    return build_rule("sigprop", net, CLASSES, **kw)
+    return sigprop_rule(arch, input_shape, CLASSES, dropout, seed, **kw)
 
 
 def data(k=4, n=30, input_shape=(1, 6, 6), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
-            for _ in range(k)]
+    return random_batches(k, n, input_shape, CLASSES, seed)
 
 
-def run(rule, batches, seed=7):
-    rule.set_training(True)
-    torch.manual_seed(seed)  # the dropout masks: both paths draw the same numbers
-    return [rule.train_step(x, y) for x, y in batches]
+run = run_steps
 
 
 def assert_same_state(a, b, atol=1e-9):

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import random_batches, run_steps, sigprop_rule
 
 from sigprop import fastpath
 from sigprop.errors import ConfigError, TrainingError
@@ -22,14 +23,6 @@ CLASSES = 5
 
 
 @pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-@pytest.fixture
 def threads():
     old = torch.get_num_threads()
     yield
@@ -37,21 +30,14 @@ def threads():
 
 
 def make(arch="fc-3x24", input_shape=(1, 6, 6), dropout=0.1, seed=0, **kw):
-    torch.manual_seed(seed)
-    net = build_network(arch, input_shape, CLASSES, dropout=dropout)
-    return build_rule("sigprop", net, CLASSES, **kw)
+    return sigprop_rule(arch, input_shape, CLASSES, dropout, seed, **kw)
 
 
 def data(k=5, n=30, input_shape=(1, 6, 6), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
-            for _ in range(k)]
+    return random_batches(k, n, input_shape, CLASSES, seed)
 
 
-def run(rule, batches, seed=7):
-    rule.set_training(True)
-    torch.manual_seed(seed)
-    return [rule.train_step(x, y) for x, y in batches]
+run = run_steps
 
 
 def states(rule):

@@ -267,3 +267,28 @@ def test_input_batch_may_be_reused_when_train_step_returns(threads):
     (ma, _), (mb, _) = states(fresh), states(reused)
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
+
+
+def test_process_exits_cleanly_with_the_worker_alive(tmp_path):
+    """A script that ends (or is interrupted) while the update thread lives must exit
+    normally; a thread still alive at interpreter teardown aborted the process
+    ("terminate called without an active exception", exit code 134)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch, sigprop\n"
+        "torch.manual_seed(0)\n"
+        "net = sigprop.build_network('fc-2x64', (1, 6, 6), 5, dropout=0.1)\n"
+        "rule = sigprop.build_rule('sigprop', net, 5, pipeline='on')\n"
+        "rule.set_training(True)\n"
+        "x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 5, (32,))\n"
+        "for _ in range(3):\n"
+        "    rule.train_step(x, y)\n"
+        "print('done')\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done" and "terminate" not in out.stderr

@@ -22,8 +22,10 @@ otherwise (tests/test_pipeline.py).
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -71,6 +73,18 @@ def group_stepping_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
             or getattr(_o, "_global_optimizer_post_hooks", None)):
         return "the optimizer has step hooks, which only Optimizer.step runs"
     return None
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # workers with a running thread
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every worker thread before the interpreter tears down (a thread still in
+    a torch op at shutdown aborts the process, e.g. after Ctrl-C in a training run)."""
+    for worker in list(_LIVE):
+        with suppress(Exception):
+            worker._stop_thread()
 
 
 class _Shared:
@@ -162,6 +176,7 @@ class UpdateWorker:
             self._thread = threading.Thread(target=_run, args=(self._s, worker),
                                             name="sigprop-updates", daemon=True)
             self._thread.start()
+            _LIVE.add(self)
         self._saved_threads = total
         torch.set_num_threads(max(1, total - worker))
 

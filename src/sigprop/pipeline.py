@@ -23,6 +23,7 @@ otherwise (tests/test_pipeline.py).
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 import weakref
@@ -160,6 +161,7 @@ class UpdateWorker:
         self._thread: threading.Thread | None = None
         self._threads = 0  # intra-op threads of the worker
         self._saved_threads: int | None = None  # the main thread's count while active
+        self._pid = os.getpid()
 
     # --- main-thread side ----------------------------------------------------------
     def begin(self) -> None:
@@ -170,6 +172,8 @@ class UpdateWorker:
             return
         total = torch.get_num_threads()
         worker = max(1, total // 2)
+        if self._pid != os.getpid():  # a forked child: the parent's thread is not here
+            self._thread, self._pid = None, os.getpid()
         if self._thread is None or worker != self._threads:
             self._stop_thread()
             self._threads = worker

@@ -46,9 +46,10 @@ class RuleConfig:
     # updates without autograd (sigprop.fastpath). auto: where it applies | on: required
     # (an error says why not) | off: always autograd. Same numbers either way.
     fast_path: str = "auto"
-    # sigprop on a CPU with the fast path: each block's weight gradient and Adam step
-    # run on a second thread while the forward sweep goes on (sigprop.pipeline); the
-    # same updates in the same order. auto: on a CPU with >= 2 threads | on | off.
+    # sigprop on a CPU with the fast path: each block's BatchNorm backward, weight
+    # gradient and Adam step run on a second thread while the forward sweep goes on
+    # (sigprop.pipeline); the same updates in the same order. auto: on a CPU with >= 2
+    # threads, blocks of >= 250k weights, not the loop-back signals | on | off.
     pipeline: str = "auto"
 
     def validate(self) -> None:

@@ -26,8 +26,8 @@ For standard fully connected blocks and the built-in generators the step runs
 without autograd, as written-out local updates (:mod:`sigprop.fastpath`, ``fast_path``):
 the same updates, less overhead. Anything else, a user's own blocks included, takes
 the autograd path. On a CPU the fast path can be pipelined (``pipeline``,
-:mod:`sigprop.pipeline`): each block's weight gradient and Adam step run on a second
-thread while the forward sweep goes on; ``sync()`` waits for them.
+:mod:`sigprop.pipeline`): each block's BatchNorm backward, weight gradient and Adam
+step run on a second thread while the forward sweep goes on; ``sync()`` waits for them.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class Sigprop(LearningRule):
         if self.pipeline_off is not None:
             return f"{kind}, in sequence ({self.pipeline_off})"
         if self.pipelines:
-            return (f"{kind}; each block's weight gradient and Adam step on a second thread "
+            return (f"{kind}; each block's BatchNorm backward, weight gradient and Adam step on a second thread "
                     "while the forward sweep goes on (sigprop.pipeline)")
         return f"{kind}, in sequence (pipeline: needs a CPU and >= 2 threads)"
 

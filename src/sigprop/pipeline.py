@@ -4,9 +4,9 @@ A sigprop block's update needs nothing from the blocks after it, and the next
 block's forward needs nothing from that update: only the *next step's* forward of
 the same block does. So while the main thread goes on with block i+1 (and, at the
 end of a step, with the next batch), a worker thread can run block i's BatchNorm
-backward, compute its weight gradient and take its Adam step. Every block is updated from the same gradient as
-in the sequential step, in the same order; the forward of block i in step s+1
-waits until block i's update of step s is done. What changes is only when an
+backward, compute its weight gradient and take its Adam step. Every block is updated
+from the same gradient as in the sequential step, in the same order; the forward of
+block i in step s+1 waits until block i's update of step s is done. What changes is only when an
 update finishes: after ``train_step`` returns, updates may still be running, and
 :meth:`UpdateWorker.sync` waits for them (the rule's eval, state_dict,
 set_training and the trainer's epoch end call it).
@@ -151,8 +151,8 @@ class UpdateWorker:
     ``submit(slot, fn)`` queues ``fn``; ``ready(slot)`` blocks until the slot's last
     update is done *and* at most one update is still queued or running, which bounds
     the tensors alive; ``staged()`` until every queued update has called
-    ``stage_done()`` (its first stage: in sigprop, BatchNorm's backward). An exception in an update is raised by
-    the next ``ready``/``sync``; later updates are skipped.
+    ``stage_done()`` (its first stage: in sigprop, BatchNorm's backward). An exception
+    in an update is raised by the next wait; later updates are skipped.
     """
 
     def __init__(self, slots: int) -> None:
@@ -227,10 +227,14 @@ class UpdateWorker:
                 s.need = None
         self._raise()
 
+    def drain(self) -> None:
+        """Wait for every queued update (the threads stay split)."""
+        self._wait_for("finished", self._s.submitted)
+
     def sync(self) -> None:
         """Wait for every queued update; give the main thread its threads back."""
         try:
-            self._wait_for("finished", self._s.submitted)
+            self.drain()
         finally:
             if self._saved_threads is not None:
                 torch.set_num_threads(self._saved_threads)

@@ -207,17 +207,19 @@ class Sigprop(LearningRule):
 
     def _pipelined(self, x: Tensor) -> bool:
         """Whether this step's updates go to the update thread."""
+        if self._pipe is not None and self.cfg.pipeline == "on" and x.device.type != "cpu":
+            raise ConfigError(
+                f"pipeline='on' is for CPUs (on {x.device.type} the device already runs "
+                "kernels asynchronously); use pipeline='auto' or 'off'")
+        return self._pipelines_on(x.device)
+
+    def _pipelines_on(self, device: torch.device) -> bool:
         if self._pipe is None:
             return False
         if self._pipe.active:
             return True
-        if x.device.type != "cpu":
-            if self.cfg.pipeline == "on":
-                raise ConfigError(
-                    f"pipeline='on' is for CPUs (on {x.device.type} the device already runs "
-                    "kernels asynchronously); use pipeline='auto' or 'off'")
-            return False
-        return self.cfg.pipeline == "on" or torch.get_num_threads() >= 2
+        return device.type == "cpu" and (self.cfg.pipeline == "on"
+                                         or torch.get_num_threads() >= 2)
 
     @property
     def step_kind(self) -> str:
@@ -228,21 +230,16 @@ class Sigprop(LearningRule):
         if self.pipeline_off is not None:
             return f"{kind}, in sequence ({self.pipeline_off})"
         if self.pipelines:
-            return (f"{kind}; each block's BatchNorm backward, weight gradient and Adam step on a second thread "
-                    "while the forward sweep goes on (sigprop.pipeline)")
+            return (f"{kind}; each block's BatchNorm backward, weight gradient and Adam "
+                    "step on a second thread while the forward sweep goes on "
+                    "(sigprop.pipeline)")
         return f"{kind}, in sequence (pipeline: needs a CPU and >= 2 threads)"
 
     @property
     def pipelines(self) -> bool:
         """Whether a training step now would hand block updates to the update thread
         (fast path and pipeline apply, parameters on a CPU, >= 2 threads or 'on')."""
-        if self._pipe is None:
-            return False
-        if self._pipe.active:
-            return True
-        device = next(self.modules.parameters()).device
-        return device.type == "cpu" and (self.cfg.pipeline == "on"
-                                         or torch.get_num_threads() >= 2)
+        return self._pipelines_on(next(self.modules.parameters()).device)
 
     def sync(self) -> None:
         if self._pipe is not None:
@@ -342,7 +339,7 @@ class Sigprop(LearningRule):
         go to the update thread (sigprop.pipeline); block i's forward waits for block
         i's previous update, and its BatchNorm forward for the BatchNorm backward of
         the block before (which overlaps only the Linear's product). Memory: at most
-        one block input and one pre-BatchNorm activation more than in sequence.
+        one (n + m)-row tensor more than in sequence.
         """
         pipe = self._pipe if pipelined else None
         if pipe is not None:
@@ -353,8 +350,7 @@ class Sigprop(LearningRule):
         fb = None
         if self.signal.needs_feedback:  # the label-free pass reads every block
             if pipe is not None:
-                for i in range(len(self.fast_parts) + 1):
-                    pipe.ready(i)
+                pipe.drain()
             fb = self._feedback(x)
         losses, logits_seen = [], []
         with torch.no_grad():

@@ -24,3 +24,12 @@ class TrainingError(SigpropError):
 
 class CheckpointError(SigpropError):
     """A checkpoint or run folder cannot be read."""
+
+
+class InputError(SigpropError, ValueError):
+    """A tensor given to the library API has the wrong type, shape or values; the
+    message names the argument. Raised before any state changes."""
+
+
+class RunFolderError(SigpropError):
+    """A run folder cannot be used: not a folder, not writable, or in use by another run."""

@@ -4,6 +4,7 @@ dataset lookup roots, and small config helpers."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -20,7 +21,9 @@ FAKE_TRAIN, FAKE_TEST = 1024, 200
 # every op wait on a descheduled thread (measured: 200 ms instead of 3 ms per step of
 # a 2x32 net; the 8-epoch fc-3x1000 run of test_e2e.py took 122 s with 2 threads next
 # to another job, 16 s with 1). Tiny networks gain nothing from threads anyway.
-torch.set_num_threads(1)
+# SIGPROP_TEST_THREADS=2 runs the suite with 2 intra-op threads (another summation
+# order: every result must hold either way).
+torch.set_num_threads(int(os.environ.get("SIGPROP_TEST_THREADS", "1")))
 
 
 def _idx(arr: np.ndarray, magic: int) -> bytes:

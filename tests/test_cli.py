@@ -38,8 +38,8 @@ def one_error_line(capsys, rc):
 
 @pytest.mark.parametrize("argv,match", [
     (["train", "--rule", "dfa"], "unknown rule 'dfa'"),
-    (["train", "--lr", "-1"], "learning rate must be positive"),
-    (["train", "--lr=-0.5"], "learning rate must be positive"),
+    (["train", "--lr", "-1"], "lr (the Adam learning rate) must be"),
+    (["train", "--lr=-0.5"], "lr (the Adam learning rate) must be"),
     (["train", "--lr", "fast"], "rule.lr: expected float"),
     (["train", "--batch-size", "0"], "data.batch_size"),
     (["train", "--epochs", "0"], "train.epochs"),
@@ -77,7 +77,7 @@ def test_missing_dataset_says_where_it_looked(capsys, in_tmp):
     empty = in_tmp / "empty"
     empty.mkdir()
     line = one_error_line(capsys, main(["train", "--data-dir", str(empty), *FAST]))
-    assert "not found" in line and "looked in" in line and str(empty) in line
+    assert "data_dir folder" in line and str(empty) in line  # only there: no fallback
     line = one_error_line(capsys, main(["data", "check", "mnist"]))
     assert "'mnist' not found" in line and "looked in" in line
 
@@ -102,7 +102,7 @@ def final_acc(out: str) -> float:
 def test_train_writes_run_folder(trained):
     run, out = trained
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
+        ".lock", "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in records)
@@ -255,7 +255,7 @@ def test_resume_with_incompatible_network_is_one_line(trained, capsys):
     line = one_error_line(capsys, main(["train", "--resume", "--run-dir", str(run),
                                         "--network", "fc-2x64", "--epochs", "4",
                                         "--no-progress"]))
-    assert "checkpoint" in line
+    assert "model.network 'fc-2x32' -> 'fc-2x64'" in line
 
 
 def test_resume_with_other_head_is_one_line(trained, capsys):
@@ -263,7 +263,7 @@ def test_resume_with_other_head_is_one_line(trained, capsys):
     line = one_error_line(capsys, main(["train", "--resume", "--run-dir", str(run),
                                         "--head", "classifier", "--epochs", "4",
                                         "--no-progress"]))
-    assert "another network, rule or signal" in line
+    assert "rule.head 'target' -> 'classifier'" in line
 
 
 def test_data_download_failure_is_one_line(in_tmp, capsys, monkeypatch):
@@ -271,7 +271,7 @@ def test_data_download_failure_is_one_line(in_tmp, capsys, monkeypatch):
 
     import sigprop.data.datasets as ds
 
-    def offline(url):
+    def offline(url, timeout):
         raise urllib.error.URLError("no network here")
 
     monkeypatch.setattr(ds, "URL_OPENER", offline)

@@ -329,19 +329,27 @@ def test_idx_dataset_and_bad_split(tmp_path):
 
 def test_missing_dataset_lists_places(tmp_path, monkeypatch, isolated_roots):
     system, cache = isolated_roots
-    monkeypatch.setenv(ds.ENV_VAR, str(tmp_path / "envdir"))
+    # Neither data_dir nor $SIGPROP_DATA: the default places are listed.
     with pytest.raises(DataError) as err:
-        find_dataset_dir("fashion-mnist", tmp_path / "given")
+        find_dataset_dir("fashion-mnist")
     msg = str(err.value)
     assert "\n" not in msg
-    for place in (tmp_path / "given", tmp_path / "envdir", system / "fashion-mnist",
-                  cache / "fashion-mnist"):
+    for place in (system / "fashion-mnist", cache / "fashion-mnist"):
         assert str(place) in msg
     assert "sigprop data download fashion-mnist" in msg
     assert "apt-get install -y dataset-fashion-mnist" in msg
     with pytest.raises(DataError, match="sigprop data download cifar10") as err:
         load_dataset("cifar10", "train")
     assert "apt-get" not in str(err.value)
+    # An explicit folder is the only place looked at: its error names it, not the others.
+    monkeypatch.setenv(ds.ENV_VAR, str(tmp_path / "envdir"))
+    with pytest.raises(DataError) as err:
+        find_dataset_dir("fashion-mnist", tmp_path / "given")
+    msg = str(err.value)
+    assert f"data_dir folder {tmp_path / 'given'} does not exist" in msg
+    assert "envdir" not in msg and str(system) not in msg
+    with pytest.raises(DataError, match=r"\$SIGPROP_DATA folder .*envdir does not exist"):
+        find_dataset_dir("fashion-mnist")
 
 
 def test_lookup_order(tmp_path, monkeypatch, isolated_roots):
@@ -353,6 +361,8 @@ def test_lookup_order(tmp_path, monkeypatch, isolated_roots):
     assert find_dataset_dir("mnist", given) == given / "mnist"  # parent holding mnist/
     assert find_dataset_dir("mnist", given / "mnist") == given / "mnist"  # folder itself
     assert find_dataset_dir("mnist") == env / "mnist"
+    monkeypatch.setenv(ds.ENV_VAR, "")  # set but empty: as if unset
+    assert find_dataset_dir("mnist") == system / "mnist"
     monkeypatch.delenv(ds.ENV_VAR)
     assert find_dataset_dir("mnist") == system / "mnist"
     for f in (system / "mnist").iterdir():
@@ -400,7 +410,7 @@ def test_download_file_bad_md5(tmp_path):
 
 
 def test_download_file_network_error(tmp_path):
-    def opener(url):
+    def opener(url, timeout):
         raise urllib.error.URLError("no route to host")
 
     with pytest.raises(DataError, match="no route to host"):
@@ -420,7 +430,8 @@ def served(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "dataset_spec", lambda name: dataclasses.replace(spec, files=files))
     calls: list[str] = []
 
-    def opener(url: str):
+    def opener(url: str, timeout: float):
+        assert timeout == ds.DEFAULT_STALL_TIMEOUT  # the stall timeout is the socket timeout
         calls.append(url)
         return open(root / url.rsplit("/", 1)[1], "rb")
 
@@ -451,7 +462,7 @@ def test_download_dataset_dest_dir(tmp_path, served):
 
 
 def test_download_dataset_bad_md5(tmp_path):
-    def opener(url):
+    def opener(url, timeout):
         return io.BytesIO(b"not the real file")
 
     dest = tmp_path / "d"

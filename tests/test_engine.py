@@ -181,16 +181,23 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["f.txt"]
 
 
+def checkpoint_state(epoch: int = 1, **extra) -> dict:
+    """The layout of a checkpoint the trainer writes (contents made up)."""
+    return {"epoch": epoch, "config": Config().to_dict(),
+            "rule": {"modules": {}, "optimizers": []}, "rng": torch.get_rng_state(),
+            "cuda_rng": None, "history": [{"epoch": e + 1} for e in range(epoch)], **extra}
+
+
 def test_failed_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     p = tmp_path / "checkpoint.pt"
-    runio.save_checkpoint(p, {"epoch": 1})
+    runio.save_checkpoint(p, checkpoint_state(1))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(runio.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        runio.save_checkpoint(p, {"epoch": 2})
+        runio.save_checkpoint(p, checkpoint_state(2))
     monkeypatch.undo()
     assert runio.load_checkpoint(p)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -203,7 +210,7 @@ def test_failed_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     p = tmp_path / "checkpoint.pt"
-    state = {"epoch": 3, "t": torch.arange(5), "history": [{"a": 1}]}
+    state = checkpoint_state(3, t=torch.arange(5))
     runio.save_checkpoint(p, state)
     back = runio.load_checkpoint(p)
     assert back["epoch"] == 3 and torch.equal(back["t"], torch.arange(5))
@@ -267,7 +274,7 @@ def test_trainer_learns_and_writes_run_folder(fake_fashion, tmp_path):
     assert last["test_acc"] == last["test_acc_exits"]["layer2"]
     assert history[0]["train_loss"] > last["train_loss"]
     files = sorted(os.listdir(tmp_path / "run"))
-    assert files == ["checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
+    assert files == [".lock", "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
     jsonl = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert jsonl == history
     conf = json.loads((tmp_path / "run" / "config.json").read_text())

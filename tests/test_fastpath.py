@@ -286,3 +286,18 @@ def test_user_blocks_of_the_standard_form_match_autograd(signal, float64):
         torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
         assert torch.equal(cf, cs)
     assert_same_state(fast, slow)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("signal", ["label", "label-input"])
+def test_default_fc_networks_take_the_written_out_step(dropout, signal):
+    """fc blocks have no Linear bias (BatchNorm cancels it); the fast path matches
+    them, and step_kind says so."""
+    net = build_network("fc-3x16", (1, 6, 6), CLASSES, dropout=dropout)
+    assert all(fastpath.match_fc_block(b).linear.bias is None
+               for b in convert_batchnorm(net.blocks))
+    rule = build_rule("sigprop", net, CLASSES, signal=signal)
+    assert rule.fast_path_off is None
+    assert rule.step_kind.startswith("written-out local updates")
+    (losses, _), = run(rule, data(k=1))
+    assert torch.isfinite(losses).all()

@@ -16,10 +16,14 @@ def test_fc_builder_structure():
     assert net.block_shapes == [(16,), (16,), (16,)]
     assert net.blocks[0][1].in_features == 784
     assert isinstance(net.head, nn.Linear) and net.head.out_features == 10
-    assert [type(m) for m in net.blocks[0]][0] is nn.Flatten  # only the first block takes images
+    assert type(net.blocks[0][0]) is nn.Flatten  # only the first block takes images
     kinds = [type(m) for m in net.blocks[1]]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, Dropout]
     assert net.blocks[1][2].negative_slope == 0.01
+    # no Linear bias in front of BatchNorm (its gradient is exactly zero)
+    assert all(b[0 if i else 1].bias is None for i, b in enumerate(net.blocks))
+    assert net.head.bias is not None
+    assert net.output_shape == (10,)
     assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
     no_drop = build_network("fc-2x8", (8,), 4)
     assert not any(isinstance(m, Dropout) for m in no_drop.modules())
@@ -37,6 +41,8 @@ def test_shape_inference_leaves_running_stats_alone():
 @pytest.mark.parametrize("name,match", [
     ("fc-3by10", "architecture"), ("fc-0x10", "architecture"), ("fc-2x0", "architecture"),
     ("fc", "architecture"), ("conv-3x10", "unknown network"),
+    ("fc-\u0663x32", "architecture"), ("fc-3x\u0663\u0662", "architecture"),  # not ASCII
+    ("fc-1001x8", "layers"), ("fc-3x1000000000", "parameters"),
 ])
 def test_bad_network_names(name, match):
     with pytest.raises(ConfigError, match=match):
@@ -54,6 +60,39 @@ def test_mismatched_blocks_raise_config_error():
     blocks = [nn.Linear(8, 4), nn.Linear(5, 3)]
     with pytest.raises(ConfigError, match="block 2"):
         Network(blocks, nn.Linear(3, 2), (8,))
+
+
+def test_mismatched_head_raises_config_error_naming_both_sizes():
+    with pytest.raises(ConfigError, match=r"head Linear takes 5 input features, but block 1 "
+                                          r"\(the last\) outputs 4"):
+        Network([nn.Linear(8, 4)], nn.Linear(5, 2), (8,))
+
+
+def test_leading_zeros_and_the_depth_cap():
+    assert len(build_network("fc-02x08", (8,), 4).blocks) == 2
+    assert len(build_network("fc-1000x2", (2,), 2).blocks) == 1000
+
+
+def test_size_is_checked_before_allocating(monkeypatch):
+    """The parameter count comes from the string: a network that cannot be trained in
+    this memory is refused without building a single block."""
+    import sigprop.networks as nets
+
+    monkeypatch.setattr(nets, "fc_block", lambda *a, **k: pytest.fail("allocated a block"))
+    with pytest.raises(ConfigError, match=r"fc-3x1000000000: 2\.00e\+18 parameters "
+                                          r"\(weights, gradients and Adam's two moments\) "
+                                          r"need about .*; choose a smaller --network"):
+        build_network("fc-3x1000000000", (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("arch,shape,classes", [("fc-3x16", (1, 28, 28), 10), ("fc-1x5", (7,), 3)])
+def test_parameter_count_from_the_string_is_exact(arch, shape, classes):
+    from sigprop.networks import fc_parameter_count, parse_fc_arch
+
+    depth, width = parse_fc_arch(arch.removeprefix("fc-"))
+    net = build_network(arch, shape, classes)
+    count = fc_parameter_count(depth, width, int(torch.tensor(shape).prod()), classes)
+    assert count == sum(p.numel() for p in net.parameters())
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -87,6 +126,8 @@ def test_dropout_contract(p):
     assert torch.equal(Dropout(0.0)(x), x)
     with pytest.raises(ConfigError):
         Dropout(1.0)
+    with pytest.raises(ConfigError, match="rounds to 1"):  # threshold 65536: nothing kept
+        Dropout(0.9999999)
 
 
 def test_dropout_is_seeded_by_global_rng():

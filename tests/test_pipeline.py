@@ -14,7 +14,7 @@ import torch
 from conftest import random_batches, run_steps, sigprop_rule
 
 from sigprop import fastpath
-from sigprop.errors import ConfigError, TrainingError
+from sigprop.errors import ConfigError, InputError, TrainingError
 from sigprop.networks import build_network
 from sigprop.pipeline import UpdateWorker, adam_group_step
 from sigprop.rules import build_rule
@@ -210,6 +210,35 @@ def test_lagging_peak_memory_is_bounded():
     assert peaks["off"] < peaks["on"] <= peaks["off"] + block_input
 
 
+def test_bad_batch_with_updates_in_flight_changes_nothing(threads):
+    """A malformed batch is refused before the pipelined step queues anything, even
+    while the previous step's updates are still pending: the result equals a run
+    without the bad call, bit for bit."""
+    torch.set_num_threads(1)
+    ref, rule = make(pipeline="on"), make(pipeline="on")
+    batches = data(2)
+    run(ref, batches)
+    rule.set_training(True)
+    torch.manual_seed(7)
+    x, y = batches[0]
+    with rule.lagging_updates():  # the updates wait until the main thread does
+        rule.train_step(x, y)
+        pending = rule._pipe._s
+        assert pending.finished < pending.submitted
+        for bad_x, bad_y in ((x, torch.full_like(y, CLASSES)), (x.double(), y), (x[:1], y[:1])):
+            with pytest.raises(InputError):
+                rule.train_step(bad_x, bad_y)
+        assert pending.finished < pending.submitted  # nothing waited, nothing queued
+        rule.train_step(*batches[1])
+    (ma, oa), (mb, ob) = states(ref), states(rule)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    for a, b in zip(oa, ob):
+        for sa, sb in zip(a["state"].values(), b["state"].values()):
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), k
+
+
 def test_adam_group_step_matches_adam_step():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
@@ -289,6 +318,6 @@ def test_process_exits_cleanly_with_the_worker_alive(tmp_path):
         "print('done')\n"
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "done" and "terminate" not in out.stderr

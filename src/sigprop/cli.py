@@ -6,7 +6,11 @@ Every user error (a SigpropError) becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sigprop", description="Signal propagation: learning in a forward pass.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--dest", help="destination folder (default: the user cache)")
     dl.add_argument("--include-optional", action="store_true", help="also optional files (SVHN extra)")
+    dl.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="S",
+                    help="give up when no byte arrives for S seconds (default 30)")
+    dl.add_argument("--deadline", type=_seconds, default=3600.0, metavar="S",
+                    help="give up when the whole download takes over S seconds (default 3600)")
     return p
 
 
@@ -91,9 +109,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .engine.config import Config, apply_overrides, config_from_dict, load_toml
+    from .engine.config import Config, apply_overrides, load_toml
     from .engine.perf import tune_allocator
-    from .engine.runio import CONFIG, read_json
     from .engine.trainer import Trainer
 
     tune_allocator()
@@ -102,19 +119,28 @@ def cmd_train(ns: argparse.Namespace) -> int:
     run_dir = overrides.get("train", {}).get("run_dir")
     if resume and not run_dir:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
-    if resume and (Path(run_dir) / CONFIG).exists():
-        cfg = config_from_dict(read_json(Path(run_dir) / CONFIG)["config"])
-    else:
-        cfg = Config()
-        if hasattr(ns, "config"):
-            cfg = apply_overrides(cfg, load_toml(ns.config))
+    # resume: the run's own settings, then the file's and the flags' (checked against
+    # what resume may change when the checkpoint is read)
+    cfg = _recorded_config(Path(run_dir)) if resume else None
+    cfg = cfg or Config()
+    if hasattr(ns, "config"):
+        cfg = apply_overrides(cfg, load_toml(ns.config))
     cfg = apply_overrides(cfg, overrides)
     cfg.validate()
     if cfg.train.run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = apply_overrides(cfg, {"train": {"run_dir": str(
             Path("runs") / f"{cfg.data.dataset}-{cfg.model.network}-{cfg.rule.name}-{stamp}")}})
-    history = Trainer(cfg, Path(cfg.train.run_dir), resume=resume).run()
+    trainer = Trainer(cfg, Path(cfg.train.run_dir), resume=resume)
+    try:
+        history = trainer.run()
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        again = (f"after epoch {trainer.epochs_done}; continue with" if trainer.epochs_done
+                 else "before the first epoch ended; start it again with")
+        print(f"sigprop: {what} {again}: sigprop train --resume --run-dir "
+              f"{shlex.quote(cfg.train.run_dir)}", file=sys.stderr)
+        return stop.code if isinstance(stop, Terminated) else 130
     last = history[-1]
     print(f"run folder: {cfg.train.run_dir}")
     for name, acc in last["test_acc_exits"].items():
@@ -123,17 +149,48 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_config(run_dir: Path):
+    """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
+    or None when the folder holds no run yet."""
+    from .engine.config import config_from_dict
+    from .engine.runio import CHECKPOINT, CONFIG, load_checkpoint, read_run_config
+
+    try:
+        if (run_dir / CONFIG).exists():
+            path, config = run_dir / CONFIG, read_run_config(run_dir / CONFIG)["config"]
+        elif (run_dir / CHECKPOINT).exists():
+            path, config = run_dir / CHECKPOINT, load_checkpoint(run_dir / CHECKPOINT)["config"]
+        else:
+            return None
+    except OSError as err:  # a name too long to look up, ...
+        raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
+    try:
+        return config_from_dict(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds a bad config ({err}); restore it, or delete the "
+                              "run folder to start afresh") from None
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .engine.config import apply_overrides, config_from_dict
     from .engine.runio import CHECKPOINT, load_checkpoint
     from .engine.trainer import build_experiment, evaluate
 
+    if not ns.path.strip():
+        raise ConfigError("the run folder or checkpoint to evaluate is empty; give its path")
     path = Path(ns.path)
-    ckpt = path / CHECKPOINT if path.is_dir() else path
-    if not ckpt.exists():
+    try:
+        ckpt = path / CHECKPOINT if path.is_dir() else path
+        found = ckpt.is_file()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    if not found:
         raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a checkpoint.pt")
     state = load_checkpoint(ckpt, "cpu")
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {ckpt} holds a bad config ({err})") from None
     over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
     if ns.device:
         over["train"]["device"] = ns.device
@@ -167,24 +224,53 @@ def cmd_data(ns: argparse.Namespace) -> int:
         report = check_dataset(ns.name, ns.data_dir)
         print(report.summary())
         return 0 if report.ok else 1
-    path = download_dataset(ns.name, ns.dest, include_optional=ns.include_optional)
+    try:
+        path = download_dataset(ns.name, ns.dest, include_optional=ns.include_optional,
+                                stall_timeout=ns.stall_timeout, deadline=ns.deadline)
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"sigprop: {what}; the partial download was removed (files already verified "
+              f"stay); run `sigprop data download {ns.name}` again to finish", file=sys.stderr)
+        return stop.code if isinstance(stop, Terminated) else 130
     print(f"{ns.name}: files in {path}")
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every cleanup (partial downloads,
+    temporary checkpoint files, the run folder's lock) runs as on Ctrl-C."""
+
+    code = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         ns = _parser().parse_args(argv)
         import sigprop.rules  # noqa: F401  (register rules)
 
         return {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[ns.command](ns)
     except SigpropError as err:
-        print(f"sigprop: error: {err}", file=sys.stderr)
+        print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sigprop: interrupted; continue a training run with --resume --run-dir DIR",
+    except KeyboardInterrupt as stop:
+        print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
               file=sys.stderr)
-        return 130
+        return stop.code if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: Exception) -> str:
+    """The message on one line, however the cause (a path, an OS message) was written."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from a first, gradient-free pass (Fig. 2c). They need a classification head.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -164,6 +165,7 @@ class LoopBackError(TargetGenerator):
         super().__init__(num_classes, target_shape, learned)
         if not isinstance(head, nn.Linear) or out_dim is None:
             raise ConfigError("signal 'loop-error' (Eq. 12) needs a linear classification head")
+        check_eta(eta)
         # A plain reference, not a submodule: the head is owned (saved, trained) elsewhere.
         self.__dict__["_head"] = head
         self.eta = eta
@@ -191,6 +193,17 @@ class LoopBackError(TargetGenerator):
         err = (probs - self._eye(h1).unsqueeze(0)) @ self._head.weight.detach()  # (n, m, d_L)
         t = _leaky(F.linear(fb.h_out.unsqueeze(1) - self.eta * err, self.proj.weight, self.proj.bias))
         return t.view(n, m, *self.target_shape)
+
+
+def check_eta(eta: object) -> None:
+    """Eq. 12's error step must be a finite number > 0: the target is built from the
+    output moved by -eta times its loss gradient, towards the label; eta = 0 drops the
+    label from the target, a negative eta moves away from it, NaN or inf poisons it."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (
+            math.isfinite(eta) and eta > 0):
+        raise ConfigError(
+            f"eta (the error step of the loop-error signal, Eq. 12) must be a finite number "
+            f"> 0, got {eta!r}; 1.0 is the default")
 
 
 def build_signal(

@@ -1,4 +1,4 @@
-"""Datasets (find, load, download, check) and the device-resident batch loader.
+"""Datasets (find, load, download, check, record provenance) and the device-resident loader.
 
     images, labels = load_dataset("cifar10", "train")
     spec = dataset_spec("cifar10")
@@ -23,6 +23,7 @@ from .datasets import (
     download_file,
     find_dataset_dir,
     load_dataset,
+    split_file_records,
 )
 from .formats import CorruptFileError, load_cifar, load_idx, load_svhn_mat, read_idx
 from .loader import DeviceLoader
@@ -48,4 +49,5 @@ __all__ = [
     "load_svhn_mat",
     "parse_augment",
     "read_idx",
+    "split_file_records",
 ]

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .datasets import DatasetSpec
 
 DEFAULT_CROP_PADDING = 4
-_CROP = re.compile(r"crop(\d*)")
+_CROP = re.compile(r"crop([0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,15 @@ def parse_augment(text: str, spec: DatasetSpec | None = None) -> Augment:
             raise ConfigError(
                 f"bad augment {text!r}: use none, crop, crop<N>, flip, crop+flip or auto"
             )
-    return Augment(crop_padding=padding or 0, flip=flip)
+    augment = Augment(crop_padding=padding or 0, flip=flip)
+    if spec is not None and augment.crop_padding > min(spec.shape[1:]):
+        # more padding than the image is wide crops mostly (or only) black pixels, and
+        # the padded batch grows with its square
+        raise ConfigError(
+            f"bad augment {text!r}: crop padding {augment.crop_padding} is more than the "
+            f"{spec.shape[1]}x{spec.shape[2]} images of {spec.name!r} are wide; use at most "
+            f"crop{min(spec.shape[1:])} (the paper pads 4)")
+    return augment
 
 
 def crop_with_offsets(

@@ -1,15 +1,45 @@
 """Dataset specs, where their files live, and how to load, download and check them.
 
-Lookup order for a dataset ``NAME`` (first folder holding its files wins):
-explicit ``data_dir`` -> ``$SIGPROP_DATA`` -> ``/usr/share/datasets/NAME`` -> user cache
-(``$XDG_CACHE_HOME/sigprop/NAME`` or ``~/.cache/sigprop/NAME``).
+Where dataset ``NAME`` is read from - the first rule that applies decides, and nothing
+falls back to another place, so a run never trains on other data than it was pointed at:
+
+1. an explicit ``data_dir``: only that folder, or its ``NAME/`` subfolder;
+2. else a non-empty ``$SIGPROP_DATA``: only that folder, or its ``NAME/`` subfolder;
+3. else the default places, the first complete one wins: ``/usr/share/datasets/NAME``, then
+   the user cache (``$XDG_CACHE_HOME/sigprop/NAME`` or ``~/.cache/sigprop/NAME``).
+
+When the folder of rule 1 or 2 is unusable, one DataError line names the origin, the
+folder and exactly what is wrong there (does not exist, is a file, lacks file X, X is a
+directory), and how to fix it. Every probe of a user-given path is guarded: a path the
+system cannot even look up (too long, a NUL byte) is one such line too, never a traceback.
+
+:func:`load_dataset` and :func:`split_file_records` resolve a split's files with the same
+helper (:func:`_split_files`), so the provenance a run records (path, size, md5, whether it
+is the official file) is what it read. A file holding no images stops the load.
+
+Downloads (:func:`download_dataset`, :func:`download_file`) check the destination before
+any network access (created, writable, no folder where a file goes), stream to
+``FILE.part`` and publish it under its name only with the official md5; the ``.part`` is
+removed on every exit path (errors, Ctrl-C, SystemExit). Two limits, in seconds, bound a
+download: ``stall_timeout`` (default 30; no byte for that long ends it; also the socket
+timeout) and ``deadline`` (default 3600, for a whole ``download_dataset`` call, checked
+between chunks). Each failure says which limit was hit and how to raise it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
+import math
+import numbers
 import os
+import socket
+import stat
+import tempfile
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,18 +52,34 @@ from tqdm import tqdm
 from ..errors import ConfigError, DataError
 from ..registry import DATASETS, register_dataset
 from .augment import DEFAULT_CROP_PADDING, Augment
-from .formats import Batch, CorruptFileError, idx_path, load_cifar, load_idx, load_svhn_mat
+from .formats import (
+    CORRUPT_FIX,
+    Batch,
+    CorruptFileError,
+    cifar_tensors,
+    corrupt,
+    load_idx,
+    load_svhn_mat,
+    open_for_reading,
+    os_reason,
+    read_cifar_batches,
+    shown,
+)
 
 ENV_VAR = "SIGPROP_DATA"
 # Module-level so tests (and unusual installs) can point them elsewhere.
 SYSTEM_ROOT = Path("/usr/share/datasets")
 CACHE_ROOT: Path | None = None  # None: $XDG_CACHE_HOME/sigprop or ~/.cache/sigprop
 
-Opener = Callable[[str], BinaryIO]
+DEFAULT_STALL_TIMEOUT = 30.0  # seconds without a byte before a download gives up
+DEFAULT_DEADLINE = 3600.0  # seconds for a whole download_dataset call
+
+# (url, socket timeout in seconds) -> a response with .read (and ideally .read1)
+Opener = Callable[[str, float], BinaryIO]
 
 
-def _default_opener(url: str) -> BinaryIO:
-    return urllib.request.urlopen(url, timeout=60)
+def _default_opener(url: str, timeout: float) -> BinaryIO:
+    return urllib.request.urlopen(url, timeout=timeout)
 
 
 # Swappable for tests; download_dataset(opener=...) overrides it per call.
@@ -213,51 +259,181 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS.get(name)()
 
 
-# --------------------------------------------------------------------------- lookup
+# --------------------------------------------------------------------------- paths
 
 
 def cache_root() -> Path:
+    """The user cache root: ``CACHE_ROOT``, ``$XDG_CACHE_HOME/sigprop`` or ``~/.cache/sigprop``."""
     if CACHE_ROOT is not None:
         return Path(CACHE_ROOT)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "sigprop"
+    if xdg:
+        return Path(xdg) / "sigprop"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError):
+        raise DataError("cannot find the user cache folder: the home folder is unknown; set "
+                        "$HOME or $XDG_CACHE_HOME, or give the folder explicitly") from None
+    return home / ".cache" / "sigprop"
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _probe_fix(err: BaseException) -> str:
+    """How to fix a path the system refused to look up."""
+    code = getattr(err, "errno", None)
+    if isinstance(err, ValueError):
+        return "remove the NUL character from it"
+    if code == errno.ENAMETOOLONG:
+        return "use a shorter path"
+    if code in (errno.EACCES, errno.EPERM):
+        return "make the folders on it accessible"
+    if code == errno.ELOOP:
+        return "fix the loop of symbolic links"
+    return "check the path"
+
+
+def _kind(path: Path, what: str = "path", fix: str = "") -> str:
+    """What is at ``path``: "file", "dir", "missing", "below-file" (a parent is a file),
+    "broken-link" or "other" (a fifo, socket or device). A path the system cannot even look
+    up (too long, a NUL byte, no permission) is a one-line DataError naming ``what``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken-link" if _is_link(path) else "missing"
+    except NotADirectoryError:
+        return "below-file"
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, EACCES, ELOOP; ValueError: NUL byte
+        alt = f", or {fix}" if fix else ""
+        raise DataError(f"{what} {shown(path)} cannot be used ({os_reason(e)}); "
+                        f"{_probe_fix(e)}{alt}") from None
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The nearest parent of ``path`` that exists and is not a folder."""
+    for parent in path.parents:
+        try:
+            if not stat.S_ISDIR(os.stat(parent).st_mode):
+                return parent
+            return None
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _not_a_folder(path: Path, kind: str) -> str:
+    """Why ``path`` (of ``kind``, not "dir") is no usable folder, as a sentence tail."""
+    if kind == "missing":
+        return "does not exist"
+    if kind == "file":
+        return "is a file, not a folder"
+    if kind == "below-file":
+        parent = _file_ancestor(path)
+        where = f" ({shown(parent)} is a file, not a folder)" if parent else ""
+        return f"does not exist{where}"
+    if kind == "broken-link":
+        return "is a broken symbolic link"
+    return "is not a folder"
+
+
+def _not_a_file(name: str, kind: str) -> str:
+    """Why ``name`` (of ``kind``, not "file" or "missing") cannot be read as a data file."""
+    if kind == "dir":
+        return f"{name} is a directory, not a file"
+    if kind == "broken-link":
+        return f"{name} is a broken symbolic link"
+    return f"{name} is not a regular file"
+
+
+# --------------------------------------------------------------------------- lookup
+
+# What a folder lacks: ("missing", "NAME (or ...)") or ("bad", "NAME is a directory, ...").
+Problem = tuple[str, str]
+
+
+def _file_problem(folder: Path, name: str, *alternatives: str) -> Problem | None:
+    """None when ``folder/name`` (or one of its ``alternatives``) is a regular file."""
+    kinds = [(n, _kind(folder / n)) for n in (name, *alternatives)]
+    if any(k == "file" for _, k in kinds):
+        return None
+    for n, k in kinds:
+        if k != "missing":
+            return "bad", _not_a_file(n, k)
+    return "missing", name + (" (or uncompressed)" if alternatives else "")
+
+
+def _describe(problems: list[Problem]) -> str:
+    """``lacks A, B, while C is a directory, not a file``."""
+    missing = [text for k, text in problems if k == "missing"]
+    bad = [text for k, text in problems if k == "bad"]
+    parts = ["lacks " + ", ".join(missing)] if missing else []
+    if bad:
+        parts.append(("while " if missing else "") + ", ".join(bad))
+    return ", ".join(parts)
+
+
+def _idx_alternative(name: str) -> tuple[str, ...]:
+    raw = name.removesuffix(".gz")
+    return (raw,) if raw != name else ()
 
 
 def _cifar_source(spec: DatasetSpec, folder: Path, members: tuple[str, ...]) -> Path | None:
     """Where the CIFAR pickles come from: extracted folder, the folder itself, or archive."""
     for candidate in (folder / spec.archive_folder, folder):
-        if all((candidate / m).is_file() for m in members):
+        if _kind(candidate) == "dir" and all(_kind(candidate / m) == "file" for m in members):
             return candidate
     archive = folder / spec.files[0].name
-    return archive if archive.is_file() else None
+    return archive if _kind(archive) == "file" else None
+
+
+def _cifar_problems(spec: DatasetSpec, folder: Path, members: tuple[str, ...]) -> list[Problem]:
+    if _cifar_source(spec, folder, members) is not None:
+        return []
+    archive = spec.files[0].name
+    kind = _kind(folder / archive)
+    problems: list[Problem] = [
+        ("missing", f"{archive} (or the extracted {spec.archive_folder}/)") if kind == "missing"
+        else ("bad", _not_a_file(archive, kind))
+    ]
+    # A partly extracted folder: say what it lacks, too.
+    for candidate, label in ((folder / spec.archive_folder, f"{spec.archive_folder}/"),
+                             (folder, "the folder itself")):
+        if _kind(candidate) != "dir" or all(_kind(candidate / m) == "missing" for m in members):
+            continue
+        inner = [p for m in members if (p := _file_problem(candidate, m))]
+        problems.append(("bad", f"{label} holds some batches but {_describe(inner)}"))
+        break
+    return problems
 
 
 def _all_members(spec: DatasetSpec) -> tuple[str, ...]:
     return tuple(m for _, names in spec.split_files for m in names)
 
 
-def has_files(spec: DatasetSpec, folder: Path) -> bool:
-    """Whether ``folder`` holds what the train and test splits need."""
-    if not folder.is_dir():
-        return False
+def _problems(spec: DatasetSpec, folder: Path) -> list[Problem]:
+    """What ``folder`` (a folder) lacks for the train and test splits; [] when nothing."""
     if spec.format == "cifar":
-        return _cifar_source(spec, folder, _all_members(spec)) is not None
-    if spec.format == "idx":
-        return all(idx_path(folder, f.name).is_file() for f in spec.required_files)
-    return all((folder / f.name).is_file() for f in spec.required_files)
+        return _cifar_problems(spec, folder, _all_members(spec))
+    alternatives = _idx_alternative if spec.format == "idx" else (lambda name: ())
+    found = (_file_problem(folder, f.name, *alternatives(f.name)) for f in spec.required_files)
+    return [p for p in found if p]
 
 
-def _candidates(name: str, data_dir: Path | str | None) -> list[tuple[Path, str]]:
-    """Folders to try, in order, each with where it came from (for the error message)."""
-    out: list[tuple[Path, str]] = []
-    for root, origin in ((data_dir, "data_dir"), (os.environ.get(ENV_VAR) or None, ENV_VAR)):
-        if root is not None:
-            root = Path(root).expanduser()
-            # Accept the dataset folder itself or a parent holding <name>/.
-            out += [(root, origin), (root / name, origin)]
-    out.append((Path(SYSTEM_ROOT) / name, "system"))
-    out.append((cache_root() / name, "cache"))
-    return out
+def has_files(spec: DatasetSpec, folder: Path) -> bool:
+    """Whether ``folder`` holds what the train and test splits need (a path that cannot be
+    looked up does not)."""
+    try:
+        return _kind(folder) == "dir" and not _problems(spec, folder)
+    except DataError:
+        return False
 
 
 def _describe_files(spec: DatasetSpec) -> str:
@@ -268,44 +444,169 @@ def _describe_files(spec: DatasetSpec) -> str:
     return ", ".join(f.name for f in spec.required_files)
 
 
-def find_dataset_dir(name: str, data_dir: Path | str | None = None) -> Path:
-    """The first folder in the lookup order that holds dataset ``name``'s files."""
-    spec = dataset_spec(name)
-    candidates = _candidates(name, data_dir)
-    for folder, _ in candidates:
-        if has_files(spec, folder):
-            return folder
-    looked = "; ".join(f"{folder} ({origin})" for folder, origin in candidates)
-    ways = [f"run `sigprop data download {name}` (saves to {cache_root() / name})"]
+def _given_root(value: object, origin: str) -> Path:
+    """The folder a user named (``data_dir`` or ``$SIGPROP_DATA``), ``~`` expanded."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{origin} must be a folder path, got {type(value).__name__}; "
+                          "give the dataset's folder as a string")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise ConfigError(f"{origin} must be a folder path as text, got bytes; decode it first")
+    if not text.strip():
+        raise ConfigError(f"{origin} is empty; give the dataset's folder or leave it out")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~someone with no such user
+        raise DataError(f"{origin} {shown(text)} names the home folder of an unknown user; "
+                        "give the full path") from None
+
+
+def _explicit_fix(spec: DatasetSpec, root: Path, origin: str) -> str:
+    put = (f"put {spec.name}'s files there (`sigprop data download {spec.name} --dest "
+           f"{shown(root)}`)")
+    if origin == "data_dir":
+        return f"{put}, or point data_dir (--data-dir) at the folder that holds them"
+    return (f"{put}, or set {origin} to the folder that holds them, or unset it to use the "
+            "default places")
+
+
+def _explicit_dir(spec: DatasetSpec, root: Path, origin: str) -> Path:
+    """``root`` or ``root/NAME``, whichever holds the files; else one DataError saying what
+    is wrong in which folder. Nothing else is looked at."""
+    fix = _explicit_fix(spec, root, origin)
+    kind = _kind(root, f"{origin} folder", f"point {origin} elsewhere")
+    if kind != "dir":
+        raise DataError(f"dataset {spec.name!r}: {origin} folder {shown(root)} "
+                        f"{_not_a_folder(root, kind)}; {fix}")
+    problems = _problems(spec, root)
+    if not problems:
+        return root
+    sub = root / spec.name
+    if _kind(sub) == "dir":
+        sub_problems = _problems(spec, sub)
+        if not sub_problems:
+            return sub
+        folder, problems, note = sub, sub_problems, ""
+    else:
+        folder, note = root, f" (and it has no {spec.name}/ subfolder)"
+    raise DataError(f"dataset {spec.name!r}: {origin} folder {shown(folder)} "
+                    f"{_describe(problems)}{note}; {fix}")
+
+
+def _default_dir(spec: DatasetSpec) -> Path:
+    """The first complete default place (system, then cache); else where it looked."""
+    looked = []
+    for folder, origin in ((Path(SYSTEM_ROOT) / spec.name, "system"),
+                           (cache_root() / spec.name, "cache")):
+        try:
+            kind = _kind(folder)
+            problems = _problems(spec, folder) if kind == "dir" else []
+            if kind == "dir" and not problems:
+                return folder
+            why = _describe(problems) if problems else (
+                "" if kind == "missing" else _not_a_folder(folder, kind))
+        except DataError as e:  # cannot be looked up: say so, try the next place
+            why = str(e).split(";")[0]
+        looked.append(f"{shown(folder)} ({origin}{': ' + why if why else ''})")
+    ways = [f"run `sigprop data download {spec.name}` (saves to {shown(cache_root() / spec.name)})"]
     if spec.install_hint:
         ways.append(f"`{spec.install_hint}`")
     ways.append(f"put the files in a folder and point data_dir or ${ENV_VAR} at it")
     raise DataError(
-        f"dataset {name!r} not found: need {_describe_files(spec)}; looked in: {looked}. "
-        f"To get it: {', or '.join(ways)}."
+        f"dataset {spec.name!r} not found: need {_describe_files(spec)}; looked in: "
+        f"{', '.join(looked)}. To get it: {', or '.join(ways)}."
     )
+
+
+def find_dataset_dir(name: str, data_dir: Path | str | None = None) -> Path:
+    """The folder dataset ``name`` is read from, by the rules of the module docstring:
+    ``data_dir`` if given (only it), else ``$SIGPROP_DATA`` if set (only it), else the
+    first complete default place. Raises ConfigError for an empty ``data_dir`` and one
+    DataError line saying what is missing where otherwise."""
+    spec = dataset_spec(name)
+    if data_dir is not None:
+        return _explicit_dir(spec, _given_root(data_dir, "data_dir"), "data_dir")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        origin = f"${ENV_VAR}"
+        return _explicit_dir(spec, _given_root(env, origin), origin)
+    return _default_dir(spec)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _read_split(spec: DatasetSpec, folder: Path, split: str) -> Batch:
+@dataclass(frozen=True)
+class _SplitFiles:
+    """The files one split reads, in reading order. CIFAR: ``members`` are the batches,
+    read from ``paths[0]`` when ``archive`` (the .tar.gz), else each from its own path."""
+
+    paths: tuple[Path, ...]
+    members: tuple[str, ...] = ()
+    archive: bool = False
+
+
+def _need_file(spec: DatasetSpec, folder: Path, split: str, name: str, *alternatives: str) -> Path:
+    """``folder/name`` (or an alternative) as stored; else a DataError naming the file."""
+    for n in (name, *alternatives):
+        if _kind(folder / n) == "file":
+            return folder / n
+    kind, text = _file_problem(folder, name, *alternatives) or ("missing", name)
+    remote = _remote(spec, name)
+    where = f"download it from {remote.url} into {shown(folder)}" if remote else \
+        f"`sigprop data download {spec.name}`"
+    if kind == "missing":
+        raise DataError(f"{shown(folder / name)}: not found (split {split!r} of {spec.name!r} "
+                        f"needs it); {where}")
+    raise DataError(f"{shown(folder)}: {text} (split {split!r} of {spec.name!r} reads it); "
+                    f"remove it and {where}")
+
+
+def _split_files(spec: DatasetSpec, folder: Path, split: str) -> _SplitFiles:
+    """The files ``split`` reads in ``folder``: the one resolution behind both
+    :func:`load_dataset` and :func:`split_file_records`."""
     names = spec.files_for(split)
     if spec.format == "idx":
-        return load_idx(idx_path(folder, names[0]), idx_path(folder, names[1]))
+        return _SplitFiles(tuple(_need_file(spec, folder, split, n, *_idx_alternative(n))
+                                 for n in names))
     if spec.format == "cifar":
         source = _cifar_source(spec, folder, names)
         if source is None:
-            raise DataError(f"{folder}: neither {_describe_files(spec)} found")
-        return load_cifar(source, names, spec.archive_folder)
+            raise DataError(f"dataset {spec.name!r} split {split!r}: {shown(folder)} "
+                            f"{_describe(_cifar_problems(spec, folder, names))}; "
+                            f"`sigprop data download {spec.name}`")
+        if _kind(source) == "file":
+            return _SplitFiles((source,), names, archive=True)
+        return _SplitFiles(tuple(source / m for m in names), names)
     if spec.format == "svhn":
-        for n in names:
-            if not (folder / n).is_file():  # only optional files can be absent here
-                raise DataError(
-                    f"{folder / n}: not found (split {split!r} of {spec.name!r} needs it); "
-                    f"download it from {_remote(spec, n).url} into {folder}"
-                )
-        parts = [load_svhn_mat(folder / n) for n in names]
+        return _SplitFiles(tuple(_need_file(spec, folder, split, n) for n in names))
+    raise AssertionError(f"unknown dataset format {spec.format!r}")
+
+
+def _require_images(count: int, where: Path | str, spec: DatasetSpec, split: str) -> None:
+    """An empty file would only fail later (an empty loader, a division by zero)."""
+    if count == 0:
+        raise CorruptFileError(
+            f"{shown(where)}: holds no images (split {split!r} of dataset {spec.name!r}); "
+            f"the file is empty or cut short - {CORRUPT_FIX}"
+        )
+
+
+def _read_split(spec: DatasetSpec, files: _SplitFiles, split: str) -> Batch:
+    if spec.format == "idx":
+        images, labels = load_idx(*files.paths)
+        _require_images(len(images), files.paths[0], spec, split)
+        return images, labels
+    if spec.format == "cifar":
+        source = files.paths[0] if files.archive else files.paths[0].parent
+        parts = read_cifar_batches(source, files.members, spec.archive_folder)
+        for where, data, _ in parts:
+            _require_images(len(data), where, spec, split)
+        return cifar_tensors(parts)
+    if spec.format == "svhn":
+        parts = [load_svhn_mat(p) for p in files.paths]
+        for path, (images, _) in zip(files.paths, parts):
+            _require_images(len(images), path, spec, split)
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -315,7 +616,7 @@ def _read_split(spec: DatasetSpec, folder: Path, split: str) -> Batch:
 def _check_loaded(spec: DatasetSpec, split: str, images: torch.Tensor, labels: torch.Tensor,
                   folder: Path) -> None:
     # Readers validate the file format; this checks the content fits the dataset.
-    where = f"dataset {spec.name!r} split {split!r} in {folder}"
+    where = f"dataset {spec.name!r} split {split!r} in {shown(folder)}"
     if tuple(images.shape[1:]) != spec.shape:
         raise DataError(f"{where}: images are {tuple(images.shape[1:])}, expected {spec.shape}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
@@ -326,85 +627,282 @@ def _check_loaded(spec: DatasetSpec, split: str, images: torch.Tensor, labels: t
 
 
 def load_dataset(name: str, split: str, data_dir: Path | str | None = None) -> Batch:
-    """``(images uint8 (N, C, H, W), labels int64 (N,))`` of one split, on the CPU."""
+    """``(images uint8 (N, C, H, W), labels int64 (N,))`` of one split, on the CPU.
+
+    The folder is :func:`find_dataset_dir`'s; a file of the split that holds no images is a
+    DataError naming it."""
     spec = dataset_spec(name)
     spec.files_for(split)  # bad split: ConfigError before any disk access
     folder = find_dataset_dir(name, data_dir)
+    files = _split_files(spec, folder, split)
     try:
-        images, labels = _read_split(spec, folder, split)
+        images, labels = _read_split(spec, files, split)
     except CorruptFileError as e:
         raise CorruptFileError(f"{e} (`sigprop data download {name}`)") from None
     _check_loaded(spec, split, images, labels, folder)
     return images, labels
 
 
-def _remote(spec: DatasetSpec, name: str) -> RemoteFile:
-    return next(f for f in spec.files if f.name == name)
+def _remote(spec: DatasetSpec, name: str) -> RemoteFile | None:
+    return next((f for f in spec.files if f.name == name), None)
+
+
+def file_md5(path: Path | str, chunk: int = 1 << 20) -> str:
+    """The md5 of a file as hex; an unreadable file is a DataError naming it."""
+    h = hashlib.md5()
+    with open_for_reading(Path(path)) as f:
+        try:
+            while block := f.read(chunk):
+                h.update(block)
+        except OSError as e:
+            raise corrupt(path, f"cannot read ({os_reason(e)})") from None
+    return h.hexdigest()
+
+
+def _file_record(spec: DatasetSpec, path: Path) -> dict:
+    try:
+        size = os.stat(path).st_size
+    except (OSError, ValueError) as e:
+        raise DataError(f"{shown(path)}: cannot be read ({os_reason(e)}); check the file") from None
+    digest = file_md5(path)
+    remote = _remote(spec, path.name)  # only a file as downloaded compares
+    return {"path": str(path.absolute()), "bytes": size, "md5": digest,
+            "official_md5": None if remote is None else digest == remote.md5}
+
+
+def split_file_records(name: str, split: str, data_dir: Path | str | None = None) -> list[dict]:
+    """One record per file ``load_dataset(name, split, data_dir)`` reads, for provenance:
+    ``{"path": absolute str, "bytes": int, "md5": hex str, "official_md5": bool | None}``.
+
+    ``official_md5`` says whether the file equals the official download; it is None when
+    the file is not one as downloaded (a decompressed IDX file, an extracted CIFAR batch).
+    The files come from the same resolution as :func:`load_dataset`'s, so they cannot drift.
+    """
+    spec = dataset_spec(name)
+    spec.files_for(split)
+    folder = find_dataset_dir(name, data_dir)
+    return [_file_record(spec, p) for p in _split_files(spec, folder, split).paths]
 
 
 # --------------------------------------------------------------------------- download
 
-
-def file_md5(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+_CHUNK = 1 << 20  # read1 returns what one receive gives, up to this
+_SMALL_READ = 1 << 16  # responses without read1: small reads keep the deadline checked
+_SOCKET_MAX = 1e9  # seconds; the OS rejects larger socket timeouts (time_t overflow)
+_TIMEOUTS = (TimeoutError, socket.timeout)
 
 
-def download_file(url: str, dest: Path | str, md5: str, *, progress: bool = True,
-                  opener: Opener | None = None) -> Path:
-    """Stream ``url`` to ``dest`` via ``dest.part``; publish it atomically only if md5 matches."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    h = hashlib.md5()
+def _seconds(value: object, key: str) -> float:
+    """A positive, finite number of seconds, else a ConfigError naming ``key``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(f"{key} must be a positive, finite number of seconds, got "
+                          f"{shown(repr(value))}; pass e.g. {key}=30 ({flag} 30)")
+    return float(value)  # type: ignore[arg-type]
+
+
+class _Deadline:
+    """The time limit shared by every file of one download call."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.ends - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+def _deadline_error(url: str, deadline: _Deadline) -> DataError:
+    return DataError(
+        f"downloading {shown(url)} did not finish within the deadline of {deadline.seconds:g} s; "
+        "raise it with --deadline SECONDS (deadline= in Python) or try a faster network"
+    )
+
+
+def _stall_error(url: str, stall: float) -> DataError:
+    return DataError(
+        f"downloading {shown(url)} stalled: no data for {stall:g} s (the stall timeout); try "
+        "again later, or raise it with --stall-timeout SECONDS (stall_timeout= in Python)"
+    )
+
+
+def _is_timeout(err: BaseException) -> bool:
+    reason = getattr(err, "reason", None) if isinstance(err, urllib.error.URLError) else None
+    return isinstance(err, _TIMEOUTS) or isinstance(reason, _TIMEOUTS)
+
+
+def _writable_dir(folder: Path, what: str = "download folder") -> None:
+    """Create ``folder`` if needed and prove it writable (a temp file made and removed),
+    before any network access; root ignores permission bits, so this really writes."""
+    fix = "choose another --dest (dest_dir=)"
+    kind = _kind(folder, what, fix)
+    if kind == "missing":
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{what} {shown(folder)} cannot be created ({os_reason(e)}); "
+                            f"{fix}") from None
+    elif kind != "dir":
+        raise DataError(f"{what} {shown(folder)} {_not_a_folder(folder, kind)}; {fix}")
     try:
-        with (opener or URL_OPENER)(url) as resp, open(part, "wb") as out:
-            size = getattr(resp, "headers", {}).get("Content-Length")
-            with tqdm(total=int(size) if size else None, unit="B", unit_scale=True,
-                      desc=dest.name, disable=not progress) as bar:
-                while block := resp.read(1 << 20):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
+        fd, probe = tempfile.mkstemp(prefix=".sigprop-write-check-", dir=folder)
+    except OSError as e:
+        raise DataError(f"{what} {shown(folder)} is not writable ({os_reason(e)}); "
+                        f"{fix}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def _check_dest_file(dest: Path) -> None:
+    """``dest`` and its ``.part`` must be absent or regular files (never a folder)."""
+    for path in (dest, _part(dest)):
+        kind = _kind(path, "download target", "choose another --dest (dest_dir=)")
+        if kind not in ("missing", "file"):
+            raise DataError(f"{_not_a_file(shown(path), kind)}, so the download cannot be "
+                            "saved there; remove it or choose another --dest (dest_dir=)")
+
+
+def _part(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def _content_length(resp: object) -> int | None:
+    headers = getattr(resp, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _stream(resp: BinaryIO, out: BinaryIO, part: Path, bar: tqdm, url: str,
+            deadline: _Deadline) -> tuple[str, int]:
+    """Copy ``resp`` to ``out``; (md5 hex, bytes). read1 returns whatever one receive gets,
+    so a server dripping bytes cannot keep one call (and the deadline check) waiting."""
+    read1 = getattr(resp, "read1", None)
+    h, got = hashlib.md5(), 0
+    while True:
+        if deadline.expired():
+            raise _deadline_error(url, deadline)
+        block = read1(_CHUNK) if read1 is not None else resp.read(_SMALL_READ)
+        if not block:
+            return h.hexdigest(), got
+        try:
+            out.write(block)
+        except OSError as e:
+            raise DataError(f"cannot write {shown(part)} ({os_reason(e)}); free some space or "
+                            "choose another --dest (dest_dir=)") from None
+        h.update(block)
+        got += len(block)
+        bar.update(len(block))
+
+
+def _transfer(url: str, part: Path, label: str, progress: bool, opener: Opener, stall: float,
+              deadline: _Deadline) -> tuple[str, int, int | None]:
+    """Download ``url`` into ``part``: (md5 hex, bytes received, Content-Length or None)."""
+    if deadline.expired():
+        raise _deadline_error(url, deadline)
+    # The socket timeout is the stall timeout, or less when the deadline is nearer.
+    timeout = min(stall, deadline.remaining(), _SOCKET_MAX)
+    try:
+        out = open(part, "wb")  # noqa: SIM115 - closed by the with below; its error is ours
+    except OSError as e:
+        raise DataError(f"cannot create {shown(part)} ({os_reason(e)}); choose another --dest "
+                        "(dest_dir=)") from None
+    try:
+        with out, opener(url, timeout) as resp:
+            size = _content_length(resp)
+            with tqdm(total=size, unit="B", unit_scale=True, desc=label,
+                      disable=not progress) as bar:
+                digest, got = _stream(resp, out, part, bar, url, deadline)
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-        part.unlink(missing_ok=True)
-        raise DataError(
-            f"downloading {url} failed ({e}); check the network, or fetch it by hand into {dest}"
-        ) from None
-    except BaseException:  # Ctrl-C: never leave a half file behind
-        part.unlink(missing_ok=True)
-        raise
-    if h.hexdigest() != md5:
-        part.unlink(missing_ok=True)
-        raise DataError(
-            f"downloaded {url} has md5 {h.hexdigest()}, expected {md5}; the download was "
-            f"corrupted or the server changed the file - try again"
-        )
-    os.replace(part, dest)  # atomic: readers never see a partial file under the real name
+        if _is_timeout(e):
+            hit_deadline = timeout < stall or deadline.expired()
+            raise (_deadline_error(url, deadline) if hit_deadline
+                   else _stall_error(url, stall)) from None
+        raise DataError(f"downloading {shown(url)} failed ({shown(e)}); check the network, or "
+                        f"fetch it by hand into {shown(part.with_suffix(''))}") from None
+    return digest, got, size
+
+
+def _fetch(url: str, dest: Path, md5: str, progress: bool, opener: Opener, stall: float,
+           deadline: _Deadline) -> Path:
+    """Stream ``url`` to ``dest.part``; publish it as ``dest`` only if complete with the
+    right md5. The ``.part`` is removed on every way out, Ctrl-C and SystemExit included."""
+    part = _part(dest)
+    try:
+        digest, got, size = _transfer(url, part, dest.name, progress, opener, stall, deadline)
+        if size is not None and got != size:
+            raise DataError(f"downloading {shown(url)} ended after {got} of {size} bytes (the "
+                            "connection closed early); try again")
+        if digest != md5:
+            raise DataError(
+                f"downloaded {shown(url)} has md5 {digest}, expected {md5}; the download was "
+                f"corrupted or the server changed the file - try again"
+            )
+        try:
+            os.replace(part, dest)  # atomic: readers never see a partial file under the name
+        except OSError as e:
+            raise DataError(f"cannot save {shown(dest)} ({os_reason(e)}); remove what is "
+                            "there or choose another --dest (dest_dir=)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
     return dest
 
 
+def download_file(url: str, dest: Path | str, md5: str, *, progress: bool = True,
+                  opener: Opener | None = None, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                  deadline: float = DEFAULT_DEADLINE) -> Path:
+    """Stream ``url`` to ``dest`` via ``dest.part``; publish it atomically only if md5 matches.
+
+    ``stall_timeout``: seconds without a byte (connecting included) before giving up; it is
+    the socket timeout. ``deadline``: seconds for the whole file, checked between chunks.
+    Both must be positive and finite (else ConfigError). ``opener(url, timeout)`` replaces
+    ``URL_OPENER``. The folder of ``dest`` is created and checked writable before the
+    network is touched; every failure is one DataError line, and no ``.part`` is left.
+    """
+    stall, limit = _seconds(stall_timeout, "stall_timeout"), _seconds(deadline, "deadline")
+    dest = Path(dest)
+    _writable_dir(dest.parent)
+    _check_dest_file(dest)
+    return _fetch(url, dest, md5, progress, opener or URL_OPENER, stall, _Deadline(limit))
+
+
 def download_dataset(name: str, dest_dir: Path | str | None = None, progress: bool = True, *,
-                     include_optional: bool = False, opener: Opener | None = None) -> Path:
+                     include_optional: bool = False, opener: Opener | None = None,
+                     stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                     deadline: float = DEFAULT_DEADLINE) -> Path:
     """Download dataset ``name``'s files into ``dest_dir/<name>`` and return that folder.
 
     ``dest_dir`` defaults to the user cache root; a ``dest_dir`` already named ``<name>``
-    is used as is. Files already present with the right md5 are skipped.
-    ``include_optional`` also fetches optional files (SVHN ``extra``, 1.3 GB).
+    is used as is. Before any network access the folder is created and proved writable,
+    and no file to download may be a folder there: else one DataError line. Files already
+    present with the right md5 are skipped. ``include_optional`` also fetches optional
+    files (SVHN ``extra``, 1.3 GB). ``stall_timeout`` (seconds without a byte, default 30)
+    and ``deadline`` (seconds for this whole call, default 3600) bound the time; both must
+    be positive and finite (else ConfigError). ``opener(url, timeout)`` replaces
+    ``URL_OPENER``.
     """
+    stall, limit = _seconds(stall_timeout, "stall_timeout"), _seconds(deadline, "deadline")
+    clock = _Deadline(limit)
     spec = dataset_spec(name)
-    root = Path(dest_dir).expanduser() if dest_dir is not None else cache_root()
+    root = _given_root(dest_dir, "dest_dir") if dest_dir is not None else cache_root()
     folder = root if root.name == name else root / name
-    for f in spec.files:
-        if f.optional and not include_optional:
-            continue
+    _writable_dir(folder)
+    wanted = [f for f in spec.files if include_optional or not f.optional]
+    for f in wanted:
+        _check_dest_file(folder / f.name)
+    for f in wanted:
         dest = folder / f.name
-        if dest.is_file() and file_md5(dest) == f.md5:
+        if _kind(dest) == "file" and file_md5(dest) == f.md5:
             continue
-        download_file(f.url, dest, f.md5, progress=progress, opener=opener)
+        _fetch(f.url, dest, f.md5, progress, opener or URL_OPENER, stall, clock)
     return folder
 
 
@@ -460,11 +958,12 @@ class DatasetCheck:
 
 def _check_file(spec: DatasetSpec, folder: Path, f: RemoteFile) -> FileCheck:
     path = folder / f.name
-    if path.is_file():
+    if _kind(path) == "file":
         md5 = file_md5(path)
         return FileCheck(f.name, path, md5, f.md5, "ok" if md5 == f.md5 else "md5 mismatch")
-    if spec.format == "idx" and idx_path(folder, f.name).is_file():
-        return FileCheck(f.name, idx_path(folder, f.name), None, f.md5, "decompressed")
+    raw = [folder / n for n in _idx_alternative(f.name)] if spec.format == "idx" else []
+    if raw and _kind(raw[0]) == "file":
+        return FileCheck(f.name, raw[0], None, f.md5, "decompressed")
     if spec.format == "cifar" and _cifar_source(spec, folder, _all_members(spec)) is not None:
         return FileCheck(f.name, None, None, f.md5, "extracted")
     return FileCheck(f.name, None, None, f.md5, "optional, absent" if f.optional else "missing")

@@ -11,6 +11,8 @@ Precedence: defaults < ``--config FILE.toml`` < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
@@ -70,23 +72,48 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Check every value that can be checked without data or memory: bad values stop
+        here, before a run folder is made or a file read."""
+        from ..data import dataset_spec, parse_augment
+
         d, m, t = self.data, self.model, self.train
-        _positive("data.batch_size", d.batch_size)
+        # BatchNorm cannot train on one sample (its variance would be 0)
+        _positive("data.batch_size", d.batch_size, minimum=2,
+                  why="BatchNorm needs at least 2 samples per training batch")
         _positive("data.eval_batch_size", d.eval_batch_size)
         if d.train_limit is not None:
             _positive("data.train_limit", d.train_limit)
-        if not 0.0 <= m.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if d.data_dir is not None and not d.data_dir.strip():
+            raise ConfigError("data.data_dir is empty; give the dataset's folder or leave it out")
+        spec = dataset_spec(d.dataset)
+        parse_augment(d.augment, spec)
+        if not 0.0 <= m.dropout < 1.0 or round(m.dropout * DROPOUT_LEVELS) >= DROPOUT_LEVELS:
+            raise ConfigError(
+                f"model.dropout must be in [0, 1) and keep at least 1/{DROPOUT_LEVELS} of the "
+                f"units (at most {1 - 1 / DROPOUT_LEVELS:.7f}), got {m.dropout}")
         _positive("train.epochs", t.epochs)
         _positive("train.check_every", t.check_every)
+        if not isinstance(t.seed, int) or not 0 <= t.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed must be an integer in 0..{MAX_SEED} (2^63 - 2), "
+                              f"got {t.seed!r}")
         if t.schedule not in ("step", "cosine", "none"):
             raise ConfigError(f"train.schedule must be step, cosine or none, got {t.schedule!r}")
+        if t.run_dir is not None and not t.run_dir.strip():
+            raise ConfigError("train.run_dir is empty; give a folder name or leave it out")
         self.rule.validate()
 
 
-def _positive(key: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+# Dropout draws 16-bit lanes (sigprop.networks.Dropout): p is rounded to a multiple of
+# 1/65536, and p = 1 would divide by zero.
+DROPOUT_LEVELS = 65536
+# the dropout stream is seeded with seed + 1, which must fit torch's 64-bit seed
+MAX_SEED = 2**63 - 2
+
+
+def _positive(key: str, value: int, minimum: int = 1, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {need}{f' ({why})' if why else ''}, got {value!r}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -114,16 +141,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         # ints widen to float; floats never narrow to int; strings come from flags
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if numeric and (tp is float or isinstance(value, int)):
-            return tp(value)
-        if isinstance(value, str):
-            try:
-                return tp(value)
-            except ValueError:
-                pass
+            return _finite(key, tp(value))
+        if isinstance(value, str) and _NUMBER[tp].fullmatch(value.strip()):
+            return _finite(key, tp(value))
     elif tp is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+# ASCII digits only: int() and float() also take other scripts' digits ("٣")
+_NUMBER = {
+    int: re.compile(r"[+-]?[0-9]+"),
+    float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)",
+                      re.IGNORECASE),
+}
+
+
+def _finite(key: str, value: int | float) -> int | float:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    return value
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
@@ -149,15 +187,58 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
 
 def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a .toml file")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it "
+                          "as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path} ({err.strerror or err})") from None
 
 
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
     """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder)."""
     return apply_overrides(Config(), d)
+
+
+# What ``--resume`` may change: where and how the run computes, never what it computes.
+# Everything else is the run's identity; changing it needs a new run folder.
+RESUMABLE = (
+    "train.epochs",  # a longer run: the schedule follows the new total from the next epoch
+    "train.device", "train.progress", "train.check_every", "train.run_dir",
+    "data.data_dir",  # the same files elsewhere (their checksums are compared)
+    "data.eval_batch_size",  # evaluation is per sample
+    "rule.fast_path", "rule.pipeline",  # the same updates, up to rounding
+)
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old, new)}`` for every value that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+def resume_changes(recorded: Config, requested: Config, epochs_done: int
+                   ) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume makes to a run that finished ``epochs_done`` epochs; a
+    ConfigError if any of them is not one resume may make (:data:`RESUMABLE`)."""
+    changes = config_changes(recorded, requested)
+    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE}
+    if fixed:
+        listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+        raise ConfigError(
+            f"--resume continues a run as it was configured, but these settings differ from "
+            f"the run's: {listed}; drop them, or start a new run in another --run-dir "
+            f"(resume may change only {', '.join(RESUMABLE)})")
+    if requested.train.epochs < epochs_done:
+        raise ConfigError(
+            f"train.epochs {requested.train.epochs} is fewer than the {epochs_done} epochs this "
+            f"run has trained; resume can only extend a run (evaluate it with `sigprop eval`)")
+    return changes

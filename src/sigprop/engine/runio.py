@@ -12,9 +12,11 @@ import csv
 import io
 import json
 import os
+import pickle
 import platform
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +60,75 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint without running anything from it, and check its structure.
+
+    ``torch.load(weights_only=True)`` unpickles only tensors and plain containers (what
+    :func:`save_checkpoint` writes): a file carrying other objects - such as a pickle
+    whose ``__reduce__`` calls ``os.system`` - is refused before any of it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a truncated zip, a pickle error, ...
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()]
+        refused = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if refused is None:  # not a forbidden object: a damaged or foreign file
+            what = next((ln for ln in lines if ln.startswith("Unsupported")), "bad pickle")
+            raise CheckpointError(
+                f"checkpoint {path} is unreadable ({what[:120]}); "
+                "it was not written by sigprop or is damaged: delete it to start the run afresh"
+            ) from None
+        # weights_only names the global the file asked for (os.system, ...)
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects sigprop checkpoints never contain "
+            f"({refused[:160]}), and loading them could run code; use a checkpoint written "
+            "by sigprop"
+        ) from None
+    except Exception as err:  # a truncated zip, a damaged record, ...
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(err).__name__}); it was not written "
             "by sigprop or is damaged: delete it to start the run afresh"
         ) from None
+    check_checkpoint(state, path)
+    return state
+
+
+# key -> (accepted types, what it should be); the layout save_checkpoint callers write
+_CHECKPOINT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "epoch": ((int,), "the number of finished epochs"),
+    "config": ((dict,), "the run's configuration"),
+    "rule": ((dict,), "the rule's state"),
+    "rng": ((torch.Tensor,), "the random number generator's state"),
+    "history": ((list,), "one record per finished epoch"),
+}
+
+
+def check_checkpoint(state: Any, path: Path | str) -> None:
+    """Raise CheckpointError unless ``state`` has the layout of a sigprop checkpoint."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a sigprop checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
+    damaged = f"checkpoint {path} is damaged or not written by sigprop"
+    for key, (types, what) in _CHECKPOINT_KEYS.items():
+        if key not in state:
+            raise CheckpointError(f"{damaged}: it lacks {key!r} ({what}); delete it to start "
+                                  "the run afresh")
+        value = state[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(f"{damaged}: {key!r} is a {type(value).__name__}, not {what}")
+    epoch, history, rule = state["epoch"], state["history"], state["rule"]
+    if epoch < 1 or len(history) != epoch or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"{damaged}: {epoch} epochs but {len(history)} history records")
+    if not isinstance(rule.get("modules"), dict) or not isinstance(rule.get("optimizers"), list):
+        raise CheckpointError(f"{damaged}: the rule's state lacks its modules or optimizers")
+    if state["rng"].dtype != torch.uint8:
+        raise CheckpointError(f"{damaged}: 'rng' is not a generator state (uint8 tensor)")
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and not isinstance(cuda_rng, torch.Tensor):
+        raise CheckpointError(f"{damaged}: 'cuda_rng' is not a generator state")
 
 
 def versions() -> dict[str, str]:
@@ -110,9 +168,36 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file we wrote earlier (a run's config.json), each failure one clear line."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is damaged (not UTF-8 text); restore it or delete the "
+                              "run folder to start afresh") from None
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({err}); restore it or delete the "
+                              "run folder to start afresh") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The ``config`` table of a run folder's config.json, checked for its layout: an
+    object holding a ``config`` object with every section (values are checked when the
+    config is rebuilt)."""
+    from .config import SECTIONS
+
+    record = read_json(path)
+    fix = "restore it, or delete the run folder to start afresh"
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path} is not a sigprop run config (no 'config' object); {fix}")
+    missing = [s for s in SECTIONS if not isinstance(record["config"].get(s), dict)]
+    if missing:
+        raise CheckpointError(
+            f"{path} is damaged: its config lacks the section(s) {', '.join(missing)}; {fix}")
+    return record

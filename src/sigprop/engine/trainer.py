@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
-from ..errors import ConfigError, TrainingError
+from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment, split_file_records
+from ..errors import ConfigError, DataError, TrainingError
 from ..networks import build_network
+from ..resources import check_fits
 from ..rules import LearningRule, build_rule
 from . import runio
-from .config import Config
+from .config import Config, config_from_dict, resume_changes
+from .runfolder import RunFolder
 
 STEP_MILESTONES = (0.50, 0.75, 0.89, 0.94)  # Sec. IV: lr x0.25 at these fractions
 STEP_FACTOR = 0.25
@@ -87,16 +89,40 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     # BatchNorm cannot train on one sample: a last batch of exactly one is dropped (a
     # different sample each epoch, since the order is shuffled).
     drop_last = len(labels) % cfg.data.batch_size == 1
+    if with_train:
+        _check_batch_fits(network, min(cfg.data.batch_size, len(labels)), augment, device)
     train = DeviceLoader(
         images, labels, batch_size=cfg.data.batch_size, mean=spec.mean, std=spec.std,
         device=device, shuffle=True, augment=augment, seed=cfg.train.seed, drop_last=drop_last,
+        num_classes=spec.num_classes,
     ) if len(labels) else None
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
+    if len(t_labels) == 0:
+        raise DataError(f"the test split of {spec.name!r} holds no images; nothing to "
+                        "evaluate on (check the dataset's files)")
     test = DeviceLoader(
         t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
-        std=spec.std, device=device, shuffle=False,
+        std=spec.std, device=device, shuffle=False, num_classes=spec.num_classes,
     )
     return Experiment(rule, train, test, device)
+
+
+# float32 tensors a training step keeps per block output value: the output and its
+# input, BatchNorm's pre- and post-activation, gradients of each, slack (an upper bound
+# for backprop, which keeps every block's; sigprop keeps one block's at a time)
+_ACTIVATION_COPIES = 8
+
+
+def _check_batch_fits(network, batch: int, augment, device: torch.device) -> None:
+    """Refuse a batch whose activations cannot fit, before any is allocated."""
+    shape = network.input_shape
+    values = math.prod(shape) + sum(math.prod(s) for s in network.block_shapes)
+    pad = 2 * augment.crop_padding
+    # crop pads (C, H, W) images as uint8, plus its index arithmetic (int64 per row/col)
+    padded = shape[0] * (shape[1] + pad) * (shape[2] + pad) if len(shape) == 3 else 0
+    need = batch * (values * 4 * _ACTIVATION_COPIES + padded * 2)
+    check_fits(need, f"a training batch of {batch} samples through this network would",
+               "lower --batch-size (or choose a smaller --network)", device)
 
 
 def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
@@ -106,50 +132,89 @@ def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
     for x, y in loader.epoch(0):
         c = rule.eval_step(x, y)
         correct = c if correct is None else correct + c
-    assert correct is not None
+    if correct is None:
+        raise DataError("the evaluation set holds no samples; nothing to evaluate on")
     acc = (correct.double() / loader.num_samples).tolist()
     return dict(zip(rule.exit_names, acc))
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, out=None) -> None:
+    """Runs one training into a run folder, which it holds locked (:mod:`.runfolder`).
+
+    ``run_dir`` is a path, or a :class:`RunFolder` the caller already acquired. With
+    ``resume``, the run continues from the folder's checkpoint; ``cfg`` may differ from
+    the run's configuration only where :data:`.config.RESUMABLE` allows.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path | RunFolder, *, resume: bool = False,
+                 out=None) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.folder = run_dir if isinstance(run_dir, RunFolder) else None
+        self.run_dir = Path(run_dir.path if isinstance(run_dir, RunFolder) else run_dir)
         self.resume = resume
         self.out = out  # None: whatever sys.stdout is when a line is printed
+        self.epochs_done = 0  # checkpointed epochs, for an interrupted run's message
 
     def _log(self, msg: str) -> None:
         print(msg, file=self.out or sys.stdout, flush=True)
 
     def run(self) -> list[dict[str, Any]]:
+        self.cfg.validate()  # bad values stop before the folder is touched
+        folder = self.folder or RunFolder.acquire(self.run_dir)
+        try:
+            return self._run(folder)
+        except BaseException:
+            folder.discard_if_unused()  # a fresh run that failed before its first file
+            raise
+        finally:
+            if self.folder is None:
+                folder.release()
+
+    def _run(self, folder: RunFolder) -> list[dict[str, Any]]:
         cfg = self.cfg
         ckpt_path = self.run_dir / runio.CHECKPOINT
-        if ckpt_path.exists() and not self.resume:
+        config_path = self.run_dir / runio.CONFIG
+        if not self.resume and (ckpt_path.exists() or config_path.exists()):
             raise ConfigError(
                 f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another --run-dir"
             )
+        state = runio.load_checkpoint(ckpt_path, "cpu") if self.resume and ckpt_path.exists() \
+            else None
+        changes: dict[str, tuple[Any, Any]] = {}
+        if state is not None:  # before any data is read: what may this resume change?
+            changes = resume_changes(_recorded_config(state, ckpt_path), cfg, state["epoch"])
         exp = build_experiment(cfg)
         rule = exp.rule
+        files = {split: split_file_records(cfg.data.dataset, split, cfg.data.data_dir)
+                 for split in ("train", "test")}
+        record = {"config": cfg.to_dict(), "seed": cfg.train.seed, "versions": runio.versions(),
+                  "data_files": files}
         history: list[dict[str, Any]] = []
         start = 0
-        if self.resume and ckpt_path.exists():
-            state = runio.load_checkpoint(ckpt_path, exp.device)
+        if state is not None:
+            old = runio.read_run_config(config_path) if config_path.exists() else {}
+            _check_same_data(old.get("data_files"), files)
             rule.load_state_dict(state["rule"])
             torch.set_rng_state(state["rng"].cpu())
             if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
             history = state["history"]
-            start = state["epoch"]
-            self._log(f"resuming {self.run_dir} after epoch {start}")
+            start = self.epochs_done = state["epoch"]
+            said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            self._log(f"resuming {self.run_dir} after epoch {start}"
+                      + (f" (changed: {said})" if said else ""))
+            if old:  # keep the run's first record; note what each resume changed
+                resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
+                record = {**old, **record, "versions": old.get("versions", record["versions"]),
+                          "resumes": resumes}
+                if changes or start < cfg.train.epochs:
+                    record["resumes"].append({"after_epoch": start, "versions": runio.versions(),
+                                              "changed": {k: list(v) for k, v in changes.items()}})
         elif self.resume:
             self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        runio.atomic_write_text(
-            self.run_dir / runio.CONFIG,
-            json.dumps({"config": cfg.to_dict(), "seed": cfg.train.seed,
-                        "versions": runio.versions()}, indent=2),
-        )
+        if state is None or changes or start < cfg.train.epochs:
+            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
         if hasattr(rule, "step_kind"):
             self._log(f"{cfg.rule.name} step: {rule.step_kind}")
         if start == 0:
@@ -163,6 +228,7 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state(exp.device) if exp.device.type == "cuda" else None,
                 "history": history,
             })
+            self.epochs_done = epoch + 1
             runio.write_metrics(self.run_dir, history)
             exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
             self._log(
@@ -183,29 +249,28 @@ class Trainer:
         every = cfg.train.check_every
         loss_sum = torch.zeros(k, device=exp.device, dtype=torch.float64)
         correct_sum = torch.zeros(k, device=exp.device, dtype=torch.int64)
-        window = torch.zeros(every, k, device=exp.device)  # recent losses, for the check
+        # recent losses, for the check; an epoch ends with a check, so no longer than one
+        window = torch.zeros(min(every, len(loader)), k, device=exp.device)
         seen = 0
         rule.set_training(True)
-        bar = tqdm(
-            total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
-            disable=not cfg.train.progress, leave=False, file=sys.stderr,
-        )
         start = time.perf_counter()
-        for step, (x, y) in enumerate(loader.epoch(epoch)):
-            losses, correct = rule.train_step(x, y)
-            window[step % every] = losses
-            loss_sum += losses * x.shape[0]
-            correct_sum += correct
-            seen += x.shape[0]
-            last = step + 1 == len(loader)
-            if (step + 1) % every == 0 or last:
-                self._check_finite(window[: step % every + 1], rule, epoch, step)
-                bar.update(step % every + 1)
-                bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
-                                acc=f"{int(correct_sum[-1]) / seen:.4f}")
-        rule.sync()  # updates still in flight (sigprop's pipeline) belong to this epoch
+        # a context: the bar is cleared on an error too, so the error gets its own line
+        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
+                  disable=not cfg.train.progress, leave=False, file=sys.stderr) as bar:
+            for step, (x, y) in enumerate(loader.epoch(epoch)):
+                losses, correct = rule.train_step(x, y)
+                window[step % every] = losses
+                loss_sum += losses * x.shape[0]
+                correct_sum += correct
+                seen += x.shape[0]
+                last = step + 1 == len(loader)
+                if (step + 1) % every == 0 or last:
+                    self._check_finite(window[: step % every + 1], rule, epoch, step)
+                    bar.update(step % every + 1)
+                    bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
+                                    acc=f"{int(correct_sum[-1]) / seen:.4f}")
+            rule.sync()  # updates still in flight (sigprop's pipeline) belong to this epoch
         elapsed = time.perf_counter() - start
-        bar.close()
         test_acc = evaluate(rule, exp.test)
         train_loss = (loss_sum / seen).tolist()
         train_acc = (correct_sum.double() / seen).tolist()
@@ -237,3 +302,28 @@ class Trainer:
             f"loss of {rule.exit_names[col]} became {value} at epoch {epoch + 1}, step "
             f"{first + 1}; lower the learning rate (--lr) or check the input data"
         )
+
+
+def _recorded_config(state: dict[str, Any], path: Path) -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as err:
+        raise runio.CheckpointError(f"checkpoint {path} holds a bad config ({err})") from None
+
+
+def _check_same_data(recorded: Any, files: dict[str, list[dict[str, Any]]]) -> None:
+    """A resumed run must read the files it was trained on (compared by md5)."""
+    if not isinstance(recorded, dict):
+        return  # a run from before data files were recorded
+    for split, now in files.items():
+        was = recorded.get(split)
+        if not isinstance(was, list):
+            continue
+        old = sorted(str(r.get("md5")) for r in was if isinstance(r, dict))
+        new = sorted(r["md5"] for r in now)
+        if old != new:
+            where = ", ".join(r["path"] for r in now)
+            raise ConfigError(
+                f"the {split} data read now ({where}) differ from the files this run was "
+                "trained on (md5 in its config.json); resume with the same data "
+                "(--data-dir), or start a new run")

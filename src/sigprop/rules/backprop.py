@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,20 +18,20 @@ from .base import LearningRule, RuleConfig, make_adam
 class Backprop(LearningRule):
     """One loss at the output, gradients through every block, one Adam."""
 
-    exit_names = ["output"]
+    exit_names: ClassVar[list[str]] = ["output"]
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
         self.opt = make_adam(network.parameters(), cfg)
         self.optimizers = [self.opt]
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.network(x)
         loss = F.cross_entropy(logits, y)
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
 
-    def exit_scores(self, x: Tensor) -> list[Tensor]:
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
         return [self.network(x)]
 
 
@@ -37,7 +39,7 @@ class Backprop(LearningRule):
 class Shallow(LearningRule):
     """Only the classification head learns, on features of the fixed random blocks."""
 
-    exit_names = ["output"]
+    exit_names: ClassVar[list[str]] = ["output"]
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
@@ -45,7 +47,7 @@ class Shallow(LearningRule):
         self.opt = make_adam(network.head.parameters(), cfg)
         self.optimizers = [self.opt]
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             for block in self.network.blocks:
                 x = block(x)
@@ -54,5 +56,5 @@ class Shallow(LearningRule):
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
 
-    def exit_scores(self, x: Tensor) -> list[Tensor]:
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
         return [self.network(x)]

@@ -9,18 +9,30 @@ optimizers, and knows how to take one training step. The engine only calls:
 
 ``rule.exit_names`` names the k reported outputs (early exits then the final one);
 the last is the network's prediction. Nothing here syncs with the host.
+
+The public methods are templates: they check the batch (:func:`check_x`,
+:func:`check_y`, :func:`check_batch_statistics`), raising :class:`InputError` before
+anything changes (no BatchNorm statistics, optimizer state or queued update), then
+call the protected ``_train_step``, ``_exit_scores`` (and, if a rule needs to,
+``_eval_step``, ``_predict``) that each rule implements. The checks are Python
+attribute tests plus, on a CPU, one ``aminmax`` over the labels; on other devices
+the label range is not checked per step (that would sync with the host every step):
+:class:`sigprop.data.DeviceLoader` checks every label once where the data enters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..networks import Network
 from ..registry import RULES, SIGNALS
 
@@ -53,32 +65,61 @@ class RuleConfig:
     pipeline: str = "auto"
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.head not in ("target", "classifier"):
-            raise ConfigError(f"head must be 'target' or 'classifier', got {self.head!r}")
-        if self.loss not in ("dot", "l2"):
-            raise ConfigError(f"loss must be 'dot' or 'l2', got {self.loss!r}")
-        if self.bn_stats not in ("inputs", "all"):
-            raise ConfigError(f"bn_stats must be 'inputs' or 'all', got {self.bn_stats!r}")
-        if self.exit_targets not in ("prototypes", "candidates"):
+        """Raise ConfigError naming the key if any option has the wrong type or value.
+
+        Every number must be finite: a NaN or infinite learning rate, weight decay,
+        logit scale or eta passes a comparison like ``lr > 0`` or ``wd >= 0`` (or fails
+        it silently) and only shows up later as a NaN loss.
+        """
+        _number("lr", self.lr, "the Adam learning rate", positive=True)
+        _number("weight_decay", self.weight_decay, "Adam's weight decay", positive=False)
+        if self.logit_scale is not None:
+            _number("logit_scale", self.logit_scale, "the logit scale of L_pred", positive=True,
+                    fix="or leave it unset (None) for the default c/sqrt(d)")
+        _number("eta", self.eta,
+                "the error step of the loop-error signal, Eq. 12: t1 = f(S (h_L - eta "
+                "dL/dh_L) + d); 0 drops the label from the target, a negative eta steps "
+                "away from it", positive=True)
+        if not isinstance(self.signal_learned, bool):
             raise ConfigError(
-                f"exit_targets must be 'prototypes' or 'candidates', got {self.exit_targets!r}"
-            )
-        if self.fast_path not in ("auto", "on", "off"):
-            raise ConfigError(f"fast_path must be 'auto', 'on' or 'off', got {self.fast_path!r}")
-        if self.pipeline not in ("auto", "on", "off"):
-            raise ConfigError(f"pipeline must be 'auto', 'on' or 'off', got {self.pipeline!r}")
+                f"signal_learned must be True or False, got {self.signal_learned!r}; "
+                "pass a bool")
+        _choice("head", self.head, ("target", "classifier"))
+        _choice("loss", self.loss, ("dot", "l2"))
+        _choice("bn_stats", self.bn_stats, ("inputs", "all"))
+        _choice("exit_targets", self.exit_targets, ("prototypes", "candidates"))
+        _choice("fast_path", self.fast_path, ("auto", "on", "off"))
+        _choice("pipeline", self.pipeline, ("auto", "on", "off"))
         if self.pipeline == "on" and self.fast_path == "off":
             raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
-        if self.signal not in SIGNALS:
-            raise ConfigError(
-                f"unknown signal {self.signal!r}; choose one of: {', '.join(SIGNALS.names())}"
-            )
-        if self.logit_scale is not None and not self.logit_scale > 0:
-            raise ConfigError(f"logit scale must be positive, got {self.logit_scale}")
+        _choice("signal", self.signal, tuple(SIGNALS.names()), what="signal")
+
+
+def _number(key: str, value: object, meaning: str, *, positive: bool, fix: str = "") -> None:
+    """``value`` must be a real number (not a bool), finite, and > 0 (``positive``) or
+    >= 0; the message names ``key`` and what it means."""
+    need = "a finite number > 0" if positive else "a finite number >= 0"
+    why = f"{key} ({meaning}) must be {need}"
+    fix = f"; {fix}" if fix else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{why}, got {value!r} ({type(value).__name__}); pass a number{fix}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        raise ConfigError(f"{why}, got {value!r}; choose another value{fix}")
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...], what: str = "") -> None:
+    """``value`` must be one of the strings ``choices``; ``what`` set: an unknown name
+    of a registry (``unknown signal 'x'``)."""
+    options = ", ".join(choices)
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{key} must be a string, got {value!r} ({type(value).__name__}); choose one "
+            f"of: {options}")
+    if value not in choices:
+        wrong = f"unknown {what} {value!r}" if what else f"{key} must be a known option, " \
+            f"got {value!r}"
+        raise ConfigError(f"{wrong}; choose one of: {options}")
 
 
 def make_adam(params: Iterable[nn.Parameter], cfg: RuleConfig) -> torch.optim.Optimizer | None:
@@ -116,39 +157,87 @@ def make_grouped_adam(groups: dict[str, Iterable[nn.Parameter]], cfg: RuleConfig
 
 
 class LearningRule:
+    """A learning rule: its network, optimizers and training step (module docstring).
+
+    Subclasses implement ``_train_step`` and ``_exit_scores`` (and may override
+    ``_eval_step``, ``_predict``); the public methods check the batch first.
+    """
+
     name: str = ""
     exit_names: list[str]
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         cfg.validate()
+        if not isinstance(network, Network):
+            raise ConfigError(
+                f"network must be a sigprop.Network, got {type(network).__name__}; wrap "
+                "the blocks with sigprop.Network(blocks, head, input_shape)")
+        self.num_classes = check_num_classes(num_classes)
+        check_head_outputs(network, self.num_classes)
         self.network = network
-        self.num_classes = num_classes
         self.cfg = cfg
         self.optimizers: list[torch.optim.Optimizer] = []
         self.modules = nn.ModuleDict({"network": network})
 
-    # --- the interface --------------------------------------------------------
+    # --- the interface: checks, then the rule's own step ------------------------
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """One training step on ``x`` (B, *input_shape), float like the parameters, on
+        their device, and ``y`` (B,) int64 class indices; returns (losses (k,), correct
+        (k,)) on the device. A malformed batch raises InputError before anything
+        changes; on a CPU that includes labels outside [0, num_classes) (elsewhere the
+        loader checks them once)."""
+        self._check_batch(x, y)
+        return self._train_step(x, y)
 
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """(k,) correct counts of every exit on the batch (checked as in train_step)."""
+        self._check_batch(x, y)
         self.sync()
         with torch.no_grad():
-            return torch.stack([(s.argmax(1) == y).sum() for s in self.exit_scores(x)])
+            return self._eval_step(x, y)
 
     def exit_scores(self, x: Tensor) -> list[Tensor]:
         """Scores (n, classes) of each exit, in ``exit_names`` order (no grad)."""
-        raise NotImplementedError
+        self._check_inputs(x)
+        self.sync()
+        with torch.no_grad():
+            return self._exit_scores(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """(n, classes) scores of the final exit (no grad)."""
+        self._check_inputs(x)
+        self.sync()
+        with torch.no_grad():
+            return self._predict(x)
 
     def sync(self) -> None:
         """Wait until every update of the steps taken so far is applied. Rules whose
         updates run in the background (sigprop's ``pipeline``) override it; their own
         methods call it before reading parameters, and so should a hand-written loop."""
 
-    def predict(self, x: Tensor) -> Tensor:
-        self.sync()
-        with torch.no_grad():
-            return self.exit_scores(x)[-1]
+    # --- what each rule implements (inputs already checked) ----------------------
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _train_step")
+
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _exit_scores")
+
+    def _eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([(s.argmax(1) == y).sum() for s in self._exit_scores(x)])
+
+    def _predict(self, x: Tensor) -> Tensor:
+        return self._exit_scores(x)[-1]
+
+    # --- input checks --------------------------------------------------------------
+    def _check_inputs(self, x: Tensor) -> int:
+        """Check ``x`` against the network; its batch size."""
+        n = check_x(x, self.network)
+        if n < 2:
+            check_batch_statistics(self.network, n)
+        return n
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        check_y(y, self._check_inputs(x), self.num_classes, x.device)
 
     # --- helpers ----------------------------------------------------------------
     def set_training(self, mode: bool) -> None:
@@ -175,6 +264,9 @@ class LearningRule:
             self.modules.load_state_dict(state["modules"])
         except (RuntimeError, KeyError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if _dropped_biases(self.modules, state.get("modules", {})):
+                hint += (" (it holds the Linear bias in front of BatchNorm that fc blocks "
+                         "no longer have: BatchNorm cancels it; retrain with this version)")
             raise CheckpointError(f"{hint} ({first})") from None
         if len(state["optimizers"]) != len(self.optimizers):
             raise CheckpointError(
@@ -203,8 +295,157 @@ class LearningRule:
 
 def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | None = None, **kw) -> LearningRule:
     """Look up a registered rule by name and build it; ``kw`` override ``cfg`` fields."""
+    if not isinstance(name, str):
+        raise ConfigError(f"rule name must be a string, got {name!r}; choose one of: "
+                          f"{', '.join(RULES.names())}")
+    if cfg is not None and not isinstance(cfg, RuleConfig):
+        raise ConfigError(f"cfg must be a RuleConfig, got {type(cfg).__name__}; build one "
+                          "with sigprop.RuleConfig(...) or pass options as keywords")
+    known = [f.name for f in dataclasses.fields(cfg or RuleConfig)]
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown rule option {unknown[0]!r}; choose from: {', '.join(known)}")
     try:
         cfg = dataclasses.replace(cfg or RuleConfig(), **kw)
     except TypeError as err:
         raise ConfigError(f"bad rule option: {err}") from None
     return RULES.get(name)(network, num_classes, cfg)
+
+
+# --- checks of what the public methods are given ----------------------------------------
+
+
+def check_num_classes(num_classes: object) -> int:
+    """``num_classes`` as an int; ConfigError unless it is an integer >= 2."""
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 2):
+        raise ConfigError(
+            f"num_classes must be an integer >= 2, got {num_classes!r}; pass the number "
+            "of classes of the dataset")
+    return int(num_classes)
+
+
+def check_head_outputs(network: Network, num_classes: int) -> None:
+    """The head must give one score per class: (B, num_classes) for a batch."""
+    out = network.output_shape
+    if out != (num_classes,):
+        raise ConfigError(
+            f"the network's head outputs shape {out} per sample, but there are "
+            f"{num_classes} classes; give it a head with {num_classes} outputs (e.g. "
+            f"nn.Linear(d, {num_classes})) or build the rule for that many classes")
+
+
+def _reference(network: Network) -> Tensor | None:
+    """A tensor whose dtype and device the inputs must share: the first parameter
+    (or buffer); None for a network without either."""
+    for tensor in network.parameters():
+        return tensor
+    for tensor in network.buffers():
+        return tensor
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_x(x: object, network: Network) -> int:
+    """Raise InputError unless ``x`` is a (B, *network.input_shape) tensor, B >= 1, of
+    the parameters' dtype and on their device; returns B."""
+    shape = network.input_shape
+    want = f"(B, {', '.join(map(str, shape))})" if shape else "(B,)"
+    if not isinstance(x, Tensor):
+        raise InputError(
+            f"x must be a torch.Tensor shaped {want}, got {type(x).__name__}; convert it "
+            "with torch.as_tensor")
+    ref = _reference(network)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+    if dtype is not None and x.dtype != dtype:
+        fix = ("normalise images to float first (sigprop.data.DeviceLoader does)"
+               if not x.is_floating_point() else f"convert it with x.to(torch.{_dtype_name(dtype)})")
+        raise InputError(f"x must be {_dtype_name(dtype)} like the network's parameters, "
+                         f"got {x.dtype}; {fix}")
+    if dtype is None and not x.is_floating_point():
+        raise InputError(f"x must be floating point, got {x.dtype}; normalise it to float")
+    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise InputError(f"x must be shaped {want} (a batch of network.input_shape "
+                         f"{shape}), got {tuple(x.shape)}; {_reshape_hint(x, shape)}")
+    if ref is not None and x.device != ref.device:
+        raise InputError(
+            f"x is on {x.device} but the network's parameters are on {ref.device}; move "
+            f"it with x.to('{ref.device}') (or the rule with rule.to(...))")
+    if x.shape[0] == 0:
+        raise InputError("x is an empty batch (0 samples); skip empty batches")
+    return x.shape[0]
+
+
+def _reshape_hint(x: Tensor, shape: tuple[int, ...]) -> str:
+    """How to turn ``x`` into a batch of samples shaped ``shape``, if it can be."""
+    if tuple(x.shape) == shape:
+        return "it is one sample: add the batch axis with x.unsqueeze(0)"
+    per_sample = math.prod(shape)
+    if x.dim() >= 1 and x.shape[0] and x[0].numel() == per_sample:
+        return f"reshape it with x.view(len(x), *{shape})"
+    return "check that the data matches the network (built for samples shaped " \
+        f"{shape})"
+
+
+def check_y(y: object, n: int, num_classes: int, device: torch.device) -> None:
+    """Raise InputError unless ``y`` is an int64 (n,) tensor on ``device``; on a CPU
+    also unless every label is in [0, num_classes) (one ``aminmax``: on an accelerator
+    that read would sync with the host every step, so there the loader checks the
+    labels once, where the data enters)."""
+    if not isinstance(y, Tensor):
+        raise InputError(
+            f"y must be a torch.Tensor of int64 class indices shaped (B,), got "
+            f"{type(y).__name__}; convert it with torch.as_tensor(y, dtype=torch.int64)")
+    if y.dtype != torch.int64:
+        raise InputError(f"y must be int64 class indices, got {y.dtype}; convert it with "
+                         "y.long() (one-hot or soft labels: take y.argmax(1) first)")
+    if y.dim() != 1:
+        if y.numel() == n and y.dim() > 1:
+            fix = "flatten it with y.view(-1)"
+        elif y.dim() == 0:
+            fix = "give one label per sample"
+        else:
+            fix = "give one class index per sample (one-hot labels: y.argmax(1))"
+        raise InputError(f"y must be shaped (B,) = ({n},), got {tuple(y.shape)}; {fix}")
+    if len(y) != n:
+        raise InputError(f"x holds {n} samples but y holds {len(y)} labels; give one label "
+                         "per sample")
+    if y.device != device:
+        raise InputError(f"y is on {y.device} but x is on {device}; move it with "
+                         f"y.to('{device}')")
+    if y.device.type == "cpu":
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"y holds the label {bad}, outside 0..{num_classes - 1} for {num_classes} "
+                "classes; labels must be class indices (check the dataset or num_classes)")
+
+
+def check_batch_statistics(network: nn.Module, n: int) -> None:
+    """Raise InputError if a batch of ``n`` < 2 samples meets a BatchNorm in training
+    mode: its batch variance is zero, so it would normalise every value to its bias
+    (the fast path trained on like that; torch raises elsewhere)."""
+    if n >= 2:
+        return
+    for m in network.modules():
+        if isinstance(m, _BatchNorm) and m.training:
+            raise InputError(
+                f"x holds {n} sample, but the network's BatchNorm in training mode needs "
+                "at least 2 (one sample has zero variance); use batches of >= 2 samples "
+                "(drop a last batch of one), or rule.set_training(False) to evaluate")
+
+
+def _dropped_biases(modules: nn.Module, saved: dict) -> bool:
+    """Whether ``saved`` holds a bias for a Linear that has none here (checkpoints from
+    before fc blocks dropped the Linear bias in front of BatchNorm)."""
+    own = dict(modules.named_modules())
+    for key in saved:
+        path, _, leaf = key.rpartition(".")
+        m = own.get(path)
+        if leaf == "bias" and isinstance(m, nn.Linear) and m.bias is None:
+            return True
+    return False

@@ -280,7 +280,9 @@ class Sigprop(LearningRule):
         logits = SF.compare(h, means, self.cfg.loss, self.scales[i])
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The step on a checked batch: written out (pipelined or in sequence) where it
+        applies, else autograd block by block. Every refusal is raised before any work."""
         # The written-out step is the training-mode computation of hook-free modules;
         # anything else (hooks, a BatchNorm put in eval mode) is the modules' own call.
         why = None
@@ -289,6 +291,8 @@ class Sigprop(LearningRule):
                 why = "a block has forward or backward hooks, which only the autograd path runs"
             elif not all(p.bn.training for p in self.fast_parts):
                 why = "a BatchNorm is in eval mode; the written-out step is training mode"
+        if self.fast_parts and why is not None and self.cfg.fast_path == "on":
+            raise ConfigError(f"fast_path='on' but {why}; use fast_path='auto' or 'off'")
         if self.fast_parts and why is None and self._pipelined(x):
             return self._fast_train_step(x, y, pipelined=True)
         self.sync()
@@ -296,8 +300,6 @@ class Sigprop(LearningRule):
             p.grad = None
         if self.fast_parts and why is None:
             out = self._fast_train_step(x, y)
-        elif self.fast_parts and self.cfg.fast_path == "on":
-            raise ConfigError(f"fast_path='on' but {why}; use fast_path='auto' or 'off'")
         else:
             out = self._autograd_train_step(x, y)
         if self.optimizer is not None:
@@ -457,10 +459,6 @@ class Sigprop(LearningRule):
         return self._finish_step(h, y, losses, logits_seen)
 
     # --- inference ----------------------------------------------------------------
-    def exit_scores(self, x: Tensor) -> list[Tensor]:
-        self.sync()
-        return self._exit_scores(x)
-
     def _exit_scores(self, x: Tensor) -> list[Tensor]:
         """Early exits (Eq. 8) of every block, then the head's logits if there is one.
 

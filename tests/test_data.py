@@ -321,7 +321,7 @@ def test_parse_augment():
 
 def test_idx_dataset_and_bad_split(tmp_path):
     truth = make_idx_dataset(tmp_path / "mnist", gz=False)
-    images, labels = load_dataset("mnist", "test", tmp_path)
+    images, _ = load_dataset("mnist", "test", tmp_path)
     assert np.array_equal(images[:, 0].numpy(), truth["test"][0])
     with pytest.raises(ConfigError, match="unknown split 'valid'"):
         load_dataset("mnist", "valid", tmp_path)

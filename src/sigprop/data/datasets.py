@@ -461,21 +461,24 @@ def _given_root(value: object, origin: str) -> Path:
                         "give the full path") from None
 
 
-def _explicit_fix(spec: DatasetSpec, root: Path, origin: str) -> str:
-    put = (f"put {spec.name}'s files there (`sigprop data download {spec.name} --dest "
-           f"{shown(root)}`)")
-    if origin == "data_dir":
-        return f"{put}, or point data_dir (--data-dir) at the folder that holds them"
-    return (f"{put}, or set {origin} to the folder that holds them, or unset it to use the "
-            "default places")
+def _explicit_fix(spec: DatasetSpec, root: Path, origin: str, can_put: bool) -> str:
+    """How to fix an unusable ``origin`` folder: fill it (``can_put``: it is, or can become,
+    a folder) or point ``origin`` elsewhere."""
+    point = ("point data_dir (--data-dir) at the folder that holds them" if origin == "data_dir"
+             else f"set {origin} to the folder that holds them, or unset it to use the "
+                  "default places")
+    if not can_put:
+        return f"{point} (`sigprop data download {spec.name}` fetches them)"
+    return (f"put {spec.name}'s files there (`sigprop data download {spec.name} --dest "
+            f"{shown(root)}`), or {point}")
 
 
 def _explicit_dir(spec: DatasetSpec, root: Path, origin: str) -> Path:
     """``root`` or ``root/NAME``, whichever holds the files; else one DataError saying what
     is wrong in which folder. Nothing else is looked at."""
-    fix = _explicit_fix(spec, root, origin)
     kind = _kind(root, f"{origin} folder", f"point {origin} elsewhere")
     if kind != "dir":
+        fix = _explicit_fix(spec, root, origin, can_put=kind == "missing")
         raise DataError(f"dataset {spec.name!r}: {origin} folder {shown(root)} "
                         f"{_not_a_folder(root, kind)}; {fix}")
     problems = _problems(spec, root)
@@ -488,9 +491,9 @@ def _explicit_dir(spec: DatasetSpec, root: Path, origin: str) -> Path:
             return sub
         folder, problems, note = sub, sub_problems, ""
     else:
-        folder, note = root, f" (and it has no {spec.name}/ subfolder)"
-    raise DataError(f"dataset {spec.name!r}: {origin} folder {shown(folder)} "
-                    f"{_describe(problems)}{note}; {fix}")
+        folder, note = root, f" (which has no {spec.name}/ subfolder either)"
+    raise DataError(f"dataset {spec.name!r}: {origin} folder {shown(folder)}{note} "
+                    f"{_describe(problems)}; {_explicit_fix(spec, root, origin, True)}")
 
 
 def _default_dir(spec: DatasetSpec) -> Path:

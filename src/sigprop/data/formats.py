@@ -176,6 +176,14 @@ def _latin1_encode(text: object, encoding: str = "utf-8", errors: str = "strict"
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: object) -> bytes:
+    """``bytes()`` as protocol-2 pickles written by Python 3 spell ``b""`` (the data of an
+    empty array); a call with arguments (``bytes(10**12)``) is refused."""
+    if args:
+        raise RefusedGlobal("builtins.bytes", "with arguments")
+    return b""
+
+
 class RefusedGlobal(pickle.UnpicklingError):
     """A pickle named a global that a CIFAR batch never holds; it was not called."""
 
@@ -195,7 +203,10 @@ class CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
         ("numpy", "ndarray"): lambda: np.ndarray,
         ("numpy", "dtype"): lambda: np.dtype,
+        # Python 3 writes bytes in protocol 2 as these two calls; both are narrowed.
         ("_codecs", "encode"): lambda: _latin1_encode,
+        ("__builtin__", "bytes"): lambda: _empty_bytes,
+        ("builtins", "bytes"): lambda: _empty_bytes,
     }
 
     def find_class(self, module: str, name: str):
@@ -232,10 +243,12 @@ def _decode_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray
         labels = np.asarray(batch[key], dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as e:  # ragged lists, non-numbers
         raise corrupt(source, f"data or labels are not arrays ({e})") from None
-    if data.size == 0 and len(labels) == 0:
+    if data.size == 0 and labels.size == 0:
         data = np.empty((0, 3 * 32 * 32), np.uint8)  # no rows: load_dataset names the file
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise corrupt(source, f"data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if labels.ndim != 1:
+        raise corrupt(source, f"labels have shape {labels.shape}, expected ({len(data)},)")
     if labels.shape != (len(data),):
         raise corrupt(source, f"{labels.size} labels for {len(data)} images")
     return data, labels

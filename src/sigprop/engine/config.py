@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..rules.base import RuleConfig
 
 if sys.version_info >= (3, 11):
@@ -103,9 +104,6 @@ class Config:
         self.rule.validate()
 
 
-# Dropout draws 16-bit lanes (sigprop.networks.Dropout): p is rounded to a multiple of
-# 1/65536, and p = 1 would divide by zero.
-DROPOUT_LEVELS = 65536
 # the dropout stream is seeded with seed + 1, which must fit torch's 64-bit seed
 MAX_SEED = 2**63 - 2
 

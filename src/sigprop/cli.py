@@ -152,8 +152,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _recorded_config(run_dir: Path):
     """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
     or None when the folder holds no run yet."""
-    from .engine.config import config_from_dict
-    from .engine.runio import CHECKPOINT, CONFIG, load_checkpoint, read_run_config
+    from .engine.runio import CHECKPOINT, CONFIG, load_checkpoint, read_run_config, recorded_config
 
     try:
         if (run_dir / CONFIG).exists():
@@ -164,16 +163,12 @@ def _recorded_config(run_dir: Path):
             return None
     except OSError as err:  # a name too long to look up, ...
         raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
-    try:
-        return config_from_dict(config)
-    except ConfigError as err:
-        raise CheckpointError(f"{path} holds a bad config ({err}); restore it, or delete the "
-                              "run folder to start afresh") from None
+    return recorded_config(config, path)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .engine.config import apply_overrides, config_from_dict
-    from .engine.runio import CHECKPOINT, load_checkpoint
+    from .engine.config import apply_overrides
+    from .engine.runio import CHECKPOINT, load_checkpoint, recorded_config
     from .engine.trainer import build_experiment, evaluate
 
     if not ns.path.strip():
@@ -187,10 +182,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if not found:
         raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a checkpoint.pt")
     state = load_checkpoint(ckpt, "cpu")
-    try:
-        cfg = config_from_dict(state["config"])
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint {ckpt} holds a bad config ({err})") from None
+    cfg = recorded_config(state["config"], ckpt)
     over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
     if ns.device:
         over["train"]["device"] = ns.device

@@ -186,6 +186,19 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
 
 
+def recorded_config(config: Any, path: Path | str):
+    """The :class:`~.config.Config` a run recorded (in config.json or a checkpoint) at
+    ``path``; a bad key or value there is a CheckpointError naming the file."""
+    from ..errors import ConfigError
+    from .config import config_from_dict
+
+    try:
+        return config_from_dict(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds a bad config ({err}); restore it, or delete the "
+                              "run folder to start afresh") from None
+
+
 def read_run_config(path: Path) -> dict[str, Any]:
     """The ``config`` table of a run folder's config.json, checked for its layout: an
     object holding a ``config`` object with every section (values are checked when the

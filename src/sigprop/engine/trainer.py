@@ -26,7 +26,7 @@ from ..networks import build_network
 from ..resources import check_fits
 from ..rules import LearningRule, build_rule
 from . import runio
-from .config import Config, config_from_dict, resume_changes
+from .config import Config, resume_changes
 from .runfolder import RunFolder
 
 STEP_MILESTONES = (0.50, 0.75, 0.89, 0.94)  # Sec. IV: lr x0.25 at these fractions
@@ -183,7 +183,7 @@ class Trainer:
             else None
         changes: dict[str, tuple[Any, Any]] = {}
         if state is not None:  # before any data is read: what may this resume change?
-            changes = resume_changes(_recorded_config(state, ckpt_path), cfg, state["epoch"])
+            changes = resume_changes(runio.recorded_config(state["config"], ckpt_path), cfg, state["epoch"])
         exp = build_experiment(cfg)
         rule = exp.rule
         files = {split: split_file_records(cfg.data.dataset, split, cfg.data.data_dir)
@@ -302,13 +302,6 @@ class Trainer:
             f"loss of {rule.exit_names[col]} became {value} at epoch {epoch + 1}, step "
             f"{first + 1}; lower the learning rate (--lr) or check the input data"
         )
-
-
-def _recorded_config(state: dict[str, Any], path: Path) -> Config:
-    try:
-        return config_from_dict(state["config"])
-    except ConfigError as err:
-        raise runio.CheckpointError(f"checkpoint {path} holds a bad config ({err})") from None
 
 
 def _check_same_data(recorded: Any, files: dict[str, list[dict[str, Any]]]) -> None:

@@ -131,3 +131,22 @@ def run_steps(rule, batches, seed=7):
     rule.set_training(True)
     torch.manual_seed(seed)  # the dropout masks: every path draws the same numbers
     return [rule.train_step(x, y) for x, y in batches]
+
+
+def write_cifar_members(folder: Path, spec, members: dict[str, bytes], as_tar: bool) -> None:
+    """CIFAR batch files ``members`` (name -> pickled bytes) as shipped: in the extracted
+    folder ``folder/<archive_folder>/`` or in ``folder/<archive>.tar.gz``."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if as_tar:
+        with tarfile.open(folder / spec.files[0].name, "w:gz") as tar:
+            for m, raw in members.items():
+                info = tarfile.TarInfo(f"{spec.archive_folder}/{m}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+        return
+    (folder / spec.archive_folder).mkdir(exist_ok=True)
+    for m, raw in members.items():
+        (folder / spec.archive_folder / m).write_bytes(raw)

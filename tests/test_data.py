@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import write_cifar_members
 
 import sigprop.data.datasets as ds
 from sigprop.data import (
@@ -104,16 +105,7 @@ def make_cifar(folder: Path, cifar100: bool = False, as_tar: bool = False, n: in
             datas.append(d)
             labels.append(lab)
         out[split] = (np.concatenate(datas), np.concatenate(labels))
-    folder.mkdir(parents=True, exist_ok=True)
-    if as_tar:
-        with tarfile.open(folder / spec.files[0].name, "w:gz") as tar:
-            for m, raw in members.items():
-                info = tarfile.TarInfo(f"{spec.archive_folder}/{m}")
-                info.size = len(raw)
-                tar.addfile(info, io.BytesIO(raw))
-    else:
-        for m, raw in members.items():
-            write(folder / spec.archive_folder / m, raw, gz=False)
+    write_cifar_members(folder, spec, members, as_tar)
     return out
 
 

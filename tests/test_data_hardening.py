@@ -17,7 +17,6 @@ import os
 import pickle
 import socket
 import struct
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import scipy.io
-from conftest import _idx, write_fake_fashion
+from conftest import _idx, write_cifar_members, write_fake_fashion
 
 import sigprop.data.datasets as ds
 from sigprop.data import (
@@ -128,17 +127,7 @@ def make_cifar10(folder: Path, as_tar: bool = False, n: int = 2,
     spec = dataset_spec("cifar10")
     members = {m: dump(cifar_batch(n, seed=i)) for i, m in enumerate(ds._all_members(spec))}
     members.update(override or {})
-    folder.mkdir(parents=True, exist_ok=True)
-    if as_tar:
-        with tarfile.open(folder / spec.files[0].name, "w:gz") as tar:
-            for m, raw in members.items():
-                info = tarfile.TarInfo(f"{spec.archive_folder}/{m}")
-                info.size = len(raw)
-                tar.addfile(info, io.BytesIO(raw))
-    else:
-        (folder / spec.archive_folder).mkdir(exist_ok=True)
-        for m, raw in members.items():
-            (folder / spec.archive_folder / m).write_bytes(raw)
+    write_cifar_members(folder, spec, members, as_tar)
     return folder
 
 

@@ -97,9 +97,6 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
         num_classes=spec.num_classes,
     ) if len(labels) else None
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
-    if len(t_labels) == 0:
-        raise DataError(f"the test split of {spec.name!r} holds no images; nothing to "
-                        "evaluate on (check the dataset's files)")
     test = DeviceLoader(
         t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
         std=spec.std, device=device, shuffle=False, num_classes=spec.num_classes,
@@ -183,7 +180,8 @@ class Trainer:
             else None
         changes: dict[str, tuple[Any, Any]] = {}
         if state is not None:  # before any data is read: what may this resume change?
-            changes = resume_changes(runio.recorded_config(state["config"], ckpt_path), cfg, state["epoch"])
+            recorded = runio.recorded_config(state["config"], ckpt_path)
+            changes = resume_changes(recorded, cfg, state["epoch"])
         exp = build_experiment(cfg)
         rule = exp.rule
         files = {split: split_file_records(cfg.data.dataset, split, cfg.data.data_dir)

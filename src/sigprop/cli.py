@@ -15,37 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .engine.config import SWITCH_FLAGS, TRAIN_FLAGS
 from .errors import CheckpointError, ConfigError, SigpropError
 
-# flag -> (section, key); argparse stores under "section.key" and only what was given.
-TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
-    ("--dataset", "data", "dataset", {"help": "dataset name (sigprop data list)"}),
-    ("--data-dir", "data", "data_dir", {"help": "folder holding the dataset files"}),
-    ("--train-limit", "data", "train_limit", {"metavar": "N", "help": "use the first N training samples"}),
-    ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
-    ("--batch-size", "data", "batch_size", {}),
-    ("--eval-batch-size", "data", "eval_batch_size", {}),
-    ("--network", "model", "network", {"help": "e.g. fc-3x1000, fc-2x800"}),
-    ("--dropout", "model", "dropout", {}),
-    ("--rule", "rule", "name", {"help": "sigprop | backprop | shallow"}),
-    ("--lr", "rule", "lr", {"help": "Adam learning rate (default 5e-4)"}),
-    ("--weight-decay", "rule", "weight_decay", {}),
-    ("--signal", "rule", "signal", {"help": "target generator: label | label-input | loop-pred | loop-error"}),
-    ("--head", "rule", "head", {"help": "target (Fig. 2a) | classifier (Fig. 2b)"}),
-    ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
-    ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
-    ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
-    ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
-    ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
-    ("--pipeline", "rule", "pipeline", {"help": "sigprop with the fast path on a CPU: each block's BatchNorm backward, weight gradient and Adam step on a second thread while the forward goes on (same updates): auto (>= 2 threads) | on | off"}),
-    ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),
-    ("--epochs", "train", "epochs", {}),
-    ("--schedule", "train", "schedule", {"help": "step | cosine | none"}),
-    ("--seed", "train", "seed", {}),
-    ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
-    ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
-    ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
-]
+
+
+SWITCH_HELP = {
+    "--signal-fixed": "keep the target generator fixed (random projection)",
+    "--no-progress": "no progress bar",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,10 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     for flag, section, key, kw in TRAIN_FLAGS:
         t.add_argument(flag, dest=f"{section}.{key}", **kw)
-    t.add_argument("--signal-fixed", dest="rule.signal_learned", action="store_const", const=False,
-                   help="keep the target generator fixed (random projection)")
-    t.add_argument("--no-progress", dest="train.progress", action="store_const", const=False,
-                   help="no progress bar")
+    for flag, section, key, value in SWITCH_FLAGS:
+        t.add_argument(flag, dest=f"{section}.{key}", action="store_const", const=value,
+                       help=SWITCH_HELP[flag])
 
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint on the test set")
     e.add_argument("path", help="run folder or checkpoint.pt")
@@ -96,7 +73,47 @@ def _parser() -> argparse.ArgumentParser:
                     help="give up when no byte arrives for S seconds (default 30)")
     dl.add_argument("--deadline", type=_seconds, default=3600.0, metavar="S",
                     help="give up when the whole download takes over S seconds (default 3600)")
+    r = sub.add_parser("reproduce", help="run a table of the paper and report it beside the "
+                       "paper's numbers")
+    r.add_argument("experiment", nargs="?", metavar="NAME",
+                   help="experiment name (--list names them) or an experiment .toml file")
+    r.add_argument("--list", action="store_true", help="name every experiment, its runs and "
+                   "the data it needs")
+    r.add_argument("--budget", default="full", choices=("full", "quick", "smoke"),
+                   help="full: the paper's settings (default) | quick: well under an hour on "
+                   "a CPU | smoke: seconds")
+    r.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                   help="seeds to run instead of the budget's (e.g. 0,1,2)")
+    r.add_argument("--data-dir", help="folder holding the datasets (or each in its NAME/)")
+    r.add_argument("--device", help="cpu | cuda | cuda:N")
+    r.add_argument("--out", metavar="DIR",
+                   help="output folder (default runs/reproduce/NAME-BUDGET); give the same "
+                   "one again to continue a reproduction")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("report", help="rebuild the report of a reproduction from its run "
+                        "folders (no training)")
+    rp.add_argument("folder", metavar="DIR", help="the --out folder of a sigprop reproduce")
+
+    pl = sub.add_parser("plot", help="draw runs' learning curves and early exits (PNG)")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    pl.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots "
+                    "for one run, ./plots for several)")
     return p
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    from .engine.config import MAX_SEED
+
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isascii() and t.isdigit() and len(t) <= 19 for t in parts) \
+            or not all(int(t) <= MAX_SEED for t in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected seeds as integers in 0..{MAX_SEED} separated by commas, got {text!r}")
+    seeds = tuple(int(t) for t in parts)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
+    return seeds
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -228,6 +245,82 @@ def cmd_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(ns: argparse.Namespace) -> int:
+    from .engine.perf import tune_allocator
+    from .experiments import builtin_names, load_experiment, reproduce
+
+    if ns.list:
+        names = [ns.experiment] if ns.experiment else builtin_names()
+        for i, name in enumerate(names):
+            print(("\n" if i else "") + _describe_experiment(load_experiment(name), ns.data_dir))
+        return 0
+    if not ns.experiment:
+        raise ConfigError("name the experiment to reproduce (sigprop reproduce --list names "
+                          "them) or give an experiment .toml file")
+    exp = load_experiment(ns.experiment)
+    out = Path(ns.out) if ns.out else Path("runs") / "reproduce" / f"{exp.name}-{ns.budget}"
+    tune_allocator()
+    try:
+        result = reproduce(exp, ns.budget, out, seeds=ns.seeds, data_dir=ns.data_dir,
+                           device=ns.device, progress=not ns.no_progress,
+                           argv=["sigprop", *ns.argv])
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"sigprop: {what}; give the same command again to continue (finished runs are "
+              "skipped, the interrupted one resumes)", file=sys.stderr)
+        return stop.code if isinstance(stop, Terminated) else 130
+    print(f"report: {result['report']} ({result['ran']} runs trained, {result['skipped']} "
+          "finished before)")
+    failed = result["failed"]
+    if failed:
+        listed = "; ".join(f"{run}: {why}" for run, why in failed.items())
+        print(f"sigprop: error: {len(failed)} run(s) failed ({listed}); their cells are marked "
+              f"in {result['report']}; fix the cause and give the same command again",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _describe_experiment(exp, data_dir: str | None) -> str:
+    from .data import find_dataset_dir
+    from .experiments import BUDGETS
+
+    lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.source}"]
+    for name in exp.datasets("full"):
+        try:
+            where = f"found in {find_dataset_dir(name, data_dir)}"
+        except SigpropError:
+            where = f"not found (sigprop data download {name}; sigprop data check {name})"
+        lines.append(f"  data: {name}, {where}")
+    lines.append("  rows: " + ", ".join(r.label for r in exp.rows))
+    lines.append("  columns: " + ", ".join(c.label for c in exp.columns))
+    for budget in BUDGETS:
+        plans = exp.runs(budget)
+        epochs = sum(p.config.train.epochs for p in plans)
+        b = exp.budgets[budget]
+        lines.append(f"  {budget}: {len(plans)} runs (seeds {', '.join(map(str, b.seeds))}; "
+                     f"{epochs} epochs in all)" + (f": {b.description}" if b.description else ""))
+    return "\n".join(lines)
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from .experiments import write_report
+
+    print(f"report: {write_report(Path(ns.folder))}")
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .experiments.plots import plot_runs
+
+    out = Path(ns.out) if ns.out else (Path(ns.runs[0]) / "plots" if len(ns.runs) == 1
+                                       else Path("plots"))
+    made = plot_runs([Path(r) for r in ns.runs], out)
+    for path in made:
+        print(f"plot: {path}")
+    return 0
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that every cleanup (partial downloads,
     temporary checkpoint files, the run folder's lock) runs as on Ctrl-C."""
@@ -244,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         ns = _parser().parse_args(argv)
+        ns.argv = argv
         import sigprop.rules  # noqa: F401  (register rules)
 
-        return {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[ns.command](ns)
+        commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
+                    "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot}
+        return commands[ns.command](ns)
     except SigpropError as err:
         print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shlex
 import sys
 import types
 import typing
@@ -204,6 +205,59 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
     """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder)."""
     return apply_overrides(Config(), d)
+
+
+# `sigprop train` flags: (flag, section, key, argparse keywords); argparse stores each
+# under "section.key", and only what was given.
+TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("--dataset", "data", "dataset", {"help": "dataset name (sigprop data list)"}),
+    ("--data-dir", "data", "data_dir", {"help": "folder holding the dataset files"}),
+    ("--train-limit", "data", "train_limit", {"metavar": "N", "help": "use the first N training samples"}),
+    ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
+    ("--batch-size", "data", "batch_size", {}),
+    ("--eval-batch-size", "data", "eval_batch_size", {}),
+    ("--network", "model", "network", {"help": "e.g. fc-3x1000, fc-2x800"}),
+    ("--dropout", "model", "dropout", {}),
+    ("--rule", "rule", "name", {"help": "sigprop | backprop | shallow"}),
+    ("--lr", "rule", "lr", {"help": "Adam learning rate (default 5e-4)"}),
+    ("--weight-decay", "rule", "weight_decay", {}),
+    ("--signal", "rule", "signal", {"help": "target generator: label | label-input | loop-pred | loop-error"}),
+    ("--head", "rule", "head", {"help": "target (Fig. 2a) | classifier (Fig. 2b)"}),
+    ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
+    ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
+    ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
+    ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
+    ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
+    ("--pipeline", "rule", "pipeline", {"help": "sigprop with the fast path on a CPU: each block's BatchNorm backward, weight gradient and Adam step on a second thread while the forward goes on (same updates): auto (>= 2 threads) | on | off"}),
+    ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),
+    ("--epochs", "train", "epochs", {}),
+    ("--schedule", "train", "schedule", {"help": "step | cosine | none"}),
+    ("--seed", "train", "seed", {}),
+    ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
+    ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
+    ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
+]
+
+# boolean keys set by a flag without a value: (flag, section, key, the value it sets)
+SWITCH_FLAGS: list[tuple[str, str, str, bool]] = [
+    ("--signal-fixed", "rule", "signal_learned", False),
+    ("--no-progress", "train", "progress", False),
+]
+
+
+def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:
+    """The `sigprop train` command line that runs ``cfg``: a flag for every value that
+    differs from the defaults, and for the ``always`` keys (``"section.key"``)."""
+    base, now = Config().to_dict(), cfg.to_dict()
+    words = ["sigprop", "train"]
+    for flag, section, key, _ in TRAIN_FLAGS:
+        value = now[section][key]
+        if value is not None and (value != base[section][key] or f"{section}.{key}" in always):
+            words += [flag, str(value)]
+    for flag, section, key, value in SWITCH_FLAGS:
+        if now[section][key] == value:
+            words.append(flag)
+    return shlex.join(words)
 
 
 # What ``--resume`` may change: where and how the run computes, never what it computes.

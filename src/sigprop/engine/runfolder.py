@@ -33,16 +33,19 @@ class RunFolder:
         self._created = created  # folders this acquire made, outermost first
 
     @classmethod
-    def acquire(cls, path: str | os.PathLike) -> RunFolder:
-        path = _checked_path(path)
-        created = _make_folder(path)
+    def acquire(cls, path: str | os.PathLike, *, flag: str = "--run-dir",
+                user: str = "training run") -> RunFolder:
+        """Check, create and lock ``path``; messages name the option that gave it
+        (``flag``) and what holds such folders (``user``)."""
+        path = _checked_path(path, flag)
+        created = _make_folder(path, flag)
         try:
             fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             _remove_created(created)
             raise RunFolderError(
                 f"run folder {path} is not writable ({_os_reason(err)}); choose another "
-                "--run-dir") from None
+                f"{flag}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -51,8 +54,8 @@ class RunFolder:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunFolderError(f"cannot lock run folder {path} ({_os_reason(err)})") from None
             raise RunFolderError(
-                f"run folder {path} is in use by another training run{holder}; wait for it "
-                "to end, or choose another --run-dir") from None
+                f"run folder {path} is in use by another {user}{holder}; wait for it "
+                f"to end, or choose another {flag}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return cls(path, fd, created)
@@ -87,31 +90,31 @@ class RunFolder:
         self.release()
 
 
-def _checked_path(path: str | os.PathLike) -> Path:
+def _checked_path(path: str | os.PathLike, flag: str) -> Path:
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
-        raise RunFolderError("the run folder (--run-dir) is empty; give a folder name")
+        raise RunFolderError(f"the run folder ({flag}) is empty; give a folder name")
     if "\0" in text:
-        raise RunFolderError("the run folder (--run-dir) contains a NUL character")
+        raise RunFolderError(f"the run folder ({flag}) contains a NUL character")
     path = Path(text).expanduser()
     try:
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"run folder {path} is a file, not a folder; choose another "
-                                 "--run-dir")
+                                 f"{flag}")
         for parent in path.parents:
             if parent.exists():
                 if not parent.is_dir():
                     raise RunFolderError(
                         f"run folder {path} would lie below {parent}, which is a file; choose "
-                        "another --run-dir")
+                        f"another {flag}")
                 break
     except OSError as err:  # e.g. a name too long to even look up
         raise RunFolderError(f"cannot use run folder {path} ({_os_reason(err)}); choose another "
-                             "--run-dir") from None
+                             f"{flag}") from None
     return path
 
 
-def _make_folder(path: Path) -> list[Path]:
+def _make_folder(path: Path, flag: str) -> list[Path]:
     """mkdir -p, returning the folders it created (outermost first)."""
     missing = [p for p in (*reversed(path.parents), path) if not p.exists()]
     try:
@@ -119,7 +122,7 @@ def _make_folder(path: Path) -> list[Path]:
     except OSError as err:
         _remove_created([p for p in missing if p.exists()])
         raise RunFolderError(
-            f"cannot create run folder {path} ({_os_reason(err)}); choose another --run-dir"
+            f"cannot create run folder {path} ({_os_reason(err)}); choose another {flag}"
         ) from None
     return missing
 

@@ -157,6 +157,30 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / METRICS_CSV, out.getvalue())
 
 
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``run_dir/metrics.jsonl`` (empty if it does not exist
+    yet); a damaged file is a CheckpointError naming it and the line."""
+    path = Path(run_dir) / METRICS_JSONL
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is damaged (not UTF-8 text)") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    history = []
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or record.get("epoch") != i:
+            raise CheckpointError(f"{path} is damaged at line {i} (not epoch {i}'s record)")
+        history.append(record)
+    return history
+
+
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in record.items():

@@ -199,6 +199,8 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
             history = state["history"]
             start = self.epochs_done = state["epoch"]
+            # a run killed between its checkpoint and its metrics files: make them agree
+            runio.write_metrics(self.run_dir, history)
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start}"
                       + (f" (changed: {said})" if said else ""))

@@ -1,0 +1,226 @@
+"""Run every training of an experiment into one folder, then write its report.
+
+    OUT/reproduce.json       the manifest: experiment (as read), budget, the runs, failures,
+                             and each invocation's machine, versions and commit
+    OUT/runs/<row>_<column>_s<seed>/   one ordinary run folder per run (sigprop train's)
+    OUT/report.md, report.json, plots/*.png   (:mod:`.report`)
+
+A reproduction killed at any point continues where it stopped when the same command is
+given again: finished runs are skipped, an interrupted one resumes from its last
+checkpoint (``sigprop train --resume``), the rest start. Before anything is created,
+everything that can be checked is: the experiment file, the budget and seeds, that each
+dataset is there, that each network fits its data, and that runs already in OUT were
+made with the settings this reproduction needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ..data import dataset_spec, find_dataset_dir
+from ..engine import runio
+from ..engine.config import RESUMABLE, Config, apply_overrides, config_changes
+from ..engine.runfolder import RunFolder
+from ..engine.trainer import Trainer
+from ..errors import CheckpointError, ConfigError, DataError, SigpropError
+from ..networks import build_network
+from .provenance import provenance
+from .spec import Experiment, RunPlan
+
+MANIFEST = "reproduce.json"
+RUNS = "runs"
+MANIFEST_FORMAT = 1
+# what may differ between a run already in OUT and this reproduction's plan for it: where
+# and how it computes (RESUMABLE), but not how long it trains (a longer schedule differs
+# from the start on: another run)
+WHERE = tuple(k for k in RESUMABLE if k != "train.epochs")
+
+
+@dataclass
+class RunState:
+    status: str  # "finished" | "partial" | "absent" | "unreadable"
+    epochs: int = 0  # epochs in its metrics
+    detail: str = ""
+
+
+def run_dir(out: Path, plan: RunPlan) -> Path:
+    return Path(out) / RUNS / plan.id
+
+
+def run_state(folder: Path, epochs: int) -> RunState:
+    """How far the run in ``folder`` got, from its metrics (``epochs`` planned)."""
+    if not folder.is_dir():
+        return RunState("absent")
+    try:
+        history = runio.read_history(folder)
+    except CheckpointError as err:
+        return RunState("unreadable", detail=str(err))
+    if len(history) >= epochs:
+        return RunState("finished", len(history))
+    started = (folder / runio.CONFIG).exists() or (folder / runio.CHECKPOINT).exists()
+    return RunState("partial" if started else "absent", len(history))
+
+
+def planned_config(plan: RunPlan, out: Path, *, data_dir: str | None, device: str | None,
+                   progress: bool) -> Config:
+    """``plan``'s configuration placed in ``out`` (its run folder, device, data folder)."""
+    where: dict[str, dict[str, Any]] = {"train": {"run_dir": str(run_dir(out, plan)),
+                                                  "progress": progress}}
+    if device is not None:
+        where["train"]["device"] = device
+    if data_dir is not None:
+        where["data"] = {"data_dir": data_dir}
+    return apply_overrides(plan.config, where)
+
+
+def check_data(exp: Experiment, budget: str, data_dir: str | None) -> None:
+    """Every dataset the runs read is where they will look, else one DataError line."""
+    for name in exp.datasets(budget):
+        try:
+            find_dataset_dir(name, data_dir)
+        except DataError as err:
+            hint = dataset_spec(name).install_hint
+            how = f"`{hint}` or " if hint else ""
+            raise DataError(
+                f"{exp.name} needs dataset {name!r}, which is not here: {err} (get it with "
+                f"{how}`sigprop data download {name}`, or point --data-dir at it)") from None
+
+
+def check_networks(plans: list[RunPlan]) -> None:
+    """Each network builds for its data (shapes only, nothing allocated)."""
+    seen = set()
+    for plan in plans:
+        m, d = plan.config.model, plan.config.data
+        key = (m.network, m.dropout, d.dataset)
+        if key in seen:
+            continue
+        seen.add(key)
+        spec = dataset_spec(d.dataset)
+        try:
+            with torch.device("meta"):
+                build_network(m.network, spec.shape, spec.num_classes, m.dropout)
+        except ConfigError as err:
+            raise ConfigError(f"run {plan.id}: network {m.network} on {d.dataset}: {err}") \
+                from None
+
+
+def check_existing(plans: list[RunPlan], out: Path, configs: dict[str, Config]) -> None:
+    """Runs already in ``out`` must be the runs planned (same settings, where and how they
+    compute aside); else a ConfigError before anything trains."""
+    for plan in plans:
+        folder = run_dir(out, plan)
+        path = folder / runio.CONFIG
+        if not path.exists():
+            continue
+        recorded = runio.recorded_config(runio.read_run_config(path)["config"], path)
+        diff = {k: v for k, v in config_changes(recorded, configs[plan.id]).items()
+                if k not in WHERE}
+        if diff:
+            listed = "; ".join(f"{k} {a!r} (there) vs {b!r} (needed)" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{folder} holds a run with other settings than this reproduction needs "
+                f"({listed}); give another --out, or remove that run folder")
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of the reproduction in ``out`` (None if there is none), checked."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return None
+    m = runio.read_json(path)
+    fix = "restore it, or give another --out"
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path} is not a sigprop reproduction manifest; {fix}")
+    kinds = {"experiment": dict, "budget": str, "runs": list, "failed": dict,
+             "invocations": list, "options": dict}
+    for key, kind in kinds.items():
+        if not isinstance(m.get(key), kind):
+            raise CheckpointError(f"{path} is damaged: {key!r} is missing or not a "
+                                  f"{kind.__name__}; {fix}")
+    if not all(isinstance(r, str) for r in m["runs"]):
+        raise CheckpointError(f"{path} is damaged: 'runs' must list run names; {fix}")
+    return m
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    runio.atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...] | None = None,
+              data_dir: str | None = None, device: str | None = None, progress: bool = True,
+              argv: list[str] | None = None, log: TextIO | None = None) -> dict[str, Any]:
+    """Run what is not finished of ``exp`` under ``budget`` into ``out``, then write the
+    report. Returns ``{"report": path, "failed": {run: error}, "ran": n, "skipped": n}``.
+
+    A run that fails (a SigpropError: a diverging loss, a damaged file) is recorded in
+    the manifest and its cell marked in the report; the others still run.
+    """
+    from .report import write_report
+
+    def say(msg: str) -> None:
+        print(msg, file=log or sys.stdout, flush=True)
+
+    out = Path(out)
+    plans = exp.runs(budget, seeds)
+    configs = {p.id: planned_config(p, out, data_dir=data_dir, device=device, progress=progress)
+               for p in plans}
+    for cfg in configs.values():
+        cfg.validate()
+    check_data(exp, budget, data_dir)
+    check_networks(plans)
+    previous = read_manifest(out)
+    if previous is not None and (previous["experiment"].get("name") != exp.name
+                                 or previous["budget"] != budget):
+        raise ConfigError(
+            f"{out} holds the {previous['budget']!r} reproduction of "
+            f"{previous['experiment'].get('name')!r}; this is the {budget!r} one of "
+            f"{exp.name!r}: give another --out")
+    check_existing(plans, out, configs)
+
+    folder = RunFolder.acquire(out, flag="--out", user="reproduction")
+    try:
+        manifest = previous or {"format": MANIFEST_FORMAT, "runs": [], "failed": {},
+                                "invocations": []}
+        runs = manifest["runs"] + [p.id for p in plans if p.id not in manifest["runs"]]
+        manifest.update({"experiment": exp.raw, "origin": exp.origin, "budget": budget,
+                         "runs": runs,
+                         "options": {"data_dir": data_dir, "device": device},
+                         "invocations": manifest["invocations"] + [{
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                             "argv": argv, **provenance()}]})
+        write_manifest(out, manifest)
+        ran = skipped = 0
+        for i, plan in enumerate(plans, 1):
+            cfg = configs[plan.id]
+            state = run_state(run_dir(out, plan), cfg.train.epochs)
+            what = f"[{i}/{len(plans)}] {plan.row.label} / {plan.column.label} / seed {plan.seed}"
+            if state.status == "finished":
+                say(f"{what}: finished before, skipped ({run_dir(out, plan)})")
+                skipped += 1
+                continue
+            resume = state.status in ("partial", "unreadable")
+            say(f"{what}: {'resuming' if resume else 'training'} {cfg.model.network} "
+                f"({cfg.rule.name}, {cfg.train.epochs} epochs) in {run_dir(out, plan)}")
+            try:
+                Trainer(cfg, run_dir(out, plan), resume=resume, out=log).run()
+            except SigpropError as err:
+                reason = " ".join(str(err).split())
+                manifest["failed"][plan.id] = reason
+                write_manifest(out, manifest)
+                say(f"{what}: failed: {reason}")
+                continue
+            ran += 1
+            if manifest["failed"].pop(plan.id, None) is not None:
+                write_manifest(out, manifest)
+        report = write_report(out)
+    finally:
+        folder.release()
+    return {"report": report, "failed": dict(manifest["failed"]), "ran": ran,
+            "skipped": skipped}

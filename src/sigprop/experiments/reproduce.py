@@ -28,7 +28,7 @@ from ..data import dataset_spec, find_dataset_dir
 from ..engine import runio
 from ..engine.config import RESUMABLE, Config, apply_overrides, config_changes
 from ..engine.runfolder import RunFolder
-from ..engine.trainer import Trainer
+from ..engine.trainer import Trainer, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, SigpropError
 from ..networks import build_network
 from .provenance import provenance
@@ -173,6 +173,8 @@ def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...]
                for p in plans}
     for cfg in configs.values():
         cfg.validate()
+    if device is not None:
+        resolve_device(device)  # no GPU here: one line now, not one failure per run
     check_data(exp, budget, data_dir)
     check_networks(plans)
     previous = read_manifest(out)

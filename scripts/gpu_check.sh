@@ -4,19 +4,19 @@
 #   1. tests/test_cuda.py (every rule's steps on the GPU against the CPU, loader, custom
 #      autograd Functions, a CLI run, resume), then the whole fast suite;
 #   2. benchmarks/throughput_memory.py on the GPU (batch 128 and 1024);
-#   3. full Fashion-MNIST runs on the GPU: fc-3x1000 (dropout 0.1) and fc-2x800,
-#      sigprop / backprop / shallow, EPOCHS epochs, seed 0, then a Markdown summary.
+#   3. Table VI's fully connected rows on full Fashion-MNIST on the GPU (sigprop,
+#      backprop, shallow; `sigprop reproduce table6-fmnist --budget quick`, seed 0): the
+#      report beside the paper's numbers, with plots.
 #
-#   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR] [EPOCHS]
+#   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
 #
 # DATA_DIR holds fashion-mnist/ (default: the usual lookup). Everything it prints goes
-# to OUT_DIR/gpu_check.log; the runs' metrics and configs (no checkpoints) to
-# OUT_DIR/runs.tgz. A failing step is reported and the script goes on.
+# to OUT_DIR/gpu_check.log; the reproduction's report, plots, metrics and configs (no
+# checkpoints) to OUT_DIR/table6-fmnist.tgz. A failing step is reported and the script goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_check.sh OUT_DIR [DATA_DIR] [EPOCHS]}
+out=${1:?usage: gpu_check.sh OUT_DIR [DATA_DIR]}
 data=${2:-}
-epochs=${3:-10}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -34,15 +34,8 @@ for b in 128 1024; do
   step python3 benchmarks/throughput_memory.py --device cuda --threads 1 --batch-size $b \
     --json "$out/bench_cuda_b$b.json"
 done
-runs=runs/gpu-check
-for net in "fc-3x1000 0.1" "fc-2x800 0.0"; do
-  set -- $net
-  for rule in sigprop backprop shallow; do
-    step python3 -m sigprop train --dataset fashion-mnist --network "$1" --dropout "$2" \
-      --rule "$rule" --epochs "$epochs" --seed 0 --device cuda --no-progress \
-      --run-dir "$runs/$1-do$2-$rule-e$epochs-s0"
-  done
-done
-step python3 scripts/summarize.py $runs/*
-tar czf "$out/runs.tgz" --exclude=checkpoint.pt $runs
+runs=runs/gpu-check/table6-fmnist
+step python3 -m sigprop.cli reproduce table6-fmnist --budget quick --seeds 0 --device cuda \
+  --no-progress --out "$runs"
+tar czf "$out/table6-fmnist.tgz" --exclude=checkpoint.pt "$runs"
 exit $status

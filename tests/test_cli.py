@@ -45,7 +45,7 @@ def one_error_line(capsys, rc):
     (["train", "--epochs", "0"], "train.epochs"),
     (["train", "--dropout", "1"], "model.dropout"),
     (["train", "--config", "missing.toml"], "missing.toml does not exist"),
-    (["train", "--network", "conv-3x10"], "unknown network 'conv'"),
+    (["train", "--network", "mlp-3x10"], "unknown network 'mlp'"),
     (["train", "--network", "fc-3by10"], "bad fully connected architecture 'fc-3by10'"),
     (["train", "--resume"], "--resume needs --run-dir"),
     (["train", "--bogus-flag", "3"], "unrecognized arguments: --bogus-flag"),

@@ -21,8 +21,7 @@ from sigprop.cli import _overrides, _parser, main
 from sigprop.engine import runio
 from sigprop.engine.config import Config, apply_overrides
 from sigprop.errors import ConfigError, TrainingError
-from sigprop.experiments import builtin_names, load_experiment, reproduce, write_report
-from sigprop.experiments import plots
+from sigprop.experiments import builtin_names, load_experiment, plots, reproduce, write_report
 from sigprop.experiments.report import collect
 
 # A small experiment on the fake Fashion-MNIST: two rows, two rules, seconds per run.
@@ -135,10 +134,11 @@ def test_builtin_experiments_read_and_cover_table6():
 
 def test_cell_commands_rebuild_the_cell_config(in_tmp):
     """The command the report gives for a cell trains exactly that cell's configuration."""
+    import shlex
+
+    from sigprop.engine.config import train_command
     from sigprop.experiments.report import _ALWAYS
     from sigprop.experiments.reproduce import planned_config
-    from sigprop.engine.config import train_command
-    import shlex
 
     exp = load_experiment("table6-fmnist")
     for plan in exp.runs("quick")[:6]:

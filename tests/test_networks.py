@@ -40,7 +40,7 @@ def test_shape_inference_leaves_running_stats_alone():
 
 @pytest.mark.parametrize("name,match", [
     ("fc-3by10", "architecture"), ("fc-0x10", "architecture"), ("fc-2x0", "architecture"),
-    ("fc", "architecture"), ("conv-3x10", "unknown network"),
+    ("fc", "architecture"), ("mlp-3x10", "unknown network"), ("conv-3x10", "the CONV net of Table VI is .conv."),
     ("fc-\u0663x32", "architecture"), ("fc-3x\u0663\u0662", "architecture"),  # not ASCII
     ("fc-1001x8", "layers"), ("fc-3x1000000000", "parameters"),
 ])

@@ -18,8 +18,6 @@ from typing import Any
 from .engine.config import SWITCH_FLAGS, TRAIN_FLAGS
 from .errors import CheckpointError, ConfigError, SigpropError
 
-
-
 SWITCH_HELP = {
     "--signal-fixed": "keep the target generator fixed (random projection)",
     "--no-progress": "no progress bar",

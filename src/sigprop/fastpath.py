@@ -24,10 +24,9 @@ not arithmetic but overhead, measured on this CPU (docs/RESULTS.md): a sigprop s
 of a 3-block net evaluated 50 autograd nodes in 3 backward calls, and its fixed cost
 was twice backprop's.
 
-Generators: Eq. 1, 11 and 12 are t1 = f(proj(u)) with u = I (one row per class), y_L + y*
-or h_L - η dL/dh_L (:func:`projection_targets`); Eq. 10 is t1 = h1 ⊙ σ(S1 c + d1) +
-f(S2 c + d2) (:func:`modulation_targets`), whose gradient reaches h1 as well.
-Per-sample targets are compared through their class means (:func:`pred_grads`).
+Generators write out their own targets and gradients
+(:meth:`sigprop.signals.TargetGenerator.fast_targets`); per-sample targets are compared
+through their class means (:func:`pred_grads`).
 
 Memory: the tensors kept from the forward pass for the update are the block input
 x, the pre-normalisation a, the output o (the next block's input anyway) and a 1-byte
@@ -279,64 +278,3 @@ def block_step(
         loss, logits, dt, _ = pred_grads(kind, scale, o, targets, y, do)
     block_backward(parts, st, do)
     return o, loss, logits, dt
-
-
-def projection_targets(proj: nn.Linear, u: Tensor | None, slope: float,
-                       out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """t1 = LeakyReLU(proj(u)), into ``out`` if given; returns (t1, proj(u)).
-
-    ``u`` None: one row per class, u = I (Eq. 1: t1 = f(S c + d) for every one-hot c);
-    else per-sample inputs computed without gradient (Eq. 11: y_L + y*; Eq. 12:
-    h_L - η dL/dh_L)."""
-    w = proj.weight.T
-    if u is None:
-        pre = w + proj.bias if proj.bias is not None else w.clone()
-    else:
-        pre = torch.addmm(proj.bias, u, w) if proj.bias is not None else u @ w
-    if out is None:
-        return F.leaky_relu(pre, slope), pre
-    return torch.ops.aten.leaky_relu.out(pre, slope, out=out), pre
-
-
-def projection_backward(proj: nn.Linear, u: Tensor | None, pre: Tensor, slope: float,
-                        dt: Tensor) -> None:
-    """Gradients of :func:`projection_targets`' ``proj`` from dL/dt1."""
-    dpre = torch.ops.aten.leaky_relu_backward(dt, pre, slope, False)
-    if proj.weight.requires_grad:
-        proj.weight.grad = dpre.T.contiguous() if u is None else dpre.T @ u
-    if proj.bias is not None and proj.bias.requires_grad:
-        proj.bias.grad = dpre.sum(0)
-
-
-def modulation_targets(gen: nn.Module, h1: Tensor, y: Tensor, slope: float, out: Tensor
-                       ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Eq. 10 for the batch: t1 = h1 ⊙ σ(S1 c + d1) + LeakyReLU(S2 c + d2), c = onehot(y),
-    written into ``out``; returns (t1, what :func:`modulation_backward` needs)."""
-    pre_gain = gen.scale.weight.T[y]  # S1 c: column y of S1
-    if gen.scale.bias is not None:
-        pre_gain += gen.scale.bias
-    gain = pre_gain.sigmoid_()
-    pre_shift = gen.shift.weight.T[y]
-    if gen.shift.bias is not None:
-        pre_shift += gen.shift.bias
-    shift = F.leaky_relu(pre_shift, slope)
-    return torch.addcmul(shift, h1, gain, out=out), (gain, pre_shift)
-
-
-def modulation_backward(gen: nn.Module, h1: Tensor, y: Tensor, slope: float,
-                        saved: tuple[Tensor, Tensor], dt1: Tensor, dh1: Tensor) -> None:
-    """Eq. 10's gradients: adds dt1 ⊙ gain to ``dh1`` (t1 depends on h1) and writes
-    the generator's gradients (columns of S1, S2 gathered by label)."""
-    gain, pre_shift = saved
-    dh1.addcmul_(dt1, gain)
-    m = gen.num_classes
-    for lin, d_pre in (
-        (gen.scale, dt1 * h1 * gain * (1 - gain)),  # through the sigmoid
-        (gen.shift, torch.ops.aten.leaky_relu_backward(dt1, pre_shift, slope, False)),
-    ):
-        if lin.weight.requires_grad:
-            lin.weight.grad = d_pre.new_zeros(m, d_pre.shape[1]).index_add_(0, y, d_pre).T \
-                .contiguous()
-        if lin.bias is not None and lin.bias.requires_grad:
-            lin.bias.grad = d_pre.sum(0)
-

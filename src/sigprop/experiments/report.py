@@ -167,7 +167,6 @@ def _fmt_diff(v: float | None) -> str:
 
 
 def _table(exp: Experiment, cells: list[Cell]) -> list[str]:
-    heading, unit, _ = METRICS[exp.metric]
     other = any(exp.row_paper_dataset(r) for r in exp.rows)
     deltas = any(exp.row_paper_dataset(r) is None for r in exp.rows)  # any Δ to show
     head = [exp.row_heading]
@@ -262,7 +261,7 @@ def write_report(out: Path) -> Path:
         md += [exp.note, ""]
     md += [f"## {heading.capitalize()} ({unit}) {which}", ""]
     other = [r.label for r in exp.rows if exp.row_paper_dataset(r)]
-    md += [f"Ours: mean ± std over seeds (n seeds); paper: as printed"
+    md += ["Ours: mean ± std over seeds (n seeds); paper: as printed"
            + ("" if len(other) == len(exp.rows) else "; Δ = ours − paper")
            + f" ({'lower' if lower else 'higher'} is better)."
            + (" The paper's numbers of " + ("every row" if len(other) == len(exp.rows)
@@ -277,14 +276,14 @@ def write_report(out: Path) -> Path:
     if made:
         md += ["## Plots", ""]
         if "curves" in made:
-            md += ["Learning curves: test error and training loss per epoch, mean over seeds "
-                   "(band: ± one std).", "", f"![learning curves]({PLOTS}/curves.png)", ""]
+            md += [("Learning curves: test error and training loss per epoch, mean over seeds "
+                    "(band: ± one std)."), "", f"![learning curves]({PLOTS}/curves.png)", ""]
         if "exits" in made:
             md += ["Early exits: test accuracy of every layer's own prediction per epoch.", "",
                    f"![early exits]({PLOTS}/exits.png)", ""]
-    md += ["## Runs", "", f"Each cell's runs; every line's command trains that run alone. "
-           f"All of them: `sigprop reproduce {exp.name} --budget {budget.name} --out "
-           f"{out}`{_options(manifest)}.", ""]
+    md += ["## Runs", "", (f"Each cell's runs; every line's command trains that run alone. "
+                           f"All of them: `sigprop reproduce {exp.name} --budget "
+                           f"{budget.name} --out {out}`{_options(manifest)}."), ""]
     md += [f"| run | status | epochs | {heading} ({unit}) | s/epoch | command |",
            "|---|---|---|---|---|---|"]
     for r in runs:
@@ -305,8 +304,8 @@ def write_report(out: Path) -> Path:
                   f"{describe_machine(m)}; sigprop {v.get('sigprop', '?')}, torch "
                   f"{v.get('torch', '?')}, Python {v.get('python', '?')}, "
                   f"{v.get('platform', '?')}; commit {inv.get('commit', '?')}")
-    md += ["", f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %z')} from the run folders "
-           f"(`sigprop report {out}`), code at commit {source_commit()}.", ""]
+    md += ["", (f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %z')} from the run "
+                f"folders (`sigprop report {out}`), code at commit {source_commit()}."), ""]
     runio.atomic_write_text(out / REPORT_MD, "\n".join(md))
     runio.atomic_write_text(out / REPORT_JSON, json.dumps(_as_json(exp, manifest, cells, made),
                                                           indent=2) + "\n")

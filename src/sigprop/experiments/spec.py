@@ -362,7 +362,7 @@ def _gap(p: _Place, raw: Any, columns: list[str]) -> tuple[str, str]:
 def _budgets(p: _Place, raw: Any, rows: tuple[Row, ...], columns: tuple[Column, ...]
              ) -> dict[str, Budget]:
     if not isinstance(raw, dict):
-        raise p.error(f"the file lacks its budgets: add [budgets.full], [budgets.quick] and "
+        raise p.error("the file lacks its budgets: add [budgets.full], [budgets.quick] and "
                       "[budgets.smoke]")
     for name in raw:
         if name not in BUDGETS:

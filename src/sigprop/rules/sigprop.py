@@ -43,18 +43,10 @@ from .. import fastpath
 from .. import functional as SF
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
-from ..networks import LEAKY_SLOPE, Network
+from ..networks import Network
 from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from ..registry import register_rule
-from ..signals import (
-    Feedback,
-    LabelInputModulation,
-    LabelProjection,
-    LoopBackError,
-    LoopBackPrediction,
-    TargetGenerator,
-    build_signal,
-)
+from ..signals import Feedback, TargetGenerator, build_signal
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
@@ -64,8 +56,6 @@ PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 # 2-core CPU, fc-3x300 (415 k) about does, fc-2x800 and fc-3x1000 gain 10-12%
 # (docs/RESULTS.md, section 3)
 PIPELINE_MIN_WEIGHTS = 250_000
-# generators with a written-out step (sigprop.fastpath)
-FAST_SIGNALS = (LabelProjection, LabelInputModulation, LoopBackPrediction, LoopBackError)
 
 
 class Prototypes(nn.Module):
@@ -164,7 +154,7 @@ class Sigprop(LearningRule):
             return [], "fast_path='off'"
         why = None
         parts = []
-        if type(self.signal) not in FAST_SIGNALS:
+        if not self.signal.has_fast_path:
             why = f"signal {type(self.signal).__name__} has no written-out step"
         else:
             for i, block in enumerate(self.network.blocks):
@@ -367,7 +357,7 @@ class Sigprop(LearningRule):
                     rows = n if self.signal.per_sample else self.num_classes
                     z = x.new_empty((n + rows, parts.linear.out_features))
                     st = fastpath.block_forward(parts, x, n, out=z[:n])
-                    t1, targets_backward = self._fast_targets(st.o, y, fb, z[n:])
+                    t1, targets_backward = self.signal.fast_targets(st.o, y, fb, z[n:])
                     do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
                     loss, logits, _, classes = fastpath.pred_grads(
                         kind, self.scales[0], st.o, t1, y, do, dt1, num_classes=means_of)
@@ -418,20 +408,6 @@ class Sigprop(LearningRule):
                     p.grad = None
 
         pipe.submit(slot, update)
-
-    def _fast_targets(self, h1: Tensor, y: Tensor, fb: Feedback | None, out: Tensor):
-        """t1 written into ``out``, and a function (dL/dt1, dL/dh1) -> None that sets
-        the generator's gradients (and, for Eq. 10, adds t1's term to dL/dh1)."""
-        gen = self.signal
-        if isinstance(gen, LabelInputModulation):  # Eq. 10: t1 from h1
-            t1, saved = fastpath.modulation_targets(gen, h1, y, LEAKY_SLOPE, out)
-            return t1, lambda dt1, dh1: fastpath.modulation_backward(
-                gen, h1, y, LEAKY_SLOPE, saved, dt1, dh1)
-        # Eq. 1 (u = I, one row per class); Eq. 11, 12 (u from the label-free pass)
-        u = None if isinstance(gen, LabelProjection) else gen.proj_input(y, fb)
-        t1, pre = fastpath.projection_targets(gen.proj, u, LEAKY_SLOPE, out)
-        return t1, lambda dt1, dh1: fastpath.projection_backward(
-            gen.proj, u, pre, LEAKY_SLOPE, dt1)
 
     def _autograd_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]

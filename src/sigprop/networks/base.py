@@ -1,34 +1,30 @@
-"""Networks: plain ``nn.Module`` stacks of blocks plus a classification head.
+"""What every network is: ``Network`` (blocks + head), the registry lookup
+``build_network``, and the pieces the builders share (the 16-bit-lane ``Dropout``).
 
 A network knows nothing of how it is trained. A learning rule sees
 ``network.blocks`` (the units it may train one at a time) and ``network.head``.
 Builders are registered by family name; ``"fc-3x1000"`` is family ``fc`` with
-architecture string ``3x1000``.
+architecture string ``3x1000``, ``"vgg8b-2x"`` family ``vgg8b`` with ``2x``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from . import resources
-from .errors import ConfigError, SigpropError
-from .registry import NETWORKS, register_network
+from .. import resources
+from ..errors import ConfigError, SigpropError
+from ..registry import NETWORKS
 
 LEAKY_SLOPE = 0.01  # Sec. IV: leaky ReLU with negative slope 0.01
 # Dropout's mask compares 16-bit lanes with a threshold: p is rounded to a multiple of
 # 1/65536, and at least one of the 65536 levels must keep the unit.
 DROPOUT_LEVELS = 65536
 MAX_DROPOUT = (DROPOUT_LEVELS - 1) / DROPOUT_LEVELS
-# fc-<layers>x<width>: hard caps, so that counting the parameters (and the list of
-# blocks) stays small whatever the string says; memory is checked within them.
-MAX_FC_DEPTH = 1000
-MAX_FC_WIDTH = 10**12
 # training keeps per parameter: the weight, its gradient and Adam's two moments
 TRAINING_COPIES = 4
 
@@ -209,96 +205,6 @@ def check_dropout(p: object) -> float:
     return float(p)
 
 
-def fc_block(d_in: int, d_out: int, dropout: float, flatten: bool = False) -> nn.Sequential:
-    """[Flatten ->] Linear -> BatchNorm -> LeakyReLU(0.01) -> Dropout (Sec. IV order).
-
-    The Linear has no bias: BatchNorm subtracts the batch mean right after it, so a
-    bias there has an exactly zero gradient, and Adam would turn the ~1e-8 rounding
-    noise of that zero into full-size (lr) steps of a parameter that does nothing.
-    """
-    layers: list[nn.Module] = [nn.Flatten()] if flatten else []  # first block takes images
-    layers += [
-        nn.Linear(d_in, d_out, bias=False),
-        nn.BatchNorm1d(d_out),
-        nn.LeakyReLU(LEAKY_SLOPE),
-    ]
-    if dropout > 0:
-        layers.append(Dropout(dropout))
-    return nn.Sequential(*layers)
-
-
-@register_network("fc")
-def fully_connected(
-    arch: str, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0
-) -> Network:
-    """Table VI fully connected nets: ``arch`` is ``<layers>x<width>``, e.g. ``3x1000``.
-
-    The size is checked before anything is allocated: at most MAX_FC_DEPTH layers and
-    MAX_FC_WIDTH units, and the parameters must fit in memory while training.
-    """
-    depth, width = parse_fc_arch(arch)
-    dropout = check_dropout(dropout)
-    d_in = math.prod(_check_input_shape(input_shape))
-    count = fc_parameter_count(depth, width, d_in, num_classes)
-    per_value = torch.finfo(torch.get_default_dtype()).bits // 8
-    resources.check_fits(
-        TRAINING_COPIES * per_value * count,
-        f"network fc-{arch}: {_count(count)} parameters (weights, gradients and Adam's "
-        "two moments)",
-        "choose a smaller --network",
-    )
-    blocks = [
-        fc_block(d_in if i == 0 else width, width, dropout, flatten=i == 0) for i in range(depth)
-    ]
-    return Network(blocks, nn.Linear(width, num_classes), input_shape)
-
-
-def parse_fc_arch(arch: str) -> tuple[int, int]:
-    """(layers, width) from ``<layers>x<width>``; ConfigError unless both are ASCII
-    integers (``\\d`` would also match other scripts' digits, "٣") within the caps."""
-    m = re.fullmatch(r"([0-9]+)x([0-9]+)", arch) if isinstance(arch, str) else None
-    # digit counts first: int() of a huge string is slow (and refused past 4300 digits)
-    if m and len(m.group(1).lstrip("0")) > len(str(MAX_FC_DEPTH)):
-        depth = MAX_FC_DEPTH + 1
-    elif m:
-        depth = int(m.group(1))
-    if m and len(m.group(2).lstrip("0")) > len(str(MAX_FC_WIDTH)):
-        width = MAX_FC_WIDTH + 1
-    elif m:
-        width = int(m.group(2))
-    if not m or depth < 1 or width < 1:
-        raise ConfigError(
-            f"bad fully connected architecture 'fc-{arch}'; expected e.g. fc-3x1000 "
-            "(<layers>x<width>, positive ASCII integers)"
-        )
-    if depth > MAX_FC_DEPTH:
-        raise ConfigError(
-            f"fc-{arch} asks for {_count_digits(m.group(1))} layers, more than the "
-            f"{MAX_FC_DEPTH} this builder makes; choose a smaller --network")
-    if width > MAX_FC_WIDTH:
-        raise ConfigError(
-            f"fc-{arch} asks for layers of {_count_digits(m.group(2))} units, more than the "
-            f"{MAX_FC_WIDTH:.0e} this builder makes; choose a smaller --network")
-    return depth, width
-
-
-def fc_parameter_count(depth: int, width: int, d_in: int, num_classes: int) -> int:
-    """Parameters of ``fully_connected``: per block the Linear's weight and BatchNorm's
-    weight and bias, then the head's weight and bias."""
-    first = d_in * width + 2 * width
-    rest = (depth - 1) * (width * width + 2 * width)
-    return first + rest + width * num_classes + num_classes
-
-
-def _count(n: int) -> str:
-    return f"{n:,}" if n < 10**9 else f"{n:.2e}"
-
-
-def _count_digits(digits: str) -> str:
-    digits = digits.lstrip("0") or "0"
-    return digits if len(digits) <= 15 else f"a {len(digits)}-digit number of"
-
-
 def build_network(
     name: str, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0
 ) -> Network:
@@ -313,3 +219,19 @@ def build_network(
     family, _, arch = name.partition("-")
     builder = NETWORKS.get(family)
     return builder(arch, input_shape, int(num_classes), dropout=dropout)
+
+
+def check_parameter_memory(count: int, name: str) -> None:
+    """Refuse a network whose training state (weights, gradients, Adam's moments) of
+    ``count`` parameters cannot fit, before anything is allocated."""
+    per_value = torch.finfo(torch.get_default_dtype()).bits // 8
+    resources.check_fits(
+        TRAINING_COPIES * per_value * count,
+        f"network {name}: {_count(count)} parameters (weights, gradients and Adam's "
+        "two moments)",
+        "choose a smaller --network",
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10**9 else f"{n:.2e}"

@@ -1,0 +1,35 @@
+"""Networks: plain ``nn.Module`` stacks of blocks plus a classification head, built by
+registered name (``build_network("vgg8b", (3, 32, 32), 10, dropout=0.1)``).
+
+    base.py   Network, build_network, Dropout (shared pieces)
+    fc.py     fc-<layers>x<width> (Table VI)
+    conv.py   conv (Table VI's CONV), vgg8b, vgg8b-2x (Tables I-IV)
+"""
+
+from . import conv, fc  # noqa: F401  (registration side effects)
+from .base import (
+    DROPOUT_LEVELS,
+    LEAKY_SLOPE,
+    MAX_DROPOUT,
+    TRAINING_COPIES,
+    Dropout,
+    Network,
+    build_network,
+    check_dropout,
+    check_parameter_memory,
+)
+from .fc import (
+    MAX_FC_DEPTH,
+    MAX_FC_WIDTH,
+    fc_block,
+    fc_parameter_count,
+    fully_connected,
+    parse_fc_arch,
+)
+
+__all__ = [
+    "DROPOUT_LEVELS", "LEAKY_SLOPE", "MAX_DROPOUT", "MAX_FC_DEPTH", "MAX_FC_WIDTH",
+    "TRAINING_COPIES", "Dropout", "Network", "build_network", "check_dropout",
+    "check_parameter_memory", "fc_block", "fc_parameter_count", "fully_connected",
+    "parse_fc_arch",
+]

@@ -116,8 +116,8 @@ def test_fast_path_float32_stays_close():
 def test_block_step_gradients_against_autograd(kind, dropout, float64):
     torch.manual_seed(0)
     block = convert_batchnorm(fc_block(7, 9, dropout))
-    parts = fastpath.match_fc_block(block)
-    assert isinstance(parts, fastpath.FCParts)
+    parts = fastpath.match_block(block)
+    assert isinstance(parts, fastpath.BlockParts)
     n, m = 11, CLASSES
     x = torch.randn(n + m, 7)
     y = torch.randint(0, CLASSES, (n,))
@@ -143,7 +143,7 @@ def test_block_step_gradients_against_autograd(kind, dropout, float64):
 def test_block_step_with_given_targets_returns_their_gradient(float64):
     torch.manual_seed(0)
     block = convert_batchnorm(fc_block(7, 9, 0.0))
-    parts = fastpath.match_fc_block(block)
+    parts = fastpath.match_block(block)
     n = 13
     x, y = torch.randn(n, 7), torch.randint(0, CLASSES, (n,))
     t = torch.randn(CLASSES, 9, requires_grad=True)
@@ -294,10 +294,106 @@ def test_default_fc_networks_take_the_written_out_step(dropout, signal):
     """fc blocks have no Linear bias (BatchNorm cancels it); the fast path matches
     them, and step_kind says so."""
     net = build_network("fc-3x16", (1, 6, 6), CLASSES, dropout=dropout)
-    assert all(fastpath.match_fc_block(b).linear.bias is None
+    assert all(fastpath.match_block(b).op.bias is None
                for b in convert_batchnorm(net.blocks))
     rule = build_rule("sigprop", net, CLASSES, signal=signal)
     assert rule.fast_path_off is None
     assert rule.step_kind.startswith("written-out local updates")
     (losses, _), = run(rule, data(k=1))
     assert torch.isfinite(losses).all()
+
+
+# --- conv blocks (Conv2d, BatchNorm2d, LeakyReLU, Dropout, MaxPool2d) -----------------
+
+def conv_net(dropout=0.0, seed=0, pool_first=True, bias=False):
+    """A small conv net of the library's conv blocks: conv 3x3 -> 2x2 pool, conv 3x3,
+    then an fc block and the head: (1, 6, 6) -> (4, 3, 3) -> (5, 3, 3) -> (8,)."""
+    from sigprop.networks.conv import Pool, conv_block
+
+    torch.manual_seed(seed)
+    first = conv_block(1, 4, 3, 1, dropout, Pool(2, 2) if pool_first else None)
+    if bias:
+        first[0] = nn.Conv2d(1, 4, 3, padding=1, bias=True)
+    side = 3 if pool_first else 6
+    blocks = [first, conv_block(4, 5, 3, 1, dropout, None),
+              fc_block(5 * side * side, 8, dropout, flatten=True)]
+    return Network(blocks, nn.Linear(8, CLASSES), (1, 6, 6))
+
+
+CONV_CASES = [
+    {},
+    {"dropout": 0.2},
+    {"loss": "l2", "dropout": 0.2},
+    {"bn_stats": "all"},
+    {"head": "classifier", "dropout": 0.1},
+    {"signal": "label-input", "dropout": 0.2},
+    {"signal": "label-input", "n": 4},
+    {"signal": "loop-pred", "head": "classifier", "dropout": 0.1, "n": 8},
+    {"signal": "loop-error", "head": "classifier", "loss": "l2"},
+    {"pool_first": False},
+    {"bias": True},
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_conv_fast_path_matches_autograd(case, float64):
+    case = dict(case)
+    n = case.pop("n", 30)
+    net_kw = {k: case.pop(k) for k in ("dropout", "pool_first", "bias") if k in case}
+    fast = build_rule("sigprop", conv_net(**net_kw), CLASSES, fast_path="on", pipeline="off",
+                      **case)
+    slow = build_rule("sigprop", conv_net(**net_kw), CLASSES, fast_path="off", **case)
+    assert fast.fast_path_off is None and all(p.conv for p in fast.fast_parts[:2])
+    batches = data(n=n)
+    for (lf, cf), (ls, cs) in zip(run(fast, batches), run(slow, batches)):
+        torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
+        assert torch.equal(cf, cs)
+    assert_same_state(fast, slow)
+    fast.set_training(False)
+    slow.set_training(False)
+    for a, b in zip(fast.exit_scores(batches[0][0]), slow.exit_scores(batches[0][0])):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_pipeline_matches_sequential(float64):
+    """The pipeline hands conv blocks' updates to the update thread: same updates."""
+    seq = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="off")
+    pipe = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="on")
+    assert pipe.pipelines
+    batches = data(k=3)
+    for (la, ca), (lb, cb) in zip(run(seq, batches), run(pipe, batches)):
+        torch.testing.assert_close(la, lb, atol=1e-10, rtol=1e-9)
+        assert torch.equal(ca, cb)
+    assert_same_state(seq, pipe)
+
+
+def test_conv_block_keeps_its_input_preactivation_mask_and_output():
+    """A pooling conv block keeps x, a, the 1-byte mask and its pooled output (the
+    pre-pooling map is recomputed for the update), released block by block."""
+    rule = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, fast_path="on",
+                      pipeline="off")
+    x, y = data(k=1)[0]
+    live, peak, packed = [0], [0], []
+
+    class Handle:
+        def __init__(self, t):
+            self.nbytes = t.numel() * t.element_size()
+            self.shape = tuple(t.shape)
+            live[0] += self.nbytes
+            peak[0] = max(peak[0], live[0])
+            packed.append(self.shape)
+
+        def __del__(self):
+            live[0] -= self.nbytes
+
+    rule.set_training(True)
+    with fastpath.track_saved(Handle):
+        rule.train_step(x, y)
+    n, m = x.shape[0], CLASSES
+    shapes = packed[:4]
+    # block 1 sees only inputs: x (n, 1, 6, 6), a (n, 4, 6, 6), pooled o (n, 4, 3, 3), mask
+    assert shapes == [(n, 1, 6, 6), (n, 4, 6, 6), (n, 4, 3, 3), (n, 4, 6, 6)]
+    assert packed[4:8] == [(n + m, 4, 3, 3), (n + m, 5, 3, 3),
+                                              (n + m, 5, 3, 3), (n + m, 5, 3, 3)]
+    assert live[0] == 0

@@ -158,7 +158,7 @@ def test_update_failure_is_raised_on_the_main_thread(monkeypatch, threads):
     def broken(*args, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(fastpath, "linear_backward", broken)
+    monkeypatch.setattr(fastpath, "op_backward", broken)
     rule.set_training(True)
     with pytest.raises(TrainingError, match="update thread.*boom.*--pipeline off"):
         for _ in range(3):

@@ -31,7 +31,7 @@ through their class means (:func:`pred_grads`).
 Memory: the tensors kept from the forward pass for the update are the block input
 x, the pre-normalisation a, the output o (the next block's input anyway) and a 1-byte
 dropout mask; all but x are released after BatchNorm's backward (:func:`bn_backward`),
-x after the weight gradient (:func:`linear_backward`): one block's worth. :func:`track_saved`
+x after the weight gradient (:func:`op_backward`): one block's worth. :func:`track_saved`
 lets a benchmark count them.
 """
 
@@ -68,18 +68,25 @@ def track_saved(pack: Callable[[Tensor], object]) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class FCParts:
-    """The modules of one standard fully connected block."""
+class BlockParts:
+    """The modules of one standard block: fully connected (``[Flatten,] Linear,
+    BatchNorm, LeakyReLU[, Dropout]``) or convolutional (``Conv2d, BatchNorm,
+    LeakyReLU[, Dropout][, MaxPool2d]``)."""
 
-    linear: nn.Linear
+    op: nn.Linear | nn.Conv2d
     bn: InputStatsBatchNorm
     slope: float
     dropout: Dropout | None
+    pool: nn.MaxPool2d | None
     flatten: bool
     modules: tuple[nn.Module, ...]  # every module of the block, for the hook check
 
+    @property
+    def conv(self) -> bool:
+        return isinstance(self.op, nn.Conv2d)
 
-def match_fc_block(block: nn.Module) -> FCParts | str:
+
+def match_block(block: nn.Module) -> BlockParts | str:
     """The block's parts if the fast path computes it exactly, else why not."""
     if type(block) is not nn.Sequential:
         return f"block is a {type(block).__name__}, not an nn.Sequential"
@@ -89,21 +96,40 @@ def match_fc_block(block: nn.Module) -> FCParts | str:
         return "block flattens other than from dim 1"
     body = mods[1:] if flatten else mods
     kinds = [type(m).__name__ for m in body]
+    pool = body[-1] if body and type(body[-1]) is nn.MaxPool2d else None
+    core = body[:-1] if pool is not None else body
     if not (
-        len(body) in (3, 4)
-        and type(body[0]) is nn.Linear
-        and type(body[1]) is InputStatsBatchNorm
-        and type(body[2]) is nn.LeakyReLU
-        and (len(body) == 3 or type(body[3]) is Dropout)
+        len(core) in (3, 4)
+        and type(core[0]) in (nn.Linear, nn.Conv2d)
+        and type(core[1]) is InputStatsBatchNorm
+        and type(core[2]) is nn.LeakyReLU
+        and (len(core) == 3 or type(core[3]) is Dropout)
     ):
-        return f"block is {kinds}, not [Linear, BatchNorm, LeakyReLU(, sigprop Dropout)]"
-    bn = body[1]
-    if bn.num_features != body[0].out_features:
-        return "BatchNorm width differs from the Linear's"
-    return FCParts(
-        linear=body[0], bn=bn, slope=float(body[2].negative_slope),
-        dropout=body[3] if len(body) == 4 else None, flatten=flatten, modules=(block, *mods),
+        return (f"block is {kinds}, not [Linear, BatchNorm, LeakyReLU(, sigprop Dropout)] or "
+                "[Conv2d, BatchNorm, LeakyReLU(, sigprop Dropout)(, MaxPool2d)]")
+    op, bn = core[0], core[1]
+    if isinstance(op, nn.Conv2d):
+        if op.groups != 1 or tuple(op.dilation) != (1, 1) or op.padding_mode != "zeros" \
+                or isinstance(op.padding, str) or flatten:
+            return "Conv2d with groups, dilation, a padding mode or string padding"
+        width = op.out_channels
+    else:
+        if pool is not None:
+            return "a MaxPool2d after a Linear"
+        width = op.out_features
+    if pool is not None and (pool.return_indices or _pair(pool.dilation) != (1, 1)):
+        return "MaxPool2d with return_indices or dilation"
+    if bn.num_features != width:
+        return f"BatchNorm width differs from the {type(op).__name__}'s"
+    return BlockParts(
+        op=op, bn=bn, slope=float(core[2].negative_slope),
+        dropout=core[3] if len(core) == 4 else None, pool=pool, flatten=flatten,
+        modules=(block, *mods),
     )
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def hooked(modules: tuple[nn.Module, ...]) -> bool:
@@ -133,7 +159,11 @@ def pred_grads(
     ``dt`` (a new tensor when None). Returns (loss, logits, dL/dt, (means, present) of
     per-sample targets or None).
     """
-    n = h.shape[0]
+    n, row_shape = h.shape[0], t.shape[1:]
+    # conv blocks: every (C, H, W) row compared flat (contiguous: views, written in place)
+    h, t, dh = h.flatten(1), t.flatten(1), dh.view(n, -1)
+    if dt is not None:
+        dt = dt.view(dt.shape[0], -1)
     classes = None
     if num_classes is not None:  # per-sample targets -> class means, as the autograd path
         classes = SF.class_targets(t, y, num_classes)
@@ -161,36 +191,49 @@ def pred_grads(
     counts = torch.bincount(y, minlength=num_classes).clamp_min_(1).to(dt_rows.dtype)
     dt_rows.div_(counts.unsqueeze(1))
     dt = torch.index_select(dt_rows, 0, y, out=dt) if dt is not None else dt_rows[y]
-    return loss, logits, dt, classes
+    means, present = classes
+    return loss, logits, dt, (means.view(-1, *row_shape), present)
 
 
 @dataclass
 class BlockState:
     """What a block's forward keeps for its update (one block's worth)."""
 
-    x: Tensor  # block input (flattened)
-    a: Tensor  # x Wᵀ, before BatchNorm
+    x: Tensor  # block input (flattened for fc blocks)
+    a: Tensor  # x Wᵀ or conv(x, W), before BatchNorm
     mean: Tensor
     var: Tensor
-    o: Tensor  # block output; its sign is the LeakyReLU's (o = 0 where dropped)
+    o: Tensor  # block output (pooled for a pooling block); without pooling its sign is
+    #            the LeakyReLU's (o = 0 where dropped)
     keep: Tensor | None  # dropout's keep mask as uint8 (0/1); None: no dropout
     scale: float  # dropout's 1/(1-p), folded into BatchNorm's affine map (1: none)
     weight: Tensor | None  # BatchNorm weight as applied (times scale)
+    bias: Tensor | None  # BatchNorm bias as applied (times scale)
     n_stats: int
     held: tuple[list, list] | None  # track_saved handles: (x's, the others')
 
 
-def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = None,
+def op_forward(op: nn.Linear | nn.Conv2d, x: Tensor) -> Tensor:
+    """x Wᵀ or conv(x, W), without the bias: BatchNorm subtracts the mean right after,
+    so a bias changes nothing but the running mean (it enters there)."""
+    if isinstance(op, nn.Conv2d):
+        return torch.conv2d(x, op.weight, None, op.stride, op.padding, op.dilation, op.groups)
+    return x @ op.weight.T
+
+
+def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None = None,
                   after_matmul: Callable[[], None] | None = None) -> BlockState:
     """The block's training-mode forward; the output goes into ``out`` if given.
     BatchNorm takes its statistics from rows [:n_stats]. ``after_matmul`` is called
-    between the Linear and BatchNorm (the pipeline waits there). Call under no_grad."""
+    between the Linear (or conv) and BatchNorm (the pipeline waits there). Call under
+    no_grad.
+
+    A pooling block keeps a, not its pre-pooling output: :func:`bn_backward` recomputes
+    that (and the pooling's choice) from a, the statistics and the mask, so the block
+    keeps x, a, the 1-byte mask and its (pooled) output, as a block without pooling."""
     if parts.flatten:
         x = x.flatten(1)
-    lin = parts.linear
-    # The Linear's bias shifts every row alike and BatchNorm subtracts the mean right
-    # after: it changes nothing but the running mean, so a = x Wᵀ skips adding it.
-    a = x @ lin.weight.T
+    a = op_forward(parts.op, x)
     pack = _PACK.get()
     held_x = [pack(x)] if pack is not None else None
     held_a = [pack(a)] if pack is not None else None
@@ -208,26 +251,65 @@ def block_forward(parts: FCParts, x: Tensor, n_stats: int, out: Tensor | None = 
         bias = bias * scale if bias is not None else None
         keep = drop.keep_mask(a).view(torch.uint8)
     u, mean, var = input_stats_forward(a, weight, bias, n_stats, bn.eps, bn.count_batch(),
-                                       shift=lin.bias)
-    if out is None:
-        out = torch.empty_like(u)
-    o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
-    if keep is not None:
-        o.mul_(keep)
+                                       shift=parts.op.bias)
+    if parts.pool is None:
+        if out is None:
+            out = torch.empty_like(u)
+        o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
+        if keep is not None:
+            o.mul_(keep)
+    else:
+        pre = torch.ops.aten.leaky_relu_(u, parts.slope)
+        if keep is not None:
+            pre.mul_(keep)
+        o = _pool(parts.pool, pre, out)
+        del pre
     held = None
     if pack is not None:  # x is kept until the weight gradient, the rest until BN's
         held = (held_x, held_a + [pack(o)] + ([pack(keep)] if keep is not None else []))
-    return BlockState(x, a, mean, var, o, keep, scale, weight, n_stats, held)
+    return BlockState(x, a, mean, var, o, keep, scale, weight, bias, n_stats, held)
 
 
-def bn_backward(parts: FCParts, st: BlockState, do: Tensor) -> Tensor:
-    """The block's gradients up to the Linear's output: dL/da from dL/do
-    (overwritten), BatchNorm's parameter gradients into ``.grad``. Releases what the
-    forward kept except the input x; returns dL/da for :func:`linear_backward`."""
+def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> Tensor:
+    p = torch.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                         pool.ceil_mode)
+    if out is None:
+        return p
+    return out.copy_(p)
+
+
+def _pool_backward(parts: BlockParts, st: BlockState, do: Tensor) -> tuple[Tensor, Tensor]:
+    """dL/d(pre-pooling output) from dL/d(pooled output), and the pre-pooling output,
+    both recomputed from a as the forward made them (bit for bit)."""
+    pool, bn = parts.pool, parts.bn
+    u = torch.native_batch_norm(st.a, st.weight, st.bias, st.mean, st.var, False, 0.0,
+                                bn.eps)[0]
+    pre = torch.ops.aten.leaky_relu_(u, parts.slope)
+    if st.keep is not None:
+        pre.mul_(st.keep)
+    _, idx = torch.ops.aten.max_pool2d_with_indices(pre, _pair(pool.kernel_size),
+                                                    _pair(pool.stride or pool.kernel_size),
+                                                    _pair(pool.padding), _pair(pool.dilation),
+                                                    pool.ceil_mode)
+    dpre = torch.ops.aten.max_pool2d_with_indices_backward(
+        do, pre, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
+        _pair(pool.padding), _pair(pool.dilation), pool.ceil_mode, idx)
+    return dpre, pre
+
+
+def bn_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
+    """The block's gradients up to the Linear's (or conv's) output: dL/da from dL/do
+    (overwritten where it can be), BatchNorm's parameter gradients into ``.grad``.
+    Releases what the forward kept except the input x; returns dL/da for
+    :func:`op_backward`."""
     bn = parts.bn
+    o = st.o
+    if parts.pool is not None:
+        do, o = _pool_backward(parts, st, do)
     # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
-    du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
+    du = torch.ops.aten.leaky_relu_backward.grad_input(do, o, parts.slope, False,
                                                        grad_input=do)
+    del o
     if st.keep is not None:
         du.mul_(st.keep)
     da, dw, db = input_stats_backward(du, st.a, st.weight, st.mean, st.var, st.n_stats, bn.eps)
@@ -235,28 +317,38 @@ def bn_backward(parts: FCParts, st: BlockState, do: Tensor) -> Tensor:
         if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
             dw, db = dw.mul_(st.scale), db.mul_(st.scale)
         bn.weight.grad, bn.bias.grad = dw, db
-    st.a = st.o = st.keep = st.weight = None  # type: ignore[assignment]
+    st.a = st.o = st.keep = st.weight = st.bias = None  # type: ignore[assignment]
     if st.held is not None:
         st.held = (st.held[0], [])
     return da
 
 
-def linear_backward(lin: nn.Linear, x: Tensor, da: Tensor) -> None:
-    """The Linear's gradients from its input ``x`` and dL/da, into ``.grad``."""
-    lin.weight.grad = da.T @ x
-    if lin.bias is not None:
-        lin.bias.grad = da.sum(0)
+def op_backward(op: nn.Linear | nn.Conv2d, x: Tensor, da: Tensor) -> None:
+    """The Linear's (or conv's) gradients from its input ``x`` and dL/da, into
+    ``.grad``; no gradient for the input (a sigprop block's input is detached)."""
+    if isinstance(op, nn.Conv2d):
+        _, dw, db = torch.ops.aten.convolution_backward(
+            da, x, op.weight, [op.out_channels] if op.bias is not None else None, op.stride,
+            op.padding, op.dilation, False, [0, 0], op.groups,
+            [False, True, op.bias is not None])
+        op.weight.grad = dw
+        if op.bias is not None:
+            op.bias.grad = db
+        return
+    op.weight.grad = da.T @ x
+    if op.bias is not None:
+        op.bias.grad = da.sum(0)
 
 
-def block_backward(parts: FCParts, st: BlockState, do: Tensor) -> None:
+def block_backward(parts: BlockParts, st: BlockState, do: Tensor) -> None:
     """Gradients of the block's parameters from dL/do (overwritten), into ``.grad``;
     releases what the forward kept."""
-    linear_backward(parts.linear, st.x, bn_backward(parts, st, do))
+    op_backward(parts.op, st.x, bn_backward(parts, st, do))
     st.held = None
 
 
 def block_step(
-    parts: FCParts, x: Tensor, n: int, n_stats: int, y: Tensor, kind: str, scale: float,
+    parts: BlockParts, x: Tensor, n: int, n_stats: int, y: Tensor, kind: str, scale: float,
     targets: Tensor | None = None, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One block's forward pass and local gradients (one target per class), written

@@ -51,7 +51,7 @@ from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 # pipeline='auto' hands block updates to the update thread only for blocks with at
-# least this many Linear weights in all: the hand-offs cost ~0.8 ms a step, which
+# least this many Linear (or conv) weights in all: the hand-offs cost ~0.8 ms a step, which
 # fc-3x16 (13 k weights) and fc-3x100 (98 k) do not earn back at batch 128 on this
 # 2-core CPU, fc-3x300 (415 k) about does, fc-2x800 and fc-3x1000 gain 10-12%
 # (docs/RESULTS.md, section 3)
@@ -148,7 +148,7 @@ class Sigprop(LearningRule):
             self._group_index.append(index.get("head"))
 
     # --- training ---------------------------------------------------------------
-    def _plan_fast_path(self) -> tuple[list[fastpath.FCParts], str | None]:
+    def _plan_fast_path(self) -> tuple[list[fastpath.BlockParts], str | None]:
         """The blocks' parts for the written-out step, and None; or [] and why not."""
         if self.cfg.fast_path == "off":
             return [], "fast_path='off'"
@@ -158,11 +158,11 @@ class Sigprop(LearningRule):
             why = f"signal {type(self.signal).__name__} has no written-out step"
         else:
             for i, block in enumerate(self.network.blocks):
-                p = fastpath.match_fc_block(block)
+                p = fastpath.match_block(block)
                 if isinstance(p, str):
                     why = f"block {i + 1}: {p}"
                     break
-                if i == 0 and not p.flatten and len(self.network.input_shape) != 1:
+                if i == 0 and not (p.conv or p.flatten) and len(self.network.input_shape) != 1:
                     why = "block 1: a Linear on multi-dimensional samples without Flatten"
                     break
                 parts.append(p)
@@ -178,14 +178,14 @@ class Sigprop(LearningRule):
         why = None
         if self.cfg.pipeline == "off":
             return "pipeline='off'"
-        weights = sum(p.linear.weight.numel() for p in self.fast_parts)
+        weights = sum(p.op.weight.numel() for p in self.fast_parts)
         if self.fast_path_off is not None:
             why = "the fast path does not apply"
         elif self.cfg.pipeline == "auto" and self.signal.needs_feedback:
             why = ("the loop-back generator's label-free pass reads every block, so each "
                    "step would wait for all updates (measured slower); pipeline='on' forces it")
         elif self.cfg.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
-            why = (f"blocks too small to gain from it: {weights:,} Linear weights, under "
+            why = (f"blocks too small to gain from it: {weights:,} weights, under "
                    f"{PIPELINE_MIN_WEIGHTS:,}; pipeline='on' forces it")
         elif self.optimizer is None:
             why = "nothing is trainable"
@@ -355,7 +355,7 @@ class Sigprop(LearningRule):
                         pipe.staged()
                 if i == 0:  # [h1, t1] in one buffer, no cat
                     rows = n if self.signal.per_sample else self.num_classes
-                    z = x.new_empty((n + rows, parts.linear.out_features))
+                    z = x.new_empty((n + rows, *self.network.block_shapes[0]))
                     st = fastpath.block_forward(parts, x, n, out=z[:n])
                     t1, targets_backward = self.signal.fast_targets(st.o, y, fb, z[n:])
                     do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
@@ -383,7 +383,7 @@ class Sigprop(LearningRule):
             pipe.wait(0)
         return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
 
-    def _queue_update(self, slot: int, parts: fastpath.FCParts | None,
+    def _queue_update(self, slot: int, parts: fastpath.BlockParts | None,
                       st: fastpath.BlockState | None, do: Tensor | None) -> None:
         """Queue slot's update: the block's BatchNorm backward from dL/do (then the
         stage is done: what the next BatchNorm forward waits for) and its Linear's
@@ -400,7 +400,7 @@ class Sigprop(LearningRule):
                 da = fastpath.bn_backward(parts, st, do)  # releases a, o and the mask
                 do = None
                 pipe.stage_done()
-                fastpath.linear_backward(parts.linear, st.x, da)
+                fastpath.op_backward(parts.op, st.x, da)
                 st = da = None  # x released (and uncounted) once the gradient exists
             if group is not None:
                 adam_group_step(optimizer, group, lr)

@@ -21,7 +21,7 @@ What it measures (see benchmarks/README.md for the method):
   Cross-check: unique saved bytes per block, combined as max over blocks (sigprop,
   each block's graph is freed by its own backward) or sum over blocks (backprop).
 
-Data are synthetic Fashion-MNIST-shaped batches (1x28x28, 10 classes) made on the
+Data are synthetic image batches (`--input`, default Fashion-MNIST-shaped 1x28x28; 10 classes) made on the
 device before timing, so no data loading is measured. Only the public API is used.
 """
 
@@ -49,12 +49,21 @@ import sigprop
 from sigprop import fastpath
 from sigprop.engine.perf import tune_allocator
 
-INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
 NUM_CLASSES = 10
 MIB = 1024 * 1024
 
 
 # --- setup ----------------------------------------------------------------------------
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected a sample shape like 3x32x32, got {text!r}")
+    return shape
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -62,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of sigprop vs backprop, side by side in one process.",
     )
     p.add_argument("--network", default="fc-3x1000", help="network name (default fc-3x1000)")
+    p.add_argument("--input", default="1x28x28", type=_shape, metavar="CxHxW",
+                   help="sample shape (default 1x28x28, Fashion-MNIST; 3x32x32: CIFAR-10)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
     p.add_argument("--signal", default="label",
                    help="sigprop's target generator (default label; loop-pred and loop-error "
@@ -163,11 +174,12 @@ def make_sync(device: torch.device) -> Callable[[], None]:
 
 
 def make_pool(args: argparse.Namespace, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """Synthetic Fashion-MNIST-like batches: pixels in [0, 1], normalised; uniform labels."""
+    """Synthetic image batches of ``--input`` shape: pixels in [0, 1], normalised as
+    Fashion-MNIST's; uniform labels."""
     g = torch.Generator().manual_seed(args.seed + 1)
     pool = []
     for _ in range(args.pool):
-        x = torch.rand(args.batch_size, *INPUT_SHAPE, generator=g)
+        x = torch.rand(args.batch_size, *args.input, generator=g)
         x = (x - 0.286) / 0.353  # Fashion-MNIST mean / std
         y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g)
         pool.append((x.to(device), y.to(device)))
@@ -190,7 +202,7 @@ def base_rule(name: str) -> str:
 
 def build(name: str, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(args.seed)  # same initial network weights for every rule
-    net = sigprop.build_network(args.network, INPUT_SHAPE, NUM_CLASSES, dropout=args.dropout)
+    net = sigprop.build_network(args.network, args.input, NUM_CLASSES, dropout=args.dropout)
     rule_name, options = RULE_SPECS.get(name, (name, {}))
     if rule_name == "sigprop":
         options = {**options, "signal": args.signal}
@@ -220,45 +232,68 @@ class Stepper:
 
 # --- FLOPs ------------------------------------------------------------------------------
 
-def _linears(module: nn.Module) -> list[nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+def weight_layers(module: nn.Module, sample_shape: tuple[int, ...]) -> list[tuple[nn.Module, int]]:
+    """Every Linear and Conv2d of ``module`` in forward order, with the multiply-adds
+    of one sample's forward through it (a conv's depend on its output size, found by
+    one traced sample in eval mode)."""
+    found: list[tuple[nn.Module, int]] = []
 
+    def hook(m, inputs, out):
+        if isinstance(m, nn.Conv2d):
+            macs = out[0].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+        else:
+            macs = m.in_features * m.out_features
+        found.append((m, macs))
 
-def _other_weight_layers(module: nn.Module) -> list[str]:
-    kinds = (nn.modules.conv._ConvNd,)
-    return sorted({type(m).__name__ for m in module.modules() if isinstance(m, kinds)})
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was = [m.training for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            ref = next(module.parameters())
+            module(torch.zeros(1, *sample_shape, device=ref.device, dtype=ref.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in zip(module.modules(), was):
+            m.training = t
+    return found
 
 
 def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
                  per_sample: bool = False) -> dict:
-    """Matmul FLOPs of one training step (2 FLOPs per multiply-add), Linear layers only.
+    """Matmul and convolution FLOPs of one training step (2 FLOPs per multiply-add).
 
-    backprop: per Linear 2·n·in·out for the forward, the same for the weight gradient,
-      and the same for the input gradient of every Linear but the first (the input
-      needs no gradient); head included.
+    backprop: per Linear or Conv2d 2·n·MACs for the forward, the same for the weight
+      gradient, and the same for the input gradient of every layer but the first (the
+      input needs no gradient); head included.
     sigprop ('label' signal, target head): block 1 sees n rows, later blocks n + m rows
       (inputs and the m class targets in one call); forward + weight gradient, no input
-      gradients (block inputs are detached; inside a block, Linears after the first do
+      gradients (block inputs are detached; inside a block, layers after the first do
       need input gradients). Plus L_pred, h·tᵀ: forward 2·n·d·m and its two gradients
       (w.r.t. h and t), and the generator Linear(m, d) on the m one-hot rows (forward +
       weight gradient). The untrained head costs nothing. Per-sample signals
       (``per_sample``, e.g. label-input): later blocks see 2n rows (one target per
       sample), L_pred compares with the m class means; the generator's elementwise
       work is not counted.
-    Other rules: counted like backprop.
+    Other rules: counted like backprop. Elementwise work (BatchNorm, activations,
+    pooling, Adam) is not counted.
     """
     blocks = list(network.blocks)
     notes = []
-    other = _other_weight_layers(network)
-    if other:
-        notes.append(f"not counted: {', '.join(other)} layers (only Linear FLOPs are counted)")
     parts: dict[str, int] = defaultdict(int)
+    per_block = []
+    shape = network.input_shape
+    for i, block in enumerate(blocks):
+        per_block.append(weight_layers(block, shape))
+        shape = network.block_shapes[i]
     if base_rule(rule_name) == "sigprop":
         shapes = network.block_shapes
-        for i, block in enumerate(blocks):
+        for i, layers in enumerate(per_block):
             rows = n if i == 0 else (2 * n if per_sample else n + m)
-            for j, lin in enumerate(_linears(block)):
-                f = 2 * rows * lin.in_features * lin.out_features
+            for j, (_, macs) in enumerate(layers):
+                f = 2 * rows * macs
                 parts["forward"] += f
                 parts["weight_grad"] += f
                 if j > 0:
@@ -271,9 +306,10 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
             parts["generator"] += 2 * 2 * m * m * math.prod(shapes[0])
             notes.append("sigprop counted for the 'label' signal (m = classes targets)")
     else:
-        layers = [lin for b in blocks for lin in _linears(b)] + _linears(network.head)
-        for i, lin in enumerate(layers):
-            f = 2 * n * lin.in_features * lin.out_features
+        layers = [lm for b in per_block for lm in b]
+        layers += weight_layers(network.head, network.block_shapes[-1])
+        for i, (_, macs) in enumerate(layers):
+            f = 2 * n * macs
             parts["forward"] += f
             parts["weight_grad"] += f
             if i > 0:
@@ -562,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
           f"rules {','.join(args.rules)}")
     print(f"  warmup {args.warmup}  repeats {args.repeats} x {args.steps} steps per rule, "
           f"interleaved (order alternates per repeat)  pool {args.pool} synthetic batches "
-          f"{INPUT_SHAPE}, {NUM_CLASSES} classes")
+          f"{args.input}, {NUM_CLASSES} classes")
 
     pool = make_pool(args, device)
     rules = {name: build(name, args, device) for name in args.rules}
@@ -614,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         f = flops[name]
         gflop = f["total"] / 1e9
         results["rules"][name] = {
+            "time_per_sample_s": 1.0 / med,
             "samples_per_s": thr[name], "median_samples_per_s": med,
             "min_samples_per_s": min(thr[name]), "max_samples_per_s": max(thr[name]),
             "ms_per_step_median": 1e3 * n / med,
@@ -636,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.rules:
         mem = measure_activation_memory(rules[name], name, x0, y0, sync, args.memory_detail)
         results["rules"][name]["memory"] = mem
+        results["rules"][name]["peak_memory_bytes"] = mem["peak_bytes"]
         regions = ", ".join(f"{k} {_fmt_mib(v)}" for k, v in mem["regions"].items())
         print(f"  {name:10} peak live {_fmt_mib(mem['peak_bytes'])}  "
               f"({mem['per_block_method']}: {_fmt_mib(mem['per_block_bytes'])}; "

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 
 import sigprop.data.datasets as ds
+from sigprop.data import dataset_spec
 from sigprop.engine.config import Config, apply_overrides
 
 FAKE_TRAIN, FAKE_TEST = 1024, 200
@@ -150,3 +153,41 @@ def write_cifar_members(folder: Path, spec, members: dict[str, bytes], as_tar: b
     (folder / spec.archive_folder).mkdir(exist_ok=True)
     for m, raw in members.items():
         (folder / spec.archive_folder / m).write_bytes(raw)
+
+
+def cifar_batch(n: int, classes: int, rng, fine: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, classes, n)
+    key = b"fine_labels" if fine else b"labels"
+    batch = {b"batch_label": b"x", b"data": data, key: labels.tolist()}
+    if fine:
+        batch[b"coarse_labels"] = (labels // 5).tolist()
+    return batch, data, labels
+
+
+def make_cifar(folder: Path, cifar100: bool = False, as_tar: bool = False, n: int = 4) -> dict:
+    """CIFAR pickles (bytes keys, as the Python 2 originals) in their folder or tar.gz."""
+    rng = np.random.default_rng(1)
+    spec = dataset_spec("cifar100" if cifar100 else "cifar10")
+    members: dict[str, bytes] = {}
+    out = {}
+    for split in spec.splits:
+        datas, labels = [], []
+        for m in spec.files_for(split):
+            batch, d, lab = cifar_batch(n, spec.num_classes, rng, fine=cifar100)
+            members[m] = pickle.dumps(batch, protocol=2)
+            datas.append(d)
+            labels.append(lab)
+        out[split] = (np.concatenate(datas), np.concatenate(labels))
+    write_cifar_members(folder, spec, members, as_tar)
+    return out
+
+
+def make_svhn_mat(path: Path, n: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+    y[0, 0] = 10  # the digit 0 is stored as 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {"X": x, "y": y})
+    return x, y

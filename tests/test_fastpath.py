@@ -71,6 +71,9 @@ CASES = [
     {"signal": "loop-pred", "head": "classifier", "dropout": 0.1, "n": 8},
     {"signal": "loop-error", "head": "classifier", "loss": "l2", "eta": 0.5},
     {"signal": "loop-error", "head": "classifier", "signal_learned": False, "bn_stats": "all"},
+    {"targets": "sparse"},  # Sec. III-E: K values for block 1's input, zero-filled
+    {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "loss": "l2"},
+    {"targets": "sparse", "head": "classifier", "signal_learned": False},
 ]
 
 

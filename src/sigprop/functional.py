@@ -21,6 +21,8 @@ __all__ = [
     "l2_compare",
     "compare",
     "compare_paired",
+    "field_compare",
+    "field_scale",
     "default_scale",
     "pred_loss",
     "class_targets",
@@ -150,3 +152,29 @@ def compare_paired(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) 
     if kind == "l2":
         return -((h - t) ** 2).sum(-1) * scale
     raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
+
+
+def field_compare(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
+    """Compare maps with constant fields (sparse targets, Sec. III-E; sigprop.sparse):
+    h (n, C, H, W) against t (m, C, 1, 1), each t standing for the map that is t at
+    every position. The same logits as :func:`compare` of h with t broadcast to (H, W),
+    without building the broadcast: dot ``(Σ_hw h)·t``; L2 ``2 (Σ_hw h)·t - H W |t|²
+    - |h|²``. -> (n, m)."""
+    s = h.sum((2, 3))  # (n, C)
+    tf = t.flatten(1)  # (m, C)
+    logits = s @ tf.T
+    if kind == "l2":
+        hw = h.shape[2] * h.shape[3]
+        logits = 2 * logits - hw * (tf * tf).sum(1) - (h * h).flatten(1).sum(1, keepdim=True)
+    elif kind != "dot":
+        raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
+    return logits * scale
+
+
+def field_scale(kind: str, channels: int, positions: int) -> float:
+    """Default logit scale of :func:`field_compare`: that of comparing the *mean* map
+    (Σ_hw h / HW) with the field as a ``channels``-long vector, c/sqrt(C) / HW. A field
+    is coherent over the map, so the sum over positions grows like HW, not sqrt(HW):
+    with the dense scale c/sqrt(C H W), the first conv block of CONV started at
+    L_pred ~18 (logits ~80 apart) on Fashion-MNIST."""
+    return default_scale(kind, channels) / positions

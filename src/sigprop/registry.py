@@ -49,8 +49,10 @@ RULES: Registry = Registry("rule")
 NETWORKS: Registry = Registry("network")
 DATASETS: Registry = Registry("dataset")
 SIGNALS: Registry = Registry("signal")
+SPARSE_SIGNALS: Registry = Registry("sparse signal")  # sparse variants (Sec. III-E), by signal
 
 register_rule = RULES.register
 register_network = NETWORKS.register
 register_dataset = DATASETS.register
 register_signal = SIGNALS.register
+register_sparse_signal = SPARSE_SIGNALS.register

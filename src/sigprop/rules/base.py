@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..networks import Network
-from ..registry import RULES, SIGNALS
+from ..registry import RULES, SIGNALS, SPARSE_SIGNALS
 from .checks import check_batch_statistics, check_head_outputs, check_num_classes, check_x, check_y
 
 
@@ -51,6 +51,11 @@ class RuleConfig:
     logit_scale: float | None = None  # None: functional.default_scale (c/sqrt(d))
     bn_stats: str = "inputs"  # inputs: BN statistics from inputs only | all: inputs and targets
     eta: float = 1.0  # Eq. 12 error step
+    # dense: the generator makes block 1's output target (Eq. 1) | sparse (Sec. III-E):
+    # a small target for block 1's input (K values zero-filled for an fc block, one
+    # kernel window for a conv block; sigprop.sparse), label signal only
+    targets: str = "dense"
+    sparse_size: int | None = None  # K of a sparse target for an fc first block (None: default)
     # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
     # each layer's training targets) | candidates (each sample's target under every class)
     exit_targets: str = "prototypes"
@@ -93,6 +98,25 @@ class RuleConfig:
         if self.pipeline == "on" and self.fast_path == "off":
             raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
         _choice("signal", self.signal, tuple(SIGNALS.names()), what="signal")
+        _choice("targets", self.targets, ("dense", "sparse"))
+        if self.sparse_size is not None:
+            if isinstance(self.sparse_size, bool) or not isinstance(self.sparse_size, int) \
+                    or self.sparse_size < 1:
+                raise ConfigError(f"sparse_size (K values of a sparse target) must be a "
+                                  f"positive integer, got {self.sparse_size!r}")
+            if self.targets != "sparse":
+                raise ConfigError("sparse_size sets the size of sparse targets; add "
+                                  "targets='sparse' (--targets sparse) or drop it")
+        if self.targets == "sparse":
+            if self.signal not in SPARSE_SIGNALS:
+                raise ConfigError(
+                    f"sparse targets (Sec. III-E) exist for the signals "
+                    f"{', '.join(SPARSE_SIGNALS.names())}, not {self.signal!r}; use "
+                    "targets='dense' with this signal")
+            if self.bn_stats != "inputs":
+                raise ConfigError("sparse targets take BatchNorm statistics from the inputs "
+                                  "only (a target is one position, not a map); drop "
+                                  "bn_stats='all'")
 
 
 def _number(key: str, value: object, meaning: str, *, positive: bool, fix: str = "") -> None:

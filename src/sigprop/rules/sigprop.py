@@ -41,12 +41,13 @@ from torch import Tensor, nn
 
 from .. import fastpath
 from .. import functional as SF
+from .. import sparse as SP
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError
 from ..networks import Network
 from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from ..registry import register_rule
-from ..signals import Feedback, TargetGenerator, build_signal
+from ..signals import Feedback, TargetGenerator, build_signal, default_sparse_size
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
@@ -56,6 +57,31 @@ PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 # 2-core CPU, fc-3x300 (415 k) about does, fc-2x800 and fc-3x1000 gain 10-12%
 # (docs/RESULTS.md, section 3)
 PIPELINE_MIN_WEIGHTS = 250_000
+
+
+def _first_weight_layer(block: nn.Module) -> nn.Module | None:
+    """The first Linear or Conv2d of a block (None if it has neither)."""
+    return next((m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+
+
+def _sparse_target(first: nn.Module | None, input_shape: tuple[int, ...],
+                   size: int | None) -> tuple[tuple[int, ...], int | None]:
+    """Shape and size of a sparse target for the first block (Sec. III-E): one kernel
+    window of its input for a conv, K values of its input row for a Linear."""
+    if isinstance(first, nn.Conv2d):
+        if size is not None:
+            raise ConfigError("sparse_size (--sparse-size) is for fully connected first blocks; "
+                              "a conv block's sparse target is one kernel window of its input")
+        return (first.in_channels, *first.kernel_size), None
+    if isinstance(first, nn.Linear):
+        dim = math.prod(input_shape)
+        k = default_sparse_size(dim) if size is None else size
+        if k > dim:
+            raise ConfigError(f"sparse_size {k} exceeds the first block's {dim} inputs; "
+                              f"choose K <= {dim}")
+        return tuple(input_shape), k
+    raise ConfigError("sparse targets need a first block that starts with a Linear or a "
+                      "Conv2d (the target is taken with its weights); use dense targets")
 
 
 class Prototypes(nn.Module):
@@ -95,15 +121,28 @@ class Sigprop(LearningRule):
         super().__init__(network, num_classes, cfg)
         convert_batchnorm(network.blocks)
         shapes = network.block_shapes
+        first = _first_weight_layer(network.blocks[0])
         if signal is None:
-            signal = build_signal(
-                cfg.signal, num_classes, shapes[0], cfg.signal_learned,
-                head=network.head, out_dim=math.prod(shapes[-1]), eta=cfg.eta,
-            )
-        if signal.target_shape != shapes[0]:
+            if cfg.targets == "sparse":
+                shape, size = _sparse_target(first, network.input_shape, cfg.sparse_size)
+                signal = build_signal(cfg.signal, num_classes, shape, cfg.signal_learned,
+                                      targets="sparse", sparse_size=size)
+            else:
+                signal = build_signal(
+                    cfg.signal, num_classes, shapes[0], cfg.signal_learned,
+                    head=network.head, out_dim=math.prod(shapes[-1]), eta=cfg.eta,
+                )
+        # where block 1 takes the generator's targets: after it (Eq. 1), with the inputs
+        # as rows of the same shape (sparse, fc), or as kernel windows (sparse, conv)
+        self._window = signal.at_input and isinstance(first, nn.Conv2d)
+        want = shapes[0] if not signal.at_input else (
+            _sparse_target(first, network.input_shape, None)[0] if self._window
+            else network.input_shape)
+        if signal.target_shape != want:
+            where = "first block's input" if signal.at_input else "first block's output"
             raise ConfigError(
                 f"target generator makes targets of shape {signal.target_shape}, "
-                f"but the first block outputs {shapes[0]}"
+                f"but the {where} needs {want}"
             )
         if signal.needs_feedback and cfg.head != "classifier":
             raise ConfigError(
@@ -121,6 +160,12 @@ class Sigprop(LearningRule):
             cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
             for s in shapes
         ]
+        if self._window:  # sparse through conv blocks: fields compared at conv blocks
+            self.scales = [
+                cfg.logit_scale or (SF.field_scale(cfg.loss, s[0], s[1] * s[2])
+                                    if len(s) == 3 else sc)
+                for s, sc in zip(shapes, self.scales)
+            ]
         # One parameter group per block and one for a classifier head; block 1's also
         # holds the generator, which learns from L_1(h1, t1) (a fixed generator's
         # parameters do not require grad and get no place). One step() after every
@@ -156,6 +201,8 @@ class Sigprop(LearningRule):
         parts = []
         if not self.signal.has_fast_path:
             why = f"signal {type(self.signal).__name__} has no written-out step"
+        elif self._window:
+            why = "sparse targets through conv blocks take the autograd path"
         else:
             for i, block in enumerate(self.network.blocks):
                 p = fastpath.match_block(block)
@@ -353,7 +400,13 @@ class Sigprop(LearningRule):
                     pipe.ready(i)
                     if i == 0:  # block 1 overlaps no BatchNorm backward (memory)
                         pipe.staged()
-                if i == 0:  # [h1, t1] in one buffer, no cat
+                input_grad = None
+                if i == 0 and self.signal.at_input:  # sparse fc: [x, t] rows in one buffer
+                    z = x.new_empty((n + self.num_classes, *x.shape[1:]))
+                    z[:n].copy_(x)
+                    _, t_backward = self.signal.fast_targets(x, y, fb, z[n:])
+                    input_grad = self._target_input_grad(parts, n, t_backward)
+                if i == 0 and not self.signal.at_input:  # [h1, t1] in one buffer, no cat
                     rows = n if self.signal.per_sample else self.num_classes
                     z = x.new_empty((n + rows, *self.network.block_shapes[0]))
                     st = fastpath.block_forward(parts, x, n, out=z[:n])
@@ -371,9 +424,14 @@ class Sigprop(LearningRule):
                         kind, self.scales[i], z[:n], z[n:], y, do[:n], do[n:],
                         num_classes=means_of)
                 if pipe is None:
-                    fastpath.block_backward(parts, st, do)
+                    da = fastpath.bn_backward(parts, st, do)
+                    fastpath.op_backward(parts.op, st.x, da)
+                    if input_grad is not None:
+                        input_grad(da)
+                    st.held = None
+                    del da
                 else:
-                    self._queue_update(i, parts, st, do)
+                    self._queue_update(i, parts, st, do, input_grad)
                 del st, do
                 if self.prototypes is not None:
                     self.prototypes.update(i, *classes)
@@ -383,12 +441,21 @@ class Sigprop(LearningRule):
             pipe.wait(0)
         return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
 
+    def _target_input_grad(self, parts: fastpath.BlockParts, n: int, t_backward):
+        """For input-side (sparse, fc) targets: dL/da -> the generator's gradients, through
+        block 1's Linear (dL/dt = dL/da[n:] W)."""
+        def grad(da: Tensor) -> None:
+            t_backward(da[n:] @ parts.op.weight, None)
+        return grad
+
     def _queue_update(self, slot: int, parts: fastpath.BlockParts | None,
-                      st: fastpath.BlockState | None, do: Tensor | None) -> None:
+                      st: fastpath.BlockState | None, do: Tensor | None,
+                      input_grad=None) -> None:
         """Queue slot's update: the block's BatchNorm backward from dL/do (then the
         stage is done: what the next BatchNorm forward waits for) and its Linear's
-        gradients, if given; then its group's Adam step with the learning rate of now;
-        gradients dropped after."""
+        gradients, if given (and ``input_grad(dL/da)``: the generator's, for sparse
+        targets); then its group's Adam step with the learning rate of now; gradients
+        dropped after."""
         optimizer, pipe = self.optimizer, self._pipe
         k = self._group_index[slot]
         group = optimizer.param_groups[k] if k is not None else None
@@ -401,6 +468,8 @@ class Sigprop(LearningRule):
                 do = None
                 pipe.stage_done()
                 fastpath.op_backward(parts.op, st.x, da)
+                if input_grad is not None:
+                    input_grad(da)
                 st = da = None  # x released (and uncounted) once the gradient exists
             if group is not None:
                 adam_group_step(optimizer, group, lr)
@@ -415,17 +484,32 @@ class Sigprop(LearningRule):
         losses, logits_seen = [], []
         h = t = x
         z = None  # the last block's (n + m)-row output
+        mode = SP.WINDOW if self._window else SP.ROWS  # how targets travel (sparse.py)
         for i, block in enumerate(self.network.blocks):
-            if i == 0:
+            if i == 0 and not self.signal.at_input:
                 h_out = block(x)  # only inputs here: BN statistics are the inputs'
                 t_out = self.signal.targets(h_out, y, fb)
+            elif i == 0 and mode == SP.WINDOW:  # sparse: each class's kernel window
+                h_out, t_out, mode = SP.forward_pair(block, x, self.signal.targets(x, y, fb),
+                                                     mode)
+            elif mode == SP.FIELD:  # sparse: constant fields
+                h_out, t_out, mode = SP.forward_pair(block, h, t, mode)
             else:
-                # [h, t]: built once after block 1; later it is z itself (no copy)
-                stacked = torch.cat([h, t]) if z is None else z.detach()
+                # [h, t]: built once (block 1 for input-side targets, else block 2);
+                # later it is z itself (no copy)
+                if z is not None:
+                    stacked = z.detach()
+                elif i == 0:  # sparse fc: target rows shaped like input rows
+                    stacked = torch.cat([x, self.signal.targets(x, y, fb)])
+                else:
+                    stacked = torch.cat([h, t])
                 with stats_from_first(self._stats_rows(n)):
                     z = block(stacked)  # (n + m, *D): inputs, then targets
                 h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
-            logits = self._layer_logits(i, h_out, t_out, y)
+            if mode == SP.FIELD:
+                logits = SF.field_compare(h_out, t_out, self.cfg.loss, self.scales[i])
+            else:
+                logits = self._layer_logits(i, h_out, t_out, y)
             loss = F.cross_entropy(logits, y)
             if loss.requires_grad:  # this block's (and at block 1 the generator's) grads
                 loss.backward()
@@ -448,21 +532,12 @@ class Sigprop(LearningRule):
             return self._prototype_scores(x)
         with torch.no_grad():
             n = x.shape[0]
-            fb = self._feedback(x) if self.signal.needs_feedback else None
             scores = []
             h = x
-            t = None
-            for i, block in enumerate(self.network.blocks):
-                h = block(h)
-                if i == 0:
-                    t = (
-                        self.signal.candidates(h, fb).flatten(0, 1)  # (n * m, *D)
-                        if self.signal.per_sample
-                        else self.signal.targets(h)  # (m, *D)
-                    )
-                else:
-                    t = block(t)
-                if self.signal.per_sample:
+            for i, h, t, mode in self._walk(x):
+                if mode == SP.FIELD:
+                    scores.append(SF.field_compare(h, t, self.cfg.loss, self.scales[i]))
+                elif self.signal.per_sample:
                     paired = t.view(n, self.num_classes, *t.shape[1:])
                     scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
                 else:
@@ -470,6 +545,47 @@ class Sigprop(LearningRule):
             if self.classifier:
                 scores.append(self.network.head(h))
             return scores
+
+    def _walk(self, x: Tensor):
+        """Inputs and targets through the blocks as the exits see them (no labels):
+        yields (block index, outputs h, targets t, the targets' travel mode) per block.
+        Per-class generators: the m class targets; per-sample ones: every sample's m
+        candidate targets, (n * m, *D)."""
+        fb = self._feedback(x) if self.signal.needs_feedback else None
+        h, t = x, None
+        mode = SP.WINDOW if self._window else SP.ROWS
+        for i, block in enumerate(self.network.blocks):
+            if i == 0 and self.signal.at_input:  # sparse: targets of block 1's input
+                t = self.signal.targets(x)
+            if mode != SP.ROWS:  # sparse through conv blocks (sigprop.sparse)
+                h, t, mode = SP.forward_pair(block, h, t, mode)
+            else:
+                h = block(h)
+                if i == 0 and not self.signal.at_input:
+                    t = (
+                        self.signal.candidates(h, fb).flatten(0, 1)  # (n * m, *D)
+                        if self.signal.per_sample
+                        else self.signal.targets(h)  # (m, *D)
+                    )
+                else:
+                    t = block(t)
+            yield i, h, t, mode
+
+    def target_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of one target row at each block's output, as it travels (dense:
+        the block's output shape; sparse through conv blocks: (C, 1, 1) fields), from a
+        dry run of two zero samples in eval mode (nothing learns, nothing is counted)."""
+        self.sync()
+        training = [m.training for m in self.modules.modules()]
+        self.modules.eval()
+        try:
+            ref = next(self.network.parameters())
+            x = torch.zeros(2, *self.network.input_shape, device=ref.device, dtype=ref.dtype)
+            with torch.no_grad():
+                return [tuple(t.shape[1:]) for _, _, t, _ in self._walk(x)]
+        finally:
+            for m, mode in zip(self.modules.modules(), training):
+                m.training = mode
 
     def _prototype_scores(self, x: Tensor) -> list[Tensor]:
         """Exits of per-sample generators compared with each layer's prototypes: no

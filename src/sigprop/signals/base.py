@@ -57,6 +57,9 @@ def leaky(x: Tensor) -> Tensor:
 class TargetGenerator(nn.Module):
     per_sample: ClassVar[bool] = False
     needs_feedback: ClassVar[bool] = False
+    # targets for block 1's *input* (sparse targets, Sec. III-E), which block 1 then
+    # takes with the inputs; otherwise targets of block 1's output (Eq. 1)
+    at_input: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, target_shape: tuple[int, ...], learned: bool) -> None:
         super().__init__()

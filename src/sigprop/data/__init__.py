@@ -24,6 +24,7 @@ from .datasets import (
     find_dataset_dir,
     load_dataset,
     split_file_records,
+    split_paths,
 )
 from .formats import CorruptFileError, load_cifar, load_idx, load_svhn_mat, read_idx
 from .loader import DeviceLoader
@@ -50,4 +51,5 @@ __all__ = [
     "parse_augment",
     "read_idx",
     "split_file_records",
+    "split_paths",
 ]

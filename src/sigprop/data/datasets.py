@@ -673,6 +673,14 @@ def _file_record(spec: DatasetSpec, path: Path) -> dict:
             "official_md5": None if remote is None else digest == remote.md5}
 
 
+def split_paths(name: str, split: str, data_dir: Path | str | None = None) -> list[Path]:
+    """The files ``load_dataset(name, split, data_dir)`` would read, found without reading
+    them; a DataError naming what is missing otherwise."""
+    spec = dataset_spec(name)
+    spec.files_for(split)
+    return list(_split_files(spec, find_dataset_dir(name, data_dir), split).paths)
+
+
 def split_file_records(name: str, split: str, data_dir: Path | str | None = None) -> list[dict]:
     """One record per file ``load_dataset(name, split, data_dir)`` reads, for provenance:
     ``{"path": absolute str, "bytes": int, "md5": hex str, "official_md5": bool | None}``.

@@ -1,6 +1,7 @@
 """Run configuration: one dataclass per section, TOML presets, flags on top.
 
-    [data]   dataset, data_dir, train_limit, augment, batch_size, eval_batch_size
+    [data]   dataset, data_dir, train_split, train_limit, test_limit, augment, batch_size,
+             eval_batch_size
     [model]  network, dropout
     [rule]   name, lr, weight_decay, signal, signal_learned, head, loss, ...
     [train]  epochs, schedule, seed, device, run_dir, progress, check_every
@@ -35,7 +36,9 @@ else:  # pragma: no cover
 class DataConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    train_split: str = "train"  # the split trained on (SVHN: train+extra, Sec. IV)
     train_limit: int | None = None  # use only the first N training samples
+    test_limit: int | None = None  # evaluate on the first N test samples only (quick checks)
     augment: str = "auto"  # auto (the dataset's default) | none | crop | flip | crop+flip
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -85,10 +88,16 @@ class Config:
         _positive("data.eval_batch_size", d.eval_batch_size)
         if d.train_limit is not None:
             _positive("data.train_limit", d.train_limit)
+        if d.test_limit is not None:
+            _positive("data.test_limit", d.test_limit)
         if d.data_dir is not None and not d.data_dir.strip():
             raise ConfigError("data.data_dir is empty; give the dataset's folder or leave it out")
         spec = dataset_spec(d.dataset)
         parse_augment(d.augment, spec)
+        trainable = [s for s in spec.splits if s != "test"]
+        if d.train_split not in trainable:
+            raise ConfigError(f"data.train_split must be a training split of {d.dataset} "
+                              f"({', '.join(trainable)}), got {d.train_split!r}")
         if not 0.0 <= m.dropout < 1.0 or round(m.dropout * DROPOUT_LEVELS) >= DROPOUT_LEVELS:
             raise ConfigError(
                 f"model.dropout must be in [0, 1) and keep at least 1/{DROPOUT_LEVELS} of the "
@@ -213,6 +222,8 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--dataset", "data", "dataset", {"help": "dataset name (sigprop data list)"}),
     ("--data-dir", "data", "data_dir", {"help": "folder holding the dataset files"}),
     ("--train-limit", "data", "train_limit", {"metavar": "N", "help": "use the first N training samples"}),
+    ("--test-limit", "data", "test_limit", {"metavar": "N", "help": "evaluate on the first N test samples only (quick checks)"}),
+    ("--train-split", "data", "train_split", {"help": "the split to train on (default train; SVHN: train+extra, as the paper)"}),
     ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
     ("--batch-size", "data", "batch_size", {}),
     ("--eval-batch-size", "data", "eval_batch_size", {}),

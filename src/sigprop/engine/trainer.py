@@ -78,7 +78,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     rule = build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule).to(device)
     augment = parse_augment(cfg.data.augment, spec)
     if with_train:
-        images, labels = load_dataset(spec.name, "train", cfg.data.data_dir)
+        images, labels = load_dataset(spec.name, cfg.data.train_split, cfg.data.data_dir)
         if cfg.data.train_limit is not None:
             images, labels = images[: cfg.data.train_limit], labels[: cfg.data.train_limit]
     else:  # evaluation only: an empty training set
@@ -97,6 +97,8 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
         num_classes=spec.num_classes,
     ) if len(labels) else None
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
+    if cfg.data.test_limit is not None:
+        t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
     test = DeviceLoader(
         t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
         std=spec.std, device=device, shuffle=False, num_classes=spec.num_classes,
@@ -184,8 +186,8 @@ class Trainer:
             changes = resume_changes(recorded, cfg, state["epoch"])
         exp = build_experiment(cfg)
         rule = exp.rule
-        files = {split: split_file_records(cfg.data.dataset, split, cfg.data.data_dir)
-                 for split in ("train", "test")}
+        files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
+                 for split, name in (("train", cfg.data.train_split), ("test", "test"))}
         record = {"config": cfg.to_dict(), "seed": cfg.train.seed, "versions": runio.versions(),
                   "data_files": files}
         history: list[dict[str, Any]] = []

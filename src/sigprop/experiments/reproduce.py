@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ..data import dataset_spec, find_dataset_dir
+from ..data import dataset_spec, split_paths
 from ..engine import runio
 from ..engine.config import RESUMABLE, Config, apply_overrides, config_changes
 from ..engine.runfolder import RunFolder
@@ -81,10 +81,11 @@ def planned_config(plan: RunPlan, out: Path, *, data_dir: str | None, device: st
 
 
 def check_data(exp: Experiment, budget: str, data_dir: str | None) -> None:
-    """Every dataset the runs read is where they will look, else one DataError line."""
-    for name in exp.datasets(budget):
+    """Every split the runs read is where they will look, else one DataError line."""
+    for name, split in exp.splits(budget):
         try:
-            find_dataset_dir(name, data_dir)
+            split_paths(name, split, data_dir)
+            split_paths(name, "test", data_dir)
         except DataError as err:
             hint = dataset_spec(name).install_hint
             how = f"`{hint}` or " if hint else ""

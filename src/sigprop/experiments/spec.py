@@ -200,6 +200,15 @@ class Experiment:
                         self.config(row, col, budget, seed))
                 for row, col in self.cells() for seed in seeds]
 
+    def splits(self, budget: str) -> list[tuple[str, str]]:
+        """(dataset, training split) pairs the runs of ``budget`` read, in first-use order."""
+        pairs: list[tuple[str, str]] = []
+        for plan in self.runs(budget, seeds=(0,)):
+            pair = (plan.config.data.dataset, plan.config.data.train_split)
+            if pair not in pairs:
+                pairs.append(pair)
+        return pairs
+
     def datasets(self, budget: str) -> list[str]:
         """The datasets the runs of ``budget`` read, in first-use order."""
         names: list[str] = []

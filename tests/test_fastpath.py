@@ -41,6 +41,8 @@ run = run_steps
 
 
 def assert_same_state(a, b, atol=1e-9):
+    a.sync()  # pipelined updates may still be in flight; modules.state_dict() does not wait
+    b.sync()
     sa, sb = a.modules.state_dict(), b.modules.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -335,6 +337,10 @@ CONV_CASES = [
     {"signal": "loop-error", "head": "classifier", "loss": "l2"},
     {"pool_first": False},
     {"bias": True},
+    {"targets": "sparse"},  # windows at block 1, then constant fields (sigprop.sparse)
+    {"targets": "sparse", "dropout": 0.2, "loss": "l2"},
+    {"targets": "sparse", "head": "classifier", "pool_first": False},
+    {"targets": "sparse", "signal_learned": False, "bias": True},
 ]
 
 
@@ -359,10 +365,13 @@ def test_conv_fast_path_matches_autograd(case, float64):
         torch.testing.assert_close(a, b)
 
 
-def test_conv_pipeline_matches_sequential(float64):
+@pytest.mark.parametrize("targets", ["dense", "sparse"])
+def test_conv_pipeline_matches_sequential(targets, float64):
     """The pipeline hands conv blocks' updates to the update thread: same updates."""
-    seq = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="off")
-    pipe = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="on")
+    seq = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="off",
+                     targets=targets)
+    pipe = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="on",
+                      targets=targets)
     assert pipe.pipelines
     batches = data(k=3)
     for (la, ca), (lb, cb) in zip(run(seq, batches), run(pipe, batches)):

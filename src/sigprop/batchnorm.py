@@ -91,6 +91,28 @@ def input_stats_backward(g: torch.Tensor, x: torch.Tensor, weight, mean, var, n:
     return dx, dw, db
 
 
+def input_stats_backward_pair(g: torch.Tensor, x: torch.Tensor, g_t: torch.Tensor,
+                              t: torch.Tensor, weight, mean, var, eps: float):
+    """Gradients (dx, dt, dw, db) when the statistics come from all of ``x`` and are
+    also applied to ``t``, a separate tensor of other spatial size (sparse targets'
+    fields, sigprop.sparse): as :func:`input_stats_backward` with x's rows making the
+    statistics and t's rows only using them, their sums taken over both."""
+    w = weight if weight is not None else torch.ones_like(mean)
+    invstd = torch.rsqrt(var + eps)
+    mask = [True, True, True]
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, var, mean, invstd, False, eps, mask)
+    dt, dw_t, db_t = torch.ops.aten.native_batch_norm_backward(
+        g_t, t, w, mean, var, mean, invstd, False, eps, mask)
+    dw, db = dw + dw_t, db + db_t
+    count = x.numel() // x.shape[1]
+    k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
+    c = w * db * invstd / count - mean * k
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dx -= torch.addcmul(c.view(shape), x, k.view(shape))
+    return dx, dt, dw, db
+
+
 class _InputStatsBN(torch.autograd.Function):
     """:func:`input_stats_forward` with :func:`input_stats_backward` as its gradient.
 

@@ -36,12 +36,17 @@ padding; the field ignores them (an infinitely large map).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batchnorm import input_stats_backward_pair
 from .errors import ConfigError
+from .fastpath import BlockParts, BlockState, block_forward, op_backward
 from .networks import Dropout
 
 # modes of a target on its way through the network
@@ -119,3 +124,118 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str) -> tuple[Ten
                 "BatchNorm, LeakyReLU and other elementwise modules, Dropout, MaxPool2d, "
                 "AvgPool2d, Flatten, Linear after a Flatten); use dense targets")
     return h, t, mode
+
+
+# --- the written-out step (sigprop.fastpath) for a conv block with window or field targets
+
+
+@dataclass
+class PairState:
+    """What a conv block's forward on inputs and sparse targets keeps for its update:
+    the inputs' :class:`~sigprop.fastpath.BlockState` and the targets' own small
+    tensors (m rows of 1x1 fields)."""
+
+    x: BlockState  # the inputs' part (its ``o`` is the block's output for the inputs)
+    t_in: Tensor  # the targets as they entered: windows (m, C_in, k, k) or fields
+    a_t: Tensor  # their pre-BatchNorm values (m, C, 1, 1)
+    keep_t: Tensor | None  # their dropout mask
+    o_t: Tensor  # their output field (m, C, 1, 1)
+    mode: str
+
+
+def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
+                 out: Tensor | None = None,
+                 after_matmul: Callable[[], None] | None = None) -> PairState:
+    """A standard conv block (fastpath.BlockParts) on inputs ``x`` (its own training
+    forward, statistics from x) and on targets ``t`` (windows or fields, module
+    docstring), written out. Call under no_grad."""
+    conv = parts.op
+    w = conv.weight
+    a_t = (torch.conv2d(t, w, None, 1, 0) if mode == WINDOW
+           else torch.conv2d(t, w.sum((2, 3), keepdim=True)))  # (m, C, 1, 1)
+    st = block_forward(parts, x, x.shape[0], out=out, after_matmul=after_matmul)
+    # the same affine map and statistics as the inputs' (BatchNorm, dropout's scale)
+    u_t = torch.native_batch_norm(a_t, st.weight, st.bias, st.mean, st.var, False, 0.0,
+                                  parts.bn.eps)[0]
+    keep_t = None
+    if st.keep is not None:
+        keep_t = parts.dropout.keep_mask(u_t).view(torch.uint8)
+    o_t = torch.ops.aten.leaky_relu_(u_t, parts.slope)
+    if keep_t is not None:
+        o_t.mul_(keep_t)
+    return PairState(st, t, a_t, keep_t, o_t, mode)
+
+
+def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
+                  input_grad: bool = False) -> Tensor | None:
+    """Gradients of the block's parameters from dL/d(outputs) of inputs and targets;
+    returns dL/d(window targets) when ``input_grad`` (block 1: the generator learns
+    through it), else None. Releases what the forward kept."""
+    st = ps.x
+    o = st.o
+    if parts.pool is not None:
+        from .fastpath import _pool_backward
+
+        do_x, o = _pool_backward(parts, st, do_x)
+    du = torch.ops.aten.leaky_relu_backward.grad_input(do_x, o, parts.slope, False,
+                                                       grad_input=do_x)
+    del o
+    if st.keep is not None:
+        du.mul_(st.keep)
+    du_t = torch.ops.aten.leaky_relu_backward(do_t, ps.o_t, parts.slope, False)
+    if ps.keep_t is not None:
+        du_t.mul_(ps.keep_t)
+    da, da_t, dw, db = input_stats_backward_pair(du, st.a, du_t, ps.a_t, st.weight, st.mean,
+                                                 st.var, parts.bn.eps)
+    bn = parts.bn
+    if bn.weight is not None:
+        if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
+            dw, db = dw.mul_(st.scale), db.mul_(st.scale)
+        bn.weight.grad, bn.bias.grad = dw, db
+    st.a = st.o = st.keep = st.weight = st.bias = None  # type: ignore[assignment]
+    conv = parts.op
+    op_backward(conv, st.x, da)  # the inputs' part
+    m, c_out = da_t.shape[:2]
+    if ps.mode == WINDOW:  # one application of the kernel to each window
+        dx_t, dw_t, _ = torch.ops.aten.convolution_backward(
+            da_t, ps.t_in, conv.weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [input_grad, True, False])
+    else:  # the summed kernel: every tap gets the same product
+        dx_t = None
+        dw_t = (da_t.view(m, c_out).T @ ps.t_in.view(m, -1))[:, :, None, None]
+    conv.weight.grad += dw_t
+    if conv.bias is not None:  # BatchNorm cancels it: the sum is zero up to rounding
+        conv.bias.grad += da_t.sum((0, 2, 3))
+    st.held = None
+    return dx_t
+
+
+def field_pred_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """L_pred of maps ``h (n, C, H, W)`` against fields ``t (m, C, 1, 1)``
+    (:func:`sigprop.functional.field_compare`) and its gradients: dL/dh into ``dh``;
+    returns (loss, logits, dL/dt)."""
+    n, c = h.shape[:2]
+    hw = h.shape[2] * h.shape[3]
+    s = h.sum((2, 3))  # (n, C)
+    tf = t.reshape(t.shape[0], c)
+    logits = s @ tf.T
+    if kind == "l2":
+        logits.mul_(2).sub_(hw * (tf * tf).sum(1)).sub_(
+            (h * h).flatten(1).sum(1, keepdim=True))
+    logits.mul_(scale)
+    logp = torch.log_softmax(logits, 1)
+    loss = F.nll_loss(logp, y)
+    g = logp.exp_()
+    g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
+    g.mul_(scale / n)
+    ds = g @ tf  # (n, C): every position of a map gets its channel's value
+    dt = g.T @ s
+    if kind == "l2":
+        ds.mul_(2)
+        dt.mul_(2).sub_(tf * (2 * hw * g.sum(0).unsqueeze(1)))
+        torch.mul(h, (-2 * g.sum(1)).view(n, 1, 1, 1), out=dh)
+        dh.add_(ds[:, :, None, None])
+    else:
+        dh.copy_(ds[:, :, None, None].expand_as(dh))
+    return loss, logits, dt.view_as(t)

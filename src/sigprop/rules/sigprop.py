@@ -201,8 +201,6 @@ class Sigprop(LearningRule):
         parts = []
         if not self.signal.has_fast_path:
             why = f"signal {type(self.signal).__name__} has no written-out step"
-        elif self._window:
-            why = "sparse targets through conv blocks take the autograd path"
         else:
             for i, block in enumerate(self.network.blocks):
                 p = fastpath.match_block(block)
@@ -392,6 +390,7 @@ class Sigprop(LearningRule):
                 pipe.drain()
             fb = self._feedback(x)
         losses, logits_seen = [], []
+        mode = SP.WINDOW if self._window else SP.ROWS  # sparse targets' travel (sparse.py)
         with torch.no_grad():
             z = x
             staged = pipe.staged if pipe is not None else None
@@ -400,6 +399,17 @@ class Sigprop(LearningRule):
                     pipe.ready(i)
                     if i == 0:  # block 1 overlaps no BatchNorm backward (memory)
                         pipe.staged()
+                if mode != SP.ROWS and parts.conv:  # sparse: windows, then fields
+                    h, t, loss, logits = self._fast_pair_block(
+                        i, parts, x if i == 0 else h, None if i == 0 else t, mode, y, fb,
+                        staged if i else None, pipe is not None)
+                    mode = SP.FIELD
+                    losses.append(loss)
+                    logits_seen.append(logits)
+                    continue
+                if mode == SP.FIELD:  # a Flatten: the fields laid out over the map, stacked
+                    z = torch.cat([h, t.expand(-1, -1, *h.shape[2:])])
+                    mode = SP.ROWS
                 input_grad = None
                 if i == 0 and self.signal.at_input:  # sparse fc: [x, t] rows in one buffer
                     z = x.new_empty((n + self.num_classes, *x.shape[1:]))
@@ -439,7 +449,39 @@ class Sigprop(LearningRule):
                 logits_seen.append(logits)
         if pipe is not None:  # block 1's weight gradient has read x: the caller may reuse it
             pipe.wait(0)
-        return self._finish_step(z[:n], y, losses, logits_seen, pipelined)
+        last = h if mode == SP.FIELD else z[:n]
+        return self._finish_step(last, y, losses, logits_seen, pipelined)
+
+    def _fast_pair_block(self, i: int, parts: fastpath.BlockParts, h: Tensor,
+                         t: Tensor | None, mode: str, y: Tensor, fb: Feedback | None,
+                         staged, pipelined: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A conv block with sparse targets, written out: block 1 takes each class's
+        window (made here) with its conv once, later blocks take fields
+        (sigprop.sparse); L_pred against the fields; the update in sequence or queued.
+        Returns the block's outputs for inputs and targets, its loss and logits."""
+        t_backward = None
+        if i == 0:
+            window = h.new_empty((self.num_classes, *self.signal.target_shape))
+            t, t_backward = self.signal.fast_targets(h, y, fb, window)
+        out = h.new_empty((h.shape[0], *self.network.block_shapes[i]))
+        ps = SP.pair_forward(parts, h, t, mode, out=out, after_matmul=staged)
+        do_x = torch.empty_like(ps.x.o)
+        loss, logits, do_t = SP.field_pred_grads(self.cfg.loss, self.scales[i], ps.x.o,
+                                                 ps.o_t, y, do_x)
+
+        def grads() -> None:
+            nonlocal ps, do_x, do_t
+            dt_in = SP.pair_backward(parts, ps, do_x, do_t, input_grad=t_backward is not None)
+            ps = do_x = do_t = None  # what the forward kept goes with the update
+            if t_backward is not None:
+                t_backward(dt_in, None)
+
+        h_out, t_out = ps.x.o, ps.o_t
+        if pipelined:
+            self._queue_update(i, None, None, None, stage=grads)
+        else:
+            grads()
+        return h_out, t_out, loss, logits
 
     def _target_input_grad(self, parts: fastpath.BlockParts, n: int, t_backward):
         """For input-side (sparse, fc) targets: dL/da -> the generator's gradients, through
@@ -450,7 +492,7 @@ class Sigprop(LearningRule):
 
     def _queue_update(self, slot: int, parts: fastpath.BlockParts | None,
                       st: fastpath.BlockState | None, do: Tensor | None,
-                      input_grad=None) -> None:
+                      input_grad=None, stage=None) -> None:
         """Queue slot's update: the block's BatchNorm backward from dL/do (then the
         stage is done: what the next BatchNorm forward waits for) and its Linear's
         gradients, if given (and ``input_grad(dL/da)``: the generator's, for sparse
@@ -463,6 +505,9 @@ class Sigprop(LearningRule):
 
         def update() -> None:
             nonlocal st, do
+            if stage is not None:  # a block's whole backward, given as one function
+                stage()
+                pipe.stage_done()
             if parts is not None:
                 da = fastpath.bn_backward(parts, st, do)  # releases a, o and the mask
                 do = None

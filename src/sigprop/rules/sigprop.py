@@ -391,6 +391,7 @@ class Sigprop(LearningRule):
             fb = self._feedback(x)
         losses, logits_seen = [], []
         mode = SP.WINDOW if self._window else SP.ROWS  # sparse targets' travel (sparse.py)
+        h = t = None  # sparse through conv blocks: inputs' and targets' outputs apart
         with torch.no_grad():
             z = x
             staged = pipe.staged if pipe is not None else None

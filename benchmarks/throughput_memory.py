@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", default="1x28x28", type=_shape, metavar="CxHxW",
                    help="sample shape (default 1x28x28, Fashion-MNIST; 3x32x32: CIFAR-10)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+    p.add_argument("--head", default="target", choices=("target", "classifier"),
+                   help="sigprop's prediction: target (Fig. 2a, default) | classifier "
+                   "(Fig. 2b, as the paper's efficiency tables)")
     p.add_argument("--signal", default="label",
                    help="sigprop's target generator (default label; loop-pred and loop-error "
                    "run with the classifier head)")
@@ -189,10 +192,14 @@ def make_pool(args: argparse.Namespace, device: torch.device) -> list[tuple[torc
 RULE_SPECS = {  # benchmark name -> (library rule, options)
     "sigprop-sequential": ("sigprop", {"pipeline": "off"}),
     "sigprop-autograd": ("sigprop", {"fast_path": "off", "pipeline": "off"}),
+    "sigprop-sparse": ("sigprop", {"targets": "sparse"}),
+    "sigprop-sparse-sequential": ("sigprop", {"targets": "sparse", "pipeline": "off"}),
 }
 VARIANT_NOTES = {
     "sigprop-sequential": "the fast path with every update in sequence (pipeline='off')",
     "sigprop-autograd": "the same updates through autograd, in sequence (fast_path='off')",
+    "sigprop-sparse": "sparse targets (Sec. III-E; targets='sparse')",
+    "sigprop-sparse-sequential": "sparse targets, every update in sequence",
 }
 
 
@@ -205,7 +212,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device):
     net = sigprop.build_network(args.network, args.input, NUM_CLASSES, dropout=args.dropout)
     rule_name, options = RULE_SPECS.get(name, (name, {}))
     if rule_name == "sigprop":
-        options = {**options, "signal": args.signal}
+        options = {**options, "signal": args.signal, "head": args.head}
         if args.signal in ("loop-pred", "loop-error"):  # Fig. 2c needs the classifier head
             options["head"] = "classifier"
     rule = sigprop.build_rule(rule_name, net, NUM_CLASSES, **options)
@@ -290,8 +297,11 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
         shape = network.block_shapes[i]
     if base_rule(rule_name) == "sigprop":
         shapes = network.block_shapes
+        sparse = RULE_SPECS.get(rule_name, ("", {}))[1].get("targets") == "sparse"
         for i, layers in enumerate(per_block):
             rows = n if i == 0 else (2 * n if per_sample else n + m)
+            if sparse and len(shapes[i]) == 3:  # conv blocks: the targets are fields
+                rows = n
             for j, (_, macs) in enumerate(layers):
                 f = 2 * rows * macs
                 parts["forward"] += f
@@ -300,6 +310,9 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
                     parts["input_grad"] += f
             d = math.prod(shapes[i])
             parts["lpred"] += 3 * 2 * n * d * m
+        if sparse:
+            notes.append("sparse targets: conv blocks counted for the inputs only (a field "
+                         "costs m x C_in x C_out)")
         if per_sample:
             notes.append("sigprop counted for a per-sample signal (n targets, m class means)")
         else:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..networks import LEAKY_SLOPE
+from ..networks import LEAKY_SLOPE, check_parameter_memory
 from ..registry import register_signal
 from .base import Feedback, TargetGenerator, TargetsBackward, check_eta, leaky
 from .projection import projection_backward, projection_targets
@@ -75,6 +75,8 @@ class LoopBackError(_LoopBack):
         if not isinstance(head, nn.Linear) or out_dim is None:
             raise ConfigError("signal 'loop-error' (Eq. 12) needs a linear classification head")
         check_eta(eta)
+        check_parameter_memory(out_dim * self.dim + self.dim,
+                               f"the loop-error generator ({out_dim} x {self.dim})")
         # A plain reference, not a submodule: the head is owned (saved, trained) elsewhere.
         self.__dict__["_head"] = head
         self.eta = eta

@@ -110,6 +110,7 @@ def test_default_scale():
     assert SF.default_scale("l2", 16) == pytest.approx(0.5)
     assert SF.default_scale("dot", 16, per_sample=True) == pytest.approx(0.25)
     assert SF.default_scale("l2", 16, per_sample=True) == pytest.approx(0.125)
+    assert SF.default_scale("dot", 16, conv=True) == pytest.approx(0.25)  # conv shapes: c = 1
 
 
 # --------------------------------------------------------------------------- L_pred

@@ -157,7 +157,8 @@ class Sigprop(LearningRule):
             self.modules["prototypes"] = self.prototypes
         self.classifier = cfg.head == "classifier"
         self.scales = [
-            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample)
+            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample,
+                                                conv=len(s) == 3)
             for s in shapes
         ]
         if self._window:  # sparse through conv blocks: fields compared at conv blocks

@@ -230,6 +230,12 @@ class Sigprop(LearningRule):
         elif self.cfg.pipeline == "auto" and self.signal.needs_feedback:
             why = ("the loop-back generator's label-free pass reads every block, so each "
                    "step would wait for all updates (measured slower); pipeline='on' forces it")
+        elif self.cfg.pipeline == "auto" and any(p.conv for p in self.fast_parts):
+            # VGG8b, 3x32x32, batch 128, 2 threads: 0.94x backprop's throughput pipelined
+            # against 1.48x in sequence (benchmarks/throughput_memory.py): a conv on one
+            # of the two threads is slower than the overlap gains (docs/RESULTS.md)
+            why = ("conv blocks: their products use both threads better in sequence "
+                   "(measured); pipeline='on' forces it")
         elif self.cfg.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
             why = (f"blocks too small to gain from it: {weights:,} weights, under "
                    f"{PIPELINE_MIN_WEIGHTS:,}; pipeline='on' forces it")

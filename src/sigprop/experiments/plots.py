@@ -55,7 +55,8 @@ def _mean_band(histories: list[History], value: Callable[[dict[str, Any]], float
     return epochs, means, stds
 
 
-def _draw(ax, series: list[Series], value: Callable[[dict[str, Any]], float | None]) -> bool:
+def _draw(ax, series: list[Series], value: Callable[[dict[str, Any]], float | None],
+          show_n: bool = True) -> bool:
     """Draw each series' mean (and band) of ``value``; whether anything was drawn."""
     drawn = False
     for s in series:
@@ -64,7 +65,7 @@ def _draw(ax, series: list[Series], value: Callable[[dict[str, Any]], float | No
             continue
         n = len(s.histories)
         line, = ax.plot(epochs, means, marker="o" if len(epochs) < 3 else None, markersize=3,
-                        label=s.label + (f" (n={n})" if n > 1 else ""))
+                        label=s.label + (f" (n={n})" if n > 1 and show_n else ""))
         if any(stds):
             ax.fill_between(epochs, [m - d for m, d in zip(means, stds)],
                             [m + d for m, d in zip(means, stds)], color=line.get_color(),
@@ -141,7 +142,7 @@ def exit_curves(panels: Sequence[Panel], path: Path, title: str) -> Path | None:
         histories = panel.series[0].histories
         for name in _exit_names(histories):
             _draw(ax, [Series(name, histories)],
-                  lambda r, name=name: _exit_acc(r, name))
+                  lambda r, name=name: _exit_acc(r, name), show_n=False)
         ax.set_title(panel.title + (f" (n={len(histories)})" if len(histories) > 1 else ""))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

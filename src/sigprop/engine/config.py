@@ -239,7 +239,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
     ("--targets", "rule", "targets", {"help": "dense (block 1's output target, Eq. 1) | sparse (Sec. III-E: a small target for block 1's input; label signal)"}),
-    ("--sparse-size", "rule", "sparse_size", {"metavar": "K", "help": "values of a sparse target for an fc first block, zero-filled to its input (default: 1/8 of the input)"}),
+    ("--sparse-size", "rule", "sparse_size", {"metavar": "K", "help": "values of a sparse target for an fc first block, zero-filled to its input (default: half the input)"}),
     ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
     ("--pipeline", "rule", "pipeline", {"help": "sigprop with the fast path on a CPU: each block's BatchNorm backward, weight gradient and Adam step on a second thread while the forward goes on (same updates): auto (>= 2 threads) | on | off"}),
     ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),

@@ -56,6 +56,10 @@ class RuleConfig:
     # kernel window for a conv block; sigprop.sparse), label signal only
     targets: str = "dense"
     sparse_size: int | None = None  # K of a sparse target for an fc first block (None: default)
+    # local learning (ll-bp, ll-fa): the similarity share beta of the predsim loss (None:
+    # the rule's, 0.99 and 0.01) and the most values an auxiliary classifier reads
+    ll_beta: float | None = None
+    ll_features: int = 2048
     # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
     # each layer's training targets) | candidates (each sample's target under every class)
     exit_targets: str = "prototypes"
@@ -99,6 +103,9 @@ class RuleConfig:
             raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
         _choice("signal", self.signal, tuple(SIGNALS.names()), what="signal")
         _choice("targets", self.targets, ("dense", "sparse"))
+        from .local_learning import check_ll_options
+
+        check_ll_options(self.ll_beta, self.ll_features)
         if self.sparse_size is not None:
             if isinstance(self.sparse_size, bool) or not isinstance(self.sparse_size, int) \
                     or self.sparse_size < 1:

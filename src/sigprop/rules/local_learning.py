@@ -172,7 +172,7 @@ class LocalLearning(LearningRule):
             loss, logits = aux.loss(out, y, self.num_classes, self.beta)
             loss.backward()  # the block and its auxiliaries, nothing else
             with torch.no_grad():
-                h = tail(out)
+                h = tail(out.detach())  # (an Identity tail would hand on out's graph)
                 logits_seen.append(aux.scores(out, self.num_classes) if self.bio else logits)
             losses.append(loss.detach())
         logits = self.network.head(h)

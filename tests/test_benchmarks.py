@@ -31,3 +31,41 @@ def test_throughput_memory_tiny(tmp_path, network, shape, rules):
         assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0
     s = result["summary"]
     assert 0 < s["memory_ratio"] < 1 and s["throughput_ratio_median"] > 0
+
+
+def test_sigprop_bench_tiny(tmp_path, capsys):
+    """`sigprop bench` at a tiny size: both tables, and the JSON keys of the issue."""
+    from sigprop.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--network", "conv", "--input", "1x16x16", "--batch-size", "4",
+               "--rules", "backprop,ll-bp,ll-fa,sigprop,dfa", "--targets", "dense,sparse",
+               "--steps", "1", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| Time (ms) |" in text and "| Mem (MiB) |" in text and "| layer |" in text
+    result = json.loads(out.read_text())
+    names = ["backprop", "ll-bp", "ll-fa", "sigprop", "sigprop-sparse", "dfa"]
+    assert list(result["rules"]) == names
+    for name in names:
+        r = result["rules"][name]
+        assert isinstance(r["time_per_sample_s"], float) and r["time_per_sample_s"] > 0
+        assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0
+        assert isinstance(r["layers"], list)
+        if name != "backprop":  # backprop is timed as a whole, as the paper
+            assert len(r["layers"]) == 5
+            for layer in r["layers"]:
+                assert layer["time_per_sample_s"] > 0 and layer["peak_memory_bytes"] > 0
+    assert result["rules"]["backprop"]["layers"] == []
+    assert "machine" in result and "commit" in result
+
+
+def test_sigprop_bench_errors(capsys):
+    from sigprop.cli import main
+
+    for argv, match in [(["bench", "--rules", "nope"], "unknown rule 'nope'"),
+                        (["bench", "--targets", "thin"], "--targets takes dense"),
+                        (["bench", "--input", "3xx32"], "sample shape")]:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and match in err, err

@@ -93,11 +93,49 @@ def _parser() -> argparse.ArgumentParser:
                         "folders (no training)")
     rp.add_argument("folder", metavar="DIR", help="the --out folder of a sigprop reproduce")
 
+    b = sub.add_parser("bench", help="time and memory per sample, per layer, of rules side by "
+                       "side (Tables I-IV)")
+    b.add_argument("--network", default="vgg8b", help="network (default vgg8b)")
+    b.add_argument("--rules", default="backprop,ll-bp,ll-fa,sigprop", type=_names,
+                   help="rules, comma-separated (default backprop,ll-bp,ll-fa,sigprop)")
+    b.add_argument("--targets", default="dense", type=_names,
+                   help="sigprop's targets: dense | sparse | dense,sparse (Tables III-IV)")
+    b.add_argument("--input", default="3x32x32", type=_shape_arg, metavar="CxHxW",
+                   help="sample shape (default 3x32x32: CIFAR-10)")
+    b.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--dropout", type=float, default=0.1)
+    b.add_argument("--head", default="classifier", choices=("target", "classifier"),
+                   help="sigprop's prediction (default classifier: Fig. 2b, as Sec. IV-A)")
+    b.add_argument("--pipeline", default="auto", choices=("auto", "off"),
+                   help="sigprop's pipeline (per-layer times need it off)")
+    b.add_argument("--steps", type=int, default=2, help="steps per timed segment (default 2)")
+    b.add_argument("--repeats", type=int, default=5, help="interleaved segments (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="warm-up steps per rule (default 1)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    b.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
     pl = sub.add_parser("plot", help="draw runs' learning curves and early exits (PNG)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
     pl.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots "
                     "for one run, ./plots for several)")
     return p
+
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if not all(p.isascii() and p.isdigit() and 0 < len(p) < 6 for p in parts) \
+            or min(int(p) for p in parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a sample shape like 3x32x32, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -301,6 +339,40 @@ def _describe_experiment(exp, data_dir: str | None) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .engine.bench import as_json, markdown, run_bench
+    from .engine.runio import atomic_write_text
+    from .experiments.provenance import provenance
+    from .registry import RULES
+
+    for r in ns.rules:
+        RULES.get(r)
+    for t in ns.targets:
+        if t not in ("dense", "sparse"):
+            raise ConfigError(f"--targets takes dense and/or sparse, got {t!r}")
+    if ns.threads is not None:
+        if ns.threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {ns.threads}")
+        torch.set_num_threads(ns.threads)
+    results = run_bench(ns.network, ns.input, ns.classes, ns.rules, targets=ns.targets,
+                        batch_size=ns.batch_size, steps=ns.steps, repeats=ns.repeats,
+                        warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
+                        head=ns.head, pipeline=ns.pipeline,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(markdown(results))
+    if ns.json:
+        facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),
+                 "args": {k: v for k, v in vars(ns).items() if k not in ("argv",)}}
+        atomic_write_text(Path(ns.json), json.dumps(as_json(results, facts), indent=2,
+                                                    default=str) + "\n")
+        print(f"results written to {ns.json}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     from .experiments import write_report
 
@@ -341,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         import sigprop.rules  # noqa: F401  (register rules)
 
         commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
-                    "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot}
+                    "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot,
+                    "bench": cmd_bench}
         return commands[ns.command](ns)
     except SigpropError as err:
         print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)

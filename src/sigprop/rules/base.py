@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +196,9 @@ class LearningRule:
 
     name: str = ""
     exit_names: list[str]
+    # measurement (sigprop bench): called with "block<i>", "head" or "step" when the rule
+    # starts that part of a training step; None (the default) costs one attribute test
+    marker: Callable[[str], None] | None = None
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         cfg.validate()
@@ -310,6 +313,11 @@ class LearningRule:
                 opt.load_state_dict(s)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{hint} ({err})") from None
+
+    def _mark(self, part: str) -> None:
+        """Tell a measuring caller (``marker``) that ``part`` of the step starts."""
+        if self.marker is not None:
+            self.marker(part)
 
     @staticmethod
     def _step(opt: torch.optim.Optimizer | None, loss: Tensor) -> None:

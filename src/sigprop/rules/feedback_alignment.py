@@ -160,9 +160,11 @@ class DirectFeedbackAlignment(LearningRule):
             p.grad = None
         outs = []
         h = x
-        for block in self.network.blocks:
+        for i, block in enumerate(self.network.blocks):
+            self._mark(f"block{i + 1}")
             h = block(h.detach())  # each block's graph is its own: nothing crosses
             outs.append(h)
+        self._mark("head")
         logits = self.network.head(h.detach())
         loss = F.cross_entropy(logits, y)
         if loss.requires_grad:
@@ -173,8 +175,10 @@ class DirectFeedbackAlignment(LearningRule):
             e[torch.arange(len(y), device=y.device), y] -= 1
             e /= len(y)
         for i, (h_out, shape) in enumerate(zip(outs, self.network.block_shapes)):
+            self._mark(f"block{i + 1}")  # its backward, from e B_i
             if h_out.requires_grad:
                 h_out.backward(dfa_feedback(e, self.feedback.get(i).to(e.dtype), shape))
+        self._mark("step")
         if self.optimizer is not None:
             self.optimizer.step()
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)

@@ -167,7 +167,8 @@ class LocalLearning(LearningRule):
             p.grad = None
         losses, logits_seen = [], []
         h = x
-        for (core, tail), aux in zip(self.parts, self.aux):
+        for i, ((core, tail), aux) in enumerate(zip(self.parts, self.aux)):
+            self._mark(f"block{i + 1}")
             out = core(h.detach())  # this block's graph only
             loss, logits = aux.loss(out, y, self.num_classes, self.beta)
             loss.backward()  # the block and its auxiliaries, nothing else
@@ -175,11 +176,13 @@ class LocalLearning(LearningRule):
                 h = tail(out.detach())  # (an Identity tail would hand on out's graph)
                 logits_seen.append(aux.scores(out, self.num_classes) if self.bio else logits)
             losses.append(loss.detach())
+        self._mark("head")
         logits = self.network.head(h)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         losses.append(loss.detach())
         logits_seen.append(logits.detach())
+        self._mark("step")
         if self.optimizer is not None:
             self.optimizer.step()
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)

@@ -344,6 +344,7 @@ class Sigprop(LearningRule):
             out = self._fast_train_step(x, y)
         else:
             out = self._autograd_train_step(x, y)
+        self._mark("step")
         if self.optimizer is not None:
             self.optimizer.step()  # every block's update, from its own gradient
         return out
@@ -358,6 +359,7 @@ class Sigprop(LearningRule):
         """The classifier head's own loss on the last block's detached output (Fig. 2b),
         then (losses, correct counts) of every exit, counted in one op."""
         if self.classifier:
+            self._mark("head")
             slot = len(self.fast_parts)
             if pipelined:  # the head's last update done; its gradient starts afresh
                 self._pipe.ready(slot)
@@ -403,6 +405,7 @@ class Sigprop(LearningRule):
             z = x
             staged = pipe.staged if pipe is not None else None
             for i, parts in enumerate(self.fast_parts):
+                self._mark(f"block{i + 1}")
                 if pipe is not None:
                     pipe.ready(i)
                     if i == 0:  # block 1 overlaps no BatchNorm backward (memory)
@@ -539,6 +542,7 @@ class Sigprop(LearningRule):
         z = None  # the last block's (n + m)-row output
         mode = SP.WINDOW if self._window else SP.ROWS  # how targets travel (sparse.py)
         for i, block in enumerate(self.network.blocks):
+            self._mark(f"block{i + 1}")
             if i == 0 and not self.signal.at_input:
                 h_out = block(x)  # only inputs here: BN statistics are the inputs'
                 t_out = self.signal.targets(h_out, y, fb)

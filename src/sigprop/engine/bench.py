@@ -1,0 +1,392 @@
+"""``sigprop bench``: training time per sample and peak memory per batch, for the whole
+network and for every layer, of several rules side by side (the paper's Tables I-IV).
+
+Time: every rule is built from the same seed and the same synthetic batches, warmed up,
+then timed in ``repeats`` interleaved segments of ``steps`` training steps (the order
+of the rules alternates); per rule the median time per sample over the segments and
+its range. Per layer (the rules that train layer by layer: sigprop, ll-bp, ll-fa, dfa)
+the same segments are cut at the marks the rule gives when it starts a block, its head
+or its optimizer step (``LearningRule.marker``): a block's time is everything from its
+mark to the next one (forward, local loss, backward; for dfa its forward and, later, its
+backward from ``e B_i``); the one grouped Adam step is shared out by the blocks'
+parameter counts (Adam's work is linear in them). Backprop is timed only as a whole, as
+the paper does: its layers cannot be updated apart. A pipelined rule (sigprop on fc nets
+with two threads) overlaps blocks on two threads, so its per-layer rows are left out
+(``--pipeline off`` gives them).
+
+Memory, on a CPU, counted (no allocator statistics exist there): the bytes of tensors
+held for the update (autograd's saved tensors and the fast path's kept ones, each
+storage once), at their peak within the step or within each layer's part of it, plus
+the parameters and buffers, their gradients and the optimizer's state (per layer: the
+block's own, with its auxiliaries or generator). On CUDA the allocator's peak
+(``max_memory_allocated`` after ``reset_peak_memory_stats``), for the whole step and
+between the marks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import fastpath
+from ..errors import ConfigError
+from ..networks import build_network
+from ..rules import LearningRule, build_rule
+
+LOCAL_RULES = ("sigprop", "ll-bp", "ll-fa", "dfa")
+MIB = 2**20
+
+
+@dataclass
+class Variant:
+    """One column: a rule and its options (``sigprop`` with sparse targets, ...)."""
+
+    name: str
+    rule: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def variants(rules: list[str], targets: list[str]) -> list[Variant]:
+    """The columns: each rule; sigprop once per target kind (``sigprop``, ``sigprop-sparse``)."""
+    out = []
+    for r in rules:
+        if r == "sigprop":
+            out += [Variant("sigprop" if t == "dense" else f"sigprop-{t}", r, {"targets": t})
+                    for t in targets]
+        else:
+            out.append(Variant(r, r))
+    return out
+
+
+class _Meter:
+    """Live and peak bytes of tensors held for the update, each storage once, and the
+    peak within the current part (``part``) of the step."""
+
+    def __init__(self, params) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.lock = threading.Lock()
+        self.live: dict[int, list[int]] = {}
+        self.bytes = 0
+        self.peak = 0
+        self.part = "pre"
+        self.part_peak: dict[str, int] = defaultdict(int)
+
+    def enter(self, part: str) -> None:
+        with self.lock:
+            self.part = part
+            self.part_peak[part] = max(self.part_peak[part], self.bytes)
+
+    def pack(self, t: Tensor):
+        try:
+            s = t.untyped_storage()
+            key, size = s.data_ptr(), s.nbytes()
+        except (RuntimeError, NotImplementedError):
+            key, size = t.data_ptr(), t.numel() * t.element_size()
+        if key in self.skip:
+            return t
+        with self.lock:
+            entry = self.live.get(key)
+            if entry is None:
+                self.live[key] = [size, 1]
+                self.bytes += size
+                self.peak = max(self.peak, self.bytes)
+                self.part_peak[self.part] = max(self.part_peak[self.part], self.bytes)
+            else:
+                entry[1] += 1
+        return _Held(t, key, self)
+
+    def release(self, key: int) -> None:
+        with self.lock:
+            entry = self.live.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.bytes -= entry[0]
+                del self.live[key]
+
+
+class _Held:
+    __slots__ = ("key", "meter", "tensor")
+
+    def __init__(self, tensor: Tensor, key: int, meter: _Meter) -> None:
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self) -> None:
+        self.meter.release(self.key)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_bytes(rule: LearningRule, modules: list[nn.Module]) -> int:
+    """Parameters and buffers of ``modules``, the gradients of the trainable ones, and
+    their optimizer state (as it is after a step)."""
+    params = {id(p): p for m in modules for p in m.parameters()}
+    buffers = {id(b): b for m in modules for b in m.buffers()}
+    total = _nbytes(params.values()) + _nbytes(buffers.values())
+    total += _nbytes(p for p in params.values() if p.requires_grad)  # their gradients
+    for opt in rule.optimizers:
+        for p, st in opt.state.items():
+            if id(p) in params:
+                total += _nbytes(v for v in st.values() if isinstance(v, Tensor) and v.dim())
+    return total
+
+
+def layer_modules(rule: LearningRule) -> list[list[nn.Module]]:
+    """The modules each block's update owns: the block, and with it its auxiliaries
+    (local learning) or, for block 1, the target generator (sigprop)."""
+    blocks = [[b] for b in rule.network.blocks]
+    aux = getattr(rule, "aux", None)
+    if aux is not None:
+        for parts, a in zip(blocks, aux):
+            parts.append(a)
+    signal = getattr(rule, "signal", None)
+    if signal is not None:
+        blocks[0].append(signal)
+    return blocks
+
+
+class _Timeline:
+    """Timestamps of a rule's marks (and CUDA peaks between them) over many steps."""
+
+    def __init__(self, meter: _Meter | None, device: torch.device) -> None:
+        self.meter = meter
+        self.device = device
+        self.durations: dict[str, float] = defaultdict(float)
+        self.cuda_peaks: dict[str, int] = defaultdict(int)
+        self.part: str | None = None
+        self.t0 = 0.0
+
+    def _close(self) -> None:
+        if self.part is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_peaks[self.part] = max(self.cuda_peaks[self.part],
+                                             torch.cuda.max_memory_allocated(self.device))
+        self.durations[self.part] += time.perf_counter() - self.t0
+
+    def mark(self, part: str) -> None:
+        self._close()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.meter is not None:
+            self.meter.enter(part)
+        self.part, self.t0 = part, time.perf_counter()
+
+    def end(self) -> None:
+        self._close()
+        self.part = None
+
+
+@dataclass
+class BenchResult:
+    variant: Variant
+    seconds_per_sample: list[float]  # one per timed segment
+    peak_memory_bytes: int
+    layers: list[dict[str, Any]]  # per block: time_per_sample_s, peak_memory_bytes, ...
+    notes: list[str]
+
+
+def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
+              rule_names: list[str], *, targets: list[str] | None = None,
+              batch_size: int = 128, steps: int = 2, repeats: int = 5, warmup: int = 1,
+              device: str = "cpu", dropout: float = 0.1, head: str = "classifier",
+              pipeline: str = "auto", seed: int = 0, log=print) -> list[BenchResult]:
+    """Measure every rule (module docstring); ``log`` receives progress lines."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but this machine has no usable CUDA GPU")
+    if min(steps, repeats, batch_size) < 1 or warmup < 0:
+        raise ConfigError("steps, repeats and batch size must be positive, warmup >= 0")
+    if batch_size < 2:
+        raise ConfigError("batch size must be at least 2 (BatchNorm)")
+    cols = variants(rule_names, targets or ["dense"])
+    g = torch.Generator().manual_seed(seed + 1)
+    pool = [(torch.randn(batch_size, *input_shape, generator=g).to(dev),
+             torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
+            for _ in range(4)]
+    rules: dict[str, LearningRule] = {}
+    for v in cols:
+        torch.manual_seed(seed)  # the same initial weights for every rule
+        net = build_network(network, input_shape, num_classes, dropout=dropout)
+        opts = dict(v.options)
+        if v.rule == "sigprop":
+            opts.update(head=head, pipeline=pipeline)
+        rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
+        rules[v.name].set_training(True)
+    log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
+        f"{repeats} x {steps} steps per rule, on {dev}")
+    k = [0]
+
+    def steps_of(rule: LearningRule, count: int) -> None:
+        for _ in range(count):
+            x, y = pool[k[0] % len(pool)]
+            k[0] += 1
+            rule.train_step(x, y)
+        rule.sync()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for v in cols:  # warm up: optimizer state, allocator, kernels
+        steps_of(rules[v.name], warmup)
+    timelines = {v.name: _Timeline(None, dev) for v in cols}
+    seg: dict[str, list[float]] = {v.name: [] for v in cols}
+    for r in range(repeats):
+        order = cols if r % 2 == 0 else cols[::-1]
+        for v in order:
+            rule = rules[v.name]
+            layered = v.rule in LOCAL_RULES and not getattr(rule, "pipelines", False)
+            tl = timelines[v.name]
+            rule.marker = tl.mark if layered else None
+            gc.collect()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steps_of(rule, 1)
+                tl.end()
+            sync()
+            seg[v.name].append((time.perf_counter() - t0) / (steps * batch_size))
+            rule.marker = None
+        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(
+            f"{v.name} {1e3 * seg[v.name][-1]:.2f} ms/sample" for v in cols))
+    results = []
+    for v in cols:
+        rule = rules[v.name]
+        mem, layer_mem = _memory(rule, v, pool[0], dev, sync)
+        layers: list[dict[str, Any]] = []
+        notes: list[str] = []
+        layered = v.rule in LOCAL_RULES and not getattr(rule, "pipelines", False)
+        if v.rule in LOCAL_RULES and not layered:
+            notes.append("pipelined: blocks overlap on two threads, no per-layer times "
+                         "(--pipeline off gives them)")
+        if layered:
+            layers = _layer_rows(rule, timelines[v.name], layer_mem, repeats * steps
+                                 * batch_size)
+        results.append(BenchResult(v, seg[v.name], mem, layers, notes))
+    return results
+
+
+def _layer_rows(rule: LearningRule, tl: _Timeline, layer_mem: list[int], samples: int
+                ) -> list[dict[str, Any]]:
+    owned = layer_modules(rule)
+    counts = [sum(p.numel() for m in ms for p in m.parameters() if p.requires_grad)
+              for ms in owned]
+    total = sum(counts) or 1
+    step = tl.durations.get("step", 0.0)
+    rows = []
+    for i, (count, mem) in enumerate(zip(counts, layer_mem)):
+        seconds = tl.durations.get(f"block{i + 1}", 0.0) + step * count / total
+        rows.append({"layer": i + 1, "time_per_sample_s": seconds / samples,
+                     "peak_memory_bytes": mem})
+    return rows
+
+
+def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
+            dev: torch.device, sync) -> tuple[int, list[int]]:
+    """Peak memory of one step, for the network and each block (module docstring)."""
+    owned = layer_modules(rule)
+    x, y = batch
+    if dev.type == "cuda":
+        tl = _Timeline(None, dev)
+        rule.marker = tl.mark if v.rule in LOCAL_RULES else None
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
+        rule.train_step(x, y)
+        rule.sync()
+        tl.end()
+        sync()
+        peak = torch.cuda.max_memory_allocated(dev)
+        rule.marker = None
+        return peak, [tl.cuda_peaks.get(f"block{i + 1}", 0) for i in range(len(owned))]
+    params = [p for p in rule.modules.parameters()] + list(rule.modules.buffers())
+    meter = _Meter(params)
+    tl = _Timeline(meter, dev)
+    rule.marker = tl.mark if v.rule in LOCAL_RULES else None
+    lagging = getattr(rule, "lagging_updates", contextlib.nullcontext)
+    gc.collect()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: getattr(h, "tensor", h)), \
+            fastpath.track_saved(meter.pack), lagging():
+        rule.train_step(x, y)
+        rule.sync()
+    tl.end()
+    rule.marker = None
+    gc.collect()
+    everything = state_bytes(rule, [rule.modules])
+    per_layer = [meter.part_peak.get(f"block{i + 1}", 0) + state_bytes(rule, ms)
+                 for i, ms in enumerate(owned)]
+    return meter.peak + everything, per_layer
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _ms(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{1e3 * med:.2f} ({1e3 * min(values):.2f}-{1e3 * max(values):.2f})"
+
+
+def markdown(results: list[BenchResult]) -> str:
+    """Tables in the shape of the paper's Tables I and II (III and IV with targets)."""
+    names = [r.variant.name for r in results]
+    lines = ["Training time per sample (ms; median and range over the interleaved segments) "
+             "and peak memory per batch (MiB), whole network:", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| Time (ms) | " + " | ".join(_ms(r.seconds_per_sample) for r in results) + " |",
+             "| Mem (MiB) | " + " | ".join(f"{r.peak_memory_bytes / MIB:.1f}"
+                                           for r in results) + " |"]
+    base = next((r for r in results if r.variant.rule == "backprop"), None)
+    if base is not None:
+        bt, bm = statistics.median(base.seconds_per_sample), base.peak_memory_bytes
+        lines.append("| / backprop | " + " | ".join(
+            f"time {statistics.median(r.seconds_per_sample) / bt:.2f}, mem "
+            f"{r.peak_memory_bytes / bm:.3f}" for r in results) + " |")
+    layered = [r for r in results if r.layers]
+    if layered:
+        depth = max(len(r.layers) for r in layered)
+        lines += ["", "Per layer (time per sample in ms, with its share of the Adam step; "
+                  "peak memory in MiB: held activations plus the layer's parameters, "
+                  "gradients and optimizer state):", "",
+                  "| layer | " + " | ".join(f"{r.variant.name} time" for r in layered)
+                  + " | " + " | ".join(f"{r.variant.name} mem" for r in layered) + " |",
+                  "|---|" + "---|" * (2 * len(layered))]
+        for i in range(depth):
+            cells = [f"{1e3 * r.layers[i]['time_per_sample_s']:.2f}" if i < len(r.layers)
+                     else "" for r in layered]
+            cells += [f"{r.layers[i]['peak_memory_bytes'] / MIB:.1f}" if i < len(r.layers)
+                      else "" for r in layered]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    for r in results:
+        for note in r.notes:
+            lines.append(f"\n{r.variant.name}: {note}")
+    return "\n".join(lines)
+
+
+def as_json(results: list[BenchResult], facts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **facts,
+        "rules": {r.variant.name: {
+            "rule": r.variant.rule, "options": r.variant.options,
+            "time_per_sample_s": statistics.median(r.seconds_per_sample),
+            "time_per_sample_range_s": [min(r.seconds_per_sample), max(r.seconds_per_sample)],
+            "segments_time_per_sample_s": r.seconds_per_sample,
+            "peak_memory_bytes": int(r.peak_memory_bytes),
+            "layers": r.layers, "notes": r.notes,
+        } for r in results},
+    }
+
+
+__all__ = ["BenchResult", "as_json", "markdown", "run_bench", "variants"]

@@ -22,7 +22,7 @@ def test_throughput_memory_tiny(tmp_path, network, shape, rules):
            network, "--input", shape, "--batch-size", "8", "--steps", "1", "--repeats", "2",
            "--warmup", "1", "--pool", "2", "--threads", "1", "--rules", rules, "--head",
            "classifier", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     for rule in rules.split(","):

@@ -31,7 +31,7 @@ CLASSES = 10
 
 def test_fa_linear_backward_is_the_matrix_formula(float64):
     g, x = torch.randn(5, 3), torch.randn(5, 4)
-    W, B = torch.randn(3, 4), torch.randn(3, 4)
+    B = torch.randn(3, 4)
     gx, gw, gb = fa_linear_backward(g, x, B)
     torch.testing.assert_close(gx, g @ B)  # B in place of W
     torch.testing.assert_close(gw, g.T @ x)  # the true weight gradient
@@ -207,7 +207,7 @@ def test_no_gradient_crosses_a_block_boundary(rule_name):
 
 def test_ll_block_split_and_auxiliaries():
     rule = build_rule("ll-bp", build_network("vgg8b", (3, 32, 32), CLASSES, 0.1), CLASSES)
-    core, tail = rule.parts[1]  # conv 256, then dropout and the 2x2 pool
+    _, tail = rule.parts[1]  # conv 256, then dropout and the 2x2 pool
     assert [type(m).__name__ for m in tail] == ["Dropout", "MaxPool2d"]
     aux = rule.aux[1]
     assert aux.decoder.in_features == 2048 and aux.decoder.out_features == CLASSES

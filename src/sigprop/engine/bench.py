@@ -342,8 +342,8 @@ def _ms(values: list[float]) -> str:
 def markdown(results: list[BenchResult]) -> str:
     """Tables in the shape of the paper's Tables I and II (III and IV with targets)."""
     names = [r.variant.name for r in results]
-    lines = ["Training time per sample (ms; median and range over the interleaved segments) "
-             "and peak memory per batch (MiB), whole network:", "",
+    lines = [("Training time per sample (ms; median and range over the interleaved segments) "
+              "and peak memory per batch (MiB), whole network:"), "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
              "| Time (ms) | " + " | ".join(_ms(r.seconds_per_sample) for r in results) + " |",
              "| Mem (MiB) | " + " | ".join(f"{r.peak_memory_bytes / MIB:.1f}"
@@ -357,9 +357,9 @@ def markdown(results: list[BenchResult]) -> str:
     layered = [r for r in results if r.layers]
     if layered:
         depth = max(len(r.layers) for r in layered)
-        lines += ["", "Per layer (time per sample in ms, with its share of the Adam step; "
-                  "peak memory in MiB: held activations plus the layer's parameters, "
-                  "gradients and optimizer state):", "",
+        lines += ["", ("Per layer (time per sample in ms, with its share of the Adam step; "
+                       "peak memory in MiB: held activations plus the layer's parameters, "
+                       "gradients and optimizer state):"), "",
                   "| layer | " + " | ".join(f"{r.variant.name} time" for r in layered)
                   + " | " + " | ".join(f"{r.variant.name} mem" for r in layered) + " |",
                   "|---|" + "---|" * (2 * len(layered))]

@@ -119,7 +119,7 @@ def test_builtin_experiments_read_and_cover_table6():
     fm = load_experiment("table6-fmnist")
     assert [r.key for r in fm.rows] == ["fc-2x800", "fc-3x800", "fc-4x800", "fc-2x800-do",
                                         "fc-3x1000-do"]
-    assert [c.key for c in fm.columns] == ["backprop", "sigprop", "shallow"]
+    assert [c.key for c in fm.columns] == ["backprop", "fa", "dfa", "sigprop", "shallow"]
     # the paper's MNIST numbers, marked as another data set
     assert fm.rows[0].paper["backprop"].mean == 1.60 and fm.rows[0].paper["shallow"] is None
     assert fm.row_paper_dataset(fm.rows[0]) == "MNIST"
@@ -207,7 +207,7 @@ def test_list_names_experiments_runs_and_data(in_tmp, capsys, fake_fashion):
         assert f"{name}: " in out
     assert f"data: fashion-mnist, found in {fake_fashion}" in out
     assert "data: cifar10, not found (sigprop data download cifar10" in out
-    assert "smoke: 15 runs (seeds 0" in out and "quick: 30 runs" in out
+    assert "smoke: 25 runs (seeds 0" in out and "quick: 50 runs" in out
 
 
 def test_missing_dataset_is_one_line_before_anything(in_tmp, capsys):
@@ -440,7 +440,7 @@ def test_builtin_smoke_budget_end_to_end(in_tmp, fake_fashion, capsys):
     md = (out / "report.md").read_text()
     assert "| FC 2x800 | MNIST |" in md and "1.60 ± 0.06" in md and "42.62 ± 0.16" in md
     report = json.loads((out / "report.json").read_text())
-    assert len(report["cells"]) == 15 and all(c["n"] == 1 for c in report["cells"])
+    assert len(report["cells"]) == 25 and all(c["n"] == 1 for c in report["cells"])
     assert_png(out / "plots" / "curves.png")
     assert_png(out / "plots" / "exits.png")
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# docs/RESULTS.md, convolutional nets on full Fashion-MNIST (issue 10), in the background:
+# docs/RESULTS.md, issues 10 and 11: convolutional nets and the comparison rules on full
+# Fashion-MNIST, in the background:
 #   nohup bash scripts/results_conv.sh > runs/results-conv.log 2>&1 &
 # Every run resumes where it stopped when the script is started again (finished runs are
-# skipped), so a later session continues it. Hours on a 2-core CPU (VGG8b: ~30 min an
-# epoch per rule).
+# skipped), so a later session continues it. Cheap runs first; VGG8b takes ~30-45 min an
+# epoch per rule on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/results-conv
@@ -18,18 +19,19 @@ train() {
   fi
 }
 
-# 1. CONV (Table VI's row): BP, SP (2b), shallow, 3 epochs, full data
+# 1. CONV (Table VI's row): BP, FA, DFA, SP (2b), shallow, 3 epochs, full data
 sigprop reproduce table6-conv-fmnist --budget quick --no-progress --out "$out/table6-conv-fmnist"
-
-# 2. VGG8b: BP, SP (2b, dense), shallow, 3 epochs, random crops (Sec. IV)
-for rule in backprop sigprop shallow; do
+# 2. Table VI's fc rows: the FA and DFA columns (BP, SP, shallow were run before)
+sigprop reproduce table6-fmnist --budget quick --no-progress
+# 3. dense vs sparse targets on CONV, same budget as step 1's SP
+train "$out/conv-sigprop-sparse" --network conv --dropout 0.1 --head classifier \
+  --targets sparse --epochs 3
+# 4. VGG8b: BP, SP (2b, dense), LL-BP, LL-FA, shallow, 3 epochs, random crops (Sec. IV)
+for rule in backprop sigprop ll-bp ll-fa shallow; do
   train "$out/vgg8b-$rule" --network vgg8b --dropout 0.1 --augment crop --head classifier \
     --rule "$rule" --epochs 3
 done
-
-# 3. dense vs sparse targets: CONV on full data, VGG8b(2x) on 10,000 images (same budget)
-train "$out/conv-sigprop-sparse" --network conv --dropout 0.1 --head classifier \
-  --targets sparse --epochs 3
+# 5. dense vs sparse targets on VGG8b(2x), 10,000 images, the same budget each
 for targets in dense sparse; do
   train "$out/vgg8b-2x-$targets" --network vgg8b-2x --dropout 0.1 --augment crop \
     --head classifier --targets "$targets" --train-limit 10000 --epochs 2

@@ -399,6 +399,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
+    # once: a second SIGTERM while the first one's cleanup runs would cut it short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 

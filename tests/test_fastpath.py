@@ -381,8 +381,9 @@ def test_conv_pipeline_matches_sequential(targets, float64):
 
 
 def test_conv_block_keeps_its_input_preactivation_mask_and_output():
-    """A pooling conv block keeps x, a, the 1-byte mask and its pooled output (the
-    pre-pooling map is recomputed for the update), released block by block."""
+    """A pooling conv block keeps x, a, the 1-byte mask, its pooled output and a 1-byte
+    code of where each maximum was (not the pre-pooling map, nor int64 indices),
+    released block by block."""
     rule = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, fast_path="on",
                       pipeline="off")
     x, y = data(k=1)[0]
@@ -403,9 +404,9 @@ def test_conv_block_keeps_its_input_preactivation_mask_and_output():
     with fastpath.track_saved(Handle):
         rule.train_step(x, y)
     n, m = x.shape[0], CLASSES
-    shapes = packed[:4]
-    # block 1 sees only inputs: x (n, 1, 6, 6), a (n, 4, 6, 6), pooled o (n, 4, 3, 3), mask
-    assert shapes == [(n, 1, 6, 6), (n, 4, 6, 6), (n, 4, 3, 3), (n, 4, 6, 6)]
-    assert packed[4:8] == [(n + m, 4, 3, 3), (n + m, 5, 3, 3),
-                                              (n + m, 5, 3, 3), (n + m, 5, 3, 3)]
+    # block 1 sees only inputs: x, a, pooled o, the mask, the pooling's codes
+    assert packed[:5] == [(n, 1, 6, 6), (n, 4, 6, 6), (n, 4, 3, 3), (n, 4, 6, 6),
+                          (n, 4, 3, 3)]
+    assert packed[5:9] == [(n + m, 4, 3, 3), (n + m, 5, 3, 3), (n + m, 5, 3, 3),
+                           (n + m, 5, 3, 3)]
     assert live[0] == 0

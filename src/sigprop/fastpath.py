@@ -210,6 +210,7 @@ class BlockState:
     weight: Tensor | None  # BatchNorm weight as applied (times scale)
     bias: Tensor | None  # BatchNorm bias as applied (times scale)
     n_stats: int
+    pool_code: Tensor | None  # a pooling block: where in its window each output came from
     held: tuple[list, list] | None  # track_saved handles: (x's, the others')
 
 
@@ -258,43 +259,74 @@ def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None
         o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
         if keep is not None:
             o.mul_(keep)
-    else:
+    pool_code = None
+    if parts.pool is not None:
         pre = torch.ops.aten.leaky_relu_(u, parts.slope)
         if keep is not None:
             pre.mul_(keep)
-        o = _pool(parts.pool, pre, out)
+        o, pool_code = _pool(parts.pool, pre, out)
         del pre
     held = None
     if pack is not None:  # x is kept until the weight gradient, the rest until BN's
-        held = (held_x, held_a + [pack(o)] + ([pack(keep)] if keep is not None else []))
-    return BlockState(x, a, mean, var, o, keep, scale, weight, bias, n_stats, held)
+        held = (held_x, held_a + [pack(o)] + ([pack(keep)] if keep is not None else [])
+                + ([pack(pool_code)] if pool_code is not None else []))
+    return BlockState(x, a, mean, var, o, keep, scale, weight, bias, n_stats,
+                      pool_code=pool_code, held=held)
 
 
-def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> Tensor:
-    p = torch.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                         pool.ceil_mode)
+def _pool_geometry(pool: nn.MaxPool2d) -> tuple:
+    return (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
+            _pair(pool.padding), _pair(pool.dilation), pool.ceil_mode)
+
+
+def _window_grid(pool: nn.MaxPool2d, pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column of each pooled position's window corner in the input map."""
+    (_, _), (sh, sw), (ph, pw), _, _ = _pool_geometry(pool)
+    rows = torch.arange(pooled.shape[2], device=pooled.device) * sh - ph
+    cols = torch.arange(pooled.shape[3], device=pooled.device) * sw - pw
+    return rows.view(-1, 1), cols.view(1, -1)
+
+
+def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The max-pooled map (into ``out`` if given) and, per output, where in its window the
+    maximum was, as one byte (row x kernel width + column): an eighth of the int64 index
+    the pooling returns, which the update rebuilds from it (:func:`_window_index`)."""
+    geometry = _pool_geometry(pool)
+    (kh, kw) = geometry[0]
+    if kh * kw > 256 or geometry[3] != (1, 1):
+        raise ValueError("the fast path pools with windows of at most 256 values, no dilation")
     if out is None:
-        return p
-    return out.copy_(p)
+        p, idx = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
+    else:
+        idx = torch.empty(out.shape, dtype=torch.int64, device=out.device)
+        p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *geometry, out=out, indices=idx)
+    rows, cols = _window_grid(pool, p)
+    width = x.shape[3]
+    code = (torch.div(idx, width, rounding_mode="floor") - rows).mul_(kw)
+    code += torch.remainder(idx, width) - cols
+    return p, code.to(torch.uint8)
 
 
-def _pool_backward(parts: BlockParts, st: BlockState, do: Tensor) -> tuple[Tensor, Tensor]:
-    """dL/d(pre-pooling output) from dL/d(pooled output), and the pre-pooling output,
-    both recomputed from a as the forward made them (bit for bit)."""
-    pool, bn = parts.pool, parts.bn
-    u = torch.native_batch_norm(st.a, st.weight, st.bias, st.mean, st.var, False, 0.0,
-                                bn.eps)[0]
-    pre = torch.ops.aten.leaky_relu_(u, parts.slope)
+def _window_index(pool: nn.MaxPool2d, code: Tensor, width: int) -> Tensor:
+    """The pooling's int64 indices (into each H x W plane) from :func:`_pool`'s codes."""
+    kw = _pool_geometry(pool)[0][1]
+    rows, cols = _window_grid(pool, code)
+    c = code.to(torch.int64)
+    return (torch.div(c, kw, rounding_mode="floor") + rows).mul_(width) + (c % kw + cols)
+
+
+def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
+    """dL/du (u: BatchNorm's output) of a pooling block from dL/d(pooled output): through
+    the LeakyReLU at each window's maximum (whose sign is the pooled output's; a dropped
+    maximum is 0 and its gradient is masked), then back to the maximum's place, then the
+    dropout mask. The same numbers as autograd through pooling, mask and LeakyReLU."""
+    dq = torch.ops.aten.leaky_relu_backward(do, st.o, parts.slope, False)
+    idx = _window_index(parts.pool, st.pool_code, st.a.shape[3])
+    du = torch.ops.aten.max_pool2d_with_indices_backward(dq, st.a, *_pool_geometry(parts.pool),
+                                                         idx)
     if st.keep is not None:
-        pre.mul_(st.keep)
-    _, idx = torch.ops.aten.max_pool2d_with_indices(pre, _pair(pool.kernel_size),
-                                                    _pair(pool.stride or pool.kernel_size),
-                                                    _pair(pool.padding), _pair(pool.dilation),
-                                                    pool.ceil_mode)
-    dpre = torch.ops.aten.max_pool2d_with_indices_backward(
-        do, pre, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
-        _pair(pool.padding), _pair(pool.dilation), pool.ceil_mode, idx)
-    return dpre, pre
+        du.mul_(st.keep)
+    return du
 
 
 def bn_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
@@ -303,21 +335,20 @@ def bn_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
     Releases what the forward kept except the input x; returns dL/da for
     :func:`op_backward`."""
     bn = parts.bn
-    o = st.o
     if parts.pool is not None:
-        do, o = _pool_backward(parts, st, do)
-    # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
-    du = torch.ops.aten.leaky_relu_backward.grad_input(do, o, parts.slope, False,
-                                                       grad_input=do)
-    del o
-    if st.keep is not None:
-        du.mul_(st.keep)
+        du = _pool_leaky_backward(parts, st, do)
+    else:
+        # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
+        du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
+                                                           grad_input=do)
+        if st.keep is not None:
+            du.mul_(st.keep)
     da, dw, db = input_stats_backward(du, st.a, st.weight, st.mean, st.var, st.n_stats, bn.eps)
     if bn.weight is not None:
         if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
             dw, db = dw.mul_(st.scale), db.mul_(st.scale)
         bn.weight.grad, bn.bias.grad = dw, db
-    st.a = st.o = st.keep = st.weight = st.bias = None  # type: ignore[assignment]
+    st.a = st.o = st.keep = st.weight = st.bias = st.pool_code = None  # type: ignore[assignment]
     if st.held is not None:
         st.held = (st.held[0], [])
     return da

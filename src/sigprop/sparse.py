@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import input_stats_backward_pair
 from .errors import ConfigError
-from .fastpath import BlockParts, BlockState, block_forward, op_backward
+from .fastpath import BlockParts, BlockState, _pool_leaky_backward, block_forward, op_backward
 from .networks import Dropout
 
 # modes of a target on its way through the network
@@ -172,16 +172,13 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
     returns dL/d(window targets) when ``input_grad`` (block 1: the generator learns
     through it), else None. Releases what the forward kept."""
     st = ps.x
-    o = st.o
     if parts.pool is not None:
-        from .fastpath import _pool_backward
-
-        do_x, o = _pool_backward(parts, st, do_x)
-    du = torch.ops.aten.leaky_relu_backward.grad_input(do_x, o, parts.slope, False,
-                                                       grad_input=do_x)
-    del o
-    if st.keep is not None:
-        du.mul_(st.keep)
+        du = _pool_leaky_backward(parts, st, do_x)
+    else:
+        du = torch.ops.aten.leaky_relu_backward.grad_input(do_x, st.o, parts.slope, False,
+                                                           grad_input=do_x)
+        if st.keep is not None:
+            du.mul_(st.keep)
     du_t = torch.ops.aten.leaky_relu_backward(do_t, ps.o_t, parts.slope, False)
     if ps.keep_t is not None:
         du_t.mul_(ps.keep_t)
@@ -192,7 +189,7 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
         if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map
             dw, db = dw.mul_(st.scale), db.mul_(st.scale)
         bn.weight.grad, bn.bias.grad = dw, db
-    st.a = st.o = st.keep = st.weight = st.bias = None  # type: ignore[assignment]
+    st.a = st.o = st.keep = st.weight = st.bias = st.pool_code = None  # type: ignore[assignment]
     conv = parts.op
     op_backward(conv, st.x, da)  # the inputs' part
     m, c_out = da_t.shape[:2]

@@ -282,8 +282,8 @@ def _pool_geometry(pool: nn.MaxPool2d) -> tuple:
 def _window_grid(pool: nn.MaxPool2d, pooled: Tensor) -> tuple[Tensor, Tensor]:
     """Row and column of each pooled position's window corner in the input map."""
     (_, _), (sh, sw), (ph, pw), _, _ = _pool_geometry(pool)
-    rows = torch.arange(pooled.shape[2], device=pooled.device) * sh - ph
-    cols = torch.arange(pooled.shape[3], device=pooled.device) * sw - pw
+    rows = torch.arange(pooled.shape[2], device=pooled.device, dtype=torch.int32) * sh - ph
+    cols = torch.arange(pooled.shape[3], device=pooled.device, dtype=torch.int32) * sw - pw
     return rows.view(-1, 1), cols.view(1, -1)
 
 
@@ -302,8 +302,10 @@ def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Te
         p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *geometry, out=out, indices=idx)
     rows, cols = _window_grid(pool, p)
     width = x.shape[3]
-    code = (torch.div(idx, width, rounding_mode="floor") - rows).mul_(kw)
-    code += torch.remainder(idx, width) - cols
+    i = idx.to(torch.int32)  # int32 arithmetic: about half the time of int64's here
+    del idx
+    code = (torch.div(i, width, rounding_mode="floor") - rows).mul_(kw)
+    code += torch.remainder(i, width) - cols
     return p, code.to(torch.uint8)
 
 
@@ -311,8 +313,10 @@ def _window_index(pool: nn.MaxPool2d, code: Tensor, width: int) -> Tensor:
     """The pooling's int64 indices (into each H x W plane) from :func:`_pool`'s codes."""
     kw = _pool_geometry(pool)[0][1]
     rows, cols = _window_grid(pool, code)
-    c = code.to(torch.int64)
-    return (torch.div(c, kw, rounding_mode="floor") + rows).mul_(width) + (c % kw + cols)
+    c = code.to(torch.int32)
+    flat = (torch.div(c, kw, rounding_mode="floor") + rows).mul_(width)
+    flat += torch.remainder(c, kw) + cols
+    return flat.to(torch.int64)
 
 
 def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 # installed; the package runs from src/, nothing is installed):
 #   1. tests/test_cuda.py (every rule's steps on the GPU against the CPU, loader, custom
 #      autograd Functions, a CLI run, resume), then the whole fast suite;
-#   2. benchmarks/throughput_memory.py on the GPU (batch 128 and 1024);
+#   2. benchmarks/throughput_memory.py on the GPU (batch 128 and 1024), and sigprop bench
+#      (Tables I-IV) on VGG8b and VGG8b(2x);
 #   3. Table VI's fully connected rows on full Fashion-MNIST on the GPU (sigprop,
 #      backprop, shallow; `sigprop reproduce table6-fmnist --budget quick`, seed 0): the
 #      report beside the paper's numbers, with plots.
@@ -34,6 +35,12 @@ for b in 128 1024; do
   step python3 benchmarks/throughput_memory.py --device cuda --threads 1 --batch-size $b \
     --json "$out/bench_cuda_b$b.json"
 done
+# Tables I-IV on the GPU: time and memory per layer (allocator peaks), VGG8b and VGG8b(2x)
+step python3 -m sigprop.cli bench --device cuda --network vgg8b --input 3x32x32 \
+  --rules backprop,ll-bp,ll-fa,sigprop,dfa --targets dense,sparse --repeats 5 --warmup 3 \
+  --json "$out/bench_vgg8b_cuda.json"
+step python3 -m sigprop.cli bench --device cuda --network vgg8b-2x --input 3x32x32 \
+  --rules sigprop --targets dense,sparse --repeats 5 --warmup 3 --json "$out/bench_vgg8b2x_cuda.json"
 runs=runs/gpu-check/table6-fmnist
 step python3 -m sigprop.cli reproduce table6-fmnist --budget quick --seeds 0 --device cuda \
   --no-progress --out "$runs"

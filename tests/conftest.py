@@ -191,3 +191,26 @@ def make_svhn_mat(path: Path, n: int, seed: int = 2) -> tuple[np.ndarray, np.nda
     path.parent.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(path, {"X": x, "y": y})
     return x, y
+
+
+def one_error_line(capsys, rc) -> str:
+    """The CLI's one error line (exit code 2, nothing else on stderr)."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sigprop: error: ")
+    return lines[0]
+
+
+def lowers_loss(rule, shape, steps: int = 8, n: int = 16, classes: int = 10) -> None:
+    """``rule`` on one fixed batch: the sum of its losses falls by over 10% in ``steps``."""
+    import math
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, *shape, generator=g), torch.arange(n) % classes
+    rule.set_training(True)
+    first = rule.train_step(x, y)[0].sum().item()
+    for _ in range(steps):
+        last = rule.train_step(x, y)[0].sum().item()
+    assert math.isfinite(last) and last < first * 0.9, (first, last)

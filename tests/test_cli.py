@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import FAKE_TEST, FAKE_TRAIN
+from conftest import FAKE_TEST, FAKE_TRAIN, one_error_line
 
 import sigprop.engine.trainer  # noqa: F401  (see below)
 from sigprop.cli import main
@@ -27,17 +27,10 @@ def in_tmp(tmp_path, monkeypatch, isolated_data):
     return tmp_path
 
 
-def one_error_line(capsys, rc):
-    err = capsys.readouterr().err
-    assert rc == 2
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sigprop: error: ")
-    return lines[0]
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["train", "--rule", "dfa"], "unknown rule 'dfa'"),
+    (["train", "--rule", "xfa"], "unknown rule 'xfa'"),
     (["train", "--lr", "-1"], "lr (the Adam learning rate) must be"),
     (["train", "--lr=-0.5"], "lr (the Adam learning rate) must be"),
     (["train", "--lr", "fast"], "rule.lr: expected float"),

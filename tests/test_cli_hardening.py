@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _idx, write_fake_fashion
+from conftest import _idx, one_error_line, write_fake_fashion
 
 import sigprop.engine.trainer  # noqa: F401  (imported at collection: see test_cli.py)
 from sigprop.cli import main
@@ -33,13 +33,6 @@ def in_tmp(tmp_path, monkeypatch, isolated_data):
     return tmp_path
 
 
-def one_error_line(capsys, rc) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sigprop: error: ")
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

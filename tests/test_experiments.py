@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import one_error_line
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
 from sigprop.cli import _overrides, _parser, main
@@ -90,13 +91,6 @@ def in_tmp(tmp_path, monkeypatch, isolated_data):
     return tmp_path
 
 
-def one_error_line(capsys, rc):
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sigprop: error: ")
-    return lines[0]
 
 
 def run_quietly(exp, budget, out, data_dir, **kw):

@@ -254,8 +254,8 @@ def test_rule_config_errors(kw, match):
 
 
 def test_unknown_rule():
-    with pytest.raises(ConfigError, match="unknown rule 'dfa'"):
-        make_rule("dfa")
+    with pytest.raises(ConfigError, match="unknown rule 'xfa'"):
+        make_rule("xfa")
 
 
 # --------------------------------------------------------------------------- (e)-(f) heads

@@ -333,20 +333,26 @@ def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tenso
     return du
 
 
+def activation_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
+    """dL/du (u: BatchNorm's output) from dL/d(block output): back through the pooling,
+    the dropout mask and the LeakyReLU (``do`` is overwritten where it can be)."""
+    if parts.pool is not None:
+        return _pool_leaky_backward(parts, st, do)
+    # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
+    du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
+                                                       grad_input=do)
+    if st.keep is not None:
+        du.mul_(st.keep)
+    return du
+
+
 def bn_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
     """The block's gradients up to the Linear's (or conv's) output: dL/da from dL/do
     (overwritten where it can be), BatchNorm's parameter gradients into ``.grad``.
     Releases what the forward kept except the input x; returns dL/da for
     :func:`op_backward`."""
     bn = parts.bn
-    if parts.pool is not None:
-        du = _pool_leaky_backward(parts, st, do)
-    else:
-        # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
-        du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
-                                                           grad_input=do)
-        if st.keep is not None:
-            du.mul_(st.keep)
+    du = activation_backward(parts, st, do)
     da, dw, db = input_stats_backward(du, st.a, st.weight, st.mean, st.var, st.n_stats, bn.eps)
     if bn.weight is not None:
         if st.scale != 1.0:  # d/dγ of f(BN_{sγ,sβ}) is s times that of the scaled map

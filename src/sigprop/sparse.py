@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import input_stats_backward_pair
 from .errors import ConfigError
-from .fastpath import BlockParts, BlockState, _pool_leaky_backward, block_forward, op_backward
+from .fastpath import BlockParts, BlockState, activation_backward, block_forward, op_backward
 from .networks import Dropout
 
 # modes of a target on its way through the network
@@ -172,13 +172,7 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
     returns dL/d(window targets) when ``input_grad`` (block 1: the generator learns
     through it), else None. Releases what the forward kept."""
     st = ps.x
-    if parts.pool is not None:
-        du = _pool_leaky_backward(parts, st, do_x)
-    else:
-        du = torch.ops.aten.leaky_relu_backward.grad_input(do_x, st.o, parts.slope, False,
-                                                           grad_input=do_x)
-        if st.keep is not None:
-            du.mul_(st.keep)
+    du = activation_backward(parts, st, do_x)
     du_t = torch.ops.aten.leaky_relu_backward(do_t, ps.o_t, parts.slope, False)
     if ps.keep_t is not None:
         du_t.mul_(ps.keep_t)

@@ -7,6 +7,7 @@ from .networks import Network, build_network
 from .registry import DATASETS, NETWORKS, RULES, SIGNALS
 from .rules import LearningRule, RuleConfig, build_rule
 from .signals import TargetGenerator, build_signal
+from . import continuous  # noqa: E402,F401  (registers ep-loopback, ep-symmetric)
 
 __all__ = [
     "__version__",

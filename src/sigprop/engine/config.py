@@ -12,6 +12,7 @@ Precedence: defaults < ``--config FILE.toml`` < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import shlex
@@ -127,6 +128,7 @@ def _positive(key: str, value: int, minimum: int = 1, why: str = "") -> None:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+@functools.lru_cache(maxsize=None)
 def _section_types(section: str) -> dict[str, Any]:
     cls = {"data": DataConfig, "model": ModelConfig, "rule": RuleSection, "train": TrainConfig}[section]
     hints = typing.get_type_hints(cls)
@@ -229,7 +231,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--eval-batch-size", "data", "eval_batch_size", {}),
     ("--network", "model", "network", {"help": "e.g. fc-3x1000, fc-2x800"}),
     ("--dropout", "model", "dropout", {}),
-    ("--rule", "rule", "name", {"help": "sigprop | backprop | shallow | fa | dfa | ll-bp | ll-fa"}),
+    ("--rule", "rule", "name", {"help": "sigprop | backprop | shallow | fa | dfa | ll-bp | ll-fa | ep-loopback | ep-symmetric"}),
     ("--lr", "rule", "lr", {"help": "Adam learning rate (default 5e-4)"}),
     ("--weight-decay", "rule", "weight_decay", {}),
     ("--signal", "rule", "signal", {"help": "target generator: label | label-input | loop-pred | loop-error"}),
@@ -240,6 +242,14 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
     ("--ll-beta", "rule", "ll_beta", {"help": "ll-bp / ll-fa: the similarity share of the predsim loss (default 0.99 / 0.01)"}),
     ("--ll-features", "rule", "ll_features", {"help": "ll-bp / ll-fa: the most values an auxiliary classifier reads (default 2048)"}),
+    ("--loopback", "rule", "loopback", {"help": "ep-loopback: learned | fixed loop-back weights"}),
+    ("--ep-free-steps", "rule", "ep_free_steps", {"help": "EP: Euler steps of the free phase (default 20)"}),
+    ("--ep-nudge-steps", "rule", "ep_nudge_steps", {"help": "EP: Euler steps of the nudged phase (default 4)"}),
+    ("--ep-dt", "rule", "ep_dt", {"help": "EP: the Euler step (default 0.5)"}),
+    ("--ep-beta", "rule", "ep_beta", {"help": "EP: the nudge (default 0.5)"}),
+    ("--ep-beta-sign", "rule", "ep_beta_sign", {"help": "EP: auto | positive | random (per batch)"}),
+    ("--ep-lrs", "rule", "ep_lrs", {"help": "EP: learning rates per matrix, input's first, e.g. 0.1,0.05"}),
+    ("--ep-tol", "rule", "ep_tol", {"help": "EP: end the free phase once every residual is below this (0: never)"}),
     ("--targets", "rule", "targets", {"help": "dense (block 1's output target, Eq. 1) | sparse (Sec. III-E: a small target for block 1's input; label signal)"}),
     ("--sparse-size", "rule", "sparse_size", {"metavar": "K", "help": "values of a sparse target for an fc first block, zero-filled to its input (default: half the input)"}),
     ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),

@@ -245,8 +245,8 @@ class Trainer:
         factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
         lr = cfg.rule.lr * factor
         for opt in rule.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # a rule's own per-group rate, else the run's
+                group["lr"] = group.get("base_lr", cfg.rule.lr) * factor
         k = len(rule.exit_names)
         every = cfg.train.check_every
         loss_sum = torch.zeros(k, device=exp.device, dtype=torch.float64)
@@ -278,6 +278,7 @@ class Trainer:
         train_acc = (correct_sum.double() / seen).tolist()
         names = rule.exit_names
         return {
+            **rule.epoch_metrics(),
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": train_loss[-1],

@@ -155,6 +155,41 @@ def exit_curves(panels: Sequence[Panel], path: Path, title: str) -> Path | None:
     return _save(fig, path)
 
 
+def alignment_curves(series: Sequence[Series], path: Path, title: str) -> Path | None:
+    """Fig. 4: one panel per run (or configuration), the angle of each loop matrix with
+    the product of the others (``alignment_deg``, mean per epoch) with a band of
+    ``alignment_std_deg``; a dotted line at 90 degrees (no alignment). None when no run
+    logged alignment."""
+    series = [s for s in series if any(isinstance(r.get("alignment_deg"), dict)
+                                       for h in s.histories for r in h)]
+    if not series:
+        return None
+    fig = Figure(figsize=(PANEL_W * len(series), PANEL_H + 0.6), layout="constrained")
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    for ax, s in zip(axes, series):
+        history = s.histories[0]
+        names = sorted({k for r in history for k in (r.get("alignment_deg") or {})})
+        for name in names:
+            pts = [(r["epoch"], r["alignment_deg"][name],
+                    (r.get("alignment_std_deg") or {}).get(name, 0.0))
+                   for r in history if name in (r.get("alignment_deg") or {})]
+            epochs, means, stds = zip(*pts)
+            line, = ax.plot(epochs, means, marker="o" if len(epochs) < 3 else None,
+                            markersize=3, label=name)
+            ax.fill_between(epochs, [m - d for m, d in zip(means, stds)],
+                            [m + d for m, d in zip(means, stds)], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        ax.axhline(90, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(s.label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("angle (degrees)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _exit_names(histories: list[History]) -> list[str]:
     """The exits of the runs' records when there is more than one (early exits)."""
     for h in histories:
@@ -171,9 +206,10 @@ def _exit_acc(record: dict[str, Any], name: str) -> float | None:
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
-    """``curves.png`` (every run's test error and training loss) and, for runs with
-    early exits, ``exits.png``, in ``out``; a run folder without metrics is a
-    CheckpointError naming it (before anything is drawn)."""
+    """``curves.png`` (every run's test error and training loss), for runs with early
+    exits ``exits.png``, for runs that logged alignment ``alignment.png``, in ``out``; a
+    run folder without metrics is a CheckpointError naming it (before anything is
+    drawn)."""
     from ..engine.runio import read_history
     from ..errors import CheckpointError
 
@@ -196,4 +232,8 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
                         "early-exit test accuracy per layer")
     if exits:
         made.append(exits)
+    aligned = alignment_curves(series, Path(out) / "alignment.png",
+                               "weight alignment around the loop (Fig. 4)")
+    if aligned:
+        made.append(aligned)
     return made

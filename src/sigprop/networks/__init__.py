@@ -6,7 +6,7 @@ registered name (``build_network("vgg8b", (3, 32, 32), 10, dropout=0.1)``).
     conv.py   conv (Table VI's CONV), vgg8b, vgg8b-2x (Tables I-IV)
 """
 
-from . import conv, fc  # noqa: F401  (registration side effects)
+from . import conv, fc, hopfield  # noqa: F401  (registration side effects)
 from .base import (
     DROPOUT_LEVELS,
     LEAKY_SLOPE,

@@ -60,6 +60,16 @@ class RuleConfig:
     # the rule's, 0.99 and 0.01) and the most values an auxiliary classifier reads
     ll_beta: float | None = None
     ll_features: int = 2048
+    # equilibrium propagation (ep-loopback, ep-symmetric; sigprop.continuous)
+    # None: the rule's own default (sigprop.continuous.rules.DEFAULTS, measured)
+    loopback: str = "learned"  # ep-loopback's loop-back weights: learned | fixed
+    ep_free_steps: int | None = None  # Euler steps of the free phase
+    ep_nudge_steps: int | None = None  # ... of the nudged phase
+    ep_dt: float = 0.5  # the Euler step, epsilon (Scellier & Bengio: 0.5)
+    ep_beta: float | None = None  # the nudge
+    ep_beta_sign: str = "auto"  # auto (random for ep-symmetric, positive for ep-loopback)
+    ep_lrs: str = ""  # SGD learning rates per matrix, input's first ("0.1,0.05"); "": default
+    ep_tol: float = 0.0  # free phase ends once every residual ||ds/dt|| is below it (0: never)
     # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
     # each layer's training targets) | candidates (each sample's target under every class)
     exit_targets: str = "prototypes"
@@ -106,6 +116,19 @@ class RuleConfig:
         from .local_learning import check_ll_options
 
         check_ll_options(self.ll_beta, self.ll_features)
+        _choice("loopback", self.loopback, ("learned", "fixed"))
+        _choice("ep_beta_sign", self.ep_beta_sign, ("auto", "positive", "random"))
+        for key in ("ep_free_steps", "ep_nudge_steps"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+        _number("ep_dt", self.ep_dt, "the Euler step of the dynamics", positive=True)
+        if self.ep_beta is not None:
+            _number("ep_beta", self.ep_beta, "the nudge of the output toward its target",
+                    positive=True)
+        _number("ep_tol", self.ep_tol, "the free phase's residual tolerance", positive=False)
+        if not isinstance(self.ep_lrs, str):
+            raise ConfigError(f"ep_lrs must be a string like '0.1,0.05', got {self.ep_lrs!r}")
         if self.sparse_size is not None:
             if isinstance(self.sparse_size, bool) or not isinstance(self.sparse_size, int) \
                     or self.sparse_size < 1:
@@ -313,6 +336,11 @@ class LearningRule:
                 opt.load_state_dict(s)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{hint} ({err})") from None
+
+    def epoch_metrics(self) -> dict:
+        """Numbers the rule measured over the epoch, for the metrics log (the trainer
+        asks once at each epoch's end; the rule starts counting afresh)."""
+        return {}
 
     def _mark(self, part: str) -> None:
         """Tell a measuring caller (``marker``) that ``part`` of the step starts."""

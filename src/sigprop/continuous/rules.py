@@ -1,0 +1,302 @@
+"""Equilibrium propagation on layered continuous Hopfield networks (Sec. V).
+
+One training step on a batch (x, y), every sample at once (functional/ep.py):
+
+    free phase:    states from zero, ``ep_free_steps`` Euler steps of Eq. 13 (beta = 0),
+                   stopping early once every sample's residual ||ds/dt|| < ``ep_tol``
+                   (checked every 10 steps: one host sync each);
+    nudged phase:  from the free fixed point, ``ep_nudge_steps`` steps with the output
+                   pulled toward the one-hot label by beta (its sign random per batch for
+                   ep-symmetric, as Scellier & Bengio; positive for ep-loopback, Eq. 14);
+    update:        per weight and bias, Hebbian, no autograd, plain SGD with a learning
+                   rate per layer (``ep_lrs``).
+
+``ep-loopback`` (sigprop, Fig. 2c): entirely feedforward except one loop-back matrix
+from the output units to the first hidden layer (``--loopback learned|fixed``), updated
+by Eq. 14: ``dW = rho(pre^0)ᵀ (rho(post^beta) - rho(post^0)) / beta``. ``ep-symmetric``
+(Scellier & Bengio 2017): each layer also receives the layer above through the same
+matrix transposed, updated by ``(rho(pre^b)ᵀ rho(post^b) - rho(pre^0)ᵀ rho(post^0)) /
+beta``. The prediction is the output units at the free fixed point.
+
+Alignment (Fig. 4, ep-loopback): the matrices around the loop, hidden to hidden, the last
+hidden layer to the output, the output back to the first hidden layer, are named W1 ..
+Wk in that order ((in, out) matrices, row vectors: ``rho(s) W``). For each Wi the product
+of the others, taken around the loop from the one after it, has the shape of Wiᵀ (with
+two hidden layers: W3 W1 ~ W2ᵀ, the paper's example); the key ``"W2~W3W1"`` holds
+their angle. Two measures, logged every epoch: ``alignment_deg`` (the paper's, per
+sample: the angle between the change the loop makes at Wi's input layer during the
+nudged phase, and the change symmetric feedback through Wiᵀ would make there, the
+change at Wi's output layer times Wiᵀ; mean over the epoch's samples, and
+``alignment_std_deg``) and ``alignment_frobenius_deg`` (arccos(<Wi, Pᵀ>/(|Wi||P|)) at the
+epoch's end). 90 degrees is no alignment; symmetric weights are at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..functional import ep as EP
+from ..networks import Network
+from ..networks.hopfield import HopfieldNetwork
+from ..registry import register_rule
+from ..rules.base import LearningRule, RuleConfig
+
+CHECK_EVERY = 10  # free-phase steps between residual checks (each one host sync)
+
+# Each rule's defaults where the config leaves them unset (None / ""), measured on the
+# first 5,000 Fashion-MNIST images, hopfield-1x256, 2 epochs, batch 20 (docs/RESULTS.md):
+# * ep-symmetric: Scellier & Bengio's beta 0.5, 4 nudged steps and rates (0.1, 0.05 for
+#   one hidden layer; theirs for 2 and 3), but 60 free steps instead of their 20: they
+#   start every free phase from the sample's last fixed point (persistent particles),
+#   we start from zero, and 20 steps gave 0.47 test accuracy where 60 gave 0.71;
+# * ep-loopback: beta 2, 8 nudged steps, 20 free steps (the loop settles within them:
+#   residual ~3e-4), rates 0.2 for the input's matrix and 0.1 for the rest (0.74; with
+#   beta 1 and rates 0.1/0.05, 0.70; beta 4, 0.71).
+DEFAULTS = {
+    "ep-symmetric": {"free": 60, "nudge": 4, "beta": 0.5,
+                     "lrs": {1: [0.1, 0.05], 2: [0.4, 0.1, 0.01],
+                             3: [0.128, 0.032, 0.008, 0.002]}},
+    "ep-loopback": {"free": 20, "nudge": 8, "beta": 2.0, "first": 0.2, "rest": 0.1},
+}
+
+
+class EquilibriumPropagation(LearningRule):
+    """What both EP rules share: relaxation, phases, SGD per layer, no autograd."""
+
+    exit_names: ClassVar[list[str]] = ["output"]
+    random_sign: ClassVar[bool] = False
+
+    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        if not isinstance(network, HopfieldNetwork):
+            raise ConfigError(f"rule {self.name!r} trains continuous Hopfield networks; use "
+                              "--network hopfield-<layers>x<units> (e.g. hopfield-2x1500)")
+        super().__init__(network, num_classes, cfg)
+        self.linears = network.linears()
+        for lin in self.linears:
+            lin.requires_grad_(False)  # updated by the Hebbian rule, never by autograd
+        self.extra = self._extra_parameters(cfg)
+        self.modules["loop"] = self.extra
+        layers = self._update_layers()
+        own = DEFAULTS[self.name]
+        self.free_steps = cfg.ep_free_steps or own["free"]
+        self.nudge_steps = cfg.ep_nudge_steps or own["nudge"]
+        self.beta = cfg.ep_beta or own["beta"]
+        lrs = _parse_lrs(cfg.ep_lrs, len(layers)) if cfg.ep_lrs else self._default_lrs(
+            len(layers))
+        self.optimizer = torch.optim.SGD(
+            [{"params": ps, "lr": lr, "base_lr": lr, "name": name}
+             for (name, ps), lr in zip(layers, lrs)], lr=cfg.lr)
+        self.optimizers = [self.optimizer]
+        self.sign = {"auto": "random" if self.random_sign else "positive"}.get(
+            cfg.ep_beta_sign, cfg.ep_beta_sign)
+        self.residual = float("nan")  # mean free-phase residual of the last batch
+
+    # --- what the two rules set differently -------------------------------------------
+    def _default_lrs(self, count: int) -> list[float]:
+        raise NotImplementedError
+
+    def _extra_parameters(self, cfg: RuleConfig) -> nn.Module:
+        return nn.Module()
+
+    def _update_layers(self) -> list[tuple[str, list[nn.Parameter]]]:
+        return [(f"W{i}", [lin.weight, lin.bias]) for i, lin in enumerate(self.linears)]
+
+    def _drives(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _gradients(self, x: Tensor, free: list[Tensor], nudged: list[Tensor],
+                   beta: float) -> None:
+        raise NotImplementedError
+
+    # --- the dynamics --------------------------------------------------------------------
+    def _weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        return [lin.weight.T for lin in self.linears], [lin.bias for lin in self.linears]
+
+    def relax(self, x: Tensor, steps: int, states: list[Tensor] | None = None,
+              beta: float = 0.0, target: Tensor | None = None, tol: float = 0.0
+              ) -> tuple[list[Tensor], Tensor]:
+        """``steps`` Euler steps from ``states`` (zeros if None); the states and the last
+        step's residual per sample."""
+        x = x.flatten(1)
+        if states is None:
+            states = [x.new_zeros(x.shape[0], lin.out_features) for lin in self.linears]
+        residual = x.new_full((x.shape[0],), float("inf"))
+        for k in range(steps):
+            states, residual = EP.euler_step(states, self._drives(states, x), self.cfg.ep_dt,
+                                             beta, target)
+            if tol > 0 and (k + 1) % CHECK_EVERY == 0 and float(residual.max()) < tol:
+                break
+        return states, residual
+
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        target = F.one_hot(y, self.num_classes).to(x.dtype)
+        with torch.no_grad():
+            free, residual = self.relax(x, self.free_steps, tol=cfg.ep_tol)
+            beta = self.beta
+            if self.sign == "random" and bool(torch.randint(0, 2, ()).item()):
+                beta = -beta
+            nudged, _ = self.relax(x, self.nudge_steps, list(free), beta, target)
+            self._gradients(x.flatten(1), free, nudged, beta)
+            self.optimizer.step()
+            out = free[-1]
+            cost = (out - target).square().sum(1).mean()
+            self.residual = residual.mean()
+        return cost.view(1), (out.argmax(1) == y).sum().view(1)
+
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
+        states, _ = self.relax(x, self.free_steps, tol=self.cfg.ep_tol)
+        return [states[-1]]
+
+    @staticmethod
+    def _set(lin: nn.Linear, dW: Tensor, db: Tensor) -> None:
+        """SGD descends: the Hebbian change (in, out) is an ascent direction of the weight
+        (out, in)."""
+        lin.weight.grad = -dW.T
+        lin.bias.grad = -db
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        return {"free_residual": float(self.residual)}
+
+
+def _parse_lrs(text: str, count: int) -> list[float]:
+    """Learning rates per updated matrix from ``"0.1,0.05"``."""
+    try:
+        lrs = [float(v) for v in text.split(",")]
+    except ValueError:
+        lrs = []
+    if len(lrs) != count or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise ConfigError(f"ep_lrs must list {count} positive learning rates separated by "
+                          f"commas (one per weight matrix, the input's first, the loop-back's "
+                          f"last), got {text!r}")
+    return lrs
+
+
+@register_rule("ep-symmetric")
+class EPSymmetric(EquilibriumPropagation):
+    """Scellier & Bengio 2017: symmetric feedback, contrastive Hebbian update."""
+
+    name = "ep-symmetric"
+    random_sign = True
+
+    def _default_lrs(self, count: int) -> list[float]:
+        known = DEFAULTS[self.name]["lrs"].get(count - 1)
+        # deeper: Scellier & Bengio's pattern, each layer 4x slower than the one below
+        return known or [0.128 / 4**i for i in range(count)]
+
+    def _drives(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
+        weights, biases = self._weights()
+        return EP.symmetric_drives(states, x, weights, biases)
+
+    def _gradients(self, x, free, nudged, beta) -> None:
+        for i, lin in enumerate(self.linears):
+            pre0 = x if i == 0 else free[i - 1]
+            preb = x if i == 0 else nudged[i - 1]
+            self._set(lin, *EP.contrastive_update(pre0, free[i], preb, nudged[i], beta))
+
+
+class _Loop(nn.Module):
+    def __init__(self, num_classes: int, units: int, learned: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_classes, units)
+        bound = math.sqrt(6.0 / (num_classes + units))  # Glorot, as the other layers
+        nn.init.uniform_(self.linear.weight, -bound, bound)
+        nn.init.zeros_(self.linear.bias)
+        self.linear.requires_grad_(False)
+        self.learned = learned
+
+
+@register_rule("ep-loopback")
+class EPLoopback(EquilibriumPropagation):
+    """Sigprop's continuous model (Fig. 2c): feedforward plus a loop-back, Eq. 14."""
+
+    name = "ep-loopback"
+
+    def _default_lrs(self, count: int) -> list[float]:
+        own = DEFAULTS[self.name]
+        return [own["first"]] + [own["rest"]] * (count - 1)
+
+    def _extra_parameters(self, cfg: RuleConfig) -> nn.Module:
+        return _Loop(self.num_classes, self.linears[0].out_features, cfg.loopback == "learned")
+
+    def _update_layers(self) -> list[tuple[str, list[nn.Parameter]]]:
+        layers = super()._update_layers()
+        if self.extra.learned:  # the loop-back has its own weight; its bias is unused
+            layers.append(("loop", [self.extra.linear.weight]))
+        return layers
+
+    def _drives(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
+        weights, biases = self._weights()
+        return EP.loopback_drives(states, x, weights, biases, self.extra.linear.weight.T)
+
+    def _gradients(self, x, free, nudged, beta) -> None:
+        for i, lin in enumerate(self.linears):
+            pre0 = x if i == 0 else free[i - 1]
+            self._set(lin, *EP.hebbian_update(pre0, free[i], nudged[i], beta))
+        if self.extra.learned:
+            dW, _ = EP.hebbian_update(free[-1], free[0], nudged[0], beta)
+            self.extra.linear.weight.grad = -dW.T
+        self._record_alignment(free, nudged)
+
+    # --- Fig. 4 ------------------------------------------------------------------------
+    def loop_matrices(self) -> list[Tensor]:
+        """W1 .. Wk around the loop as (in, out) matrices: hidden to hidden, the last hidden
+        layer to the output, the output back to the first hidden layer."""
+        return [lin.weight.T for lin in self.linears[1:]] + [self.extra.linear.weight.T]
+
+    def alignment_names(self) -> list[str]:
+        k = len(self.linears)  # matrices in the loop
+        names = []
+        for i in range(k):
+            others = [(i + j) % k for j in range(1, k)]
+            names.append(f"W{i + 1}~" + "".join(f"W{o + 1}" for o in others))
+        return names
+
+    def frobenius_alignment(self) -> dict[str, float]:
+        mats = self.loop_matrices()
+        k = len(mats)
+        out = {}
+        for i, name in enumerate(self.alignment_names()):
+            prod = mats[(i + 1) % k]
+            for j in range(2, k):
+                prod = prod @ mats[(i + j) % k]
+            out[name] = EP.matrix_angle(mats[i], prod.T)
+        return out
+
+    def _record_alignment(self, free: list[Tensor], nudged: list[Tensor]) -> None:
+        """Per sample, for each Wi (input layer p, output layer q): the angle between the
+        nudged phase's change at p and the change at q sent back through Wiᵀ."""
+        mats = self.loop_matrices()
+        k = len(mats)
+        # layer indices around the loop: W_i maps loop layer i to i + 1 (mod k); loop layer
+        # j is state j (hidden 1 .. output)
+        change = [EP.rho(b) - EP.rho(f) for f, b in zip(free, nudged)]
+        acc = self.__dict__.setdefault("_align", {})
+        for i, name in enumerate(self.alignment_names()):
+            p, q = i, (i + 1) % k
+            angles = EP.row_angles(change[p], change[q] @ mats[i].T)
+            angles = angles[torch.isfinite(angles)]
+            s = acc.setdefault(name, [0.0, 0.0, 0])
+            s[0] += float(angles.sum())
+            s[1] += float(angles.square().sum())
+            s[2] += angles.numel()
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        out = super().epoch_metrics()
+        acc = self.__dict__.pop("_align", {})
+        mean, std = {}, {}
+        for name, (s, sq, n) in acc.items():
+            if n:
+                mean[name] = s / n
+                std[name] = math.sqrt(max(sq / n - (s / n) ** 2, 0.0))
+        if mean:
+            out["alignment_deg"] = mean
+            out["alignment_std_deg"] = std
+        out["alignment_frobenius_deg"] = self.frobenius_alignment()
+        return out

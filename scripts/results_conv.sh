@@ -30,8 +30,8 @@ train "$out/conv-sigprop-sparse" --network conv --dropout 0.1 --head classifier 
 #    ep-symmetric, 3 epochs, batch 20 (Scellier & Bengio's), one intra-op thread each
 for rule in "ep-loopback learned" "ep-loopback fixed" "ep-symmetric learned"; do
   set -- $rule
-  OMP_NUM_THREADS=1 train "$out/hopfield-2x1500-$1-$2" --network hopfield-2x1500 --rule "$1" \
-    --loopback "$2" --batch-size 20 --epochs 3
+  (export OMP_NUM_THREADS=1; train "$out/hopfield-2x1500-$1-$2" --network hopfield-2x1500 \
+    --rule "$1" --loopback "$2" --batch-size 20 --epochs 3)
 done
 # 5. VGG8b: BP, SP (2b, dense), LL-BP, LL-FA, shallow, 3 epochs, random crops (Sec. IV)
 for rule in backprop sigprop ll-bp ll-fa shallow; do

@@ -23,12 +23,12 @@ hidden layer to the output, the output back to the first hidden layer, are named
 Wk in that order ((in, out) matrices, row vectors: ``rho(s) W``). For each Wi the product
 of the others, taken around the loop from the one after it, has the shape of Wiᵀ (with
 two hidden layers: W3 W1 ~ W2ᵀ, the paper's example); the key ``"W2~W3W1"`` holds
-their angle. Two measures, logged every epoch: ``alignment_deg`` (the paper's, per
-sample: the angle between the change the loop makes at Wi's input layer during the
-nudged phase, and the change symmetric feedback through Wiᵀ would make there, the
-change at Wi's output layer times Wiᵀ; mean over the epoch's samples, and
-``alignment_std_deg``) and ``alignment_frobenius_deg`` (arccos(<Wi, Pᵀ>/(|Wi||P|)) at the
-epoch's end). 90 degrees is no alignment; symmetric weights are at 0.
+their angle. Two measures, logged every epoch: ``alignment_deg`` (per sample, as the
+paper: the angle between what Wi and what Pᵀ make of the sample's free-phase activity
+at Wi's input layer, ``rho(s) Wi`` against ``rho(s) Pᵀ``: the two matrices compared
+along the data; mean over the epoch's samples, and ``alignment_std_deg``) and
+``alignment_frobenius_deg`` (arccos(<Wi, Pᵀ>/(|Wi||P|)) at the epoch's end). 90 degrees
+is no alignment (random matrices), 0 is Wi = c Pᵀ.
 """
 
 from __future__ import annotations
@@ -258,29 +258,34 @@ class EPLoopback(EquilibriumPropagation):
             names.append(f"W{i + 1}~" + "".join(f"W{o + 1}" for o in others))
         return names
 
-    def frobenius_alignment(self) -> dict[str, float]:
+    def loop_products(self) -> list[Tensor]:
+        """For each Wi, the product of the others around the loop from the one after it:
+        the shape of Wiᵀ (its feedback through the loop)."""
         mats = self.loop_matrices()
         k = len(mats)
-        out = {}
-        for i, name in enumerate(self.alignment_names()):
+        products = []
+        for i in range(k):
             prod = mats[(i + 1) % k]
             for j in range(2, k):
                 prod = prod @ mats[(i + j) % k]
-            out[name] = EP.matrix_angle(mats[i], prod.T)
-        return out
+            products.append(prod)
+        return products
+
+    def frobenius_alignment(self) -> dict[str, float]:
+        mats = self.loop_matrices()
+        return {name: EP.matrix_angle(m, prod.T) for name, m, prod
+                in zip(self.alignment_names(), mats, self.loop_products())}
 
     def _record_alignment(self, free: list[Tensor], nudged: list[Tensor]) -> None:
-        """Per sample, for each Wi (input layer p, output layer q): the angle between the
-        nudged phase's change at p and the change at q sent back through Wiᵀ."""
+        """Per sample, for each Wi: the angle between what Wi makes of the sample's
+        free-phase activity at its input layer and what the loop product (transposed)
+        makes of it, ``rho(s) Wi`` against ``rho(s) Pᵀ``."""
         mats = self.loop_matrices()
-        k = len(mats)
-        # layer indices around the loop: W_i maps loop layer i to i + 1 (mod k); loop layer
-        # j is state j (hidden 1 .. output)
-        change = [EP.rho(b) - EP.rho(f) for f, b in zip(free, nudged)]
         acc = self.__dict__.setdefault("_align", {})
-        for i, name in enumerate(self.alignment_names()):
-            p, q = i, (i + 1) % k
-            angles = EP.row_angles(change[p], change[q] @ mats[i].T)
+        # W_i's input is loop layer i: state i (hidden 1 .. output)
+        for i, (name, prod) in enumerate(zip(self.alignment_names(), self.loop_products())):
+            a = EP.rho(free[i])
+            angles = EP.row_angles(a @ mats[i], a @ prod.T)
             angles = angles[torch.isfinite(angles)]
             s = acc.setdefault(name, [0.0, 0.0, 0])
             s[0] += float(angles.sum())

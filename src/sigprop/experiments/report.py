@@ -231,7 +231,13 @@ def _plots(exp: Experiment, cells: list[Cell], out: Path) -> dict[str, Path]:
     if (p := plots.exit_curves(exit_panels, out / PLOTS / "exits.png",
                                f"{exp.name}: early-exit test accuracy per layer")):
         made["exits"] = p
-    for stale in ("curves", "exits"):  # a figure that can no longer be drawn goes
+    aligned = [plots.Series(f"{c.row.label}, {c.column.label}", [r.history for r in c.runs
+                                                                  if r.history][:1])
+               for c in cells if any(r.history for r in c.runs)]
+    if (p := plots.alignment_curves(aligned, out / PLOTS / "alignment.png",
+                                    f"{exp.name}: weight alignment around the loop (Fig. 4)")):
+        made["alignment"] = p
+    for stale in ("curves", "exits", "alignment"):  # a figure that can no longer be drawn
         if stale not in made:
             (out / PLOTS / f"{stale}.png").unlink(missing_ok=True)
     return made
@@ -281,6 +287,10 @@ def write_report(out: Path) -> Path:
         if "exits" in made:
             md += ["Early exits: test accuracy of every layer's own prediction per epoch.", "",
                    f"![early exits]({PLOTS}/exits.png)", ""]
+        if "alignment" in made:
+            md += [("Alignment (Fig. 4): the angle of each matrix around the loop with the "
+                    "product of the others, per sample, mean ± std per epoch (first seed)."),
+                   "", f"![alignment]({PLOTS}/alignment.png)", ""]
     md += ["## Runs", "", (f"Each cell's runs; every line's command trains that run alone. "
                            f"All of them: `sigprop reproduce {exp.name} --budget "
                            f"{budget.name} --out {out}`{_options(manifest)}."), ""]

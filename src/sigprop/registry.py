@@ -26,6 +26,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise RuntimeError(f"{self.kind} {name!r} registered twice")
             self._items[name] = obj
+            if isinstance(obj, type) and hasattr(obj, "name") and "name" not in vars(obj):
+                obj.name = name  # a rule class knows its registered name (messages)
             return obj
 
         return deco

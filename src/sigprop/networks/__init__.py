@@ -4,9 +4,11 @@ registered name (``build_network("vgg8b", (3, 32, 32), 10, dropout=0.1)``).
     base.py   Network, build_network, Dropout (shared pieces)
     fc.py     fc-<layers>x<width> (Table VI)
     conv.py   conv (Table VI's CONV), vgg8b, vgg8b-2x (Tables I-IV)
+    hopfield.py  hopfield-<D>x<W> (Sec. V)
+    spiking.py   snn-conv: integrate-and-fire blocks, time-major (Sec. VI)
 """
 
-from . import conv, fc, hopfield  # noqa: F401  (registration side effects)
+from . import conv, fc, hopfield, spiking  # noqa: F401  (registration side effects)
 from .base import (
     DROPOUT_LEVELS,
     LEAKY_SLOPE,

@@ -35,8 +35,11 @@ class Network(nn.Module):
     ``input_shape`` is one sample's shape, e.g. (1, 28, 28); ``block_shapes`` holds
     each block's output shape and ``output_shape`` the head's (without batch), found
     by one dummy forward pass; a block or head that rejects its input raises
-    ConfigError here, not at the first training step.
+    ConfigError here, not at the first training step. ``time_major`` networks pass
+    ``[T, N, ...]`` between blocks (spiking nets); their block shapes are ``(T, ...)``.
     """
+
+    time_major: bool = False
 
     def __init__(
         self, blocks: Sequence[nn.Module], head: nn.Module, input_shape: Sequence[int]
@@ -48,7 +51,7 @@ class Network(nn.Module):
         self.head = head
         self.input_shape = _check_input_shape(input_shape)
         self.block_shapes, self.output_shape = _infer_shapes(self.blocks, head,
-                                                             self.input_shape)
+                                                             self.input_shape, self.time_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -70,8 +73,8 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def _infer_shapes(blocks: nn.ModuleList, head: nn.Module, input_shape: tuple[int, ...]
-                  ) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+def _infer_shapes(blocks: nn.ModuleList, head: nn.Module, input_shape: tuple[int, ...],
+                  time_major: bool = False) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     """Output shape of every block and of the head, from one pass of a dummy batch of
     two in eval mode (which leaves BatchNorm's running statistics alone); every
     module's training flag is restored after."""
@@ -94,7 +97,7 @@ def _infer_shapes(blocks: nn.ModuleList, head: nn.Module, input_shape: tuple[int
                     f"block {len(shapes) + 1} does not accept input of shape "
                     f"{tuple(x.shape[1:])}: {_first_line(err)}; check the blocks' sizes"
                 ) from None
-            shapes.append(tuple(x.shape[1:]))
+            shapes.append((x.shape[0], *x.shape[2:]) if time_major else tuple(x.shape[1:]))
         try:
             out = head(x)
         except SigpropError:

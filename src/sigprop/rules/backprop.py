@@ -19,6 +19,8 @@ class Backprop(LearningRule):
     """One loss at the output, gradients through every block, one Adam."""
 
     exit_names: ClassVar[list[str]] = ["output"]
+    trains_spiking = True  # through the spikes' surrogate gradient (bp-surrogate)
+    supports_amp = True
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
@@ -26,7 +28,8 @@ class Backprop(LearningRule):
         self.optimizers = [self.opt]
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.network(x)
+        with self.autocast(x):
+            logits = self.network(x).float()
         loss = F.cross_entropy(logits, y)
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
@@ -40,6 +43,8 @@ class Shallow(LearningRule):
     """Only the classification head learns, on features of the fixed random blocks."""
 
     exit_names: ClassVar[list[str]] = ["output"]
+    trains_spiking = True
+    supports_amp = True
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
@@ -48,10 +53,12 @@ class Shallow(LearningRule):
         self.optimizers = [self.opt]
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            for block in self.network.blocks:
-                x = block(x)
-        logits = self.network.head(x)
+        with self.autocast(x):
+            h = x
+            with torch.no_grad():
+                for block in self.network.blocks:
+                    h = block(h)
+            logits = self.network.head(h).float()
         loss = F.cross_entropy(logits, y)
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)

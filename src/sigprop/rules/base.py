@@ -22,11 +22,13 @@ the label range is not checked per step (that would sync with the host every ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +84,12 @@ class RuleConfig:
     # (sigprop.pipeline); the same updates in the same order. auto: on a CPU with >= 2
     # threads, blocks of >= 250k weights, not the loop-back signals | on | off.
     pipeline: str = "auto"
+    # spiking networks (Sec. VI): the IF neurons' threshold (None: the rule's, 0.5 for the
+    # sigprop models, 1.0 for BP and Shallow)
+    spike_threshold: float | None = None
+    # 16-bit mixed precision: autocast to bf16 on a CPU, fp16 with a GradScaler on CUDA.
+    # auto: on for spiking networks (the paper's setting, Sec. VI-A) | on | off
+    amp: str = "auto"
 
     def validate(self) -> None:
         """Raise ConfigError naming the key if any option has the wrong type or value.
@@ -109,6 +117,11 @@ class RuleConfig:
         _choice("exit_targets", self.exit_targets, ("prototypes", "candidates"))
         _choice("fast_path", self.fast_path, ("auto", "on", "off"))
         _choice("pipeline", self.pipeline, ("auto", "on", "off"))
+        _choice("amp", self.amp, ("auto", "on", "off"))
+        if self.spike_threshold is not None:
+            _number("spike_threshold", self.spike_threshold,
+                    "the voltage at which an IF neuron fires", positive=True,
+                    fix="or leave it unset for the rule's (0.5 sigprop, 1.0 BP/Shallow)")
         if self.pipeline == "on" and self.fast_path == "off":
             raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
         _choice("signal", self.signal, tuple(SIGNALS.names()), what="signal")
@@ -222,6 +235,12 @@ class LearningRule:
     # measurement (sigprop bench): called with "block<i>", "head" or "step" when the rule
     # starts that part of a training step; None (the default) costs one attribute test
     marker: Callable[[str], None] | None = None
+    # spiking networks (networks/spiking.py): whether the rule trains them, and the IF
+    # threshold it sets unless the config names one (Sec. VI-A: 1.0 for BP and Shallow)
+    trains_spiking: ClassVar[bool] = False
+    spike_threshold: ClassVar[float] = 1.0
+    # whether the rule runs its forward passes under 16-bit autocast when cfg.amp asks
+    supports_amp: ClassVar[bool] = False
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         cfg.validate()
@@ -231,6 +250,22 @@ class LearningRule:
                 "the blocks with sigprop.Network(blocks, head, input_shape)")
         self.num_classes = check_num_classes(num_classes)
         check_head_outputs(network, self.num_classes)
+        spiking = getattr(network, "time_major", False)
+        if spiking and not self.trains_spiking:
+            raise ConfigError(
+                f"rule {self.name!r} does not train spiking networks; for "
+                f"{type(network).__name__} use bp-surrogate, sp-surrogate, sp-voltage or "
+                "shallow (Sec. VI)")
+        if spiking:
+            network.set_threshold(cfg.spike_threshold or self.spike_threshold)
+        elif cfg.spike_threshold is not None:
+            raise ConfigError("spike_threshold sets the IF neurons' threshold of a spiking "
+                              "network (snn-conv); drop it for this network")
+        self.amp = cfg.amp == "on" or (cfg.amp == "auto" and spiking)
+        if self.amp and not self.supports_amp:
+            raise ConfigError(f"rule {self.name!r} has no 16-bit mixed-precision mode; drop "
+                              "amp='on' (--amp on)")
+        self.scaler: torch.amp.GradScaler | None = None
         self.network = network
         self.cfg = cfg
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -246,26 +281,40 @@ class LearningRule:
         self._check_batch(x, y)
         return self._train_step(x, y)
 
+    def autocast(self, x: Tensor):
+        """The 16-bit autocast context for forward passes on ``x``'s device when the
+        rule's amp is on (bf16 on a CPU, fp16 elsewhere, with a GradScaler that
+        :meth:`_backward` and :meth:`_step` use), else a no-op. Backward passes run
+        outside it."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        kind = x.device.type
+        if kind == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(kind)
+        return torch.autocast(kind, dtype=torch.float16)
+
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
         """(k,) correct counts of every exit on the batch (checked as in train_step)."""
         self._check_batch(x, y)
         self.sync()
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast(x):
             return self._eval_step(x, y)
 
     def exit_scores(self, x: Tensor) -> list[Tensor]:
         """Scores (n, classes) of each exit, in ``exit_names`` order (no grad)."""
         self._check_inputs(x)
         self.sync()
-        with torch.no_grad():
-            return self._exit_scores(x)
+        with torch.no_grad(), self.autocast(x):
+            return [s.float() for s in self._exit_scores(x)]
 
     def predict(self, x: Tensor) -> Tensor:
         """(n, classes) scores of the final exit (no grad)."""
         self._check_inputs(x)
         self.sync()
-        with torch.no_grad():
-            return self._predict(x)
+        with torch.no_grad(), self.autocast(x):
+            return self._predict(x).float()
 
     def sync(self) -> None:
         """Wait until every update of the steps taken so far is applied. Rules whose
@@ -308,10 +357,13 @@ class LearningRule:
 
     def state_dict(self) -> dict:
         self.sync()
-        return {
+        state = {
             "modules": self.modules.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state from :meth:`state_dict`; a mismatch raises CheckpointError."""
@@ -336,6 +388,12 @@ class LearningRule:
                 opt.load_state_dict(s)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{hint} ({err})") from None
+        if "scaler" in state and self.amp:
+            # a CUDA fp16 run's loss scale; a CPU (bf16) run needs none
+            if self.scaler is None and torch.cuda.is_available():
+                self.scaler = torch.amp.GradScaler("cuda")
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
 
     def epoch_metrics(self) -> dict:
         """Numbers the rule measured over the epoch, for the metrics log (the trainer
@@ -347,17 +405,31 @@ class LearningRule:
         if self.marker is not None:
             self.marker(part)
 
-    @staticmethod
-    def _step(opt: torch.optim.Optimizer | None, loss: Tensor) -> None:
+    def _step(self, opt: torch.optim.Optimizer | None, loss: Tensor) -> None:
         if opt is None:
             return
+        self._zero_grad(opt)
+        self._backward(loss)
+        self._optimizer_step(opt)
+
+    @staticmethod
+    def _zero_grad(opt: torch.optim.Optimizer) -> None:
         # zero_grad(set_to_none=True) by hand: the method's profiling wrapper and
         # foreach bookkeeping cost ~0.1 ms a call
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = None
-        loss.backward()
-        opt.step()
+
+    def _backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled when an fp16 GradScaler is in use."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
 
 
 def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | None = None, **kw) -> LearningRule:

@@ -1,0 +1,208 @@
+"""The spiking models of Table V (Sec. VI) on spiking networks (``snn-conv``).
+
+* ``bp-surrogate``: backprop through time and through every spike, whose gradient is the
+  arctan surrogate (Eq. 17); threshold 1.0. (``backprop`` on a spiking network is the
+  same rule; ``shallow`` trains only the classification layer, threshold 1.0.)
+* ``sp-surrogate`` and ``sp-voltage``: signal propagation, threshold 0.5, classification
+  layer version (Fig. 2b). The targets travel forward with the inputs through the same
+  spiking dynamics; each block's local loss compares the inputs' and the targets'
+  state *before the spike*:
+
+      sp-surrogate:  a_t = g(u_t - theta)   (Eq. 16, the surrogate of the voltage)
+      sp-voltage:    a_t = u_t              (the voltage itself, no surrogate anywhere)
+
+  where ``u_t = v_{t-1} + h_t`` is the charged voltage (Eq. 15) and ``h_t`` the block's
+  current (synapse, BatchNorm). The voltage carried from one step to the next is a
+  constant for autograd, so a block's gradient reaches its own current only: nothing
+  passes through a spike, a reset, a time step, or into the block below (the block's
+  input spikes are detached). L_pred (Eq. 9) is taken at every time step against one
+  target per class and averaged over the T steps; the early exit of a block scores a
+  sample by its similarities averaged over the steps.
+
+Targets (our choice; the paper does not say how they enter an SNN): the label
+projection of Eq. 1 makes one target per class shaped like the *network input* (an
+image, ``t0 = f(S c + d)``), which enters the first block beside the inputs, so every
+block, the first included, sees targets that went through the spiking dynamics the
+inputs go through (a target made at block 1's output would have to be a spike train,
+which a projection of the label is not). The projection learns with block 1 from
+block 1's loss. BatchNorm statistics come from the inputs only (Sec. III-D). Logit
+scale ``c/sqrt(d)``, d the values of one step of a block, c = 1 (the conv default;
+docs/RESULTS.md measures others).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import functional as SF
+from ..errors import ConfigError
+from ..functional.spiking import surrogate_activity
+from ..networks import Network
+from ..networks.spiking import SP_THRESHOLD, SpikingNetwork
+from ..registry import register_rule
+from ..signals.label import LabelProjection
+from .backprop import Backprop
+from .base import LearningRule, RuleConfig, make_grouped_adam
+
+
+def _require_spiking(name: str, network: Network) -> None:
+    if not isinstance(network, SpikingNetwork):
+        raise ConfigError(f"rule {name!r} trains spiking networks (Sec. VI); use "
+                          "--network snn-conv")
+
+
+@register_rule("bp-surrogate")
+class BPSurrogate(Backprop):
+    """Backprop through time and through the spikes' surrogate gradient (Table V, BP)."""
+
+    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        _require_spiking(self.name, network)
+        super().__init__(network, num_classes, cfg)
+
+
+class SpikingSigprop(LearningRule):
+    """Signal propagation on a spiking network (module docstring)."""
+
+    compare_on: ClassVar[str] = "surrogate"  # surrogate | voltage
+    trains_spiking = True
+    supports_amp = True
+    spike_threshold = SP_THRESHOLD
+
+    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        _require_spiking(self.name, network)
+        if cfg.signal != "label" or cfg.targets != "dense":
+            raise ConfigError(
+                f"rule {self.name!r} makes one target per class with the label projection "
+                "(Eq. 1) at the network's input; drop --signal/--targets (it takes "
+                "signal='label', targets='dense')")
+        super().__init__(network, num_classes, cfg)
+        self.signal = LabelProjection(num_classes, network.input_shape,
+                                      learned=cfg.signal_learned)
+        self.modules["signal"] = self.signal
+        # one step of block i: block_shapes[i] = (T, ...) after pooling; the loss compares
+        # the charged voltages before pooling
+        self.scales = []
+        for block, shape in zip(network.blocks, self._charged_shapes(network)):
+            d = math.prod(shape)
+            self.scales.append(cfg.logit_scale or SF.default_scale(cfg.loss, d, conv=True))
+        blocks = network.blocks
+        groups = {"block1": [*blocks[0].parameters(), *self.signal.parameters()]}
+        groups.update({f"block{i + 1}": b.parameters() for i, b in enumerate(blocks) if i})
+        groups["head"] = network.head.parameters()
+        self.optimizer = make_grouped_adam(groups, cfg)
+        self.optimizers = [self.optimizer]
+        self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))] + ["head"]
+        self._rates = torch.zeros(len(blocks))
+        self._steps = 0
+
+    @staticmethod
+    @torch.no_grad()
+    def _charged_shapes(network: SpikingNetwork) -> list[tuple[int, ...]]:
+        """One step's shape of every block's charged voltage (before pooling)."""
+        was = network.training
+        network.eval()
+        try:
+            h = torch.zeros(2, *network.input_shape,
+                            dtype=next(network.parameters()).dtype,
+                            device=next(network.parameters()).device)
+            shapes = []
+            for block in network.blocks:
+                h, charged = block.run(h)
+                shapes.append(tuple(charged.shape[2:]))
+        finally:
+            network.train(was)
+        return shapes
+
+    def _activity(self, charged: Tensor, block) -> Tensor:
+        """What the local loss compares: the surrogate of the voltage or the voltage."""
+        if self.compare_on == "surrogate":
+            return surrogate_activity(charged, block.node.threshold)
+        return charged
+
+    def _scores(self, a: Tensor, n: int, i: int) -> Tensor:
+        """[T, n, m] similarities of the n inputs to the m class targets at every step
+        (Eq. 6 or 7 per step; one batched product, and a split rather than slices so
+        that the backward joins two gradients instead of filling zeros per step)."""
+        h, t = a.split([n, a.shape[1] - n], dim=1)
+        h, t = h.flatten(2), t.flatten(2)
+        sim = torch.bmm(h, t.transpose(1, 2))
+        if self.cfg.loss == "l2":  # 2 h.t - |h|^2 - |t|^2
+            sim = 2 * sim - h.square().sum(2, keepdim=True) - t.square().sum(2).unsqueeze(1)
+        return sim * self.scales[i]
+
+    def _inputs_and_targets(self, x: Tensor) -> Tensor:
+        t0 = self.signal.targets(x)  # (m, *input_shape)
+        return torch.cat([x, t0.to(x.dtype)])
+
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        if self._rates.device != x.device:
+            self._rates = self._rates.to(x.device)
+        self._steps += 1
+        self._zero_grad(self.optimizer)
+        losses, correct = [], []
+        with self.autocast(x):
+            h = self._inputs_and_targets(x)
+        for i, block in enumerate(self.network.blocks):
+            self._mark(f"block{i + 1}")
+            with self.autocast(x):
+                out, charged = block.run(h, n, detach_carry=True)
+                scores = self._scores(self._activity(charged, block).float(), n, i)
+            loss = F.cross_entropy(scores.flatten(0, 1), y.repeat(scores.shape[0]))
+            self._backward(loss)
+            losses.append(loss.detach())
+            correct.append((scores.detach().mean(0).argmax(1) == y).sum())
+            with torch.no_grad():
+                self._rates[i] += out[:, :n].float().mean()  # on the device: no sync
+            h = out.detach()
+        self._mark("head")
+        with self.autocast(x):
+            logits = self.network.head(h[:, :n]).float()
+        loss = F.cross_entropy(logits, y)
+        self._backward(loss)
+        losses.append(loss.detach())
+        correct.append((logits.detach().argmax(1) == y).sum())
+        self._optimizer_step(self.optimizer)
+        return torch.stack(losses), torch.stack(correct)
+
+    def epoch_metrics(self) -> dict:
+        """``spike_rate``: each block's mean firing rate (spikes per neuron and step) on
+        the epoch's training inputs (targets excluded); counting starts afresh."""
+        if not self._steps:
+            return {}
+        rates = (self._rates / self._steps).tolist()
+        self._rates.zero_()
+        self._steps = 0
+        return {"spike_rate": {f"layer{i + 1}": r for i, r in enumerate(rates)}}
+
+    def _exit_scores(self, x: Tensor) -> list[Tensor]:
+        n = x.shape[0]
+        h = self._inputs_and_targets(x)
+        out = []
+        for i, block in enumerate(self.network.blocks):
+            h, charged = block.run(h)
+            out.append(self._scores(self._activity(charged, block).float(), n, i).mean(0))
+        out.append(self.network.head(h[:, :n]))
+        return out
+
+    def _predict(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+
+@register_rule("sp-surrogate")
+class SPSurrogate(SpikingSigprop):
+    """Table V, SP surrogate: local losses on g(u - theta) (Eq. 16)."""
+
+    compare_on = "surrogate"
+
+
+@register_rule("sp-voltage")
+class SPVoltage(SpikingSigprop):
+    """Table V, SP voltage: local losses on the voltage u itself, no surrogate."""
+
+    compare_on = "voltage"

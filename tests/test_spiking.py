@@ -1,0 +1,277 @@
+"""Spiking networks (Sec. VI): IF dynamics on hand-computed sequences, the arctan
+surrogate against autograd of Eq. 16, the one-node IF sequence against the
+op-by-op reference, locality of the sigprop models (no gradient across a block or
+through a spike), every model lowering its loss, amp, errors, and learning on real
+Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sigprop  # noqa: F401  (registers the rules)
+import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
+from conftest import lowers_loss
+from sigprop.cli import main
+from sigprop.errors import ConfigError
+from sigprop.functional import spiking as SNN
+from sigprop.networks import build_network
+from sigprop.networks.spiking import SpikingNetwork
+from sigprop.rules import build_rule
+
+MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage")
+
+
+def snn(rule="sp-surrogate", shape=(1, 28, 28), seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_rule(rule, build_network("snn-conv", shape, 10), 10, **kw)
+
+
+# ------------------------------------------------------------------ the neuron
+
+
+def test_if_step_charges_fires_at_threshold_and_resets():
+    h = torch.tensor([0.3, 0.2, 0.25, 0.6, 0.1])
+    v = torch.zeros(())
+    spikes, volts = [], []
+    for ht in h:
+        s, v = SNN.if_step(ht, v, 0.5)
+        spikes.append(float(s))
+        volts.append(float(v))
+    # 0.3 -> 0.5 reaches the threshold (fires, >=) -> 0 -> 0.25 -> 0.85 fires -> 0 -> 0.1
+    assert spikes == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert volts == pytest.approx([0.3, 0.0, 0.25, 0.0, 0.1])
+
+
+def test_if_sequence_static_input_and_reset_value():
+    s, u = SNN.if_sequence(torch.tensor([0.4]), 1.0, static=4)
+    # charges 0.4, 0.8, 1.2 (fires, reset to 0), 0.4
+    assert s.flatten().tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert u.flatten().tolist() == pytest.approx([0.4, 0.8, 1.2, 0.4])
+    s, u = SNN.if_sequence(torch.tensor([[0.6], [0.6]]), 0.5, v_reset=0.2)
+    # starts at v_reset: 0.2 + 0.6 fires, resets to 0.2, again
+    assert s.flatten().tolist() == [1.0, 1.0] and u.flatten().tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_surrogate_gradient_is_the_derivative_of_eq16():
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64, requires_grad=True)
+    (auto,) = torch.autograd.grad(SNN.atan_surrogate(x).sum(), x)
+    assert torch.allclose(SNN.atan_surrogate_grad(x.detach()), auto)
+    assert SNN.atan_surrogate(torch.zeros(1)).item() == pytest.approx(0.5)
+    # the spike: a Heaviside step forward, Eq. 17 backward
+    s = SNN.SpikeATan.apply(x)
+    assert torch.equal(s, (x >= 0).double())
+    (g,) = torch.autograd.grad(s.sum(), x)
+    assert torch.allclose(g, 1 / (1 + (math.pi * x.detach()) ** 2))
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("bptt", [True, False])
+def test_if_run_matches_the_op_by_op_reference(static, bptt):
+    g = torch.Generator().manual_seed(0)
+    shape = (5, 3, 4) if static else (4, 5, 3, 4)
+    h = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    ws, wc = (torch.randn(4, 5, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def grads(spikes, charged):
+        loss = (charged * wc).sum() + ((spikes * ws).sum() if bptt else 0)
+        return torch.autograd.grad(loss, h)[0]
+
+    s1, u1 = SNN.if_sequence(h, 0.5, detach_carry=not bptt, static=4 if static else False)
+    s2, u2 = SNN.if_run(h, 0.5, 4 if static else None, bptt=bptt)
+    assert torch.equal(s1, s2) and torch.allclose(u1, u2)
+    assert torch.allclose(grads(s1, u1), grads(s2, u2), atol=1e-12)
+    assert s2.requires_grad == bptt  # local mode: the spikes carry no gradient
+
+
+def test_surrogate_activity_matches_autograd_of_eq16():
+    u = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    a1, a2 = SNN.atan_surrogate(u - 0.5), SNN.surrogate_activity(u, 0.5)
+    assert torch.allclose(a1, a2)
+    w = torch.randn(50, dtype=torch.float64)
+    g1, g2 = (torch.autograd.grad((a * w).sum(), u)[0] for a in (a1, a2))
+    assert torch.allclose(g1, g2)
+
+
+def test_matches_snntorch_leaky_with_beta_one():
+    """Optional: snnTorch's Leaky(beta=1, reset to zero, atan surrogate) step by step.
+
+    snnTorch fires on ``mem > threshold`` where we (and SpikingJelly) fire on ``>=``;
+    random currents never hit the threshold exactly. It returns the voltage after the
+    reset, ours the charged one before it: compared as u (1 - s)."""
+    snntorch = pytest.importorskip("snntorch")
+    from snntorch import surrogate
+
+    g = torch.Generator().manual_seed(3)
+    h = (torch.rand(6, 8, 5, generator=g, dtype=torch.float64) * 0.9).requires_grad_()
+    w_s, w_v = (torch.randn(6, 8, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    lif = snntorch.Leaky(beta=1.0, threshold=0.5, spike_grad=surrogate.atan(),
+                         reset_mechanism="zero", reset_delay=False)
+    mem = torch.zeros(8, 5, dtype=torch.float64)
+    ref_s, ref_v = [], []
+    for t in range(6):
+        s, mem = lif(h[t], mem)
+        ref_s.append(s)
+        ref_v.append(mem)
+    ref_s, ref_v = torch.stack(ref_s), torch.stack(ref_v)
+    s, u = SNN.if_run(h, 0.5)
+    v = u * (1 - s)
+    assert torch.equal(s.double(), ref_s.double())
+    assert torch.allclose(v, ref_v)
+    ours, = torch.autograd.grad((s * w_s).sum() + (v * w_v).sum(), h)
+    theirs, = torch.autograd.grad((ref_s * w_s).sum() + (ref_v * w_v).sum(), h)
+    assert torch.allclose(ours, theirs)
+
+
+# ------------------------------------------------------------------ the network
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_snn_conv_shapes(shape):
+    net = build_network("snn-conv", shape, 10)
+    assert isinstance(net, SpikingNetwork) and net.steps == 4
+    side = shape[1] // 4
+    assert net.block_shapes == [(4, 128, 2 * side, 2 * side), (4, 128, side, side), (4, 2048)]
+    out = net(torch.randn(3, *shape))
+    assert out.shape == (3, 10)
+    spikes = net.blocks[0](torch.randn(3, *shape))
+    assert set(spikes.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_snn_errors():
+    with pytest.raises(ConfigError, match="snn-conv"):
+        build_network("snn-vgg", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="dropout"):
+        build_network("snn-conv", (1, 28, 28), 10, dropout=0.1)
+    with pytest.raises(ConfigError, match="4x4"):
+        build_network("snn-conv", (1, 3, 3), 10)
+    with pytest.raises(ConfigError, match="does not train spiking"):
+        snn("sigprop")
+    with pytest.raises(ConfigError, match="does not train spiking"):
+        snn("dfa")
+    with pytest.raises(ConfigError, match="trains spiking networks"):
+        build_rule("sp-voltage", build_network("fc-1x8", (4,), 3), 3)
+    with pytest.raises(ConfigError, match="spike_threshold"):
+        build_rule("backprop", build_network("fc-1x8", (4,), 3), 3, spike_threshold=0.5)
+    with pytest.raises(ConfigError, match="mixed-precision"):
+        build_rule("sigprop", build_network("fc-1x8", (4,), 3), 3, amp="on")
+    with pytest.raises(ConfigError, match="Eq. 1"):
+        snn("sp-surrogate", signal="label-input")
+
+
+def test_thresholds_per_model():
+    assert float(snn("bp-surrogate").network.blocks[0].node.threshold) == 1.0
+    assert float(snn("shallow").network.blocks[1].node.threshold) == 1.0
+    assert float(snn("sp-voltage").network.blocks[2].node.threshold) == 0.5
+    assert float(snn("sp-surrogate", spike_threshold=0.8).network.blocks[0].node.threshold) \
+        == pytest.approx(0.8)
+
+
+# ------------------------------------------------------------------ the rules
+
+
+@pytest.mark.parametrize("rule", MODELS)
+def test_each_model_lowers_its_loss(rule):
+    lowers_loss(snn(rule, amp="off"), (1, 28, 28), steps=6)
+
+
+@pytest.mark.parametrize("rule", ["sp-surrogate", "sp-voltage"])
+def test_sigprop_models_are_local(rule):
+    """No gradient crosses a block boundary or passes through a spike: every block's
+    input is detached spikes (hooks), and a block's gradient equals the one of its own
+    loss alone, computed on a copy."""
+    r = snn(rule, amp="off")
+    seen = []
+
+    def check_input(block, args):
+        (x,) = args[:1]
+        seen.append(x.requires_grad)
+
+    hooks = [b.synapse.register_forward_pre_hook(check_input) for b in r.network.blocks]
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    r.train_step(x, y)
+    for hk in hooks:
+        hk.remove()
+    # block 1's input is [x, targets]: the targets carry the generator's gradient
+    assert seen == [True, False, False]
+    # the spikes a block emits during training carry no gradient
+    out, charged = r.network.blocks[1].run(torch.rand(4, 5, 128, 14, 14).round(), 3,
+                                           detach_carry=True)
+    assert not out.requires_grad and charged.requires_grad
+
+
+def test_sigprop_block_gradient_is_its_own_loss_only():
+    r = snn("sp-surrogate", amp="off")
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    block = r.network.blocks[1]
+    with torch.no_grad():
+        h = torch.cat([x, r.signal.targets(x)])
+        h1, _ = r.network.blocks[0].run(h, 8, detach_carry=True)
+    _, charged = block.run(h1, 8, detach_carry=True)
+    scores = r._scores(r._activity(charged, block), 8, 1)
+    loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), y.repeat(4))
+    want = torch.autograd.grad(loss, block.synapse.weight)[0]
+    captured = {}
+    block.synapse.weight.register_hook(lambda g: captured.setdefault("g", g.clone()))
+    r.train_step(x, y)
+    assert torch.allclose(captured["g"], want, rtol=1e-4, atol=1e-7)
+
+
+def test_amp_bf16_on_cpu_and_off():
+    r = snn("sp-surrogate")  # auto: on for spiking networks
+    assert r.amp
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    losses, _ = r.train_step(x, y)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+    assert r.predict(x).dtype == torch.float32
+    assert not snn("sp-surrogate", amp="off").amp
+    assert not build_rule("backprop", build_network("fc-1x8", (4,), 3), 3).amp
+
+
+def test_spike_rates_in_epoch_metrics():
+    r = snn("sp-voltage", amp="off")
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    r.train_step(x, y)
+    rates = r.epoch_metrics()["spike_rate"]
+    assert set(rates) == {"layer1", "layer2", "layer3"}
+    assert all(0.0 <= v <= 1.0 for v in rates.values())
+    assert r.epoch_metrics() == {}
+
+
+def test_cli_trains_and_resumes_an_snn(tmp_path, fake_fashion):
+    run = tmp_path / "run"
+    args = ["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
+            "sp-voltage", "--train-limit", "64",
+            "--test-limit", "64", "--batch-size", "32", "--run-dir", str(run), "--no-progress"]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert set(records[-1]["spike_rate"]) == {"layer1", "layer2", "layer3"}
+    assert main(["eval", str(run), "--data-dir", str(fake_fashion)]) == 0
+
+
+# ------------------------------------------------------------------ real data
+
+
+@pytest.mark.slow
+def test_sigprop_snns_learn_on_a_fashion_mnist_slice(tmp_path):
+    """sp-surrogate and sp-voltage, one epoch of 3,000 real Fashion-MNIST images, beat
+    60% test accuracy and the shallow model."""
+    from sigprop.data import find_dataset_dir
+
+    try:
+        find_dataset_dir("fashion-mnist")
+    except Exception:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    acc = {}
+    for rule in ("shallow", "sp-surrogate", "sp-voltage"):
+        run = tmp_path / rule
+        assert main(["train", "--network", "snn-conv", "--rule", rule, "--train-limit", "3000",
+                     "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
+        acc[rule] = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    assert acc["sp-surrogate"] > 0.60 and acc["sp-voltage"] > 0.60, acc
+    assert acc["sp-surrogate"] > acc["shallow"] and acc["sp-voltage"] > acc["shallow"], acc

@@ -275,3 +275,17 @@ def test_sigprop_snns_learn_on_a_fashion_mnist_slice(tmp_path):
         acc[rule] = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
     assert acc["sp-surrogate"] > 0.60 and acc["sp-voltage"] > 0.60, acc
     assert acc["sp-surrogate"] > acc["shallow"] and acc["sp-voltage"] > acc["shallow"], acc
+
+
+def test_table5_named_configs():
+    from sigprop.experiments.spec import load_experiment
+
+    for name, dataset in (("table5-snn-fmnist", "fashion-mnist"), ("table5-snn-mnist", "mnist")):
+        exp = load_experiment(name)
+        full = exp.runs("full")
+        assert {p.config.rule.name for p in full} == set(MODELS)
+        for p in full:
+            c = p.config
+            assert (c.model.network, c.data.dataset, c.data.batch_size) == ("snn-conv", dataset, 128)
+            assert (c.train.epochs, c.train.schedule, c.rule.lr) == (64, "cosine", 5e-4)
+            assert c.rule.amp == "auto"

@@ -27,6 +27,7 @@ import time
 import torch
 
 import sigprop
+from sigprop.engine.perf import tune_allocator
 from sigprop.networks import build_network
 
 MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage")
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()  # as `sigprop train` does
     shape = tuple(int(v) for v in args.input.split("x"))
     models = args.models.split(",")
     amps = args.amp.split(",")

@@ -121,7 +121,9 @@ class _IFRun(torch.autograd.Function):
     def forward(ctx, h: Tensor, threshold: Tensor, steps: int, static: bool, bptt: bool):
         shape = (steps, *h.shape) if static else h.shape
         charged = torch.empty(shape, dtype=h.dtype, device=h.device)
-        spikes = torch.empty(shape, dtype=h.dtype, device=h.device)
+        # spikes that carry no gradient stay bool (1 byte: cheaper to write and to pool)
+        spikes = torch.empty(shape, dtype=h.dtype if bptt else torch.bool, device=h.device)
+        fired = torch.empty(shape[1:], dtype=torch.bool, device=h.device) if bptt else None
         v = None
         for t in range(steps):
             ht = h if static else h[t]
@@ -130,9 +132,13 @@ class _IFRun(torch.autograd.Function):
                 u.copy_(ht)
             else:
                 torch.add(v, ht, out=u)
-            fired = u >= threshold
-            spikes[t].copy_(fired)
-            v = u.masked_fill(fired, 0.0)
+            if bptt:
+                torch.ge(u, threshold, out=fired)
+                spikes[t].copy_(fired)
+                v = u.masked_fill(fired, 0.0)
+            else:
+                torch.ge(u, threshold, out=spikes[t])
+                v = u.masked_fill(spikes[t], 0.0)
         ctx.save_for_backward(charged, threshold)
         ctx.static, ctx.bptt = static, bptt
         if not bptt:
@@ -174,30 +180,82 @@ def if_run(h: Tensor, threshold: float | Tensor, steps: int | None = None,
 
     As :func:`if_sequence` with ``surrogate=True``: ``h`` ``[T, N, ...]``, or ``[N, ...]``
     with ``steps`` = T (a static input); ``bptt`` False is ``detach_carry=True`` (the
-    gradient reaches ``h_t`` only through ``charged_t``; the spikes carry none).
+    gradient reaches ``h_t`` only through ``charged_t``; the spikes carry none). Spikes
+    that carry no gradient (``bptt`` False, or no gradient wanted) are returned as bool.
     """
     thr = threshold if isinstance(threshold, Tensor) else torch.tensor(float(threshold))
     thr = thr.to(device=h.device, dtype=h.dtype)
+    bptt = bptt and torch.is_grad_enabled() and h.requires_grad
     static = steps is not None
     return _IFRun.apply(h, thr, steps if static else h.shape[0], static, bptt)
 
 
 class _SurrogateActivity(torch.autograd.Function):
-    """g(u - theta) (Eq. 16) with gradient g'(u - theta) (Eq. 17); saves only u."""
+    """g(u - theta) (Eq. 16) with gradient g'(u - theta) (Eq. 17); saves only u.
+
+    Three passes over u each way: x = pi u - pi theta, atan, 1/2 + x/pi (forward);
+    x, 1 + x x, g / (1 + x x) (backward)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, threshold: Tensor) -> Tensor:
         ctx.save_for_backward(u, threshold)
-        return torch.sub(u, threshold).mul_(math.pi).atan_().div_(math.pi).add_(0.5)
+        x = torch.add(threshold * -math.pi, u, alpha=math.pi).atan_()
+        return torch.add(torch.full((), 0.5, dtype=u.dtype, device=u.device), x,
+                         alpha=1 / math.pi, out=x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         u, threshold = ctx.saved_tensors
-        sg = torch.sub(u, threshold).square_().mul_(math.pi ** 2).add_(1.0)
-        return g / sg, None
+        x = torch.add(threshold * -math.pi, u, alpha=math.pi)
+        one = torch.ones((), dtype=u.dtype, device=u.device)
+        return g / torch.addcmul(one, x, x, out=x), None
 
 
 def surrogate_activity(u: Tensor, threshold: float | Tensor) -> Tensor:
     """``atan_surrogate(u - threshold)`` as one autograd node that saves only ``u``."""
     thr = threshold if isinstance(threshold, Tensor) else torch.tensor(float(threshold))
     return _SurrogateActivity.apply(u, thr.to(device=u.device, dtype=u.dtype))
+
+
+class _StepSimilarity(torch.autograd.Function):
+    """``[T, n, m]`` similarities of rows ``[:, :n]`` (inputs) of ``a`` ``[T, B, d]`` to
+    rows ``[:, n:]`` (one target per class), per time step; see :func:`step_similarity`.
+
+    The backward writes both parts of the gradient into one ``[T, B, d]`` tensor with two
+    batched products (slicing or splitting ``a`` under autograd would fill zeros or
+    concatenate a copy of the same size)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, n: int, kind: str, scale: float) -> Tensor:
+        h, t = a[:, :n], a[:, n:]
+        sim = torch.bmm(h, t.transpose(1, 2))
+        if kind == "l2":  # 2 h.t - |h|^2 - |t|^2 (Eq. 7 as a similarity)
+            sim.mul_(2).sub_(h.square().sum(2, keepdim=True)).sub_(t.square().sum(2).unsqueeze(1))
+        ctx.save_for_backward(a)
+        ctx.n, ctx.kind, ctx.scale = n, kind, scale
+        return sim.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (a,) = ctx.saved_tensors
+        n = ctx.n
+        g = g * ctx.scale
+        h, t = a[:, :n], a[:, n:]
+        da = torch.empty_like(a)
+        if ctx.kind == "l2":
+            g = g * 2
+        torch.bmm(g, t, out=da[:, :n])
+        torch.bmm(g.transpose(1, 2), h, out=da[:, n:])
+        if ctx.kind == "l2":  # d(-|h|^2) = -2h sum_m g; here g is already 2g
+            da[:, :n].sub_(h * g.sum(2, keepdim=True))
+            da[:, n:].sub_(t * g.sum(1).unsqueeze(2))
+        return da, None, None, None
+
+
+def step_similarity(a: Tensor, n: int, kind: str = "dot", scale: float = 1.0) -> Tensor:
+    """Per time step, the similarity (Eq. 6 dot, or Eq. 7 L2) of each of the ``n`` input
+    rows of ``a`` ``[T, B, ...]`` to each of the ``B - n`` target rows, times ``scale``:
+    ``[T, n, B - n]``. Computed in the dtype of ``a`` (float32 for the SNN models)."""
+    if kind not in ("dot", "l2"):
+        raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
+    return _StepSimilarity.apply(a.flatten(2), n, kind, float(scale))

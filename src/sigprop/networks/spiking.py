@@ -59,43 +59,104 @@ class IFNode(nn.Module):
 
     def run(self, h: Tensor, steps: int | None = None, detach_carry: bool = False
             ) -> tuple[Tensor, Tensor]:
-        """(spikes, charged voltages), both ``[T, N, ...]`` float32 (module docstring)."""
+        """(spikes, charged voltages), both ``[T, N, ...]``; voltages float32, spikes
+        float32 where they carry a gradient, else bool (module docstring)."""
         return SNN.if_run(h.float(), self.threshold, steps, bptt=not detach_carry)
 
     def forward(self, h: Tensor, steps: int | None = None) -> Tensor:
-        return self.run(h, steps)[0]
+        s = self.run(h, steps)[0]
+        return s if s.dtype != torch.bool else s.to(_compute_dtype(h))
 
     def extra_repr(self) -> str:
         return f"threshold={float(self.threshold):g}, v_reset=0, surrogate=atan(alpha=2)"
 
 
-def norm_from_rows(norm: nn.modules.batchnorm._BatchNorm, z: Tensor, rows: Tensor) -> Tensor:
-    """BatchNorm of ``z`` (N, C, ...) with the statistics of ``rows`` (a view of some of
-    z's elements, channel at dim -3 for maps, -1 for vectors... given as (..., C, *S)
-    with the channel dim = ``rows.dim() - z.dim() + 1``), all through autograd.
+class _RowsStatsNorm(torch.autograd.Function):
+    """BatchNorm of ``z`` ``(S * B, C, ...)`` (S steps of B samples, step-major) with the
+    statistics of the first ``n`` samples of every step, native kernels both ways.
 
-    The sigprop models' inputs and targets share each block (Sec. III-D: statistics
-    from the inputs only); in a time-major batch the inputs are not one slice of rows
-    of the flattened ``[T * B, ...]`` tensor, so the statistics are taken from the
-    ``[T, :n]`` view. Running statistics are updated as ``nn.BatchNorm`` does.
+    Forward: per-step ``batch_norm_update_stats`` on the contiguous ``[s, :n]`` slices,
+    combined (equal counts); ``native_batch_norm`` in eval mode applies them to all
+    rows. Backward: ATen's eval-mode backward (statistics held fixed) plus, on the
+    statistics' rows, the term the statistics add (as ``batchnorm.input_stats_backward``):
+    ``dx_j -= w r (sum(dxh) + xh_j sum(dxh xh)) / N`` for rows j among them.
     """
-    cdim = rows.dim() - z.dim() + 1
-    dims = [d for d in range(rows.dim()) if d != cdim]
-    var, mean = torch.var_mean(rows, dim=dims, correction=0)
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, steps: int, n: int, eps: float, running):
+        b = z.shape[0] // steps
+        zs = z.unflatten(0, (steps, b))
+        means, vars_ = zip(*(torch.batch_norm_update_stats(zs[s, :n], None, None, 0.0)
+                             for s in range(steps)))
+        means = torch.stack(means).float()  # float32 even for 16-bit z (as nn.BatchNorm)
+        mean = means.mean(0)
+        # biased variance of the union of equal-sized groups
+        var = (torch.stack(vars_).float() + means.square()).mean(0) - mean.square()
+        var.clamp_(min=0)
+        count = steps * n * (z.numel() // (z.shape[0] * z.shape[1]))
+        if running is not None:
+            running_mean, running_var, momentum = running
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (count / max(count - 1, 1))).to(running_var.dtype),
+                              momentum)
+        y = torch.native_batch_norm(z, weight, bias, mean, var, False, 0.0, eps)[0]
+        ctx.save_for_backward(z, weight, mean, var)
+        ctx.steps, ctx.n, ctx.eps, ctx.count = steps, n, eps, count
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, weight, mean, var = ctx.saved_tensors
+        w = weight if weight is not None else torch.ones_like(mean)
+        invstd = torch.rsqrt(var + ctx.eps)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            g.contiguous(), z, w, mean, var, mean, invstd, False, ctx.eps, [True, True, True])
+        # dw, db above sum over all rows; the statistics' term uses sums over all rows too
+        k = w * dw * invstd.square() / ctx.count  # coefficient of (x_j - mu)
+        c = w * db * invstd / ctx.count - mean * k
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        b = z.shape[0] // ctx.steps
+        dxs, zs = dx.unflatten(0, (ctx.steps, b)), z.unflatten(0, (ctx.steps, b))
+        for s in range(ctx.steps):
+            dxs[s, :ctx.n] -= torch.addcmul(c.view(shape), zs[s, :ctx.n], k.view(shape)).to(dx.dtype)
+        if weight is None:
+            return dx, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None
+
+
+def norm_from_rows(norm: nn.modules.batchnorm._BatchNorm, z: Tensor, steps: int, n: int
+                   ) -> Tensor:
+    """BatchNorm of ``z`` ``(steps * B, C, ...)`` (step-major) with statistics from the
+    first ``n`` samples of every step, running statistics updated as ``nn.BatchNorm``.
+
+    The sigprop models' inputs and targets share each block (Sec. III-D: statistics from
+    the inputs only); in a time-major batch the inputs are not one slice of rows of the
+    flattened ``[T * B, ...]`` tensor, so the statistics come from the ``[t, :n]``
+    slices (``_RowsStatsNorm``).
+    """
+    running = None
     if norm.training and norm.track_running_stats:
-        count = rows.numel() // rows.shape[cdim]
-        with torch.no_grad():
-            m = norm.momentum if norm.momentum is not None else 0.1
-            norm.running_mean.lerp_(mean.detach().to(norm.running_mean.dtype), m)
-            norm.running_var.lerp_((var.detach() * (count / max(count - 1, 1)))
-                                   .to(norm.running_var.dtype), m)
-            norm.num_batches_tracked += 1
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    y = (z - mean.view(shape)) * scale.view(shape)
-    return y + norm.bias.view(shape) if norm.bias is not None else y
+        norm.num_batches_tracked += 1
+        m = norm.momentum if norm.momentum is not None else 0.1
+        running = (norm.running_mean, norm.running_var, m)
+    return _RowsStatsNorm.apply(z, norm.weight, norm.bias, steps, n, norm.eps, running)
+
+
+def _compute_dtype(like: Tensor) -> torch.dtype:
+    """The dtype the next synapse computes in: autocast's where it is on, else float32."""
+    kind = like.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.float32
+
+
+def _or_pool(s: Tensor) -> Tensor:
+    """2x2 max-pool (stride 2, floor) of bool spikes ``[T, N, C, H, W]``: a logical or."""
+    t, n, c, h, w = s.shape
+    h2, w2 = h // 2, w // 2
+    if (h, w) != (2 * h2, 2 * w2):
+        s = s[..., :2 * h2, :2 * w2]
+    return s.reshape(t, n, c, h2, 2, w2, 2).any(6).any(4)
 
 
 class SpikingBlock(nn.Module):
@@ -122,15 +183,14 @@ class SpikingBlock(nn.Module):
             z = self.synapse(x)
             if n is None or n >= z.shape[0] or not self.norm.training:
                 return self.norm(z)
-            return norm_from_rows(self.norm, z, z[:n])
+            return norm_from_rows(self.norm, z, 1, n)
         if self.flatten:
             x = x.flatten(2)
         t, b = x.shape[:2]
         z = self.synapse(x.flatten(0, 1))
         if n is None or n >= b or not self.norm.training:
             return self.norm(z).unflatten(0, (t, b))
-        rows = z.unflatten(0, (t, b))[:, :n]
-        return norm_from_rows(self.norm, z, rows).unflatten(0, (t, b))
+        return norm_from_rows(self.norm, z, t, n).unflatten(0, (t, b))
 
     def run(self, x: Tensor, n: int | None = None, detach_carry: bool = False
             ) -> tuple[Tensor, Tensor]:
@@ -138,6 +198,10 @@ class SpikingBlock(nn.Module):
         before firing)."""
         h = self.charge(x, n)
         spikes, charged = self.node.run(h, self.steps if self.first else None, detach_carry)
+        if spikes.dtype == torch.bool:  # no gradient: pool as a logical or, 1 byte a value
+            if self.pool is not None:
+                spikes = _or_pool(spikes)
+            return spikes.to(_compute_dtype(h)), charged
         if self.pool is not None:
             spikes = F.max_pool2d(spikes.flatten(0, 1), 2).unflatten(0, spikes.shape[:2])
         return spikes, charged

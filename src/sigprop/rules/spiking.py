@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import functional as SF
 from ..errors import ConfigError
-from ..functional.spiking import surrogate_activity
+from ..functional.spiking import step_similarity, surrogate_activity
 from ..networks import Network
 from ..networks.spiking import SP_THRESHOLD, SpikingNetwork
 from ..registry import register_rule
@@ -126,14 +126,9 @@ class SpikingSigprop(LearningRule):
 
     def _scores(self, a: Tensor, n: int, i: int) -> Tensor:
         """[T, n, m] similarities of the n inputs to the m class targets at every step
-        (Eq. 6 or 7 per step; one batched product, and a split rather than slices so
-        that the backward joins two gradients instead of filling zeros per step)."""
-        h, t = a.split([n, a.shape[1] - n], dim=1)
-        h, t = h.flatten(2), t.flatten(2)
-        sim = torch.bmm(h, t.transpose(1, 2))
-        if self.cfg.loss == "l2":  # 2 h.t - |h|^2 - |t|^2
-            sim = 2 * sim - h.square().sum(2, keepdim=True) - t.square().sum(2).unsqueeze(1)
-        return sim * self.scales[i]
+        (Eq. 6 or 7 per step, float32, outside autocast: the voltages are float32 and a
+        cast to 16 bits would copy them; functional.spiking.step_similarity)."""
+        return step_similarity(a, n, self.cfg.loss, self.scales[i])
 
     def _inputs_and_targets(self, x: Tensor) -> Tensor:
         t0 = self.signal.targets(x)  # (m, *input_shape)
@@ -152,7 +147,7 @@ class SpikingSigprop(LearningRule):
             self._mark(f"block{i + 1}")
             with self.autocast(x):
                 out, charged = block.run(h, n, detach_carry=True)
-                scores = self._scores(self._activity(charged, block).float(), n, i)
+            scores = self._scores(self._activity(charged, block), n, i)
             loss = F.cross_entropy(scores.flatten(0, 1), y.repeat(scores.shape[0]))
             self._backward(loss)
             losses.append(loss.detach())
@@ -186,7 +181,8 @@ class SpikingSigprop(LearningRule):
         out = []
         for i, block in enumerate(self.network.blocks):
             h, charged = block.run(h)
-            out.append(self._scores(self._activity(charged, block).float(), n, i).mean(0))
+            with torch.autocast(x.device.type, enabled=False):
+                out.append(self._scores(self._activity(charged, block), n, i).mean(0))
         out.append(self.network.head(h[:, :n]))
         return out
 

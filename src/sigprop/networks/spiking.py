@@ -145,7 +145,7 @@ def norm_from_rows(norm: nn.modules.batchnorm._BatchNorm, z: Tensor, steps: int,
 def _compute_dtype(like: Tensor) -> torch.dtype:
     """The dtype the next synapse computes in: autocast's where it is on, else float32."""
     kind = like.device.type
-    if torch.is_autocast_enabled(kind):
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return torch.float32
 

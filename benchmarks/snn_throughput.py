@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (fp16 autocast and a GradScaler with amp on)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -70,14 +71,16 @@ def main(argv=None) -> int:
     models = args.models.split(",")
     amps = args.amp.split(",")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, *shape, generator=g)
-    y = torch.randint(0, CLASSES, (args.batch_size,), generator=g)
+    device = torch.device(args.device)
+    x = torch.randn(args.batch_size, *shape, generator=g).to(device)
+    y = torch.randint(0, CLASSES, (args.batch_size,), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rules = {}
     for model in models:
         for amp in amps:
             torch.manual_seed(0)
             rule = sigprop.build_rule(model, build_network("snn-conv", shape, CLASSES),
-                                      CLASSES, amp=amp)
+                                      CLASSES, amp=amp).to(device)
             rule.set_training(True)
             for _ in range(args.warmup):
                 rule.train_step(x, y)
@@ -85,9 +88,11 @@ def main(argv=None) -> int:
     macs = forward_macs(next(iter(rules.values())).network)
 
     def segment(rule) -> float:
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             rule.train_step(x, y)
+        sync()
         return args.steps * args.batch_size / (time.perf_counter() - t0)
 
     rates = {k: [] for k in rules}
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
 
     rows = {}
-    print(f"snn-conv, input {args.input}, batch {args.batch_size}, "
+    print(f"snn-conv, input {args.input}, batch {args.batch_size}, {args.device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; forward "
           f"{macs / 1e6:.0f} M multiply-adds a sample\n")
     print("| model | amp | samples/s (median, range) | / bp-surrogate (same amp) |")

@@ -3,8 +3,9 @@
 # installed; the package runs from src/, nothing is installed):
 #   1. tests/test_cuda.py (every rule's steps on the GPU against the CPU, loader, custom
 #      autograd Functions, a CLI run, resume), then the whole fast suite;
-#   2. benchmarks/throughput_memory.py on the GPU (batch 128 and 1024), and sigprop bench
-#      (Tables I-IV) on VGG8b and VGG8b(2x);
+#   2. benchmarks/throughput_memory.py on the GPU (batch 128 and 1024), sigprop bench
+#      (Tables I-IV) on VGG8b and VGG8b(2x), and benchmarks/snn_throughput.py (Table V's
+#      spiking models, fp16 + GradScaler and float32);
 #   3. Table VI's fully connected rows on full Fashion-MNIST on the GPU (sigprop,
 #      backprop, shallow; `sigprop reproduce table6-fmnist --budget quick`, seed 0): the
 #      report beside the paper's numbers, with plots.
@@ -41,6 +42,9 @@ step python3 -m sigprop.cli bench --device cuda --network vgg8b --input 3x32x32 
   --json "$out/bench_vgg8b_cuda.json"
 step python3 -m sigprop.cli bench --device cuda --network vgg8b-2x --input 3x32x32 \
   --rules sigprop --targets dense,sparse --repeats 5 --warmup 3 --json "$out/bench_vgg8b2x_cuda.json"
+# Table V's spiking models on the GPU (fp16 autocast with a GradScaler, and float32)
+step python3 benchmarks/snn_throughput.py --device cuda --amp on,off --steps 5 --repeats 5 \
+  --json "$out/bench_snn_cuda.json"
 runs=runs/gpu-check/table6-fmnist
 step python3 -m sigprop.cli reproduce table6-fmnist --budget quick --seeds 0 --device cuda \
   --no-progress --out "$runs"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import os
 
 import pytest
@@ -200,3 +201,22 @@ def test_pipeline_is_for_cpus():
     else:
         forced.train_step(x, y)
         forced.sync()
+
+
+@pytest.mark.parametrize("rule", ["bp-surrogate", "sp-surrogate", "sp-voltage"])
+def test_snn_fp16_autocast_with_grad_scaler_on_cuda(rule):
+    """Spiking models under fp16 autocast with a GradScaler (amp auto) lower their loss,
+    and the scaler's state goes into the rule's state dict."""
+
+    torch.manual_seed(0)
+    r = build_rule(rule, build_network("snn-conv", (1, 28, 28), 10), 10).to(CUDA)
+    assert r.amp
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28, generator=g).to(CUDA), (torch.arange(16) % 10).to(CUDA)
+    first = r.train_step(x, y)[0].sum().item()
+    for _ in range(6):
+        last = r.train_step(x, y)[0].sum().item()
+    assert math.isfinite(last) and last < first, (first, last)
+    if CUDA.type == "cuda":  # fp16 needs the scaler; bf16 on a CPU does not
+        assert r.scaler is not None and "scaler" in r.state_dict()
+    assert r.predict(x).dtype == torch.float32

@@ -302,3 +302,10 @@ def test_table5_named_configs():
             assert (c.model.network, c.data.dataset, c.data.batch_size) == ("snn-conv", dataset, 128)
             assert (c.train.epochs, c.train.schedule, c.rule.lr) == (64, "cosine", 5e-4)
             assert c.rule.amp == "auto"
+
+
+def test_snn_builds_on_the_meta_device():
+    """Reproductions plan runs on the meta device: no autocast query may fail there."""
+    with torch.device("meta"):
+        net = build_network("snn-conv", (1, 28, 28), 10)
+    assert net.block_shapes[-1] == (4, 2048)

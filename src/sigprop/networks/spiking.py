@@ -61,7 +61,9 @@ class IFNode(nn.Module):
             ) -> tuple[Tensor, Tensor]:
         """(spikes, charged voltages), both ``[T, N, ...]``; voltages float32, spikes
         float32 where they carry a gradient, else bool (module docstring)."""
-        return SNN.if_run(h.float(), self.threshold, steps, bptt=not detach_carry)
+        if h.dtype in (torch.float16, torch.bfloat16):  # 16-bit currents: float32 voltages
+            h = h.float()
+        return SNN.if_run(h, self.threshold, steps, bptt=not detach_carry)
 
     def forward(self, h: Tensor, steps: int | None = None) -> Tensor:
         s = self.run(h, steps)[0]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..networks import Network
 from ..registry import register_rule
-from .base import LearningRule, RuleConfig, make_adam
+from .base import LearningRule, RuleConfig, _full, make_adam
 
 
 @register_rule("backprop")
@@ -29,7 +29,7 @@ class Backprop(LearningRule):
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with self.autocast(x):
-            logits = self.network(x).float()
+            logits = _full(self.network(x))
         loss = F.cross_entropy(logits, y)
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)
@@ -58,7 +58,7 @@ class Shallow(LearningRule):
             with torch.no_grad():
                 for block in self.network.blocks:
                     h = block(h)
-            logits = self.network.head(h).float()
+            logits = _full(self.network.head(h))
         loss = F.cross_entropy(logits, y)
         self._step(self.opt, loss)
         return loss.detach().view(1), (logits.argmax(1) == y).sum().view(1)

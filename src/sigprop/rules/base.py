@@ -307,14 +307,14 @@ class LearningRule:
         self._check_inputs(x)
         self.sync()
         with torch.no_grad(), self.autocast(x):
-            return [s.float() for s in self._exit_scores(x)]
+            return [_full(s) for s in self._exit_scores(x)]
 
     def predict(self, x: Tensor) -> Tensor:
         """(n, classes) scores of the final exit (no grad)."""
         self._check_inputs(x)
         self.sync()
         with torch.no_grad(), self.autocast(x):
-            return self._predict(x).float()
+            return _full(self._predict(x))
 
     def sync(self) -> None:
         """Wait until every update of the steps taken so far is applied. Rules whose
@@ -449,6 +449,11 @@ def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | 
     except TypeError as err:
         raise ConfigError(f"bad rule option: {err}") from None
     return RULES.get(name)(network, num_classes, cfg)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A 16-bit result (from autocast) as float32; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _dropped_biases(modules: nn.Module, saved: dict) -> bool:

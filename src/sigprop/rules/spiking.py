@@ -48,7 +48,7 @@ from ..networks.spiking import SP_THRESHOLD, SpikingNetwork
 from ..registry import register_rule
 from ..signals.label import LabelProjection
 from .backprop import Backprop
-from .base import LearningRule, RuleConfig, make_grouped_adam
+from .base import LearningRule, RuleConfig, _full, make_grouped_adam
 
 
 def _require_spiking(name: str, network: Network) -> None:
@@ -176,7 +176,7 @@ class SpikingSigprop(LearningRule):
             h = out.detach()
         self._mark("head")
         with self.autocast(x):
-            logits = self.network.head(h[:, :n]).float()
+            logits = _full(self.network.head(h[:, :n]))
         loss = F.cross_entropy(logits, y)
         self._backward(loss)
         losses.append(loss.detach())

@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sample shape (default 3x32x32: CIFAR-10)")
     b.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--dropout", type=float, default=0.1)
+    b.add_argument("--dropout", type=float, default=None,
+                   help="default 0.1 (Sec. IV), none for networks without dropout "
+                        "(snn-, hopfield-)")
     b.add_argument("--head", default="classifier", choices=("target", "classifier"),
                    help="sigprop's prediction (default classifier: Fig. 2b, as Sec. IV-A)")
     b.add_argument("--pipeline", default="auto", choices=("auto", "off"),

@@ -153,3 +153,36 @@ def test_input_stats_bn_backward_passes_gradcheck(shape, affine):
         return _InputStatsBN.apply(xx, ww, bb, n, 1e-5, None)
 
     assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("shape, steps", [((4 * 7, 5, 3, 3), 4), ((4 * 7, 5), 4), ((6, 5, 3, 3), 1)])
+def test_input_stats_norm_over_step_major_groups(shape, steps):
+    """A spiking net's [T * B, ...] batch: statistics from the first n samples of every
+    step, against the same normalisation written with autograd ops (values, gradients,
+    running mean), and gradcheck."""
+    from sigprop.batchnorm import _InputStatsBN, input_stats_norm
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(5).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-1, 1, generator=g)
+    n = 4
+    rows = z.unflatten(0, (steps, shape[0] // steps))[:, :n]
+    var, mean = torch.var_mean(rows, dim=[0, 1, *range(3, rows.dim())], correction=0)
+    view = (1, -1) + (1,) * (z.dim() - 2)
+    want = (z - mean.view(view)) * torch.rsqrt(var.view(view) + bn.eps) * bn.weight.view(view) \
+        + bn.bias.view(view)
+    got = input_stats_norm(bn, z, n, steps)
+    assert torch.allclose(got, want)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    params = [z, bn.weight, bn.bias]
+    for a, b in zip(torch.autograd.grad((got * w).sum(), params),
+                    torch.autograd.grad((want * w).sum(), params)):
+        assert torch.allclose(a, b)
+    assert torch.allclose(bn.running_mean, 0.1 * mean.detach())
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, ww, bb: _InputStatsBN.apply(a, ww, bb, n, 1e-5, None, steps),
+        (x, bn.weight, bn.bias))

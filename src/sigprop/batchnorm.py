@@ -48,15 +48,35 @@ def frozen_running_stats() -> Iterator[None]:
         _FROZEN.reset(token)
 
 
+def _stats_rows(x: torch.Tensor, n: int, steps: int) -> list[torch.Tensor]:
+    """The rows whose statistics count: ``x[:n]``, or with ``steps`` > 1 (``x`` is
+    step-major, ``steps`` groups of B samples: a spiking net's ``[T * B, ...]``) the first
+    n samples of every group."""
+    if steps == 1:
+        return [x[:n] if n < x.shape[0] else x]
+    groups = x.unflatten(0, (steps, x.shape[0] // steps))
+    return [groups[s, :n] for s in range(steps)]
+
+
 def input_stats_forward(x: torch.Tensor, weight, bias, n: int, eps: float,
-                        running: tuple | None, shift: torch.Tensor | None = None):
-    """y = (x - mu) * r * w + b for all rows, mu and var from rows [:n] only; returns
-    (y, mu, var). ``running`` = (running_mean, running_var, momentum) is updated as
-    nn.BatchNorm does, for ``x + shift`` when a shift (a bias the normalisation
-    cancels) was left out of x."""
-    stats = x[:n] if n < x.shape[0] else x
-    mean, var = torch.batch_norm_update_stats(stats, None, None, 0.0)  # biased var
-    count = stats.numel() // stats.shape[1]
+                        running: tuple | None, shift: torch.Tensor | None = None,
+                        steps: int = 1):
+    """y = (x - mu) * r * w + b for all rows, mu and var from rows [:n] only (with
+    ``steps``: the first n samples of each step-major group, :func:`_stats_rows`);
+    returns (y, mu, var). ``running`` = (running_mean, running_var, momentum) is updated
+    as nn.BatchNorm does, for ``x + shift`` when a shift (a bias the normalisation
+    cancels) was left out of x. Statistics of 16-bit x are float32, as nn.BatchNorm's."""
+    rows = _stats_rows(x, n, steps)
+    means, vars_ = zip(*(torch.batch_norm_update_stats(r, None, None, 0.0) for r in rows))
+    if len(rows) == 1:
+        mean, var = means[0], vars_[0]  # biased var
+    else:  # groups of equal size: the union's mean and biased variance
+        m = torch.stack(means)
+        mean = m.mean(0)
+        var = (torch.stack(vars_) + m.square()).mean(0).sub_(mean.square()).clamp_(min=0)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        mean, var = mean.float(), var.float()
+    count = sum(r.numel() for r in rows) // x.shape[1]
     if running is not None:
         running_mean, running_var, momentum = running
         running_mean.lerp_(mean if shift is None else mean + shift, momentum)
@@ -66,14 +86,15 @@ def input_stats_forward(x: torch.Tensor, weight, bias, n: int, eps: float,
 
 
 def input_stats_backward(g: torch.Tensor, x: torch.Tensor, weight, mean, var, n: int,
-                         eps: float):
+                         eps: float, steps: int = 1):
     """Gradients (dx, dw, db) of :func:`input_stats_forward`, through the statistics:
 
         dx_j = r * (dxh_j - [j < n] * (sum(dxh) + xh_j * sum(dxh * xh)) / N),
 
     dxh = g * w, xh = (x - mu) * r, sums over all rows, N the element count per channel
     in rows [:n]. ATen's eval-mode backward (statistics held fixed) yields g * w * r,
-    sum(g * xh) and sum(g); one correction over rows [:n] adds the statistics' term.
+    sum(g * xh) and sum(g); one correction over rows [:n] adds the statistics' term
+    (with ``steps``: over the first n samples of every step-major group).
     """
     w = weight if weight is not None else torch.ones_like(mean)
     invstd = torch.rsqrt(var + eps)
@@ -83,11 +104,13 @@ def input_stats_backward(g: torch.Tensor, x: torch.Tensor, weight, mean, var, n:
     dx, dw, db = torch.ops.aten.native_batch_norm_backward(
         g, x, w, mean, var, mean, invstd, False, eps, [True, True, True]
     )
-    count = x[:n].numel() // x.shape[1]
+    rows, drows = _stats_rows(x, n, steps), _stats_rows(dx, n, steps)
+    count = sum(r.numel() for r in rows) // x.shape[1]
     k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
     c = w * db * invstd / count - mean * k
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    dx[:n] -= torch.addcmul(c.view(shape), x[:n], k.view(shape))
+    for r, dr in zip(rows, drows):
+        dr -= torch.addcmul(c.view(shape), r, k.view(shape)).to(dx.dtype)
     return dx, dw, db
 
 
@@ -121,19 +144,21 @@ class _InputStatsBN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, n: int, eps: float, running: tuple | None):
-        y, mean, var = input_stats_forward(x, weight, bias, n, eps, running)
+    def forward(ctx, x, weight, bias, n: int, eps: float, running: tuple | None,
+                steps: int = 1):
+        y, mean, var = input_stats_forward(x, weight, bias, n, eps, running, steps=steps)
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.n, ctx.eps = n, eps
+        ctx.n, ctx.eps, ctx.steps = n, eps, steps
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, mean, var = ctx.saved_tensors
-        dx, dw, db = input_stats_backward(g.contiguous(), x, weight, mean, var, ctx.n, ctx.eps)
+        dx, dw, db = input_stats_backward(g.contiguous(), x, weight, mean, var, ctx.n, ctx.eps,
+                                          ctx.steps)
         if weight is None:
-            return dx, None, None, None, None, None
-        return dx, dw, db, None, None, None
+            return dx, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 class InputStatsBatchNorm(_BatchNorm):
@@ -156,13 +181,23 @@ class InputStatsBatchNorm(_BatchNorm):
         return _InputStatsBN.apply(x, self.weight, self.bias, n, self.eps, self.count_batch())
 
     def count_batch(self) -> tuple | None:
-        """Count one training batch; (running_mean, running_var, momentum) to update,
-        as ``nn.BatchNorm`` would, or None when running statistics are not tracked."""
-        if not (self.track_running_stats and self.num_batches_tracked is not None):
-            return None
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return (self.running_mean, self.running_var, momentum)
+        return count_batch(self)
+
+
+def count_batch(bn: _BatchNorm) -> tuple | None:
+    """Count one training batch of ``bn``; (running_mean, running_var, momentum) to
+    update, as ``nn.BatchNorm`` would, or None when running statistics are not tracked."""
+    if not (bn.track_running_stats and bn.num_batches_tracked is not None):
+        return None
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return (bn.running_mean, bn.running_var, momentum)
+
+
+def input_stats_norm(bn: _BatchNorm, x: torch.Tensor, n: int, steps: int = 1) -> torch.Tensor:
+    """``bn`` in training mode on ``x`` with statistics from its first ``n`` rows (with
+    ``steps``: the first n samples of each step-major group), running statistics counted."""
+    return _InputStatsBN.apply(x, bn.weight, bn.bias, n, bn.eps, count_batch(bn), steps)
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

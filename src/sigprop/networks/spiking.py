@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..batchnorm import input_stats_norm
 from ..errors import ConfigError
 from ..functional import spiking as SNN
 from ..registry import register_network
@@ -71,77 +72,6 @@ class IFNode(nn.Module):
 
     def extra_repr(self) -> str:
         return f"threshold={float(self.threshold):g}, v_reset=0, surrogate=atan(alpha=2)"
-
-
-class _RowsStatsNorm(torch.autograd.Function):
-    """BatchNorm of ``z`` ``(S * B, C, ...)`` (S steps of B samples, step-major) with the
-    statistics of the first ``n`` samples of every step, native kernels both ways.
-
-    Forward: per-step ``batch_norm_update_stats`` on the contiguous ``[s, :n]`` slices,
-    combined (equal counts); ``native_batch_norm`` in eval mode applies them to all
-    rows. Backward: ATen's eval-mode backward (statistics held fixed) plus, on the
-    statistics' rows, the term the statistics add (as ``batchnorm.input_stats_backward``):
-    ``dx_j -= w r (sum(dxh) + xh_j sum(dxh xh)) / N`` for rows j among them.
-    """
-
-    @staticmethod
-    def forward(ctx, z, weight, bias, steps: int, n: int, eps: float, running):
-        b = z.shape[0] // steps
-        zs = z.unflatten(0, (steps, b))
-        means, vars_ = zip(*(torch.batch_norm_update_stats(zs[s, :n], None, None, 0.0)
-                             for s in range(steps)))
-        means = torch.stack(means).float()  # float32 even for 16-bit z (as nn.BatchNorm)
-        mean = means.mean(0)
-        # biased variance of the union of equal-sized groups
-        var = (torch.stack(vars_).float() + means.square()).mean(0) - mean.square()
-        var.clamp_(min=0)
-        count = steps * n * (z.numel() // (z.shape[0] * z.shape[1]))
-        if running is not None:
-            running_mean, running_var, momentum = running
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / max(count - 1, 1))).to(running_var.dtype),
-                              momentum)
-        y = torch.native_batch_norm(z, weight, bias, mean, var, False, 0.0, eps)[0]
-        ctx.save_for_backward(z, weight, mean, var)
-        ctx.steps, ctx.n, ctx.eps, ctx.count = steps, n, eps, count
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        z, weight, mean, var = ctx.saved_tensors
-        w = weight if weight is not None else torch.ones_like(mean)
-        invstd = torch.rsqrt(var + ctx.eps)
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(), z, w, mean, var, mean, invstd, False, ctx.eps, [True, True, True])
-        # dw, db above sum over all rows; the statistics' term uses sums over all rows too
-        k = w * dw * invstd.square() / ctx.count  # coefficient of (x_j - mu)
-        c = w * db * invstd / ctx.count - mean * k
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        b = z.shape[0] // ctx.steps
-        dxs, zs = dx.unflatten(0, (ctx.steps, b)), z.unflatten(0, (ctx.steps, b))
-        for s in range(ctx.steps):
-            dxs[s, :ctx.n] -= torch.addcmul(c.view(shape), zs[s, :ctx.n], k.view(shape)).to(dx.dtype)
-        if weight is None:
-            return dx, None, None, None, None, None, None
-        return dx, dw, db, None, None, None, None
-
-
-def norm_from_rows(norm: nn.modules.batchnorm._BatchNorm, z: Tensor, steps: int, n: int
-                   ) -> Tensor:
-    """BatchNorm of ``z`` ``(steps * B, C, ...)`` (step-major) with statistics from the
-    first ``n`` samples of every step, running statistics updated as ``nn.BatchNorm``.
-
-    The sigprop models' inputs and targets share each block (Sec. III-D: statistics from
-    the inputs only); in a time-major batch the inputs are not one slice of rows of the
-    flattened ``[T * B, ...]`` tensor, so the statistics come from the ``[t, :n]``
-    slices (``_RowsStatsNorm``).
-    """
-    running = None
-    if norm.training and norm.track_running_stats:
-        norm.num_batches_tracked += 1
-        m = norm.momentum if norm.momentum is not None else 0.1
-        running = (norm.running_mean, norm.running_var, m)
-    return _RowsStatsNorm.apply(z, norm.weight, norm.bias, steps, n, norm.eps, running)
 
 
 def _compute_dtype(like: Tensor) -> torch.dtype:
@@ -185,14 +115,16 @@ class SpikingBlock(nn.Module):
             z = self.synapse(x)
             if n is None or n >= z.shape[0] or not self.norm.training:
                 return self.norm(z)
-            return norm_from_rows(self.norm, z, 1, n)
+            return input_stats_norm(self.norm, z, n)
         if self.flatten:
             x = x.flatten(2)
         t, b = x.shape[:2]
         z = self.synapse(x.flatten(0, 1))
         if n is None or n >= b or not self.norm.training:
             return self.norm(z).unflatten(0, (t, b))
-        return norm_from_rows(self.norm, z, t, n).unflatten(0, (t, b))
+        # Sec. III-D: statistics from the inputs only; in the step-major [T * B, ...]
+        # batch they are the first n samples of every step
+        return input_stats_norm(self.norm, z, n, steps=t).unflatten(0, (t, b))
 
     def run(self, x: Tensor, n: int | None = None, detach_carry: bool = False
             ) -> tuple[Tensor, Tensor]:

@@ -238,6 +238,7 @@ class LearningRule:
     # spiking networks (networks/spiking.py): whether the rule trains them, and the IF
     # threshold it sets unless the config names one (Sec. VI-A: 1.0 for BP and Shallow)
     trains_spiking: ClassVar[bool] = False
+    only_spiking: ClassVar[bool] = False  # a spiking model (bp-surrogate, sp-*): nothing else
     spike_threshold: ClassVar[float] = 1.0
     # whether the rule runs its forward passes under 16-bit autocast when cfg.amp asks
     supports_amp: ClassVar[bool] = False
@@ -250,7 +251,10 @@ class LearningRule:
                 "the blocks with sigprop.Network(blocks, head, input_shape)")
         self.num_classes = check_num_classes(num_classes)
         check_head_outputs(network, self.num_classes)
-        spiking = getattr(network, "time_major", False)
+        spiking = network.time_major
+        if self.only_spiking and not spiking:
+            raise ConfigError(f"rule {self.name!r} trains spiking networks (Sec. VI); use "
+                              "--network snn-conv")
         if spiking and not self.trains_spiking:
             raise ConfigError(
                 f"rule {self.name!r} does not train spiking networks; for "

@@ -51,19 +51,11 @@ from .backprop import Backprop
 from .base import LearningRule, RuleConfig, _full, make_grouped_adam
 
 
-def _require_spiking(name: str, network: Network) -> None:
-    if not isinstance(network, SpikingNetwork):
-        raise ConfigError(f"rule {name!r} trains spiking networks (Sec. VI); use "
-                          "--network snn-conv")
-
-
 @register_rule("bp-surrogate")
 class BPSurrogate(Backprop):
     """Backprop through time and through the spikes' surrogate gradient (Table V, BP)."""
 
-    def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
-        _require_spiking(self.name, network)
-        super().__init__(network, num_classes, cfg)
+    only_spiking = True
 
 
 class SpikingSigprop(LearningRule):
@@ -75,12 +67,11 @@ class SpikingSigprop(LearningRule):
     # voltages grow over the steps, c = 0.25 gave 0.661 and c = 1 0.607 with the targets'
     # init below)
     scale_c: ClassVar[float] = 1.0
-    trains_spiking = True
+    trains_spiking = only_spiking = True
     supports_amp = True
     spike_threshold = SP_THRESHOLD
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
-        _require_spiking(self.name, network)
         if cfg.signal != "label" or cfg.targets != "dense":
             raise ConfigError(
                 f"rule {self.name!r} makes one target per class with the label projection "
@@ -101,7 +92,7 @@ class SpikingSigprop(LearningRule):
         # one step of block i: block_shapes[i] = (T, ...) after pooling; the loss compares
         # the charged voltages before pooling
         self.scales = []
-        for block, shape in zip(network.blocks, self._charged_shapes(network)):
+        for shape in self._charged_shapes(network):
             d = math.prod(shape)
             self.scales.append(cfg.logit_scale
                                or self.scale_c * SF.default_scale(cfg.loss, d, conv=True))
@@ -172,7 +163,7 @@ class SpikingSigprop(LearningRule):
             losses.append(loss.detach())
             correct.append((scores.detach().mean(0).argmax(1) == y).sum())
             with torch.no_grad():
-                self._rates[i] += out[:, :n].float().mean()  # on the device: no sync
+                self._rates[i] += out[:, :n].mean(dtype=torch.float32)  # no host sync
             h = out.detach()
         self._mark("head")
         with self.autocast(x):

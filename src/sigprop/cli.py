@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import signal
 import sys
@@ -186,6 +187,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = apply_overrides(cfg, {"train": {"run_dir": str(
             Path("runs") / f"{cfg.data.dataset}-{cfg.model.network}-{cfg.rule.name}-{stamp}")}})
+    from .parallel.split import stage_count
+
+    if stage_count(cfg.train.stages, cfg.train.split) > 1:
+        return _train_staged(cfg, resume, explicit_dir=run_dir is not None)
     trainer = Trainer(cfg, Path(cfg.train.run_dir), resume=resume)
     try:
         history = trainer.run()
@@ -196,12 +201,37 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(f"sigprop: {what} {again}: sigprop train --resume --run-dir "
               f"{shlex.quote(cfg.train.run_dir)}", file=sys.stderr)
         return stop.code if isinstance(stop, Terminated) else 130
-    last = history[-1]
+    _summary(cfg, history[-1])
+    return 0
+
+
+def _summary(cfg, last: dict) -> None:
     print(f"run folder: {cfg.train.run_dir}")
     for name, acc in last["test_acc_exits"].items():
         print(f"  exit {name:<8} test accuracy {acc:.4f}")
     print(f"test accuracy: {last['test_acc']:.4f} (error {100 * last['test_error']:.2f}%)")
-    return 0
+
+
+def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
+    """--stages / --split: this process is one stage (under torchrun), or it starts them."""
+    from .engine.runio import read_history
+    from .parallel.launch import launch
+    from .parallel.runner import in_distributed_env, run_stage
+
+    if in_distributed_env():  # torchrun started this process as one stage
+        if not explicit_dir:
+            raise ConfigError("under torchrun every stage must write to the same run folder: "
+                              "give --run-dir")
+        history = run_stage(cfg, Path(cfg.train.run_dir), resume)
+        if int(os.environ["RANK"]) == 0 and history:
+            _summary(cfg, history[-1])
+        return 0
+    code = launch(cfg, resume)
+    if code == 0:
+        history = read_history(Path(cfg.train.run_dir))
+        if history:
+            _summary(cfg, history[-1])
+    return code
 
 
 def _recorded_config(run_dir: Path):
@@ -228,15 +258,21 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     if not ns.path.strip():
         raise ConfigError("the run folder or checkpoint to evaluate is empty; give its path")
+    from .parallel.checkpoint import MANIFEST, load_run_state
+
     path = Path(ns.path)
     try:
         ckpt = path / CHECKPOINT if path.is_dir() else path
-        found = ckpt.is_file()
+        staged = path.is_dir() and (path / MANIFEST).is_file()
+        found = ckpt.is_file() or staged
     except OSError as err:
         raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
     if not found:
         raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a checkpoint.pt")
-    state = load_checkpoint(ckpt, "cpu")
+    # a run folder: its newest checkpoint (a staged run's parts merged into one rule)
+    state = load_run_state(path) if path.is_dir() else load_checkpoint(ckpt, "cpu")
+    if path.is_dir() and staged and state is not None and "split" in state:
+        ckpt = path / MANIFEST
     cfg = recorded_config(state["config"], ckpt)
     over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
     if ns.device:

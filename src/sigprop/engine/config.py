@@ -4,7 +4,8 @@
              eval_batch_size
     [model]  network, dropout
     [rule]   name, lr, weight_decay, signal, signal_learned, head, loss, ...
-    [train]  epochs, schedule, seed, device, run_dir, progress, check_every
+    [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
+             stage_threads
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags.
 """
@@ -65,6 +66,11 @@ class TrainConfig:
     run_dir: str | None = None
     progress: bool = True
     check_every: int = 50  # steps between non-finite-loss checks (one host sync each)
+    # layer-parallel training (sigprop.parallel): blocks split into this many stages, one
+    # process each; split the blocks per stage by hand ("2,1"), else balanced by cost
+    stages: int = 1
+    split: str | None = None
+    stage_threads: int | None = None  # intra-op threads per stage (default: cores / stages)
 
 
 @dataclass
@@ -112,6 +118,16 @@ class Config:
             raise ConfigError(f"train.schedule must be step, cosine or none, got {t.schedule!r}")
         if t.run_dir is not None and not t.run_dir.strip():
             raise ConfigError("train.run_dir is empty; give a folder name or leave it out")
+        _positive("train.stages", t.stages)
+        if t.stage_threads is not None:
+            _positive("train.stage_threads", t.stage_threads)
+        if t.split is not None:
+            from ..parallel.split import parse_split
+
+            sizes = parse_split(t.split)
+            if t.stages not in (1, len(sizes)):
+                raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "
+                                  f"train.stages is {t.stages}; give one of them, or agree")
         self.rule.validate()
 
 
@@ -263,6 +279,9 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
     ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
+    ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by counted cost)"}),
+    ("--split", "train", "split", {"metavar": "K,K,...", "help": "blocks per stage, first stage first (e.g. 2,1); sets the stages by hand"}),
+    ("--stage-threads", "train", "stage_threads", {"metavar": "N", "help": "intra-op threads of each stage (default: the machine's cores / its stages)"}),
 ]
 
 # boolean keys set by a flag without a value: (flag, section, key, the value it sets)
@@ -295,6 +314,8 @@ RESUMABLE = (
     "data.data_dir",  # the same files elsewhere (their checksums are compared)
     "data.eval_batch_size",  # evaluation is per sample
     "rule.fast_path", "rule.pipeline",  # the same updates, up to rounding
+    # where the blocks run: the same updates (sigprop.parallel)
+    "train.stages", "train.split", "train.stage_threads",
 )
 
 

@@ -59,7 +59,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
+                    stage: bool = False) -> dict[str, Any]:
     """Read a checkpoint without running anything from it, and check its structure.
 
     ``torch.load(weights_only=True)`` unpickles only tensors and plain containers (what
@@ -93,7 +94,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"checkpoint {path} is unreadable ({type(err).__name__}); it was not written "
             "by sigprop or is damaged: delete it to start the run afresh"
         ) from None
-    check_checkpoint(state, path)
+    check_checkpoint(state, path, stage=stage)
     return state
 
 
@@ -107,8 +108,10 @@ _CHECKPOINT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def check_checkpoint(state: Any, path: Path | str) -> None:
-    """Raise CheckpointError unless ``state`` has the layout of a sigprop checkpoint."""
+def check_checkpoint(state: Any, path: Path | str, *, stage: bool = False) -> None:
+    """Raise CheckpointError unless ``state`` has the layout of a sigprop checkpoint
+    (``stage``: of one stage's part, sigprop.parallel.checkpoint: the first stage's holds
+    the history, the others an empty one)."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a sigprop checkpoint (format {CHECKPOINT_FORMAT})")
     damaged = f"checkpoint {path} is damaged or not written by sigprop"
@@ -120,6 +123,11 @@ def check_checkpoint(state: Any, path: Path | str) -> None:
         if not isinstance(value, types) or isinstance(value, bool):
             raise CheckpointError(f"{damaged}: {key!r} is a {type(value).__name__}, not {what}")
     epoch, history, rule = state["epoch"], state["history"], state["rule"]
+    if stage:
+        if not isinstance(state.get("stage"), int) or isinstance(state["stage"], bool):
+            raise CheckpointError(f"{damaged}: it does not say which stage it holds")
+        if state["stage"] > 0 and history == []:
+            history = [{}] * epoch
     if epoch < 1 or len(history) != epoch or not all(isinstance(r, dict) for r in history):
         raise CheckpointError(f"{damaged}: {epoch} epochs but {len(history)} history records")
     if not isinstance(rule.get("modules"), dict) or not isinstance(rule.get("optimizers"), list):

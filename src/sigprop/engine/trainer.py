@@ -69,13 +69,21 @@ class Experiment:
     device: torch.device
 
 
+def build_config_rule(cfg: Config, device: torch.device) -> LearningRule:
+    """The rule of ``cfg``, initialised from its seed (every stage of a staged run builds
+    the same one)."""
+    spec = dataset_spec(cfg.data.dataset)
+    torch.manual_seed(cfg.train.seed)  # model init
+    network = build_network(cfg.model.network, spec.shape, spec.num_classes, cfg.model.dropout)
+    return build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule).to(device)
+
+
 def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     cfg.validate()
     device = resolve_device(cfg.train.device)
     spec = dataset_spec(cfg.data.dataset)
-    torch.manual_seed(cfg.train.seed)  # model init
-    network = build_network(cfg.model.network, spec.shape, spec.num_classes, cfg.model.dropout)
-    rule = build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule).to(device)
+    rule = build_config_rule(cfg, device)
+    network = rule.network
     augment = parse_augment(cfg.data.augment, spec)
     if with_train:
         images, labels = load_dataset(spec.name, cfg.data.train_split, cfg.data.data_dir)
@@ -173,13 +181,16 @@ class Trainer:
         cfg = self.cfg
         ckpt_path = self.run_dir / runio.CHECKPOINT
         config_path = self.run_dir / runio.CONFIG
-        if not self.resume and (ckpt_path.exists() or config_path.exists()):
+        from ..parallel.checkpoint import MANIFEST, load_run_state
+
+        if not self.resume and (ckpt_path.exists() or config_path.exists()
+                                or (self.run_dir / MANIFEST).exists()):
             raise ConfigError(
                 f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another --run-dir"
             )
-        state = runio.load_checkpoint(ckpt_path, "cpu") if self.resume and ckpt_path.exists() \
-            else None
+        # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged
+        state = load_run_state(self.run_dir) if self.resume else None
         changes: dict[str, tuple[Any, Any]] = {}
         if state is not None:  # before any data is read: what may this resume change?
             recorded = runio.recorded_config(state["config"], ckpt_path)

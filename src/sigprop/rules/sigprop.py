@@ -43,12 +43,13 @@ from .. import fastpath
 from .. import functional as SF
 from .. import sparse as SP
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..networks import Network
 from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from ..registry import register_rule
 from ..signals import Feedback, TargetGenerator, build_signal, default_sparse_size
 from .base import LearningRule, RuleConfig, make_grouped_adam
+from .checks import check_y
 
 PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 # pipeline='auto' hands block updates to the update thread only for blocks with at
@@ -323,8 +324,119 @@ class Sigprop(LearningRule):
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The step on a checked batch: written out (pipelined or in sequence) where it
-        applies, else autograd block by block. Every refusal is raised before any work."""
+        losses, correct, _ = self._range_step(x, y, 0, len(self.network.blocks))
+        return losses, correct
+
+    # --- stages (sigprop.parallel): a contiguous range of blocks in this process ------
+    def staging_unsupported(self) -> str | None:
+        """Why this rule's blocks cannot be split into stages, or None. A stage receives
+        the stacked rows ``[h; t]`` of the batch from the stage before and sends its own
+        on; what needs more than that is refused."""
+        if self.signal.needs_feedback:
+            return (f"signal {self.cfg.signal!r} loops the network's output back to block 1 "
+                    "(Eq. 11/12): the first stage would wait for the last stage's label-free "
+                    "pass of every batch, so the stages could not overlap; use --signal label "
+                    "or label-input")
+        if self._window:
+            return ("sparse targets through conv blocks travel as kernel windows and fields, "
+                    "not as stacked rows; use dense targets (--targets dense)")
+        return None
+
+    def stage_step(self, z: Tensor, y: Tensor, start: int, stop: int
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Train blocks ``start..stop-1`` (and the head, if ``stop`` is the last block)
+        on one batch: ``z`` is the inputs x when ``start`` is 0, else the stacked rows
+        ``[h; t]`` that block ``start - 1`` produced for the batch whose labels are
+        ``y``. Returns (losses, correct) of these exits and the stacked rows for block
+        ``stop`` (None at the last block). The same updates as :meth:`train_step` makes
+        to these blocks."""
+        blocks = len(self.network.blocks)
+        if not 0 <= start < stop <= blocks:
+            raise InputError(f"stage blocks {start}..{stop - 1} are not a range of the "
+                             f"network's {blocks} blocks")
+        why = self.staging_unsupported()
+        if why is not None:
+            raise ConfigError(f"staged training: {why}")
+        if start == 0:
+            self._check_batch(z, y)
+        else:
+            self._check_stage_rows(z, y, start)
+        return self._range_step(z, y, start, stop)
+
+    def stage_scores(self, z: Tensor, n: int, start: int, stop: int
+                     ) -> tuple[list[Tensor], Tensor | None]:
+        """Forward only, for evaluation: the exit scores of blocks ``start..stop-1``
+        (and the head's at the last block) for ``n`` samples, as :meth:`exit_scores`
+        computes them, and the stacked rows ``[h; t]`` for block ``stop`` (None at the
+        last block). ``z``: the inputs (start 0), else what block ``start - 1`` sent
+        (t: the m class targets, every sample's m candidates, or none with prototypes)."""
+        self.sync()
+        blocks = self.network.blocks
+        with torch.no_grad():
+            scores: list[Tensor] = []
+            h, t = z[:n], z[n:]
+            for i in range(start, stop):
+                block = blocks[i]
+                if i == 0 and self.signal.at_input:
+                    t = block(self.signal.targets(h))
+                    h = block(h)
+                elif i == 0:
+                    h = block(h)
+                    if self.prototypes is not None:
+                        t = h[:0]
+                    elif self.signal.per_sample:
+                        t = self.signal.candidates(h, None).flatten(0, 1)
+                    else:
+                        t = self.signal.targets(h)
+                else:
+                    h = block(h)
+                    t = block(t) if t.shape[0] else h[:0]
+                if self.prototypes is not None:
+                    proto, seen = self.prototypes.get(i)
+                    s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
+                    scores.append(s.masked_fill(~seen, float("-inf")))
+                elif self.signal.per_sample:
+                    paired = t.view(n, self.num_classes, *t.shape[1:])
+                    scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
+                else:
+                    scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
+            if stop < len(blocks):
+                return scores, torch.cat([h, t])
+            if self.classifier:
+                scores.append(self.network.head(h))
+            return scores, None
+
+    def stage_rows(self, n: int, training: bool) -> int:
+        """Target rows that travel with ``n`` samples between blocks: in training m class
+        targets or n per-sample ones; at evaluation m class targets, n * m candidates, or
+        none (prototypes)."""
+        if not self.signal.per_sample:
+            return self.num_classes
+        if training:
+            return n
+        return 0 if self.prototypes is not None else n * self.num_classes
+
+    def _check_stage_rows(self, z: Tensor, y: Tensor, start: int) -> None:
+        """What a later stage receives: (n + rows, *block output) floats like the
+        parameters, and n labels."""
+        if y.dim() != 1:
+            raise InputError(f"labels must be a (n,) tensor, got shape {tuple(y.shape)}")
+        n = y.shape[0]
+        want = (n + self.stage_rows(n, True), *self.network.block_shapes[start - 1])
+        if tuple(z.shape) != want:
+            raise InputError(f"block {start + 1} takes stacked rows of shape {want} for "
+                             f"{n} samples, got {tuple(z.shape)}")
+        check_y(y, n, self.num_classes, z.device)
+
+    def _range_step(self, x: Tensor, y: Tensor, start: int, stop: int
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The step of blocks ``start..stop-1`` on a checked batch: written out
+        (pipelined or in sequence) where it applies, else autograd block by block.
+        ``x`` is the batch's inputs (start 0) or the stacked rows ``[h; t]`` that block
+        ``start`` takes (a later stage of a staged run, :mod:`sigprop.parallel`).
+        Returns (losses, correct) of these blocks' exits (and the head's, if ``stop`` is
+        the last block) and, when blocks follow, the stacked rows for the next one.
+        Every refusal is raised before any work."""
         # The written-out step is the training-mode computation of hook-free modules;
         # anything else (hooks, a BatchNorm put in eval mode) is the modules' own call.
         why = None
@@ -336,14 +448,14 @@ class Sigprop(LearningRule):
         if self.fast_parts and why is not None and self.cfg.fast_path == "on":
             raise ConfigError(f"fast_path='on' but {why}; use fast_path='auto' or 'off'")
         if self.fast_parts and why is None and self._pipelined(x):
-            return self._fast_train_step(x, y, pipelined=True)
+            return self._fast_train_step(x, y, True, start, stop)
         self.sync()
         for p in self._trainable:  # zero_grad(set_to_none=True), without its overhead
             p.grad = None
         if self.fast_parts and why is None:
-            out = self._fast_train_step(x, y)
+            out = self._fast_train_step(x, y, False, start, stop)
         else:
-            out = self._autograd_train_step(x, y)
+            out = self._autograd_train_step(x, y, start, stop)
         self._mark("step")
         if self.optimizer is not None:
             self.optimizer.step()  # every block's update, from its own gradient
@@ -354,11 +466,12 @@ class Sigprop(LearningRule):
         return tuple(m for p in self.fast_parts for m in p.modules)
 
     def _finish_step(self, h: Tensor, y: Tensor, losses: list[Tensor],
-                     logits_seen: list[Tensor], pipelined: bool = False
-                     ) -> tuple[Tensor, Tensor]:
+                     logits_seen: list[Tensor], pipelined: bool = False,
+                     out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """The classifier head's own loss on the last block's detached output (Fig. 2b),
-        then (losses, correct counts) of every exit, counted in one op."""
-        if self.classifier:
+        then (losses, correct counts) of every exit, counted in one op. ``out``: the
+        stacked rows for the next stage when blocks follow (no head here then)."""
+        if self.classifier and out is None:
             self._mark("head")
             slot = len(self.fast_parts)
             if pipelined:  # the head's last update done; its gradient starts afresh
@@ -374,10 +487,11 @@ class Sigprop(LearningRule):
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
         correct = (torch.stack(logits_seen).argmax(2) == y).sum(1)
-        return torch.stack(losses), correct
+        return torch.stack(losses), correct, out
 
-    def _fast_train_step(self, x: Tensor, y: Tensor, pipelined: bool = False
-                         ) -> tuple[Tensor, Tensor]:
+    def _fast_train_step(self, x: Tensor, y: Tensor, pipelined: bool = False,
+                         start: int = 0, stop: int | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Gradients for standard fc blocks and a built-in generator, without autograd:
         the same as the autograd path's (tests/test_fastpath.py).
 
@@ -390,7 +504,8 @@ class Sigprop(LearningRule):
         pipe = self._pipe if pipelined else None
         if pipe is not None:
             pipe.begin()
-        n, kind = x.shape[0], self.cfg.loss
+        stop = len(self.fast_parts) if stop is None else stop
+        n, kind = y.shape[0], self.cfg.loss
         # per-sample targets: L_pred against their class means, prototypes updated
         means_of = self.num_classes if self.signal.per_sample else None
         fb = None
@@ -404,11 +519,12 @@ class Sigprop(LearningRule):
         with torch.no_grad():
             z = x
             staged = pipe.staged if pipe is not None else None
-            for i, parts in enumerate(self.fast_parts):
+            for i in range(start, stop):
+                parts = self.fast_parts[i]
                 self._mark(f"block{i + 1}")
                 if pipe is not None:
                     pipe.ready(i)
-                    if i == 0:  # block 1 overlaps no BatchNorm backward (memory)
+                    if i == start:  # block 1 overlaps no BatchNorm backward (memory)
                         pipe.staged()
                 if mode != SP.ROWS and parts.conv:  # sparse: windows, then fields
                     h, t, loss, logits = self._fast_pair_block(
@@ -459,9 +575,10 @@ class Sigprop(LearningRule):
                 losses.append(loss)
                 logits_seen.append(logits)
         if pipe is not None:  # block 1's weight gradient has read x: the caller may reuse it
-            pipe.wait(0)
+            pipe.wait(start)
         last = h if mode == SP.FIELD else z[:n]
-        return self._finish_step(last, y, losses, logits_seen, pipelined)
+        out = z if stop < len(self.fast_parts) else None
+        return self._finish_step(last, y, losses, logits_seen, pipelined, out)
 
     def _fast_pair_block(self, i: int, parts: fastpath.BlockParts, h: Tensor,
                          t: Tensor | None, mode: str, y: Tensor, fb: Feedback | None,
@@ -534,14 +651,18 @@ class Sigprop(LearningRule):
 
         pipe.submit(slot, update)
 
-    def _autograd_train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        n = x.shape[0]
+    def _autograd_train_step(self, x: Tensor, y: Tensor, start: int = 0,
+                             stop: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        blocks = self.network.blocks
+        stop = len(blocks) if stop is None else stop
+        n = y.shape[0]
         fb = self._feedback(x) if self.signal.needs_feedback else None
         losses, logits_seen = [], []
         h = t = x
-        z = None  # the last block's (n + m)-row output
+        z = x if start else None  # the last block's (n + m)-row output
         mode = SP.WINDOW if self._window else SP.ROWS  # how targets travel (sparse.py)
-        for i, block in enumerate(self.network.blocks):
+        for i in range(start, stop):
+            block = blocks[i]
             self._mark(f"block{i + 1}")
             if i == 0 and not self.signal.at_input:
                 h_out = block(x)  # only inputs here: BN statistics are the inputs'
@@ -573,7 +694,8 @@ class Sigprop(LearningRule):
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
             h, t = h_out.detach(), t_out.detach()
-        return self._finish_step(h, y, losses, logits_seen)
+        out = z.detach() if stop < len(blocks) else None
+        return self._finish_step(h, y, losses, logits_seen, out=out)
 
     # --- inference ----------------------------------------------------------------
     def _exit_scores(self, x: Tensor) -> list[Tensor]:

@@ -1,0 +1,165 @@
+"""``sigprop train --stages S`` on one machine: start one process per stage and watch them.
+
+The launcher checks everything it can first (config, network, split; one line and exit
+2 on a bad one, before any process starts or any file is written), holds the run folder
+(:class:`RunFolder`), picks a free port on the loopback address, and starts
+``python -m sigprop.parallel.worker`` S times with the environment torchrun would give
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``), so a stage runs the same code under both.
+
+Faults: when a stage ends with an error or is killed, the other stages notice at once
+(their sockets to it close) and end; whoever has not ended ``GRACE_S`` seconds later is
+sent SIGTERM, then SIGKILL. The launcher then says which stage failed and from which
+checkpoint ``--resume`` continues (the last consistent one, which no stage's failure can
+damage: .checkpoint). Ctrl-C or SIGTERM to the launcher stops every stage the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..engine.config import Config
+from ..engine.runfolder import RunFolder
+from ..errors import ConfigError
+from .split import resolve_split, stage_count, stage_ranges
+
+GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
+KILL_S = 5.0  # after SIGTERM, before SIGKILL
+PEER_EXIT = 3  # a stage's exit code when it stopped because another stage did
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_stages(cfg: Config) -> list[int]:
+    """Everything about the stages that can be checked before any process starts: the
+    rule splits, the generator allows it, the split fits the network. Blocks per stage."""
+    from ..engine.trainer import build_config_rule, resolve_device
+
+    stages = stage_count(cfg.train.stages, cfg.train.split)
+    rule = build_config_rule(cfg, resolve_device("cpu"))
+    if not hasattr(rule, "stage_step"):
+        raise ConfigError(f"--stages trains sigprop (each block learns from what arrives from "
+                          f"below); rule {cfg.rule.name!r} is not split into stages: drop "
+                          "--stages/--split")
+    why = rule.staging_unsupported()
+    if why is not None:
+        raise ConfigError(f"--stages: {why}")
+    batch = cfg.data.batch_size
+    return resolve_split(rule.network, stages, cfg.train.split, rule.stage_rows(batch, True), batch)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+def launch(cfg: Config, resume: bool, out=None) -> int:
+    """Run ``cfg`` in its stages on this machine; the exit code (0, 2, 130, 143)."""
+    from ..cli import Terminated
+
+    err_out = sys.stderr
+    sizes = check_stages(cfg)
+    ranges = stage_ranges(sizes)
+    stages = len(sizes)
+    run_dir = Path(cfg.train.run_dir)
+    folder = RunFolder.acquire(run_dir)
+    procs: list[subprocess.Popen] = []
+    try:
+        env = dict(os.environ)
+        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // stages)
+        env.update({
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(stages), "LOCAL_WORLD_SIZE": str(stages),
+            "SIGPROP_LAUNCHER": "1", "SIGPROP_STAGE_CONFIG": json.dumps(cfg.to_dict()),
+            "SIGPROP_STAGE_RESUME": "1" if resume else "0",
+            "OMP_NUM_THREADS": str(threads),
+        })
+        for r in range(stages):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sigprop.parallel.worker"],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        failed, code = _watch(procs)
+    except KeyboardInterrupt as stop:
+        _stop(procs)
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"sigprop: {what}; every stage stopped; {_resume_hint(run_dir)}", file=err_out)
+        return stop.code if isinstance(stop, Terminated) else 130
+    finally:
+        _stop(procs)
+        if not any(p.returncode == 0 for p in procs):
+            folder.discard_if_unused()
+        folder.release()
+    if failed is None:
+        return 0
+    a, b = ranges[failed]
+    blocks = f"block {a + 1}" if b - a == 1 else f"blocks {a + 1}-{b}"
+    cause = "failed (its error is above)" if code in (2, 1) else _describe(code)
+    print(f"sigprop: error: stage {failed + 1}/{stages} ({blocks}) {cause}; every stage has "
+          f"stopped; {_resume_hint(run_dir)}", file=err_out)
+    return 2
+
+
+def _watch(procs: list[subprocess.Popen]) -> tuple[int | None, int]:
+    """Wait for every stage; (the stage that failed first, its exit code) or (None, 0).
+    After a failure the others get GRACE_S to end, then SIGTERM, then SIGKILL."""
+    failed, code, deadline = None, 0, None
+    while True:
+        running = [p for p in procs if p.poll() is None]
+        if failed is None:
+            done = [(r, p.returncode) for r, p in enumerate(procs)
+                    if p.returncode is not None and p.returncode != 0]
+            # the cause: a stage that did not stop because another did
+            causes = [d for d in done if d[1] != PEER_EXIT] or done
+            if causes:
+                failed, code = causes[0]
+                deadline = time.monotonic() + GRACE_S
+        if not running:
+            return failed, code
+        if deadline is not None and time.monotonic() > deadline:
+            _stop(procs)
+            return failed, code
+        time.sleep(0.05)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every stage still running, SIGKILL what is left after KILL_S."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGTERM)
+    end = time.monotonic() + KILL_S
+    for p in alive:
+        try:
+            p.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _resume_hint(run_dir: Path) -> str:
+    from .checkpoint import latest_kind
+
+    try:
+        kind, epoch = latest_kind(run_dir)
+    except Exception:  # noqa: BLE001 - the hint must not hide the failure
+        kind, epoch = None, 0
+    if kind is None:
+        return "no epoch had finished, so there is no checkpoint to resume from"
+    return (f"the last checkpoint (epoch {epoch}) is intact: continue with sigprop train "
+            f"--resume --run-dir {shlex.quote(str(run_dir))}")

@@ -1,0 +1,469 @@
+"""One stage of a staged (layer-parallel) sigprop run: the loop of one process.
+
+Every process builds the same rule from the run's seed, so every block starts where it
+would in one process; stage r then trains only its blocks ``a..b-1`` (with the signal
+at the first stage and the classifier head at the last), by :meth:`Sigprop.stage_step`:
+
+    stage 0:   x, y = loader batch k           -> learn blocks, send [h; t], y
+    stage r:   [h; t], y = receive batch k     -> learn blocks, send [h; t], y
+    last:      [h; t], y = receive batch k     -> learn blocks and the head
+
+Batches flow as a pipeline (while stage 2 learns from batch k, stage 1 learns from
+batch k+1), with at most ``DEPTH`` batches in flight between two stages
+(:mod:`.transport`). Each block's update reads only what arrived from below, so the
+updates are those of the single-process rule on the same batches: equal bit for bit
+when both run single-threaded without dropout (tests/test_parallel.py). Dropout masks
+come from each stage's own random stream (the first stage's is the single process's).
+
+An epoch ends with every stage's updates applied, evaluation through the same pipeline
+(forward only), the exits' sums gathered on rank 0 (all-reduce), the metrics written by
+rank 0, and a consistent checkpoint (:mod:`.checkpoint`). The progress bar is the last
+stage's (its batches are the ones fully learned).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data import DeviceLoader, dataset_spec, split_file_records
+from ..data.loader import derive_seed
+from ..engine import runio
+from ..engine.config import Config, config_from_dict, resume_changes
+from ..engine.runfolder import RunFolder
+from ..engine.trainer import (
+    _check_same_data, build_config_rule, build_experiment, lr_factor, resolve_device)
+from ..errors import CheckpointError, ConfigError, SigpropError, TrainingError
+from . import checkpoint as ck
+from .split import resolve_split, stage_count, stage_ranges
+from .transport import Receiver, Sender, StageFailure, batch_sizes
+
+DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
+_DROPOUT_STREAM = 7  # derive_seed(seed, _DROPOUT_STREAM, stage[, epoch]): later stages' masks
+
+
+def timeout_s() -> float:
+    """How long a stage waits for any one message or collective before it gives up
+    (``SIGPROP_STAGE_TIMEOUT``, default 300 s). A stage that dies is noticed at once
+    (its sockets close); this bounds a stage that hangs."""
+    text = os.environ.get("SIGPROP_STAGE_TIMEOUT", "300")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"SIGPROP_STAGE_TIMEOUT must be a positive number of seconds, "
+                          f"got {text!r}")
+    return value
+
+
+class StageEnv:
+    """Where this process sits: rank, world size, and the local process count (for
+    threads), from torchrun's environment or sigprop's own launcher's."""
+
+    def __init__(self) -> None:
+        try:
+            self.rank = int(os.environ["RANK"])
+            self.world = int(os.environ["WORLD_SIZE"])
+            self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        except (KeyError, ValueError):
+            raise ConfigError("a stage process needs RANK and WORLD_SIZE in its environment "
+                              "(torchrun sets them; or let `sigprop train --stages S` start "
+                              "the stages)") from None
+        self.ours = os.environ.get("SIGPROP_LAUNCHER") == "1"  # started by launch.py
+
+
+def in_distributed_env() -> bool:
+    """Whether this process was started as one rank of a job (torchrun, our launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class StageRun:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool, env: StageEnv,
+                 out=None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.env = env
+        self.rank = env.rank
+        self.world = env.world
+        self.out = out
+        self.stages = stage_count(cfg.train.stages, cfg.train.split)
+
+    # --- setup -----------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=self.out or sys.stdout, flush=True)
+
+    def _agree(self, err: BaseException | None) -> None:
+        """Every stage learns whether any failed its setup; the one that did raises its
+        own error, the others stop quietly (that stage's message is the one to read)."""
+        flag = torch.tensor([0 if err is None else 1 + self.rank], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if err is not None:
+            raise err
+        if int(flag):
+            raise StageFailure(f"stage {int(flag)} failed while setting up (its message says "
+                               "why)")
+
+    def run(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        if self.world != self.stages:
+            raise ConfigError(
+                f"{self.world} processes were started for a run of {self.stages} stages; start "
+                f"exactly one per stage (torchrun: --nnodes x --nproc-per-node = {self.stages})")
+        device = resolve_device(cfg.train.device)
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", self.rank))
+            device = torch.device("cuda", local % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        try:
+            return self._run(device)
+        finally:
+            dist.destroy_process_group()
+
+    def _setup(self, device: torch.device) -> None:
+        cfg = self.cfg
+        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // self.env.local_world)
+        torch.set_num_threads(threads)
+        self.threads = threads
+        if self.rank == 0:
+            self.exp = build_experiment(cfg)
+            self.rule = self.exp.rule
+        else:
+            self.exp = None
+            self.rule = build_config_rule(cfg, device)
+        rule = self.rule
+        if not hasattr(rule, "stage_step"):
+            raise ConfigError(f"--stages trains sigprop (each block learns from what arrives "
+                              f"from below); rule {cfg.rule.name!r} is not split into stages")
+        why = rule.staging_unsupported()
+        if why is not None:
+            raise ConfigError(f"--stages: {why}")
+        batch = cfg.data.batch_size
+        self.sizes = resolve_split(rule.network, self.stages, cfg.train.split,
+                                   rule.stage_rows(batch, True), batch)
+        self.ranges = stage_ranges(self.sizes)
+        self.start, self.stop = self.ranges[self.rank]
+        exits = rule.exit_names
+        # this stage's exits: its blocks', and the head's at the last stage
+        self.exit_index = list(range(self.start, self.stop))
+        if self.rank == self.world - 1 and len(exits) > len(rule.network.blocks):
+            self.exit_index.append(len(exits) - 1)
+
+    def _run(self, device: torch.device) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        err = None
+        try:
+            self._setup(device)
+        except SigpropError as e:
+            err = e
+        self._agree(err)
+        rule = self.rule
+        # how many samples the epochs hold (only the first stage reads the data)
+        counts = torch.zeros(3, dtype=torch.int64)
+        if self.rank == 0:
+            counts[:] = torch.tensor([self.exp.train.num_samples, int(self.exp.train.drop_last),
+                                      self.exp.test.num_samples])
+        dist.broadcast(counts, 0)
+        n_train, drop_last, n_test = (int(v) for v in counts)
+        self.train_sizes = batch_sizes(n_train, cfg.data.batch_size, bool(drop_last))
+        self.test_sizes = batch_sizes(n_test, cfg.data.eval_batch_size, False)
+        history, start = self._restore(device)
+        if self.rank == 0:
+            blocks = ", ".join(f"stage {k + 1}: blocks {a + 1}-{b}" if b - a > 1
+                               else f"stage {k + 1}: block {a + 1}"
+                               for k, (a, b) in enumerate(self.ranges))
+            self._log(f"{cfg.rule.name} in {self.stages} stages ({blocks}; "
+                      f"{dist.get_backend()}, {self.threads} thread(s) each on rank 0)")
+            self._log(f"{cfg.rule.name} step: {rule.step_kind}")
+        if start == 0:  # dropout streams: the first stage's is the single process's
+            torch.manual_seed(cfg.train.seed + 1 if self.rank == 0
+                              else derive_seed(cfg.train.seed, _DROPOUT_STREAM, self.rank))
+        for epoch in range(start, cfg.train.epochs):
+            record = self._epoch(epoch, device)
+            if self.rank == 0:
+                history.append(record)
+            self._checkpoint(epoch + 1, history)
+            if self.rank == 0:
+                exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
+                self._log(
+                    f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss "
+                    f"{record['train_loss']:.4f}  test_acc {record['test_acc']:.4f}  [{exits}]  "
+                    f"{record['samples_per_s']:.0f} samples/s")
+        return history
+
+    # --- resume ---------------------------------------------------------------------
+    def _restore(self, device: torch.device) -> tuple[list[dict[str, Any]], int]:
+        """Load the run's newest checkpoint into this stage; (history, epochs done).
+        Rank 0 decides what to load and tells the others: kind 0 nothing, 1 the whole
+        single-process checkpoint, 2 this stage's own file (same split), 3 every stage
+        file merged (another split)."""
+        cfg = self.cfg
+        decision = torch.zeros(2, dtype=torch.int64)
+        err = None
+        history: list[dict[str, Any]] = []
+        if self.rank == 0:
+            try:
+                history, plan = self._restore_plan()
+                decision[:] = torch.tensor(plan)
+            except SigpropError as e:
+                err = e
+        self._agree(err)
+        dist.broadcast(decision, 0)
+        kind, epoch = (int(v) for v in decision)
+        err = None
+        try:
+            if kind == 1:
+                state = runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
+                self.rule.load_state_dict(state["rule"])
+                self._set_rng(state["rng"], epoch, own=False)
+            elif kind == 2:
+                manifest = {"epoch": epoch, "split": self.sizes,
+                            "files": [ck.stage_file(epoch, r, self.stages)
+                                      for r in range(self.stages)]}
+                part = ck.load_stage_file(self.run_dir, manifest, self.rank)
+                full = self.rule.state_dict()
+                full["modules"].update(part["rule"]["modules"])
+                for opt, mine in zip(full["optimizers"], part["rule"]["optimizers"]):
+                    opt["state"].update(mine["state"])
+                self.rule.load_state_dict(full)
+                self._set_rng(part["rng"], epoch, own=True)
+            elif kind == 3:
+                state = ck.load_run_state(self.run_dir)
+                self.rule.load_state_dict(state["rule"])
+                self._set_rng(state["rng"], epoch, own=False)
+        except SigpropError as e:
+            err = e
+        self._agree(err)
+        if kind and self.rank == 0:
+            self._log(f"resuming {self.run_dir} after epoch {epoch}")
+        return history, epoch
+
+    def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:
+        """The dropout stream: this stage's own saved state, else (the checkpoint came from
+        another split) the saved one at the first stage and a fresh one elsewhere."""
+        if own or self.rank == 0:
+            torch.set_rng_state(saved.cpu())
+        else:
+            torch.manual_seed(derive_seed(self.cfg.train.seed, _DROPOUT_STREAM, self.rank, epoch))
+
+    def _restore_plan(self) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+        """Rank 0: check the folder, write config.json; what to load."""
+        cfg = self.cfg
+        kind_name, epoch = ck.latest_kind(self.run_dir)
+        if not self.resume and (kind_name is not None
+                                or (self.run_dir / runio.CONFIG).exists()):
+            raise ConfigError(f"run folder {self.run_dir} already holds a run; pass --resume to "
+                              "continue it or choose another --run-dir")
+        files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
+                 for split, name in (("train", cfg.data.train_split), ("test", "test"))}
+        record = {"config": cfg.to_dict(), "seed": cfg.train.seed,
+                  "versions": runio.versions(), "data_files": files}
+        history: list[dict[str, Any]] = []
+        kind = 0
+        config_path = self.run_dir / runio.CONFIG
+        if kind_name is not None:
+            if kind_name == "single":
+                state = runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
+                kind = 1
+            else:
+                manifest = ck.read_manifest(self.run_dir)
+                kind = 2 if manifest["split"] == self.sizes else 3
+                state = ck.load_stage_file(self.run_dir, manifest, 0)
+            changes = resume_changes(config_from_dict(state["config"]), cfg, epoch)
+            old = runio.read_run_config(config_path) if config_path.exists() else {}
+            _check_same_data(old.get("data_files"), files)
+            history = list(state["history"])
+            runio.write_metrics(self.run_dir, history)
+            if old:
+                resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
+                record = {**old, **record, "versions": old.get("versions", record["versions"]),
+                          "resumes": resumes}
+                if changes or epoch < cfg.train.epochs:
+                    record["resumes"].append({
+                        "after_epoch": epoch, "versions": runio.versions(),
+                        "changed": {k: list(v) for k, v in changes.items()}})
+            write = bool(changes) or epoch < cfg.train.epochs
+        else:
+            if self.resume:
+                self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
+            write = True
+        if write:
+            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
+        return history, (kind, epoch if kind else 0)
+
+    # --- an epoch -------------------------------------------------------------------
+    def _epoch(self, epoch: int, device: torch.device) -> dict[str, Any]:
+        cfg, rule = self.cfg, self.rule
+        first, last = self.rank == 0, self.rank == self.world - 1
+        factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
+        lr = cfg.rule.lr * factor
+        for opt in rule.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group.get("base_lr", cfg.rule.lr) * factor
+        n_exits = len(rule.exit_names)
+        mine = self.exit_index
+        k = len(mine)
+        row_shape = tuple(rule.network.block_shapes[self.start - 1]) if not first else ()
+        messages = ([(n, n + rule.stage_rows(n, True)) for n in self.train_sizes]
+                    + [(n, n + rule.stage_rows(n, False)) for n in self.test_sizes])
+        dtype = next(rule.network.parameters()).dtype
+        recv = None if first else Receiver(self.rank - 1, messages, row_shape, DEPTH, dtype, device)
+        send = None if last else Sender(self.rank + 1, DEPTH)
+        every = cfg.train.check_every
+        steps = len(self.train_sizes)
+        loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
+        correct_sum = torch.zeros(k, device=device, dtype=torch.int64)
+        window = torch.zeros(min(every, max(steps, 1)), k, device=device)
+        seen = 0
+        rule.set_training(True)
+        batches = self.exp.train.epoch(epoch) if first else None
+        dist.barrier()  # every stage starts the epoch together: one clock for its time
+        start = time.perf_counter()
+        compute = 0.0
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
+                  disable=not (cfg.train.progress and last), leave=False,
+                  file=sys.stderr) as bar:
+            for step in range(steps):
+                z, y = next(batches) if first else recv.recv()
+                t = time.perf_counter()
+                losses, correct, out = rule.stage_step(z, y, self.start, self.stop)
+                compute += time.perf_counter() - t
+                if out is not None:
+                    send.send(out, y)
+                window[step % every] = losses
+                loss_sum += losses * y.shape[0]
+                correct_sum += correct
+                seen += y.shape[0]
+                if (step + 1) % every == 0 or step + 1 == steps:
+                    self._check_finite(window[: step % every + 1], epoch, step)
+                    if last:
+                        bar.update(step % every + 1)
+                        bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
+                                        acc=f"{int(correct_sum[-1]) / seen:.4f}")
+            t = time.perf_counter()
+            rule.sync()
+            compute += time.perf_counter() - t
+        elapsed = time.perf_counter() - start
+        waits = (recv.wait_s if recv else 0.0, send.wait_s if send else 0.0)
+        test_correct = self._evaluate(recv, send, device)
+        if send is not None:
+            send.flush()
+        # every exit's sums on every rank (each stage fills its own), then rank 0 reports
+        sums = torch.zeros(3 * n_exits + 1, dtype=torch.float64)
+        sums[mine] = loss_sum.cpu()
+        sums[[n_exits + i for i in mine]] = correct_sum.cpu().double()
+        sums[[2 * n_exits + i for i in mine]] = test_correct.cpu().double()
+        if last:
+            sums[-1] = seen
+        dist.all_reduce(sums)
+        timing = torch.zeros(self.world, 4, dtype=torch.float64)
+        timing[self.rank] = torch.tensor([elapsed, compute, *waits], dtype=torch.float64)
+        dist.all_reduce(timing)
+        seen = int(sums[-1])
+        train_loss = (sums[:n_exits] / seen).tolist()
+        train_acc = (sums[n_exits:2 * n_exits] / seen).tolist()
+        test_acc = (sums[2 * n_exits:3 * n_exits] / sum(self.test_sizes)).tolist()
+        names = rule.exit_names
+        wall = float(timing[:, 0].max())
+        stages = {f"stage{r + 1}": {
+            "blocks": f"{a + 1}-{b}" if b - a > 1 else f"{b}", "compute_s": float(timing[r, 1]),
+            "wait_recv_s": float(timing[r, 2]), "wait_send_s": float(timing[r, 3])}
+            for r, (a, b) in enumerate(self.ranges)}
+        return {
+            **rule.epoch_metrics(),
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": train_loss[-1], "train_acc": train_acc[-1],
+            "test_acc": test_acc[-1], "test_error": 1.0 - test_acc[-1],
+            "train_loss_exits": dict(zip(names, train_loss)),
+            "train_acc_exits": dict(zip(names, train_acc)),
+            "test_acc_exits": dict(zip(names, test_acc)),
+            "epoch_time_s": wall, "samples_per_s": seen / wall,
+            "stages": stages,
+        }
+
+    def _evaluate(self, recv: Receiver | None, send: Sender | None,
+                  device: torch.device) -> torch.Tensor:
+        """This stage's exits' correct counts over the test set, through the pipeline."""
+        rule = self.rule
+        rule.set_training(False)
+        correct = torch.zeros(len(self.exit_index), dtype=torch.int64, device=device)
+        batches = self.exp.test.epoch(0) if recv is None else None
+        for n in self.test_sizes:
+            z, y = next(batches) if recv is None else recv.recv()
+            scores, out = rule.stage_scores(z, n, self.start, self.stop)
+            if out is not None:
+                send.send(out, y)
+            correct += torch.stack([(s.argmax(1) == y).sum() for s in scores])
+        return correct
+
+    def _check_finite(self, window: torch.Tensor, epoch: int, step: int) -> None:
+        bad = ~torch.isfinite(window)
+        if not bool(bad.any()):
+            return
+        row, col = (int(i) for i in bad.nonzero()[0])
+        first = step - (window.shape[0] - 1) + row
+        name = self.rule.exit_names[self.exit_index[col]]
+        raise TrainingError(
+            f"loss of {name} became {float(window[row, col])} at epoch {epoch + 1}, step "
+            f"{first + 1}; lower the learning rate (--lr) or check the input data")
+
+    # --- checkpoint -----------------------------------------------------------------
+    def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
+        """Every stage writes its part; when all have, rank 0 points the manifest at them;
+        then each stage removes its older part (module docstring of .checkpoint)."""
+        own = ck.stage_file(epoch, self.rank, self.stages)
+        ck.save_stage(self.run_dir, epoch, self.rank, self.stages, {
+            "epoch": epoch, "config": self.cfg.to_dict(), "stage": self.rank,
+            "split": self.sizes,
+            "rule": ck.stage_state(self.rule.state_dict(), self.rank, self.ranges),
+            "rng": torch.get_rng_state(), "history": history if self.rank == 0 else []})
+        dist.barrier()
+        if self.rank == 0:
+            ck.write_manifest(self.run_dir, epoch, self.sizes)
+            runio.write_metrics(self.run_dir, history)
+        dist.barrier()
+        ck.remove_stale(self.run_dir, {own}, self.rank, self.stages)
+
+
+def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
+    """This process's stage of the run (torchrun or sigprop's launcher started it).
+    Rank 0 holds the run folder unless the launcher does; a StageFailure (a neighbour
+    stopped) and every other error name this stage."""
+    env = StageEnv()
+    folder = None
+    try:
+        if env.rank == 0 and not env.ours:
+            folder = RunFolder.acquire(run_dir)
+        elif env.rank != 0 or env.ours:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)  # each machine's own stage files
+        return StageRun(cfg, run_dir, resume, env).run()
+    except SigpropError as err:
+        stages = stage_count(cfg.train.stages, cfg.train.split)
+        text = " ".join(str(err).split())
+        raise type(err)(f"stage {env.rank + 1}/{stages}: {text}") from None
+    except RuntimeError as err:  # a collective (barrier, all-reduce) lost a peer
+        text = " ".join(str(err).split())
+        if "closed" in text.lower() or "timed out" in text.lower() or "reset" in text.lower():
+            stages = stage_count(cfg.train.stages, cfg.train.split)
+            raise StageFailure(f"stage {env.rank + 1}/{stages}: another stage stopped "
+                               f"({text[:160]})") from None
+        raise
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+__all__ = ["run_stage", "in_distributed_env", "StageFailure", "CheckpointError"]

@@ -1,0 +1,40 @@
+"""Entry point of one stage started by :mod:`.launch` (``python -m sigprop.parallel.worker``):
+the run's config comes in ``SIGPROP_STAGE_CONFIG``, the rank in ``RANK``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    from ..cli import Terminated, _on_sigterm, _one_line
+    from ..engine.config import config_from_dict
+    from ..engine.perf import tune_allocator
+    from ..errors import SigpropError
+    from .launch import PEER_EXIT
+    from .runner import run_stage
+    from .transport import StageFailure
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    import sigprop.rules  # noqa: F401  (register rules)
+
+    try:
+        cfg = config_from_dict(json.loads(os.environ["SIGPROP_STAGE_CONFIG"]))
+        tune_allocator()
+        run_stage(cfg, Path(cfg.train.run_dir), os.environ.get("SIGPROP_STAGE_RESUME") == "1")
+        return 0
+    except StageFailure:
+        return PEER_EXIT  # another stage stopped first: the launcher names it
+    except SigpropError as err:
+        print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        return stop.code if isinstance(stop, Terminated) else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -219,6 +219,8 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
     from .parallel.runner import in_distributed_env, run_stage
 
     if in_distributed_env():  # torchrun started this process as one stage
+        # torchrun --max-restarts: a restarted job continues from the last checkpoint
+        resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
         if not explicit_dir:
             raise ConfigError("under torchrun every stage must write to the same run folder: "
                               "give --run-dir")

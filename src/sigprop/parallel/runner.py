@@ -127,7 +127,15 @@ class StageRun:
             device = torch.device("cuda", local % torch.cuda.device_count())
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        timeout = datetime.timedelta(seconds=timeout_s())
+        # torchrun keeps its store across --max-restarts: a restarted job's ranks must not
+        # read the addresses the previous attempt's (dead) processes left there
+        store, rank, world = next(dist.rendezvous("env://", self.rank, self.world,
+                                                  timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"sigprop/attempt{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
         try:
             return self._run(device)
         finally:

@@ -62,7 +62,9 @@ class Sender:
     def send(self, z: Tensor, y: Tensor) -> None:
         while len(self._flight) >= self.depth:
             self._wait_oldest()
-        z, y = z.contiguous(), y.contiguous()
+        # the labels may be a view of a receive buffer (a middle stage hands on what it
+        # received), which the Receiver reuses: a copy of n int64s; z is a fresh output
+        z, y = z.contiguous(), y.clone()
         try:
             works = (dist.isend(z, self.peer, tag=Z_TAG), dist.isend(y, self.peer, tag=Y_TAG))
         except RuntimeError as err:

@@ -694,7 +694,9 @@ class Sigprop(LearningRule):
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
             h, t = h_out.detach(), t_out.detach()
-        out = z.detach() if stop < len(blocks) else None
+        out = None
+        if stop < len(blocks):  # block 1 alone made h and t apart
+            out = z.detach() if z is not None else torch.cat([h, t])
         return self._finish_step(h, y, losses, logits_seen, out=out)
 
     # --- inference ----------------------------------------------------------------

@@ -1,0 +1,357 @@
+"""Layer-parallel training (sigprop.parallel): splits, stage steps against the
+single-process rule, checkpoints between staged and single runs, and whole staged runs
+in separate processes on the loopback address (each bounded in time)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_batches, sigprop_rule
+from sigprop.errors import ConfigError, InputError
+from sigprop.parallel import checkpoint as ck
+from sigprop.parallel.split import balanced_split, parse_split, resolve_split, stage_ranges
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+TIMEOUT = 240  # no staged run in this file may take longer (s)
+
+
+# --- splits ---------------------------------------------------------------------------
+def _brute_force(costs, stages, last_extra=0.0):
+    best = None
+    n = len(costs)
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[-1] += last_extra
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        if best is None or max(loads) < best[0]:
+            best = (max(loads), sizes)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_balanced_split_minimises_the_slowest_stage(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 9, (1,), generator=g))
+    costs = (torch.rand(n, generator=g) * 10).tolist()
+    extra = float(torch.rand(1, generator=g)) * 5
+    for stages in range(1, n + 1):
+        sizes = balanced_split(costs, stages, last_extra=extra)
+        assert len(sizes) == stages and sum(sizes) == n and min(sizes) >= 1
+        bounds = [0, *itertools.accumulate(sizes)]
+        loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[-1] += extra
+        assert max(loads) == pytest.approx(_brute_force(costs, stages, extra)[0])
+
+
+def test_split_of_real_networks_is_balanced_by_counted_cost():
+    from sigprop.networks import build_network
+
+    net = build_network("fc-4x1000", (1, 28, 28), 10, 0.0)
+    assert resolve_split(net, 2, None, 10, 128) == [2, 2]
+    assert resolve_split(net, 4, None, 10, 128) == [1, 1, 1, 1]
+    assert resolve_split(net, 2, "3,1", 10, 128) == [3, 1]
+    assert stage_ranges([2, 1, 1]) == [(0, 2), (2, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("split, match", [
+    ("2,x", "positive integers"), ("0,3", "no block"), ("3", "one stage"), ("", "positive"),
+])
+def test_bad_split_text(split, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_split(split)
+
+
+def test_split_must_fit_the_network():
+    from sigprop.networks import build_network
+
+    net = build_network("fc-3x16", (1, 28, 28), 10, 0.0)
+    with pytest.raises(ConfigError, match="covers 4 blocks but the network has 3"):
+        resolve_split(net, 2, "2,2", 10, 64)
+    with pytest.raises(ConfigError, match="4 stages but the network has 3 blocks"):
+        resolve_split(net, 4, None, 10, 64)
+
+
+# --- stage steps in one process: the same updates ---------------------------------------
+def _params(rule):
+    return {k: v.clone() for k, v in rule.modules.state_dict().items()}
+
+
+@pytest.mark.parametrize("signal_name", ["label", "label-input"])
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+@pytest.mark.parametrize("split", [[2, 1], [1, 1, 1]])
+def test_stage_steps_equal_the_single_process_rule(signal_name, fast_path, split):
+    """Blocks trained in ranges, rows handed on, equal the whole step bit for bit
+    (single-threaded): parameters, prototypes, Adam states, losses and exits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(signal=signal_name, head="classifier", fast_path=fast_path, pipeline="off")
+        whole = sigprop_rule(**kw)
+        parts = [sigprop_rule(**kw) for _ in split]
+        ranges = stage_ranges(split)
+        for x, y in random_batches(k=4):
+            ref_losses, ref_correct = whole.train_step(x, y)
+            z, losses = x, []
+            for rule, (a, b) in zip(parts, ranges):
+                got, _, z = rule.stage_step(z if a == 0 else z.clone(), y, a, b)
+                losses.append(got)
+            assert z is None
+            assert torch.equal(torch.cat(losses), ref_losses)
+        merged = ck.merge_states([ck.stage_state(r.state_dict(), k, ranges)
+                                  for k, r in enumerate(parts)])
+        want = whole.state_dict()
+        assert merged["modules"].keys() == want["modules"].keys()
+        for key, v in want["modules"].items():
+            assert torch.equal(merged["modules"][key], v), key
+        for a, b in zip(merged["optimizers"], want["optimizers"]):
+            assert a["state"].keys() == b["state"].keys()
+            for i in a["state"]:
+                for name, t in b["state"][i].items():
+                    assert torch.equal(a["state"][i][name], t)
+        # evaluation through the stages: every exit's scores as exit_scores gives them
+        x = torch.randn(17, 1, 6, 6)
+        for r in (whole, *parts):
+            r.set_training(False)
+        ref = whole.exit_scores(x)
+        scores, z = [], x
+        for rule, (a, b) in zip(parts, ranges):
+            got, z = rule.stage_scores(z, 17, a, b)
+            scores += got
+        assert len(scores) == len(ref)
+        for s, r in zip(scores, ref):
+            assert torch.equal(s, r)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_stage_step_checks_what_it_receives():
+    rule = sigprop_rule(head="classifier")
+    x, y = random_batches(k=1)[0]
+    _, _, z = rule.stage_step(x, y, 0, 1)
+    with pytest.raises(InputError, match="stacked rows of shape"):
+        rule.stage_step(z[:-1], y, 1, 3)
+    with pytest.raises(InputError, match="not a range"):
+        rule.stage_step(z, y, 2, 1)
+
+
+def test_loop_back_signals_are_refused_in_stages():
+    rule = sigprop_rule(signal="loop-pred", head="classifier")
+    assert "Eq. 11/12" in rule.staging_unsupported()
+    x, y = random_batches(k=1)[0]
+    with pytest.raises(ConfigError, match="staged training"):
+        rule.stage_step(x, y, 0, 1)
+
+
+def test_state_parts_name_each_entry_once():
+    rule = sigprop_rule(head="classifier")
+    x, y = random_batches(k=1)[0]
+    rule.train_step(x, y)
+    ranges = stage_ranges([1, 2])
+    parts = [ck.stage_state(rule.state_dict(), k, ranges) for k in range(2)]
+    a, b = (set(p["modules"]) for p in parts)
+    assert not a & b and a | b == set(rule.state_dict()["modules"])
+    assert any(k.startswith("signal.") for k in a) and any(k.startswith("network.head.") for k in b)
+
+
+# --- whole staged runs in processes -------------------------------------------------------
+def _sigprop(*args, env=None, timeout=TIMEOUT):
+    """`sigprop ...` in a subprocess (one thread per process), bounded in time."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sigprop", *map(str, args)], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train(data_dir, run_dir, *extra, epochs=2):
+    return _sigprop("train", "--data-dir", data_dir, "--run-dir", run_dir, "--network",
+                    "fc-3x32", "--batch-size", 64, "--eval-batch-size", 100, "--epochs",
+                    epochs, "--no-progress", "--pipeline", "off", "--stage-threads", 1, *extra)
+
+
+def _final_state(run_dir):
+    return ck.load_run_state(run_dir)
+
+
+def test_staged_runs_equal_the_single_process_run(fake_fashion, tmp_path):
+    """S = 2 and S = 3 (the launcher's processes, gloo) end with the single-process
+    run's parameters bit for bit, and the same accuracies."""
+    single = _train(fake_fashion, tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    ref = _final_state(tmp_path / "single")
+    for name, flags in (("s2", ["--stages", 2]), ("s3", ["--split", "1,1,1"])):
+        run = _train(fake_fashion, tmp_path / name, *flags)
+        assert run.returncode == 0, run.stderr
+        assert "in 2 stages" in run.stdout or "in 3 stages" in run.stdout
+        got = _final_state(tmp_path / name)
+        assert got["rule"]["modules"].keys() == ref["rule"]["modules"].keys()
+        for key, v in ref["rule"]["modules"].items():
+            assert torch.equal(got["rule"]["modules"][key], v), (name, key)
+        for a, b in zip(got["history"], ref["history"]):
+            assert a["test_acc_exits"] == b["test_acc_exits"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+        assert "stages" in got["history"][-1] and "stage1" in got["history"][-1]["stages"]
+
+
+def test_a_staged_checkpoint_evaluates_and_resumes_in_one_process_and_back(
+        fake_fashion, tmp_path):
+    run = tmp_path / "run"
+    first = _train(fake_fashion, run, "--stages", 2, epochs=1)
+    assert first.returncode == 0, first.stderr
+    staged_acc = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    ev = _sigprop("eval", run, "--data-dir", fake_fashion)
+    assert ev.returncode == 0, ev.stderr
+    assert f"test accuracy: {staged_acc:.4f}" in ev.stdout
+    single = _sigprop("train", "--resume", "--run-dir", run, "--stages", 1, "--epochs", 2,
+                      "--no-progress")
+    assert single.returncode == 0, single.stderr
+    assert (run / "checkpoint.pt").exists()
+    back = _sigprop("train", "--resume", "--run-dir", run, "--split", "2,1", "--epochs", 3,
+                    "--no-progress")
+    assert back.returncode == 0, back.stderr
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert "stages" in history[0] and "stages" not in history[1] and "stages" in history[2]
+    assert ck.read_manifest(run)["epoch"] == 3
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--split", "2,2"], "covers 4 blocks but the network has 3"),
+    (["--stages", 4], "4 stages but the network has 3 blocks"),
+    (["--stages", 2, "--signal", "loop-pred", "--head", "classifier"], "Eq. 11/12"),
+    (["--stages", 2, "--rule", "backprop"], "not split into stages"),
+])
+def test_bad_stage_settings_stop_before_anything_starts(fake_fashion, tmp_path, flags, match):
+    run = tmp_path / "run"
+    res = _train(fake_fashion, run, *flags)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], res.stderr
+    assert not run.exists()
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _rank_of(pid):
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK="))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not installed")
+def test_a_killed_stage_ends_the_job_and_resume_continues(tmp_path):
+    """SIGKILL the last stage mid-epoch: every process ends within the bound, the
+    launcher names the stage, the last consistent checkpoint is intact, resume goes on."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "sigprop", "train", "--data-dir", REAL, "--run-dir", run,
+            "--network", "fc-3x256", "--train-limit", 6000, "--test-limit", 500,
+            "--epochs", 30, "--no-progress", "--stages", 2, "--stage-threads", 1]
+    launcher = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / ck.MANIFEST).exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+            time.sleep(0.1)
+        time.sleep(0.3)  # into epoch 2
+        stages = {_rank_of(p): p for p in _children(launcher.pid)}
+        assert sorted(stages) == [0, 1]
+        os.kill(stages[1], signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = launcher.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert took < 30, took
+    assert launcher.returncode == 2
+    assert "stage 2/2 (blocks" in err and "SIGKILL" in err and "--resume" in err, err
+    assert not any(Path(f"/proc/{p}").exists() for p in stages.values())
+    done = ck.read_manifest(run)["epoch"]
+    assert 1 <= done < 30
+    state = ck.load_run_state(run)  # the parts of one epoch, readable
+    assert state["epoch"] == done and len(state["history"]) == done
+    res = _sigprop("train", "--resume", "--run-dir", run, "--no-progress", "--epochs", done + 1)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming {run} after epoch {done}" in res.stdout
+    assert ck.read_manifest(run)["epoch"] == done + 1
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, done + 2))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not installed")
+def test_two_stages_learn_fashion_mnist_as_one_process(tmp_path):
+    """A 2-stage run on a real Fashion-MNIST slice reaches the single-process accuracy
+    (here: the same, to the sample; and well above chance)."""
+    common = ["--data-dir", REAL, "--network", "fc-2x128", "--train-limit", 3000,
+              "--test-limit", 1000, "--epochs", 1, "--no-progress", "--pipeline", "off"]
+    one = _sigprop("train", "--run-dir", tmp_path / "one", *common)
+    two = _sigprop("train", "--run-dir", tmp_path / "two", "--stages", 2,
+                   "--stage-threads", 1, *common)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    acc = [json.loads((tmp_path / d / "metrics.jsonl").read_text())["test_acc"]
+           for d in ("one", "two")]
+    assert acc[0] > 0.7 and acc[1] == acc[0], acc
+
+
+def test_torchrun_runs_the_same_program(fake_fashion, tmp_path):
+    """`torchrun --nproc-per-node 2 -m sigprop train --stages 2` (c10d rendezvous on the
+    loopback address) gives the launcher's result."""
+    ours = _train(fake_fashion, tmp_path / "ours", "--stages", 2, epochs=1)
+    assert ours.returncode == 0, ours.stderr
+    port = __import__("sigprop.parallel.launch", fromlist=["free_port"]).free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+           "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
+           "sigprop", "train", "--data-dir", fake_fashion, "--run-dir", tmp_path / "tr",
+           "--network", "fc-3x32", "--batch-size", 64, "--eval-batch-size", 100, "--epochs",
+           1, "--no-progress", "--pipeline", "off", "--stages", 2, "--stage-threads", 1]
+    res = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=TIMEOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _final_state(tmp_path / "ours"), _final_state(tmp_path / "tr")
+    for key, v in a["rule"]["modules"].items():
+        assert torch.equal(b["rule"]["modules"][key], v), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not installed")
+def test_torchrun_max_restarts_continue_from_the_checkpoint(tmp_path):
+    """Under torchrun, a stage killed mid-run makes the agent restart the job, which
+    continues from the last consistent checkpoint and finishes."""
+    run = tmp_path / "run"
+    port = __import__("sigprop.parallel.launch", fromlist=["free_port"]).free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+           "2", "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{port}", "-m", "sigprop", "train", "--data-dir", REAL, "--run-dir", run,
+           "--network", "fc-3x256", "--train-limit", 6000, "--test-limit", 500, "--epochs", 6,
+           "--no-progress", "--stages", 2, "--stage-threads", 1]
+    agent = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / ck.MANIFEST).exists():
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = [p for p in _children(agent.pid) if Path(f"/proc/{p}/environ").exists()]
+        victim = next(p for p in workers if _rank_of(p) == 1)
+        os.kill(victim, signal.SIGKILL)
+        out, err = agent.communicate(timeout=TIMEOUT)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, [ln for ln in err.splitlines() if "sigprop: error" in ln]
+    assert "resuming" in out
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]

@@ -243,6 +243,9 @@ def _run_worker(config: dict) -> float:
 
     from sigprop.networks import build_network
 
+    from sigprop.engine.perf import tune_allocator
+
+    tune_allocator()  # as every variant of benchmarks/layer_parallel.py
     torch.set_num_threads(config["threads"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     input_shape = tuple(config["input_shape"])

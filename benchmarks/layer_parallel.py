@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def stage_worker(args) -> None:
     from sigprop.parallel.split import resolve_split, stage_ranges
     from sigprop.parallel.transport import Receiver, Sender
 
+    from sigprop.engine.perf import tune_allocator
+
+    tune_allocator()  # as a stage of `sigprop train` does (sigprop.parallel.worker)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(args.stage_threads)
     dist.init_process_group("gloo", timeout=_dt.timedelta(seconds=300))
@@ -111,6 +115,7 @@ def stage_worker(args) -> None:
     compute = 0.0
     sent_bytes = 0
     t0 = None
+    per_step: list[float] = []
     for step in range(total):
         if step == args.warmup:
             if send is not None:
@@ -118,6 +123,7 @@ def stage_worker(args) -> None:
             rule.sync()
             dist.barrier()
             t0 = time.perf_counter()
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             compute = 0.0
             if recv is not None:
                 recv.wait_s = 0.0
@@ -126,7 +132,10 @@ def stage_worker(args) -> None:
         z, yy = (x, y) if recv is None else recv.recv()
         t = time.perf_counter()
         _, _, out = rule.stage_step(z, yy, a, b)
-        compute += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        compute += dt
+        if step >= args.warmup:
+            per_step.append(dt)
         if out is not None:
             send.send(out, yy)
             sent_bytes = out.numel() * out.element_size() + yy.numel() * 8
@@ -140,7 +149,9 @@ def stage_worker(args) -> None:
     result = {"rank": rank, "blocks": [a, b], "elapsed_s": elapsed, "compute_s": compute,
               "wait_recv_s": recv.wait_s if recv else 0.0,
               "wait_send_s": send.wait_s if send else 0.0, "bytes_per_batch": sent_bytes,
-              "split": sizes}
+              "split": sizes, "median_step_s": statistics.median(per_step),
+              "page_faults_per_step":
+                  (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps}
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -198,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             i = args.child_argv.index(flag)
             del args.child_argv[i:i + 2]
 
+    from sigprop.engine.perf import tune_allocator
     from sigprop.parallel.split import resolve_split
 
+    tune_allocator()  # every variant as `sigprop train` runs it (engine/perf.py)
     single = _build(args)
     x, y = _batch(args)
     n = x.shape[0]

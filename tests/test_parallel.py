@@ -355,3 +355,14 @@ def test_torchrun_max_restarts_continue_from_the_checkpoint(tmp_path):
     assert "resuming" in out
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stage_that_fails_to_start_says_why_in_one_line(tmp_path):
+    """Rank 0 cannot read the data: its line names the cause, the other stages stop
+    without a word, the launcher adds nothing (no epoch to resume from), exit 2."""
+    run = tmp_path / "run"
+    res = _train(tmp_path / "no-such-data", run, "--stages", 2)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sigprop: error: stage 1/2:"), res.stderr
+    assert not run.exists()

@@ -108,11 +108,14 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
         folder.release()
     if failed is None:
         return 0
+    hint = _resume_hint(run_dir)
+    if code == 2 and hint.startswith("no epoch"):
+        return 2  # an error before the first checkpoint: the stage's own line says it all
     a, b = ranges[failed]
     blocks = f"block {a + 1}" if b - a == 1 else f"blocks {a + 1}-{b}"
     cause = "failed (its error is above)" if code in (2, 1) else _describe(code)
     print(f"sigprop: error: stage {failed + 1}/{stages} ({blocks}) {cause}; every stage has "
-          f"stopped; {_resume_hint(run_dir)}", file=err_out)
+          f"stopped; {hint}", file=err_out)
     return 2
 
 

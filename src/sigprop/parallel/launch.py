@@ -125,15 +125,19 @@ def _watch(procs: list[subprocess.Popen]) -> tuple[int | None, int]:
     failed, code, deadline = None, 0, None
     while True:
         running = [p for p in procs if p.poll() is None]
+        done = [(r, p.returncode) for r, p in enumerate(procs)
+                if p.returncode is not None and p.returncode != 0]
+        if done and deadline is None:
+            deadline = time.monotonic() + GRACE_S
         if failed is None:
-            done = [(r, p.returncode) for r, p in enumerate(procs)
-                    if p.returncode is not None and p.returncode != 0]
-            # the cause: a stage that did not stop because another did
-            causes = [d for d in done if d[1] != PEER_EXIT] or done
+            # the cause: a stage that did not stop because another did (a stage that
+            # stopped because of a peer may be seen first: wait for the peer's code)
+            causes = [d for d in done if d[1] != PEER_EXIT]
             if causes:
                 failed, code = causes[0]
-                deadline = time.monotonic() + GRACE_S
         if not running:
+            if failed is None and done:
+                failed, code = done[0]
             return failed, code
         if deadline is not None and time.monotonic() > deadline:
             _stop(procs)

@@ -366,3 +366,30 @@ def test_a_stage_that_fails_to_start_says_why_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sigprop: error: stage 1/2:"), res.stderr
     assert not run.exists()
+
+
+def test_a_stage_keeps_only_the_blocks_it_trains():
+    """release_unowned empties other blocks (and, past the first stage, the signal);
+    the stage's own steps and evaluation are unchanged, bit for bit."""
+    from sigprop.parallel.runner import release_unowned
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(head="classifier", pipeline="off")
+        full, lean = sigprop_rule(**kw), sigprop_rule(**kw)
+        before = sum(p.numel() for p in lean.modules.parameters())
+        assert release_unowned(lean, 1, 3) > 0
+        after = sum(p.numel() for p in lean.modules.parameters())
+        assert after < before
+        assert all(p.numel() == 0 for p in lean.network.blocks[0].parameters())
+        assert all(p.numel() == 0 for p in lean.signal.parameters())
+        for x, y in random_batches(k=3):
+            _, _, z = full.stage_step(x, y, 0, 1)
+            a = full.stage_step(z.clone(), y, 1, 3)
+            b = lean.stage_step(z.clone(), y, 1, 3)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for key in ("network.blocks.2.0.weight", "network.head.weight"):
+            assert torch.equal(full.state_dict()["modules"][key], lean.state_dict()["modules"][key])
+    finally:
+        torch.set_num_threads(saved)

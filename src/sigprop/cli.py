@@ -224,7 +224,13 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
         if not explicit_dir:
             raise ConfigError("under torchrun every stage must write to the same run folder: "
                               "give --run-dir")
-        history = run_stage(cfg, Path(cfg.train.run_dir), resume)
+        from .parallel.worker import exit_now
+
+        try:
+            history = run_stage(cfg, Path(cfg.train.run_dir), resume)
+        except SigpropError as err:  # gloo's teardown after a failure may abort: exit now
+            print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
+            exit_now(2)
         if int(os.environ["RANK"]) == 0 and history:
             _summary(cfg, history[-1])
         return 0

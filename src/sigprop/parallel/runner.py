@@ -164,6 +164,7 @@ class StageRun:
                                    rule.stage_rows(batch, True), batch)
         self.ranges = stage_ranges(self.sizes)
         self.start, self.stop = self.ranges[self.rank]
+        release_unowned(rule, self.start, self.stop)
         exits = rule.exit_names
         # this stage's exits: its blocks', and the head's at the last stage
         self.exit_index = list(range(self.start, self.stop))
@@ -235,22 +236,18 @@ class StageRun:
         try:
             if kind == 1:
                 state = runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
-                self.rule.load_state_dict(state["rule"])
+                self._load_own(state["rule"])
                 self._set_rng(state["rng"], epoch, own=False)
             elif kind == 2:
                 manifest = {"epoch": epoch, "split": self.sizes,
                             "files": [ck.stage_file(epoch, r, self.stages)
                                       for r in range(self.stages)]}
                 part = ck.load_stage_file(self.run_dir, manifest, self.rank)
-                full = self.rule.state_dict()
-                full["modules"].update(part["rule"]["modules"])
-                for opt, mine in zip(full["optimizers"], part["rule"]["optimizers"]):
-                    opt["state"].update(mine["state"])
-                self.rule.load_state_dict(full)
+                self._load_own(part["rule"])
                 self._set_rng(part["rng"], epoch, own=True)
             elif kind == 3:
                 state = ck.load_run_state(self.run_dir)
-                self.rule.load_state_dict(state["rule"])
+                self._load_own(state["rule"])
                 self._set_rng(state["rng"], epoch, own=False)
         except SigpropError as e:
             err = e
@@ -258,6 +255,16 @@ class StageRun:
         if kind and self.rank == 0:
             self._log(f"resuming {self.run_dir} after epoch {epoch}")
         return history, epoch
+
+    def _load_own(self, state: dict) -> None:
+        """Load this stage's part of a rule state (a whole one or a stage file's): its
+        entries replace the rule's own; the rest (released blocks) stay as they are."""
+        mine = ck.stage_state(state, self.rank, self.ranges)
+        full = self.rule.state_dict()
+        full["modules"].update(mine["modules"])
+        for opt, part in zip(full["optimizers"], mine["optimizers"]):
+            opt["state"].update(part["state"])
+        self.rule.load_state_dict(full)
 
     def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:
         """The dropout stream: this stage's own saved state, else (the checkpoint came from
@@ -444,6 +451,29 @@ class StageRun:
             runio.write_metrics(self.run_dir, history)
         dist.barrier()
         ck.remove_stale(self.run_dir, {own}, self.rank, self.stages)
+
+
+def release_unowned(rule, start: int, stop: int) -> int:
+    """Free the parameters and buffers of the blocks a stage does not run (and the
+    signal's after the first stage): every process builds the whole rule from the seed,
+    so that its own blocks start as in one process, then keeps only what it trains.
+    The released tensors become empty; they are never read (their state entries are
+    not this stage's part). Returns the values freed."""
+    freed = 0
+    drop = [b for i, b in enumerate(rule.network.blocks) if not start <= i < stop]
+    if start > 0:
+        drop.append(rule.signal)
+    for module in drop:
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and p.numel():
+                    freed += p.numel()
+                    p.data = p.data.new_empty(0)
+            for name, b in m._buffers.items():
+                if b is not None and b.numel():
+                    freed += b.numel()
+                    m._buffers[name] = b.new_empty(0)
+    return freed
 
 
 def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:

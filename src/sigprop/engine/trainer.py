@@ -145,6 +145,75 @@ def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
     return dict(zip(rule.exit_names, acc))
 
 
+def set_epoch_lr(rule: LearningRule, cfg: Config, epoch: int) -> float:
+    """Set every optimizer group's learning rate for ``epoch`` (a rule's own per-group
+    rate, else the run's, times the schedule); the run's rate of the epoch."""
+    factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
+    for opt in rule.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.get("base_lr", cfg.rule.lr) * factor
+    return cfg.rule.lr * factor
+
+
+def check_finite(window: torch.Tensor, names: list[str], epoch: int, step: int) -> None:
+    """Raise naming the first (step, exit) whose loss in ``window`` (the losses of the
+    steps up to ``step``, one column per exit of ``names``) is NaN or infinite."""
+    bad = ~torch.isfinite(window)
+    if not bool(bad.any()):
+        return
+    row, col = (int(i) for i in bad.nonzero()[0])
+    first = step - (window.shape[0] - 1) + row
+    value = float(window[row, col])
+    raise TrainingError(
+        f"loss of {names[col]} became {value} at epoch {epoch + 1}, step "
+        f"{first + 1}; lower the learning rate (--lr) or check the input data"
+    )
+
+
+def epoch_record(rule: LearningRule, epoch: int, lr: float, train_loss: list[float],
+                 train_acc: list[float], test_acc: list[float], elapsed: float,
+                 seen: int) -> dict[str, Any]:
+    """One epoch's metrics record (every exit, in ``rule.exit_names`` order)."""
+    names = rule.exit_names
+    return {
+        **rule.epoch_metrics(),
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss[-1],
+        "train_acc": train_acc[-1],
+        "test_acc": test_acc[-1],
+        "test_error": 1.0 - test_acc[-1],
+        "train_loss_exits": dict(zip(names, train_loss)),
+        "train_acc_exits": dict(zip(names, train_acc)),
+        "test_acc_exits": dict(zip(names, test_acc)),
+        "epoch_time_s": elapsed,
+        "samples_per_s": seen / elapsed,
+    }
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
+    return (f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
+            f"test_acc {record['test_acc']:.4f}  [{exits}]  "
+            f"{record['samples_per_s']:.0f} samples/s")
+
+
+def resumed_record(old: dict[str, Any], record: dict[str, Any],
+                   changes: dict[str, tuple[Any, Any]], done: int, epochs: int
+                   ) -> dict[str, Any]:
+    """config.json of a resumed run: its first record (``old``) updated, with what this
+    resume changed appended under ``resumes`` (when it changes or trains anything)."""
+    if not old:
+        return record
+    resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
+    record = {**old, **record, "versions": old.get("versions", record["versions"]),
+              "resumes": resumes}
+    if changes or done < epochs:
+        record["resumes"].append({"after_epoch": done, "versions": runio.versions(),
+                                  "changed": {k: list(v) for k, v in changes.items()}})
+    return record
+
+
 class Trainer:
     """Runs one training into a run folder, which it holds locked (:mod:`.runfolder`).
 
@@ -217,13 +286,8 @@ class Trainer:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start}"
                       + (f" (changed: {said})" if said else ""))
-            if old:  # keep the run's first record; note what each resume changed
-                resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
-                record = {**old, **record, "versions": old.get("versions", record["versions"]),
-                          "resumes": resumes}
-                if changes or start < cfg.train.epochs:
-                    record["resumes"].append({"after_epoch": start, "versions": runio.versions(),
-                                              "changed": {k: list(v) for k, v in changes.items()}})
+            # keep the run's first record; note what each resume changed
+            record = resumed_record(old, record, changes, start, cfg.train.epochs)
         elif self.resume:
             self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
         if state is None or changes or start < cfg.train.epochs:
@@ -243,21 +307,12 @@ class Trainer:
             })
             self.epochs_done = epoch + 1
             runio.write_metrics(self.run_dir, history)
-            exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
-            self._log(
-                f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {record['train_loss']:.4f}  "
-                f"test_acc {record['test_acc']:.4f}  [{exits}]  "
-                f"{record['samples_per_s']:.0f} samples/s"
-            )
+            self._log(epoch_line(record, cfg.train.epochs))
         return history
 
     def _epoch(self, exp: Experiment, epoch: int) -> dict[str, Any]:
         cfg, rule, loader = self.cfg, exp.rule, exp.train
-        factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
-        lr = cfg.rule.lr * factor
-        for opt in rule.optimizers:
-            for group in opt.param_groups:  # a rule's own per-group rate, else the run's
-                group["lr"] = group.get("base_lr", cfg.rule.lr) * factor
+        lr = set_epoch_lr(rule, cfg, epoch)
         k = len(rule.exit_names)
         every = cfg.train.check_every
         loss_sum = torch.zeros(k, device=exp.device, dtype=torch.float64)
@@ -278,44 +333,16 @@ class Trainer:
                 seen += x.shape[0]
                 last = step + 1 == len(loader)
                 if (step + 1) % every == 0 or last:
-                    self._check_finite(window[: step % every + 1], rule, epoch, step)
+                    check_finite(window[: step % every + 1], rule.exit_names, epoch, step)
                     bar.update(step % every + 1)
                     bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
                                     acc=f"{int(correct_sum[-1]) / seen:.4f}")
             rule.sync()  # updates still in flight (sigprop's pipeline) belong to this epoch
         elapsed = time.perf_counter() - start
         test_acc = evaluate(rule, exp.test)
-        train_loss = (loss_sum / seen).tolist()
-        train_acc = (correct_sum.double() / seen).tolist()
-        names = rule.exit_names
-        return {
-            **rule.epoch_metrics(),
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss[-1],
-            "train_acc": train_acc[-1],
-            "test_acc": test_acc[names[-1]],
-            "test_error": 1.0 - test_acc[names[-1]],
-            "train_loss_exits": dict(zip(names, train_loss)),
-            "train_acc_exits": dict(zip(names, train_acc)),
-            "test_acc_exits": test_acc,
-            "epoch_time_s": elapsed,
-            "samples_per_s": seen / elapsed,
-        }
-
-    @staticmethod
-    def _check_finite(window: torch.Tensor, rule: LearningRule, epoch: int, step: int) -> None:
-        """Raise naming the first (step, exit) whose loss is NaN or infinite."""
-        bad = ~torch.isfinite(window)
-        if not bool(bad.any()):
-            return
-        row, col = (int(i) for i in bad.nonzero()[0])
-        first = step - (window.shape[0] - 1) + row
-        value = float(window[row, col])
-        raise TrainingError(
-            f"loss of {rule.exit_names[col]} became {value} at epoch {epoch + 1}, step "
-            f"{first + 1}; lower the learning rate (--lr) or check the input data"
-        )
+        return epoch_record(rule, epoch, lr, (loss_sum / seen).tolist(),
+                            (correct_sum.double() / seen).tolist(),
+                            [test_acc[k] for k in rule.exit_names], elapsed, seen)
 
 
 def _check_same_data(recorded: Any, files: dict[str, list[dict[str, Any]]]) -> None:

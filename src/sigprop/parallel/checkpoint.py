@@ -131,17 +131,20 @@ def load_stage_file(run_dir: Path, manifest: dict, stage: int) -> dict:
     return state
 
 
-def latest_kind(run_dir: Path) -> tuple[str | None, int]:
-    """("single" | "staged" | None, epoch) of the newest checkpoint in a run folder."""
+def latest_kind(run_dir: Path) -> tuple[str | None, int, dict | None]:
+    """("single" | "staged" | None, epoch, the one-process checkpoint when it is the
+    newest) of a run folder: the newer of checkpoint.pt and stages.json."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     staged = manifest["epoch"] if manifest is not None else 0
-    single = 0
+    single = None
     if (run_dir / runio.CHECKPOINT).exists():
-        single = runio.load_checkpoint(run_dir / runio.CHECKPOINT)["epoch"]
-    if staged == 0 and single == 0:
-        return None, 0
-    return ("staged", staged) if staged > single else ("single", single)
+        single = runio.load_checkpoint(run_dir / runio.CHECKPOINT, "cpu")
+    if single is not None and single["epoch"] >= staged:
+        return "single", single["epoch"], single
+    if staged:
+        return "staged", staged, None
+    return None, 0, None
 
 
 def load_run_state(run_dir: Path) -> dict | None:
@@ -149,11 +152,9 @@ def load_run_state(run_dir: Path) -> dict | None:
     (``epoch``, ``config``, ``rule``, ``rng``, ``history``; a staged run's parts merged;
     its generator state is the first stage's), or None if the folder has none."""
     run_dir = Path(run_dir)
-    kind, _ = latest_kind(run_dir)
-    if kind is None:
-        return None
-    if kind == "single":
-        return runio.load_checkpoint(run_dir / runio.CHECKPOINT, "cpu")
+    kind, _, single = latest_kind(run_dir)
+    if kind != "staged":
+        return single
     manifest = read_manifest(run_dir)
     parts = [load_stage_file(run_dir, manifest, r) for r in range(len(manifest["split"]))]
     first = parts[0]

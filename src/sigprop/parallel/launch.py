@@ -28,8 +28,7 @@ from pathlib import Path
 
 from ..engine.config import Config
 from ..engine.runfolder import RunFolder
-from ..errors import ConfigError
-from .split import resolve_split, stage_count, stage_ranges
+from .split import plan_split, stage_ranges
 
 GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
 KILL_S = 5.0  # after SIGTERM, before SIGKILL
@@ -44,20 +43,13 @@ def free_port() -> int:
 
 def check_stages(cfg: Config) -> list[int]:
     """Everything about the stages that can be checked before any process starts: the
-    rule splits, the generator allows it, the split fits the network. Blocks per stage."""
+    rule splits, the generator allows it, the split fits the network, the stage timeout
+    is a number. Blocks per stage."""
     from ..engine.trainer import build_config_rule, resolve_device
+    from .runner import timeout_s
 
-    stages = stage_count(cfg.train.stages, cfg.train.split)
-    rule = build_config_rule(cfg, resolve_device("cpu"))
-    if not hasattr(rule, "stage_step"):
-        raise ConfigError(f"--stages trains sigprop (each block learns from what arrives from "
-                          f"below); rule {cfg.rule.name!r} is not split into stages: drop "
-                          "--stages/--split")
-    why = rule.staging_unsupported()
-    if why is not None:
-        raise ConfigError(f"--stages: {why}")
-    batch = cfg.data.batch_size
-    return resolve_split(rule.network, stages, cfg.train.split, rule.stage_rows(batch, True), batch)
+    timeout_s()
+    return plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
 
 
 def _describe(code: int) -> str:
@@ -163,7 +155,7 @@ def _resume_hint(run_dir: Path) -> str:
     from .checkpoint import latest_kind
 
     try:
-        kind, epoch = latest_kind(run_dir)
+        kind, epoch, _ = latest_kind(run_dir)
     except Exception:  # noqa: BLE001 - the hint must not hide the failure
         kind, epoch = None, 0
     if kind is None:

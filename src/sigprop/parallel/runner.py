@@ -35,17 +35,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data import DeviceLoader, dataset_spec, split_file_records
+from ..data import split_file_records
 from ..data.loader import derive_seed
 from ..engine import runio
 from ..engine.config import Config, config_from_dict, resume_changes
 from ..engine.runfolder import RunFolder
 from ..engine.trainer import (
-    _check_same_data, build_config_rule, build_experiment, lr_factor, resolve_device)
-from ..errors import CheckpointError, ConfigError, SigpropError, TrainingError
+    _check_same_data, build_config_rule, build_experiment, check_finite, epoch_line,
+    epoch_record, resolve_device, resumed_record, set_epoch_lr)
+from ..errors import ConfigError, SigpropError
 from . import checkpoint as ck
-from .split import resolve_split, stage_count, stage_ranges
-from .transport import Receiver, Sender, StageFailure, batch_sizes
+from .split import plan_split, stage_count, stage_ranges
+from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost
 
 DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
 _DROPOUT_STREAM = 7  # derive_seed(seed, _DROPOUT_STREAM, stage[, epoch]): later stages' masks
@@ -153,15 +154,7 @@ class StageRun:
             self.exp = None
             self.rule = build_config_rule(cfg, device)
         rule = self.rule
-        if not hasattr(rule, "stage_step"):
-            raise ConfigError(f"--stages trains sigprop (each block learns from what arrives "
-                              f"from below); rule {cfg.rule.name!r} is not split into stages")
-        why = rule.staging_unsupported()
-        if why is not None:
-            raise ConfigError(f"--stages: {why}")
-        batch = cfg.data.batch_size
-        self.sizes = resolve_split(rule.network, self.stages, cfg.train.split,
-                                   rule.stage_rows(batch, True), batch)
+        self.sizes = plan_split(rule, cfg)
         self.ranges = stage_ranges(self.sizes)
         self.start, self.stop = self.ranges[self.rank]
         release_unowned(rule, self.start, self.stop)
@@ -189,7 +182,7 @@ class StageRun:
         n_train, drop_last, n_test = (int(v) for v in counts)
         self.train_sizes = batch_sizes(n_train, cfg.data.batch_size, bool(drop_last))
         self.test_sizes = batch_sizes(n_test, cfg.data.eval_batch_size, False)
-        history, start = self._restore(device)
+        history, start = self._restore()
         if self.rank == 0:
             blocks = ", ".join(f"stage {k + 1}: blocks {a + 1}-{b}" if b - a > 1
                                else f"stage {k + 1}: block {a + 1}"
@@ -205,27 +198,22 @@ class StageRun:
             if self.rank == 0:
                 history.append(record)
             self._checkpoint(epoch + 1, history)
-            if self.rank == 0:
-                exits = "  ".join(f"{k} {v:.4f}" for k, v in record["test_acc_exits"].items())
-                self._log(
-                    f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss "
-                    f"{record['train_loss']:.4f}  test_acc {record['test_acc']:.4f}  [{exits}]  "
-                    f"{record['samples_per_s']:.0f} samples/s")
+            self._log(epoch_line(record, cfg.train.epochs))
         return history
 
     # --- resume ---------------------------------------------------------------------
-    def _restore(self, device: torch.device) -> tuple[list[dict[str, Any]], int]:
+    def _restore(self) -> tuple[list[dict[str, Any]], int]:
         """Load the run's newest checkpoint into this stage; (history, epochs done).
         Rank 0 decides what to load and tells the others: kind 0 nothing, 1 the whole
         single-process checkpoint, 2 this stage's own file (same split), 3 every stage
-        file merged (another split)."""
-        cfg = self.cfg
+        file merged (another split). Rank 0 reuses what it read to decide."""
         decision = torch.zeros(2, dtype=torch.int64)
         err = None
         history: list[dict[str, Any]] = []
+        state = None  # rank 0: the checkpoint (kind 1) or its own stage file (kind 2)
         if self.rank == 0:
             try:
-                history, plan = self._restore_plan()
+                history, plan, state = self._restore_plan()
                 decision[:] = torch.tensor(plan)
             except SigpropError as e:
                 err = e
@@ -235,20 +223,17 @@ class StageRun:
         err = None
         try:
             if kind == 1:
-                state = runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
-                self._load_own(state["rule"])
-                self._set_rng(state["rng"], epoch, own=False)
+                state = state or runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
             elif kind == 2:
                 manifest = {"epoch": epoch, "split": self.sizes,
                             "files": [ck.stage_file(epoch, r, self.stages)
                                       for r in range(self.stages)]}
-                part = ck.load_stage_file(self.run_dir, manifest, self.rank)
-                self._load_own(part["rule"])
-                self._set_rng(part["rng"], epoch, own=True)
+                state = state or ck.load_stage_file(self.run_dir, manifest, self.rank)
             elif kind == 3:
                 state = ck.load_run_state(self.run_dir)
+            if kind:
                 self._load_own(state["rule"])
-                self._set_rng(state["rng"], epoch, own=False)
+                self._set_rng(state["rng"], epoch, own=kind == 2)
         except SigpropError as e:
             err = e
         self._agree(err)
@@ -274,10 +259,11 @@ class StageRun:
         else:
             torch.manual_seed(derive_seed(self.cfg.train.seed, _DROPOUT_STREAM, self.rank, epoch))
 
-    def _restore_plan(self) -> tuple[list[dict[str, Any]], tuple[int, int]]:
-        """Rank 0: check the folder, write config.json; what to load."""
+    def _restore_plan(self) -> tuple[list[dict[str, Any]], tuple[int, int], dict | None]:
+        """Rank 0: check the folder, write config.json; what to load (and what it read:
+        the one-process checkpoint, or the first stage's file)."""
         cfg = self.cfg
-        kind_name, epoch = ck.latest_kind(self.run_dir)
+        kind_name, epoch, single = ck.latest_kind(self.run_dir)
         if not self.resume and (kind_name is not None
                                 or (self.run_dir / runio.CONFIG).exists()):
             raise ConfigError(f"run folder {self.run_dir} already holds a run; pass --resume to "
@@ -287,12 +273,11 @@ class StageRun:
         record = {"config": cfg.to_dict(), "seed": cfg.train.seed,
                   "versions": runio.versions(), "data_files": files}
         history: list[dict[str, Any]] = []
-        kind = 0
+        kind, state = 0, None
         config_path = self.run_dir / runio.CONFIG
         if kind_name is not None:
             if kind_name == "single":
-                state = runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
-                kind = 1
+                state, kind = single, 1
             else:
                 manifest = ck.read_manifest(self.run_dir)
                 kind = 2 if manifest["split"] == self.sizes else 3
@@ -302,14 +287,7 @@ class StageRun:
             _check_same_data(old.get("data_files"), files)
             history = list(state["history"])
             runio.write_metrics(self.run_dir, history)
-            if old:
-                resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
-                record = {**old, **record, "versions": old.get("versions", record["versions"]),
-                          "resumes": resumes}
-                if changes or epoch < cfg.train.epochs:
-                    record["resumes"].append({
-                        "after_epoch": epoch, "versions": runio.versions(),
-                        "changed": {k: list(v) for k, v in changes.items()}})
+            record = resumed_record(old, record, changes, epoch, cfg.train.epochs)
             write = bool(changes) or epoch < cfg.train.epochs
         else:
             if self.resume:
@@ -317,17 +295,13 @@ class StageRun:
             write = True
         if write:
             runio.atomic_write_text(config_path, json.dumps(record, indent=2))
-        return history, (kind, epoch if kind else 0)
+        return history, (kind, epoch if kind else 0), state if kind in (1, 2) else None
 
     # --- an epoch -------------------------------------------------------------------
     def _epoch(self, epoch: int, device: torch.device) -> dict[str, Any]:
         cfg, rule = self.cfg, self.rule
         first, last = self.rank == 0, self.rank == self.world - 1
-        factor = lr_factor(cfg.train.schedule, epoch, cfg.train.epochs)
-        lr = cfg.rule.lr * factor
-        for opt in rule.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group.get("base_lr", cfg.rule.lr) * factor
+        lr = set_epoch_lr(rule, cfg, epoch)
         n_exits = len(rule.exit_names)
         mine = self.exit_index
         k = len(mine)
@@ -363,7 +337,8 @@ class StageRun:
                 correct_sum += correct
                 seen += y.shape[0]
                 if (step + 1) % every == 0 or step + 1 == steps:
-                    self._check_finite(window[: step % every + 1], epoch, step)
+                    check_finite(window[: step % every + 1],
+                                 [rule.exit_names[i] for i in mine], epoch, step)
                     if last:
                         bar.update(step % every + 1)
                         bar.set_postfix(loss=f"{float(loss_sum[-1]) / seen:.4f}",
@@ -391,23 +366,13 @@ class StageRun:
         train_loss = (sums[:n_exits] / seen).tolist()
         train_acc = (sums[n_exits:2 * n_exits] / seen).tolist()
         test_acc = (sums[2 * n_exits:3 * n_exits] / sum(self.test_sizes)).tolist()
-        names = rule.exit_names
-        wall = float(timing[:, 0].max())
         stages = {f"stage{r + 1}": {
             "blocks": f"{a + 1}-{b}" if b - a > 1 else f"{b}", "compute_s": float(timing[r, 1]),
             "wait_recv_s": float(timing[r, 2]), "wait_send_s": float(timing[r, 3])}
             for r, (a, b) in enumerate(self.ranges)}
-        return {
-            **rule.epoch_metrics(),
-            "epoch": epoch + 1, "lr": lr,
-            "train_loss": train_loss[-1], "train_acc": train_acc[-1],
-            "test_acc": test_acc[-1], "test_error": 1.0 - test_acc[-1],
-            "train_loss_exits": dict(zip(names, train_loss)),
-            "train_acc_exits": dict(zip(names, train_acc)),
-            "test_acc_exits": dict(zip(names, test_acc)),
-            "epoch_time_s": wall, "samples_per_s": seen / wall,
-            "stages": stages,
-        }
+        record = epoch_record(rule, epoch, lr, train_loss, train_acc, test_acc,
+                              float(timing[:, 0].max()), seen)
+        return {**record, "stages": stages}
 
     def _evaluate(self, recv: Receiver | None, send: Sender | None,
                   device: torch.device) -> torch.Tensor:
@@ -423,17 +388,6 @@ class StageRun:
                 send.send(out, y)
             correct += torch.stack([(s.argmax(1) == y).sum() for s in scores])
         return correct
-
-    def _check_finite(self, window: torch.Tensor, epoch: int, step: int) -> None:
-        bad = ~torch.isfinite(window)
-        if not bool(bad.any()):
-            return
-        row, col = (int(i) for i in bad.nonzero()[0])
-        first = step - (window.shape[0] - 1) + row
-        name = self.rule.exit_names[self.exit_index[col]]
-        raise TrainingError(
-            f"loss of {name} became {float(window[row, col])} at epoch {epoch + 1}, step "
-            f"{first + 1}; lower the learning rate (--lr) or check the input data")
 
     # --- checkpoint -----------------------------------------------------------------
     def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
@@ -485,7 +439,7 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
     try:
         if env.rank == 0 and not env.ours:
             folder = RunFolder.acquire(run_dir)
-        elif env.rank != 0 or env.ours:
+        else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)  # each machine's own stage files
         return StageRun(cfg, run_dir, resume, env).run()
     except SigpropError as err:
@@ -493,15 +447,15 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
         text = " ".join(str(err).split())
         raise type(err)(f"stage {env.rank + 1}/{stages}: {text}") from None
     except RuntimeError as err:  # a collective (barrier, all-reduce) lost a peer
-        text = " ".join(str(err).split())
-        if "closed" in text.lower() or "timed out" in text.lower() or "reset" in text.lower():
-            stages = stage_count(cfg.train.stages, cfg.train.split)
-            raise StageFailure(f"stage {env.rank + 1}/{stages}: another stage stopped "
-                               f"({text[:160]})") from None
-        raise
+        cause = peer_lost(err)
+        if cause is None:
+            raise
+        stages = stage_count(cfg.train.stages, cfg.train.split)
+        raise StageFailure(f"stage {env.rank + 1}/{stages}: another stage stopped: "
+                           f"{cause}") from None
     finally:
         if folder is not None:
             folder.release()
 
 
-__all__ = ["run_stage", "in_distributed_env", "StageFailure", "CheckpointError"]
+__all__ = ["run_stage", "in_distributed_env", "release_unowned"]

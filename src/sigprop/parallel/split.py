@@ -142,3 +142,19 @@ def stage_ranges(sizes: list[int]) -> list[tuple[int, int]]:
         out.append((a, a + k))
         a += k
     return out
+
+
+def plan_split(rule, cfg) -> list[int]:
+    """Blocks per stage of a run's rule, after checking that it can be staged at all
+    (sigprop, a generator that allows it); the launcher calls it before any process
+    starts, each stage again with the rule it built."""
+    if not hasattr(rule, "stage_step"):
+        raise ConfigError(f"--stages trains sigprop (each block learns from what arrives from "
+                          f"below); rule {cfg.rule.name!r} is not split into stages: drop "
+                          "--stages/--split")
+    why = rule.staging_unsupported()
+    if why is not None:
+        raise ConfigError(f"--stages: {why}")
+    batch = cfg.data.batch_size
+    return resolve_split(rule.network, stage_count(cfg.train.stages, cfg.train.split),
+                         cfg.train.split, rule.stage_rows(batch, True), batch)

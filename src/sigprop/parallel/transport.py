@@ -39,11 +39,20 @@ class StageFailure(SigpropError):
     """A neighbouring stage stopped (crashed, killed, or timed out)."""
 
 
-def _lost(peer_stage: int, what: str, err: BaseException) -> StageFailure:
+def peer_lost(err: BaseException) -> str | None:
+    """What a failed gloo operation says about the peer: that it closed its connection,
+    or timed out; None for any other error (not a peer's)."""
     text = " ".join(str(err).split())
-    cause = ("it closed its connection (crashed, was killed, or stopped on an error of its "
-             "own)" if "closed" in text.lower() or "reset" in text.lower()
-             else f"{text[:160]}")
+    low = text.lower()
+    if "closed" in low or "reset" in low:
+        return "it closed its connection (crashed, was killed, or stopped on an error of its own)"
+    if "timed out" in low:
+        return f"timed out ({text[:160]})"
+    return None
+
+
+def _lost(peer_stage: int, what: str, err: BaseException) -> StageFailure:
+    cause = peer_lost(err) or " ".join(str(err).split())[:160]
     return StageFailure(f"stage {peer_stage + 1} stopped while {what}: {cause}")
 
 

@@ -371,40 +371,7 @@ class Sigprop(LearningRule):
         last block). ``z``: the inputs (start 0), else what block ``start - 1`` sent
         (t: the m class targets, every sample's m candidates, or none with prototypes)."""
         self.sync()
-        blocks = self.network.blocks
-        with torch.no_grad():
-            scores: list[Tensor] = []
-            h, t = z[:n], z[n:]
-            for i in range(start, stop):
-                block = blocks[i]
-                if i == 0 and self.signal.at_input:
-                    t = block(self.signal.targets(h))
-                    h = block(h)
-                elif i == 0:
-                    h = block(h)
-                    if self.prototypes is not None:
-                        t = h[:0]
-                    elif self.signal.per_sample:
-                        t = self.signal.candidates(h, None).flatten(0, 1)
-                    else:
-                        t = self.signal.targets(h)
-                else:
-                    h = block(h)
-                    t = block(t) if t.shape[0] else h[:0]
-                if self.prototypes is not None:
-                    proto, seen = self.prototypes.get(i)
-                    s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
-                    scores.append(s.masked_fill(~seen, float("-inf")))
-                elif self.signal.per_sample:
-                    paired = t.view(n, self.num_classes, *t.shape[1:])
-                    scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
-                else:
-                    scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
-            if stop < len(blocks):
-                return scores, torch.cat([h, t])
-            if self.classifier:
-                scores.append(self.network.head(h))
-            return scores, None
+        return self._scores(z, n, start, stop)
 
     def stage_rows(self, n: int, training: bool) -> int:
         """Target rows that travel with ``n`` samples between blocks: in training m class
@@ -705,51 +672,67 @@ class Sigprop(LearningRule):
 
         Per-class generators: h and the m class targets go through each block and are
         compared. Per-sample generators: with ``exit_targets="prototypes"`` (default)
-        h is compared with each layer's running class means of the training targets;
-        with ``"candidates"`` each sample's m candidate targets (one per class) go
-        through each block, m x the target work, and the best match wins.
+        h is compared with each layer's running class means of the training targets (no
+        label, no generator, no target rows at inference); with ``"candidates"`` each
+        sample's m candidate targets (one per class) go through each block, m x the
+        target work, and the best match wins.
         """
-        if self.prototypes is not None:
-            return self._prototype_scores(x)
+        return self._scores(x, x.shape[0], 0, len(self.network.blocks))[0]
+
+    def _scores(self, z: Tensor, n: int, start: int, stop: int
+                ) -> tuple[list[Tensor], Tensor | None]:
+        """The exits of blocks ``start..stop-1`` (see :meth:`stage_scores`)."""
         with torch.no_grad():
-            n = x.shape[0]
             scores = []
-            h = x
-            for i, h, t, mode in self._walk(x):
+            h = t = None
+            for i, h, t, mode in self._walk(z, n, start, stop):
                 if mode == SP.FIELD:
                     scores.append(SF.field_compare(h, t, self.cfg.loss, self.scales[i]))
+                elif self.prototypes is not None:
+                    proto, seen = self.prototypes.get(i)
+                    s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
+                    scores.append(s.masked_fill(~seen, float("-inf")))
                 elif self.signal.per_sample:
                     paired = t.view(n, self.num_classes, *t.shape[1:])
                     scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
                 else:
                     scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
+            if stop < len(self.network.blocks):
+                return scores, torch.cat([h, t])
             if self.classifier:
                 scores.append(self.network.head(h))
-            return scores
+            return scores, None
 
-    def _walk(self, x: Tensor):
-        """Inputs and targets through the blocks as the exits see them (no labels):
-        yields (block index, outputs h, targets t, the targets' travel mode) per block.
-        Per-class generators: the m class targets; per-sample ones: every sample's m
-        candidate targets, (n * m, *D)."""
-        fb = self._feedback(x) if self.signal.needs_feedback else None
-        h, t = x, None
+    def _walk(self, z: Tensor, n: int | None = None, start: int = 0, stop: int | None = None):
+        """Inputs and targets through blocks ``start..stop-1`` as the exits see them (no
+        labels): yields (block index, outputs h, targets t, the targets' travel mode) per
+        block. ``z``: the inputs (start 0), else the stacked rows ``[h; t]`` of ``n``
+        samples. Per-class generators: the m class targets; per-sample ones: every
+        sample's m candidate targets, (n * m, *D), or none with prototypes."""
+        blocks = self.network.blocks
+        stop = len(blocks) if stop is None else stop
+        n = z.shape[0] if n is None else n
+        h, t = z[:n], z[n:]  # at block 1: the inputs, and no targets yet
+        fb = (self._feedback(h) if start == 0 and self.signal.needs_feedback
+              and self.prototypes is None else None)
         mode = SP.WINDOW if self._window else SP.ROWS
-        for i, block in enumerate(self.network.blocks):
+        for i in range(start, stop):
+            block = blocks[i]
             if i == 0 and self.signal.at_input:  # sparse: targets of block 1's input
-                t = self.signal.targets(x)
+                t = self.signal.targets(h)
             if mode != SP.ROWS:  # sparse through conv blocks (sigprop.sparse)
                 h, t, mode = SP.forward_pair(block, h, t, mode)
             else:
                 h = block(h)
                 if i == 0 and not self.signal.at_input:
-                    t = (
-                        self.signal.candidates(h, fb).flatten(0, 1)  # (n * m, *D)
-                        if self.signal.per_sample
-                        else self.signal.targets(h)  # (m, *D)
-                    )
+                    if self.prototypes is not None:
+                        t = h[:0]
+                    elif self.signal.per_sample:
+                        t = self.signal.candidates(h, fb).flatten(0, 1)  # (n * m, *D)
+                    else:
+                        t = self.signal.targets(h)  # (m, *D)
                 else:
-                    t = block(t)
+                    t = block(t) if t.shape[0] else h[:0]
             yield i, h, t, mode
 
     def target_shapes(self) -> list[tuple[int, ...]]:
@@ -767,19 +750,3 @@ class Sigprop(LearningRule):
         finally:
             for m, mode in zip(self.modules.modules(), training):
                 m.training = mode
-
-    def _prototype_scores(self, x: Tensor) -> list[Tensor]:
-        """Exits of per-sample generators compared with each layer's prototypes: no
-        label, no generator, no target rows at inference."""
-        assert self.prototypes is not None
-        with torch.no_grad():
-            scores = []
-            h = x
-            for i, block in enumerate(self.network.blocks):
-                h = block(h)
-                proto, seen = self.prototypes.get(i)
-                s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
-                scores.append(s.masked_fill(~seen, float("-inf")))
-            if self.classifier:
-                scores.append(self.network.head(h))
-            return scores

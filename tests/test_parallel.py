@@ -393,3 +393,23 @@ def test_a_stage_keeps_only_the_blocks_it_trains():
             assert torch.equal(full.state_dict()["modules"][key], lean.state_dict()["modules"][key])
     finally:
         torch.set_num_threads(saved)
+
+
+def test_a_staged_run_folder_refuses_a_fresh_run_and_a_damaged_part_in_one_line(
+        fake_fashion, tmp_path):
+    run = tmp_path / "run"
+    assert _train(fake_fashion, run, "--stages", 2, epochs=1).returncode == 0
+    again = _train(fake_fashion, run, "--stages", 2, epochs=1)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"sigprop: error: run folder {run} already holds a run; pass --resume to continue "
+        "it or choose another --run-dir"]
+    part = run / ck.read_manifest(run)["files"][1]
+    part.write_bytes(part.read_bytes()[:1000])  # a damaged stage file
+    before = {p.name: p.read_bytes() for p in (run / "stages").iterdir()}
+    res = _sigprop("train", "--resume", "--run-dir", run, "--epochs", 2, "--no-progress")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stage 2's part of epoch 1" in lines[0], res.stderr
+    assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
+    assert ck.read_manifest(run)["epoch"] == 1

@@ -250,14 +250,10 @@ class Trainer:
         cfg = self.cfg
         ckpt_path = self.run_dir / runio.CHECKPOINT
         config_path = self.run_dir / runio.CONFIG
-        from ..parallel.checkpoint import MANIFEST, load_run_state
+        from ..parallel.checkpoint import load_run_state, refuse_existing_run
 
-        if not self.resume and (ckpt_path.exists() or config_path.exists()
-                                or (self.run_dir / MANIFEST).exists()):
-            raise ConfigError(
-                f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
-                "or choose another --run-dir"
-            )
+        if not self.resume:
+            refuse_existing_run(self.run_dir)
         # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged
         state = load_run_state(self.run_dir) if self.resume else None
         changes: dict[str, tuple[Any, Any]] = {}

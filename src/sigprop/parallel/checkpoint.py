@@ -28,12 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import runio
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 MANIFEST = "stages.json"
 FOLDER = "stages"
 _BLOCK_KEY = re.compile(r"network\.blocks\.(\d+)\.")
 _PROTO_KEY = re.compile(r"prototypes\.(?:mean|seen)(\d+)$")
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh run (no --resume) into a folder that holds one stops here, whichever way
+    that run was trained (one process or stages)."""
+    run_dir = Path(run_dir)
+    if any((run_dir / name).exists() for name in (runio.CHECKPOINT, runio.CONFIG, MANIFEST)):
+        raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to "
+                          "continue it or choose another --run-dir")
 
 
 def stage_file(epoch: int, stage: int, stages: int) -> str:
@@ -124,7 +133,13 @@ def load_stage_file(run_dir: Path, manifest: dict, stage: int) -> dict:
             f"{path} is missing: {MANIFEST} names it as stage {stage + 1}'s part of epoch "
             f"{manifest['epoch']} (a multi-machine run keeps each stage's file on its own "
             "machine: copy the stages/ files into one folder to read the run in one process)")
-    state = runio.load_checkpoint(path, "cpu", stage=True)
+    try:
+        state = runio.load_checkpoint(path, "cpu", stage=True)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}".split("; ")[0] + f"; it is stage {stage + 1}'s part of epoch "
+            f"{manifest['epoch']}, which this run cannot go on from without it: restore the "
+            "file, or start the run afresh in another --run-dir") from None
     if state.get("epoch") != manifest["epoch"] or state.get("stage") != stage:
         raise CheckpointError(f"{path} does not hold stage {stage + 1} of epoch "
                               f"{manifest['epoch']}; the run folder's stages/ files are mixed up")

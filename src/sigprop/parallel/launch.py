@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..engine.config import Config
 from ..engine.runfolder import RunFolder
+from .checkpoint import latest_kind, refuse_existing_run
 from .split import plan_split, stage_ranges
 
 GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
@@ -74,6 +75,9 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
     folder = RunFolder.acquire(run_dir)
     procs: list[subprocess.Popen] = []
     try:
+        if not resume:
+            refuse_existing_run(run_dir)
+        before = _newest_epoch(run_dir)
         env = dict(os.environ)
         threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // stages)
         env.update({
@@ -91,7 +95,8 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
     except KeyboardInterrupt as stop:
         _stop(procs)
         what = "terminated" if isinstance(stop, Terminated) else "interrupted"
-        print(f"sigprop: {what}; every stage stopped; {_resume_hint(run_dir)}", file=err_out)
+        print(f"sigprop: {what}; every stage stopped; "
+              f"{_resume_hint(run_dir, _newest_epoch(run_dir))}", file=err_out)
         return stop.code if isinstance(stop, Terminated) else 130
     finally:
         _stop(procs)
@@ -100,9 +105,10 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
         folder.release()
     if failed is None:
         return 0
-    hint = _resume_hint(run_dir)
-    if code == 2 and hint.startswith("no epoch"):
-        return 2  # an error before the first checkpoint: the stage's own line says it all
+    after = _newest_epoch(run_dir)
+    if code == 2 and after == before:
+        return 2  # an error before any epoch of this launch ended: the stage's line says it all
+    hint = _resume_hint(run_dir, after)
     a, b = ranges[failed]
     blocks = f"block {a + 1}" if b - a == 1 else f"blocks {a + 1}-{b}"
     cause = "failed (its error is above)" if code in (2, 1) else _describe(code)
@@ -151,14 +157,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _resume_hint(run_dir: Path) -> str:
-    from .checkpoint import latest_kind
-
+def _newest_epoch(run_dir: Path) -> int:
+    """The epoch of the run folder's newest checkpoint (0: none, or none readable)."""
     try:
-        kind, epoch, _ = latest_kind(run_dir)
-    except Exception:  # noqa: BLE001 - the hint must not hide the failure
-        kind, epoch = None, 0
-    if kind is None:
+        return latest_kind(run_dir)[1]
+    except Exception:  # noqa: BLE001 - the stage that reads it reports a damaged one
+        return 0
+
+
+def _resume_hint(run_dir: Path, epoch: int) -> str:
+    if not epoch:
         return "no epoch had finished, so there is no checkpoint to resume from"
     return (f"the last checkpoint (epoch {epoch}) is intact: continue with sigprop train "
             f"--resume --run-dir {shlex.quote(str(run_dir))}")

@@ -263,11 +263,9 @@ class StageRun:
         """Rank 0: check the folder, write config.json; what to load (and what it read:
         the one-process checkpoint, or the first stage's file)."""
         cfg = self.cfg
+        if not self.resume:
+            ck.refuse_existing_run(self.run_dir)
         kind_name, epoch, single = ck.latest_kind(self.run_dir)
-        if not self.resume and (kind_name is not None
-                                or (self.run_dir / runio.CONFIG).exists()):
-            raise ConfigError(f"run folder {self.run_dir} already holds a run; pass --resume to "
-                              "continue it or choose another --run-dir")
         files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
                  for split, name in (("train", cfg.data.train_split), ("test", "test"))}
         record = {"config": cfg.to_dict(), "seed": cfg.train.seed,

@@ -14,8 +14,8 @@ import json
 import os
 import pickle
 import platform
+import secrets
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,16 +36,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one,
     never a partial one: write a temp file in the same folder, fsync, rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the name is known before the file exists, so a signal (Ctrl-C, SIGTERM raised as an
+    # exception) arriving anywhere after its creation still finds it to remove
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are meant to be shared
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o644)  # whatever the umask: run files are meant to be shared
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -122,7 +122,7 @@ def stage_worker(args) -> None:
             rule.sync()
             dist.barrier()
             t0 = time.perf_counter()
-            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
             compute = 0.0
             if recv is not None:
                 recv.wait_s = 0.0
@@ -144,13 +144,16 @@ def stage_worker(args) -> None:
     rule.sync()
     compute += time.perf_counter() - t
     elapsed = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     dist.barrier()
-    result = {"rank": rank, "blocks": [a, b], "elapsed_s": elapsed, "compute_s": compute,
+    # the process's CPU time (all its threads: gloo's too) against its compute time
+    result = {"cpu_s": ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime,
+              "rank": rank, "blocks": [a, b], "elapsed_s": elapsed, "compute_s": compute,
               "wait_recv_s": recv.wait_s if recv else 0.0,
               "wait_send_s": send.wait_s if send else 0.0, "bytes_per_batch": sent_bytes,
               "split": sizes, "median_step_s": statistics.median(per_step),
               "page_faults_per_step":
-                  (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps}
+                  (ru1.ru_minflt - ru0.ru_minflt) / args.steps}
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         per_stage.append({
             "blocks": f"{rows[0]['blocks'][0] + 1}-{rows[0]['blocks'][1]}",
             "compute_ms_per_batch": 1e3 * statistics.median(x["compute_s"] for x in rows) / args.steps,
+            "cpu_ms_per_batch": 1e3 * statistics.median(x["cpu_s"] for x in rows) / args.steps,
             "wait_recv_ms_per_batch": 1e3 * statistics.median(x["wait_recv_s"] for x in rows) / args.steps,
             "wait_send_ms_per_batch": 1e3 * statistics.median(x["wait_send_s"] for x in rows) / args.steps,
             "bytes_sent_per_batch": rows[0]["bytes_per_batch"]})
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k}: {v['median']:.2f} (range {v['min']:.2f}-{v['max']:.2f})")
     for k, s in enumerate(per_stage):
         print(f"  stage {k + 1} (blocks {s['blocks']}): compute {s['compute_ms_per_batch']:.2f} "
-              f"ms/batch, waiting to receive {s['wait_recv_ms_per_batch']:.2f}, to send "
+              f"ms/batch (CPU {s['cpu_ms_per_batch']:.2f}), waiting to receive {s['wait_recv_ms_per_batch']:.2f}, to send "
               f"{s['wait_send_ms_per_batch']:.2f}; sends {s['bytes_sent_per_batch'] / 1e3:.0f} kB/batch")
     out = {
         "network": args.network, "input": args.input, "batch_size": n, "stages": args.stages,

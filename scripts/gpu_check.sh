@@ -45,6 +45,13 @@ step python3 -m sigprop.cli bench --device cuda --network vgg8b-2x --input 3x32x
 # Table V's spiking models on the GPU (fp16 autocast with a GradScaler, and float32)
 step python3 benchmarks/snn_throughput.py --device cuda --amp on,off --steps 5 --repeats 5 \
   --json "$out/bench_snn_cuda.json"
+# layer-parallel stages over NCCL: one CUDA device per process, so only with 2 or more
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step python3 -m sigprop.cli train --device cuda --network fc-4x1000 --stages 2 --epochs 1 \
+    --no-progress --run-dir runs/gpu-check/stages2
+else
+  echo "== layer-parallel over NCCL skipped: one CUDA device (NCCL needs one per stage)"
+fi
 runs=runs/gpu-check/table6-fmnist
 step python3 -m sigprop.cli reproduce table6-fmnist --budget quick --seeds 0 --device cuda \
   --no-progress --out "$runs"

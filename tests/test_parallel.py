@@ -294,16 +294,22 @@ def test_a_killed_stage_ends_the_job_and_resume_continues(tmp_path):
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not installed")
 def test_two_stages_learn_fashion_mnist_as_one_process(tmp_path):
     """A 2-stage run on a real Fashion-MNIST slice reaches the single-process accuracy
-    (here: the same, to the sample; and well above chance)."""
+    (here: the same, to the sample; and well above chance); so do two replicas."""
     common = ["--data-dir", REAL, "--network", "fc-2x128", "--train-limit", 3000,
               "--test-limit", 1000, "--epochs", 1, "--no-progress", "--pipeline", "off"]
     one = _sigprop("train", "--run-dir", tmp_path / "one", *common)
     two = _sigprop("train", "--run-dir", tmp_path / "two", "--stages", 2,
                    "--stage-threads", 1, *common)
+    # two replicas of one stage: each learns from half of every batch (its own BatchNorm
+    # statistics), so close to the one-process accuracy rather than equal to it
+    dp = _sigprop("train", "--run-dir", tmp_path / "dp", "--replicas", 2,
+                  "--stage-threads", 1, *common)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert dp.returncode == 0, dp.stderr
     acc = [json.loads((tmp_path / d / "metrics.jsonl").read_text())["test_acc"]
-           for d in ("one", "two")]
+           for d in ("one", "two", "dp")]
     assert acc[0] > 0.7 and acc[1] == acc[0], acc
+    assert abs(acc[2] - acc[0]) < 0.03, acc
 
 
 def test_torchrun_runs_the_same_program(fake_fashion, tmp_path):
@@ -413,3 +419,149 @@ def test_a_staged_run_folder_refuses_a_fresh_run_and_a_damaged_part_in_one_line(
     assert len(lines) == 1 and "stage 2's part of epoch 1" in lines[0], res.stderr
     assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
     assert ck.read_manifest(run)["epoch"] == 1
+
+
+# --- data-parallel replicas of the stages -------------------------------------------------
+def _replicated_reference(run_dir, replicas, signal_name):
+    """The run of ``run_dir`` (one stage per replica) computed in this process: one rule
+    per replica on its share of every batch, its gradients summed with the others'
+    (weighted by shares; each rule on its own thread, meeting at a barrier) before its
+    Adam step, BatchNorm statistics and prototypes merged at each epoch's end."""
+    import threading
+
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from sigprop.engine.runio import read_run_config
+    from sigprop.engine.config import config_from_dict
+    from sigprop.engine.trainer import build_config_rule, build_experiment, set_epoch_lr
+    from sigprop.parallel.transport import shard
+
+    cfg = config_from_dict(read_run_config(run_dir / "config.json")["config"])
+    exp = build_experiment(cfg)
+    rules = [exp.rule] + [build_config_rule(cfg, torch.device("cpu"))
+                          for _ in range(replicas - 1)]
+    blocks = len(exp.rule.network.blocks)
+    barrier = threading.Barrier(replicas)
+    pending, share = [None] * replicas, [1.0] * replicas
+
+    def hook(j):
+        def reduce(grads):
+            pending[j] = _flatten_dense_tensors(grads).mul_(share[j])
+            barrier.wait()
+            total = pending[0].clone()
+            for k in range(1, replicas):
+                total += pending[k]
+            barrier.wait()
+            for g, r in zip(grads, _unflatten_dense_tensors(total, grads)):
+                g.copy_(r)
+        return reduce
+
+    for j, rule in enumerate(rules):
+        rule.grad_reduce = hook(j)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for epoch in range(cfg.train.epochs):
+            for rule in rules:
+                set_epoch_lr(rule, cfg, epoch)
+                rule.set_training(True)
+            for x, y in exp.train.epoch(epoch):
+                work = []
+                for j, rule in enumerate(rules):
+                    a, b = shard(y.shape[0], replicas, j)
+                    share[j] = (b - a) / y.shape[0]
+                    work.append(threading.Thread(target=rule.stage_step,
+                                                 args=(x[a:b], y[a:b], 0, blocks)))
+                for t in work:
+                    t.start()
+                for t in work:
+                    t.join()
+            states = [r.modules.state_dict() for r in rules]
+            for key, v in states[0].items():
+                name = key.rsplit(".", 1)[-1]
+                if name in ("running_mean", "running_var"):
+                    total = v.clone()
+                    for s in states[1:]:
+                        total += s[key]
+                    total /= replicas
+                    for s in states:
+                        s[key].copy_(total)
+                elif signal_name == "label-input" and name.startswith("mean"):
+                    seen = [s[key[:-len(name)] + "seen" + name[4:]] for s in states]
+                    w = sum(z.to(v.dtype) for z in seen)
+                    rows = w.view(-1, *(1,) * (v.dim() - 1))
+                    total = sum(s[key] * z.to(v.dtype).view_as(rows)
+                                for s, z in zip(states, seen))
+                    merged = torch.where(rows > 0, total / rows.clamp(min=1), v)
+                    for s, z in zip(states, seen):
+                        s[key].copy_(merged)
+                        z.copy_(w > 0)
+    finally:
+        torch.set_num_threads(saved)
+    return exp.rule.modules.state_dict()
+
+
+@pytest.mark.parametrize("signal_name", ["label", "label-input"])
+def test_replicas_all_reduce_each_stages_gradients(fake_fashion, tmp_path, signal_name):
+    """--stages 2 --replicas 2 (four processes) ends with the parameters, BatchNorm
+    statistics and prototypes of two replicas computed in one process from the same
+    shares of the same batches: gradients summed by shares before each Adam step."""
+    run = tmp_path / "run"
+    res = _train(fake_fashion, run, "--stages", 2, "--replicas", 2, "--signal", signal_name,
+                 "--batch-size", 50)
+    assert res.returncode == 0, res.stderr
+    assert "in 2 stages x 2 replicas" in res.stdout
+    got = _final_state(run)["rule"]["modules"]
+    want = _replicated_reference(run, 2, signal_name)
+    assert got.keys() == want.keys()
+    for key, v in want.items():
+        assert torch.equal(got[key], v), key
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["test_acc"] > 0.3  # ten classes
+    assert history[-1]["stages"]["stage1"]["replicas"] == 2
+
+
+def test_replicas_resume_and_evaluate_like_any_staged_run(fake_fashion, tmp_path):
+    """Replicas alone (one stage, two processes); the run resumes with the same replicas,
+    its checkpoint evaluates in one process, and its records count every sample once."""
+    run = tmp_path / "run"
+    first = _train(fake_fashion, run, "--replicas", 2, epochs=1)
+    assert first.returncode == 0, first.stderr
+    again = _sigprop("train", "--resume", "--run-dir", run, "--epochs", 2, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    ev = _sigprop("eval", run, "--data-dir", fake_fashion)
+    assert ev.returncode == 0, ev.stderr
+    assert f"test accuracy: {history[-1]['test_acc']:.4f}" in ev.stdout
+    changed = _sigprop("train", "--resume", "--run-dir", run, "--epochs", 3, "--replicas", 1,
+                       "--no-progress")
+    assert changed.returncode == 2 and "replicas" in changed.stderr
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--replicas", 0], "train.replicas must be a positive integer"),
+    (["--replicas", 2, "--pipeline", "on"], "--pipeline auto or off with --replicas"),
+    (["--replicas", 40], "choose a --batch-size of 80 or more"),
+    (["--replicas", 2, "--batch-size", 73], "but a batch holds 2"),
+])
+def test_bad_replica_settings_stop_in_one_line(fake_fashion, tmp_path, flags, match):
+    res = _train(fake_fashion, tmp_path / "run", *flags)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], res.stderr
+
+
+def test_cuda_stages_need_a_device_each(monkeypatch):
+    """NCCL refuses two ranks on one device: more stage processes than CUDA devices on a
+    machine is one clear error before anything starts."""
+    from sigprop.engine.config import Config, apply_overrides
+    from sigprop.parallel.launch import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = apply_overrides(Config(), {"train": {"device": "cuda", "stages": 2}})
+    with pytest.raises(ConfigError, match="2 stage processes on this machine but 1 CUDA"):
+        check_devices(cfg, 2)
+    check_devices(cfg, 1)
+    check_devices(apply_overrides(Config(), {"train": {"stages": 2}}), 4)  # a CPU run

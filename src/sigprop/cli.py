@@ -189,7 +189,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             Path("runs") / f"{cfg.data.dataset}-{cfg.model.network}-{cfg.rule.name}-{stamp}")}})
     from .parallel.split import stage_count
 
-    if stage_count(cfg.train.stages, cfg.train.split) > 1:
+    if stage_count(cfg.train.stages, cfg.train.split) > 1 or cfg.train.replicas > 1:
         return _train_staged(cfg, resume, explicit_dir=run_dir is not None)
     trainer = Trainer(cfg, Path(cfg.train.run_dir), resume=resume)
     try:
@@ -213,7 +213,8 @@ def _summary(cfg, last: dict) -> None:
 
 
 def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
-    """--stages / --split: this process is one stage (under torchrun), or it starts them."""
+    """--stages / --split / --replicas: this process is one stage (under torchrun), or it
+    starts them."""
     from .engine.runio import read_history
     from .parallel.launch import launch
     from .parallel.runner import in_distributed_env, run_stage

@@ -5,7 +5,7 @@
     [model]  network, dropout
     [rule]   name, lr, weight_decay, signal, signal_learned, head, loss, ...
     [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
-             stage_threads
+             stage_threads, replicas
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags.
 """
@@ -70,7 +70,10 @@ class TrainConfig:
     # process each; split the blocks per stage by hand ("2,1"), else balanced by cost
     stages: int = 1
     split: str | None = None
-    stage_threads: int | None = None  # intra-op threads per stage (default: cores / stages)
+    stage_threads: int | None = None  # intra-op threads per stage (default: cores / processes)
+    # data-parallel replicas of every stage: each batch is shared out among them and each
+    # stage's gradients are all-reduced within its replicas before its optimizer step
+    replicas: int = 1
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Config:
         if t.run_dir is not None and not t.run_dir.strip():
             raise ConfigError("train.run_dir is empty; give a folder name or leave it out")
         _positive("train.stages", t.stages)
+        _positive("train.replicas", t.replicas)
         if t.stage_threads is not None:
             _positive("train.stage_threads", t.stage_threads)
         if t.split is not None:
@@ -281,7 +285,8 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
     ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by counted cost)"}),
     ("--split", "train", "split", {"metavar": "K,K,...", "help": "blocks per stage, first stage first (e.g. 2,1); sets the stages by hand"}),
-    ("--stage-threads", "train", "stage_threads", {"metavar": "N", "help": "intra-op threads of each stage (default: the machine's cores / its stages)"}),
+    ("--stage-threads", "train", "stage_threads", {"metavar": "N", "help": "intra-op threads of each stage process (default: the machine's cores / its processes)"}),
+    ("--replicas", "train", "replicas", {"metavar": "R", "help": "sigprop: R data-parallel replicas of every stage (S x R processes): each batch is shared out among them and each stage's gradients are all-reduced before its update"}),
 ]
 
 # boolean keys set by a flag without a value: (flag, section, key, the value it sets)

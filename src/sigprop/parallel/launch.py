@@ -1,4 +1,5 @@
-"""``sigprop train --stages S`` on one machine: start one process per stage and watch them.
+"""``sigprop train --stages S`` on one machine: start one process per stage (per stage and
+replica with ``--replicas R``) and watch them.
 
 The launcher checks everything it can first (config, network, split; one line and exit
 2 on a bad one, before any process starts or any file is written), holds the run folder
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ..engine.config import Config
 from ..engine.runfolder import RunFolder
+from ..errors import ConfigError
 from .checkpoint import latest_kind, refuse_existing_run
 from .split import plan_split, stage_ranges
 
@@ -50,7 +52,24 @@ def check_stages(cfg: Config) -> list[int]:
     from .runner import timeout_s
 
     timeout_s()
-    return plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
+    sizes = plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
+    check_devices(cfg, len(sizes) * cfg.train.replicas)
+    return sizes
+
+
+def check_devices(cfg: Config, processes: int) -> None:
+    """On CUDA every process of this machine needs a device of its own (NCCL refuses
+    two ranks on one)."""
+    import torch
+
+    if not cfg.train.device.startswith("cuda") or not torch.cuda.is_available():
+        return  # a missing CUDA is the device check's to report
+    have = torch.cuda.device_count()
+    if processes > have:
+        raise ConfigError(f"{processes} stage processes on this machine but {have} CUDA "
+                          f"device(s): NCCL needs one device per process; use fewer "
+                          f"--stages/--replicas per machine (torchrun --nproc-per-node "
+                          f"{have} or fewer) or --device cpu")
 
 
 def _describe(code: int) -> str:
@@ -71,6 +90,8 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
     sizes = check_stages(cfg)
     ranges = stage_ranges(sizes)
     stages = len(sizes)
+    replicas = cfg.train.replicas
+    world = stages * replicas  # rank = replica * stages + stage
     run_dir = Path(cfg.train.run_dir)
     folder = RunFolder.acquire(run_dir)
     procs: list[subprocess.Popen] = []
@@ -79,15 +100,15 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
             refuse_existing_run(run_dir)
         before = _newest_epoch(run_dir)
         env = dict(os.environ)
-        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // stages)
+        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // world)
         env.update({
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": str(stages), "LOCAL_WORLD_SIZE": str(stages),
+            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "SIGPROP_LAUNCHER": "1", "SIGPROP_STAGE_CONFIG": json.dumps(cfg.to_dict()),
             "SIGPROP_STAGE_RESUME": "1" if resume else "0",
             "OMP_NUM_THREADS": str(threads),
         })
-        for r in range(stages):
+        for r in range(world):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sigprop.parallel.worker"],
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
@@ -109,11 +130,12 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
     if code == 2 and after == before:
         return 2  # an error before any epoch of this launch ended: the stage's line says it all
     hint = _resume_hint(run_dir, after)
-    a, b = ranges[failed]
+    a, b = ranges[failed % stages]
     blocks = f"block {a + 1}" if b - a == 1 else f"blocks {a + 1}-{b}"
+    copy = f", replica {failed // stages + 1}/{replicas}" if replicas > 1 else ""
     cause = "failed (its error is above)" if code in (2, 1) else _describe(code)
-    print(f"sigprop: error: stage {failed + 1}/{stages} ({blocks}) {cause}; every stage has "
-          f"stopped; {hint}", file=err_out)
+    print(f"sigprop: error: stage {failed % stages + 1}/{stages} ({blocks}{copy}) {cause}; "
+          f"every stage has stopped; {hint}", file=err_out)
     return 2
 
 

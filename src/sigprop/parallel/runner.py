@@ -19,6 +19,17 @@ An epoch ends with every stage's updates applied, evaluation through the same pi
 (forward only), the exits' sums gathered on rank 0 (all-reduce), the metrics written by
 rank 0, and a consistent checkpoint (:mod:`.checkpoint`). The progress bar is the last
 stage's (its batches are the ones fully learned).
+
+Data-parallel replicas (``--replicas R``): S x R processes, rank ``replica * S + stage``
+(under torchrun, one whole pipeline per ``--nproc-per-node S`` machine). Replica j is a
+pipeline of its own that learns from rows :func:`.transport.shard` (j) of every batch;
+the R processes of a stage form a group in which each step's gradients are all-reduced,
+weighted by the replicas' shares of the batch (the gradient of the batch's mean loss
+when each shard's BatchNorm statistics are its own), before the stage's one Adam step,
+so the replicas of a stage hold the same parameters throughout. At each epoch's end the
+group averages its BatchNorm running statistics (and merges its prototypes), checks
+that its parameters agree, and replica 0 writes the stage's checkpoint part; evaluation
+shares the test batches out the same way.
 """
 
 from __future__ import annotations
@@ -45,8 +56,9 @@ from ..engine.trainer import (
     epoch_record, resolve_device, resumed_record, set_epoch_lr)
 from ..errors import ConfigError, SigpropError
 from . import checkpoint as ck
+from . import replicas
 from .split import plan_split, stage_count, stage_ranges
-from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost
+from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost, shard
 
 DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
 _DROPOUT_STREAM = 7  # derive_seed(seed, _DROPOUT_STREAM, stage[, epoch]): later stages' masks
@@ -99,11 +111,21 @@ class StageRun:
         self.world = env.world
         self.out = out
         self.stages = stage_count(cfg.train.stages, cfg.train.split)
+        self.replicas = cfg.train.replicas
+        self.stage = self.rank % self.stages  # the blocks this process learns
+        self.replica = self.rank // self.stages  # the pipeline (share of each batch) it is in
+        self.group = None  # this stage's replicas (a process group), with replicas
+        self._share = 1.0  # this replica's fraction of the current batch
 
     # --- setup -----------------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, file=self.out or sys.stdout, flush=True)
+
+    def name(self, rank: int) -> str:
+        """A process in messages: "stage 2", or "stage 2 (replica 3)" with replicas."""
+        stage = f"stage {rank % self.stages + 1}"
+        return stage if self.replicas == 1 else f"{stage} (replica {rank // self.stages + 1})"
 
     def _agree(self, err: BaseException | None) -> None:
         """Every stage learns whether any failed its setup; the one that did raises its
@@ -113,17 +135,23 @@ class StageRun:
         if err is not None:
             raise err
         if int(flag):
-            raise StageFailure(f"stage {int(flag)} failed while setting up (its message says "
-                               "why)")
+            raise StageFailure(f"{self.name(int(flag) - 1)} failed while setting up (its "
+                               "message says why)")
 
     def run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        if self.world != self.stages:
+        want = self.stages * self.replicas
+        if self.world != want:
+            of = (f"{self.stages} stages" if self.replicas == 1
+                  else f"{self.stages} stages x {self.replicas} replicas")
             raise ConfigError(
-                f"{self.world} processes were started for a run of {self.stages} stages; start "
-                f"exactly one per stage (torchrun: --nnodes x --nproc-per-node = {self.stages})")
+                f"{self.world} processes were started for a run of {of}; start exactly one "
+                f"per stage and replica (torchrun: --nnodes x --nproc-per-node = {want})")
         device = resolve_device(cfg.train.device)
         if device.type == "cuda":
+            from .launch import check_devices
+
+            check_devices(cfg, self.env.local_world)
             local = int(os.environ.get("LOCAL_RANK", self.rank))
             device = torch.device("cuda", local % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -147,7 +175,7 @@ class StageRun:
         threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // self.env.local_world)
         torch.set_num_threads(threads)
         self.threads = threads
-        if self.rank == 0:
+        if self.stage == 0:  # the first stage of every replica reads the data
             self.exp = build_experiment(cfg)
             self.rule = self.exp.rule
         else:
@@ -156,12 +184,12 @@ class StageRun:
         rule = self.rule
         self.sizes = plan_split(rule, cfg)
         self.ranges = stage_ranges(self.sizes)
-        self.start, self.stop = self.ranges[self.rank]
+        self.start, self.stop = self.ranges[self.stage]
         release_unowned(rule, self.start, self.stop)
         exits = rule.exit_names
         # this stage's exits: its blocks', and the head's at the last stage
         self.exit_index = list(range(self.start, self.stop))
-        if self.rank == self.world - 1 and len(exits) > len(rule.network.blocks):
+        if self.stage == self.stages - 1 and len(exits) > len(rule.network.blocks):
             self.exit_index.append(len(exits) - 1)
 
     def _run(self, device: torch.device) -> list[dict[str, Any]]:
@@ -173,6 +201,13 @@ class StageRun:
             err = e
         self._agree(err)
         rule = self.rule
+        if self.replicas > 1:
+            # every process creates every stage's group, in the same order
+            for r in range(self.stages):
+                group = dist.new_group([j * self.stages + r for j in range(self.replicas)])
+                if r == self.stage:
+                    self.group = group
+            rule.grad_reduce = self._reduce_grads
         # how many samples the epochs hold (only the first stage reads the data)
         counts = torch.zeros(3, dtype=torch.int64)
         if self.rank == 0:
@@ -182,12 +217,15 @@ class StageRun:
         n_train, drop_last, n_test = (int(v) for v in counts)
         self.train_sizes = batch_sizes(n_train, cfg.data.batch_size, bool(drop_last))
         self.test_sizes = batch_sizes(n_test, cfg.data.eval_batch_size, False)
+        self._agree(self._check_shards() if self.rank == 0 else None)
         history, start = self._restore()
         if self.rank == 0:
             blocks = ", ".join(f"stage {k + 1}: blocks {a + 1}-{b}" if b - a > 1
                                else f"stage {k + 1}: block {a + 1}"
                                for k, (a, b) in enumerate(self.ranges))
-            self._log(f"{cfg.rule.name} in {self.stages} stages ({blocks}; "
+            copies = f" x {self.replicas} replicas" if self.replicas > 1 else ""
+            where = f"{self.stages} stage{'s' if self.stages > 1 else ''}{copies}"
+            self._log(f"{cfg.rule.name} in {where} ({blocks}; "
                       f"{dist.get_backend()}, {self.threads} thread(s) each on rank 0)")
             self._log(f"{cfg.rule.name} step: {rule.step_kind}")
         if start == 0:  # dropout streams: the first stage's is the single process's
@@ -200,6 +238,21 @@ class StageRun:
             self._checkpoint(epoch + 1, history)
             self._log(epoch_line(record, cfg.train.epochs))
         return history
+
+    def _check_shards(self) -> ConfigError | None:
+        return replicas.check_shards(self.replicas, self.train_sizes, self.test_sizes)
+
+    def _shares(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """This replica's rows (lo, hi) of each batch of ``sizes``."""
+        return [shard(n, self.replicas, self.replica) for n in sizes]
+
+    def _reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        replicas.reduce_grads(grads, self._share, self.group)
+
+    def _sync_replicas(self) -> None:
+        if self.replicas > 1:
+            replicas.sync_stage(self.rule, self.stage, self.stages, self.start, self.stop,
+                                self.group, self.replicas)
 
     # --- resume ---------------------------------------------------------------------
     def _restore(self) -> tuple[list[dict[str, Any]], int]:
@@ -228,7 +281,7 @@ class StageRun:
                 manifest = {"epoch": epoch, "split": self.sizes,
                             "files": [ck.stage_file(epoch, r, self.stages)
                                       for r in range(self.stages)]}
-                state = state or ck.load_stage_file(self.run_dir, manifest, self.rank)
+                state = state or ck.load_stage_file(self.run_dir, manifest, self.stage)
             elif kind == 3:
                 state = ck.load_run_state(self.run_dir)
             if kind:
@@ -244,7 +297,7 @@ class StageRun:
     def _load_own(self, state: dict) -> None:
         """Load this stage's part of a rule state (a whole one or a stage file's): its
         entries replace the rule's own; the rest (released blocks) stay as they are."""
-        mine = ck.stage_state(state, self.rank, self.ranges)
+        mine = ck.stage_state(state, self.stage, self.ranges)
         full = self.rule.state_dict()
         full["modules"].update(mine["modules"])
         for opt, part in zip(full["optimizers"], mine["optimizers"]):
@@ -253,8 +306,9 @@ class StageRun:
 
     def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:
         """The dropout stream: this stage's own saved state, else (the checkpoint came from
-        another split) the saved one at the first stage and a fresh one elsewhere."""
-        if own or self.rank == 0:
+        another split) the saved one at the first stage and a fresh one elsewhere (and at
+        every replica but the first: its masks are its own)."""
+        if (own and self.replica == 0) or self.rank == 0:
             torch.set_rng_state(saved.cpu())
         else:
             torch.manual_seed(derive_seed(self.cfg.train.seed, _DROPOUT_STREAM, self.rank, epoch))
@@ -298,17 +352,19 @@ class StageRun:
     # --- an epoch -------------------------------------------------------------------
     def _epoch(self, epoch: int, device: torch.device) -> dict[str, Any]:
         cfg, rule = self.cfg, self.rule
-        first, last = self.rank == 0, self.rank == self.world - 1
+        first, last = self.stage == 0, self.stage == self.stages - 1
         lr = set_epoch_lr(rule, cfg, epoch)
         n_exits = len(rule.exit_names)
         mine = self.exit_index
         k = len(mine)
         row_shape = tuple(rule.network.block_shapes[self.start - 1]) if not first else ()
-        messages = ([(n, n + rule.stage_rows(n, True)) for n in self.train_sizes]
-                    + [(n, n + rule.stage_rows(n, False)) for n in self.test_sizes])
+        train_rows, test_rows = self._shares(self.train_sizes), self._shares(self.test_sizes)
+        messages = ([(b - a, b - a + rule.stage_rows(b - a, True)) for a, b in train_rows]
+                    + [(b - a, b - a + rule.stage_rows(b - a, False)) for a, b in test_rows])
         dtype = next(rule.network.parameters()).dtype
-        recv = None if first else Receiver(self.rank - 1, messages, row_shape, DEPTH, dtype, device)
-        send = None if last else Sender(self.rank + 1, DEPTH)
+        recv = None if first else Receiver(self.rank - 1, messages, row_shape, DEPTH, dtype,
+                                           device, name=self.name(self.rank - 1))
+        send = None if last else Sender(self.rank + 1, DEPTH, name=self.name(self.rank + 1))
         every = cfg.train.check_every
         steps = len(self.train_sizes)
         loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
@@ -321,10 +377,17 @@ class StageRun:
         start = time.perf_counter()
         compute = 0.0
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
-                  disable=not (cfg.train.progress and last), leave=False,
-                  file=sys.stderr) as bar:
+                  disable=not (cfg.train.progress and last and self.replica == 0),
+                  leave=False, file=sys.stderr) as bar:
             for step in range(steps):
-                z, y = next(batches) if first else recv.recv()
+                if first:
+                    z, y = next(batches)
+                    a, b = train_rows[step]
+                    if b - a < y.shape[0]:  # this replica's share of the batch
+                        z, y = z[a:b], y[a:b]
+                else:
+                    z, y = recv.recv()
+                self._share = y.shape[0] / self.train_sizes[step]
                 t = time.perf_counter()
                 losses, correct, out = rule.stage_step(z, y, self.start, self.stop)
                 compute += time.perf_counter() - t
@@ -346,7 +409,8 @@ class StageRun:
             compute += time.perf_counter() - t
         elapsed = time.perf_counter() - start
         waits = (recv.wait_s if recv else 0.0, send.wait_s if send else 0.0)
-        test_correct = self._evaluate(recv, send, device)
+        self._sync_replicas()
+        test_correct = self._evaluate(recv, send, device, test_rows)
         if send is not None:
             send.flush()
         # every exit's sums on every rank (each stage fills its own), then rank 0 reports
@@ -364,24 +428,35 @@ class StageRun:
         train_loss = (sums[:n_exits] / seen).tolist()
         train_acc = (sums[n_exits:2 * n_exits] / seen).tolist()
         test_acc = (sums[2 * n_exits:3 * n_exits] / sum(self.test_sizes)).tolist()
+        # per stage, the slowest of its replicas
+        per = timing.view(self.replicas, self.stages, 4).amax(0)
         stages = {f"stage{r + 1}": {
-            "blocks": f"{a + 1}-{b}" if b - a > 1 else f"{b}", "compute_s": float(timing[r, 1]),
-            "wait_recv_s": float(timing[r, 2]), "wait_send_s": float(timing[r, 3])}
+            "blocks": f"{a + 1}-{b}" if b - a > 1 else f"{b}", "compute_s": float(per[r, 1]),
+            "wait_recv_s": float(per[r, 2]), "wait_send_s": float(per[r, 3])}
             for r, (a, b) in enumerate(self.ranges)}
+        if self.replicas > 1:
+            for entry in stages.values():
+                entry["replicas"] = self.replicas
         record = epoch_record(rule, epoch, lr, train_loss, train_acc, test_acc,
                               float(timing[:, 0].max()), seen)
         return {**record, "stages": stages}
 
-    def _evaluate(self, recv: Receiver | None, send: Sender | None,
-                  device: torch.device) -> torch.Tensor:
-        """This stage's exits' correct counts over the test set, through the pipeline."""
+    def _evaluate(self, recv: Receiver | None, send: Sender | None, device: torch.device,
+                  rows: list[tuple[int, int]]) -> torch.Tensor:
+        """This stage's exits' correct counts over (this replica's share of) the test set,
+        through the pipeline."""
         rule = self.rule
         rule.set_training(False)
         correct = torch.zeros(len(self.exit_index), dtype=torch.int64, device=device)
         batches = self.exp.test.epoch(0) if recv is None else None
-        for n in self.test_sizes:
-            z, y = next(batches) if recv is None else recv.recv()
-            scores, out = rule.stage_scores(z, n, self.start, self.stop)
+        for a, b in rows:
+            if recv is None:
+                z, y = next(batches)
+                if b - a < y.shape[0]:
+                    z, y = z[a:b], y[a:b]
+            else:
+                z, y = recv.recv()
+            scores, out = rule.stage_scores(z, b - a, self.start, self.stop)
             if out is not None:
                 send.send(out, y)
             correct += torch.stack([(s.argmax(1) == y).sum() for s in scores])
@@ -389,20 +464,24 @@ class StageRun:
 
     # --- checkpoint -----------------------------------------------------------------
     def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
-        """Every stage writes its part; when all have, rank 0 points the manifest at them;
-        then each stage removes its older part (module docstring of .checkpoint)."""
-        own = ck.stage_file(epoch, self.rank, self.stages)
-        ck.save_stage(self.run_dir, epoch, self.rank, self.stages, {
-            "epoch": epoch, "config": self.cfg.to_dict(), "stage": self.rank,
-            "split": self.sizes,
-            "rule": ck.stage_state(self.rule.state_dict(), self.rank, self.ranges),
-            "rng": torch.get_rng_state(), "history": history if self.rank == 0 else []})
+        """Every stage writes its part (its first replica: the others hold the same);
+        when all have, rank 0 points the manifest at them; then each stage removes its
+        older part (module docstring of .checkpoint)."""
+        own = ck.stage_file(epoch, self.stage, self.stages)
+        writer = self.replica == 0
+        if writer:
+            ck.save_stage(self.run_dir, epoch, self.stage, self.stages, {
+                "epoch": epoch, "config": self.cfg.to_dict(), "stage": self.stage,
+                "split": self.sizes,
+                "rule": ck.stage_state(self.rule.state_dict(), self.stage, self.ranges),
+                "rng": torch.get_rng_state(), "history": history if self.rank == 0 else []})
         dist.barrier()
         if self.rank == 0:
             ck.write_manifest(self.run_dir, epoch, self.sizes)
             runio.write_metrics(self.run_dir, history)
         dist.barrier()
-        ck.remove_stale(self.run_dir, {own}, self.rank, self.stages)
+        if writer:
+            ck.remove_stale(self.run_dir, {own}, self.stage, self.stages)
 
 
 def release_unowned(rule, start: int, stop: int) -> int:
@@ -434,6 +513,10 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
     stopped) and every other error name this stage."""
     env = StageEnv()
     folder = None
+    stages = stage_count(cfg.train.stages, cfg.train.split)
+    who = f"stage {env.rank % stages + 1}/{stages}"
+    if cfg.train.replicas > 1:
+        who += f" (replica {env.rank // stages + 1}/{cfg.train.replicas})"
     try:
         if env.rank == 0 and not env.ours:
             folder = RunFolder.acquire(run_dir)
@@ -441,16 +524,13 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
             Path(run_dir).mkdir(parents=True, exist_ok=True)  # each machine's own stage files
         return StageRun(cfg, run_dir, resume, env).run()
     except SigpropError as err:
-        stages = stage_count(cfg.train.stages, cfg.train.split)
         text = " ".join(str(err).split())
-        raise type(err)(f"stage {env.rank + 1}/{stages}: {text}") from None
+        raise type(err)(f"{who}: {text}") from None
     except RuntimeError as err:  # a collective (barrier, all-reduce) lost a peer
         cause = peer_lost(err)
         if cause is None:
             raise
-        stages = stage_count(cfg.train.stages, cfg.train.split)
-        raise StageFailure(f"stage {env.rank + 1}/{stages}: another stage stopped: "
-                           f"{cause}") from None
+        raise StageFailure(f"{who}: another stage stopped: {cause}") from None
     finally:
         if folder is not None:
             folder.release()

@@ -148,13 +148,26 @@ def plan_split(rule, cfg) -> list[int]:
     """Blocks per stage of a run's rule, after checking that it can be staged at all
     (sigprop, a generator that allows it); the launcher calls it before any process
     starts, each stage again with the rule it built."""
+    flags = "--stages/--split/--replicas"
     if not hasattr(rule, "stage_step"):
-        raise ConfigError(f"--stages trains sigprop (each block learns from what arrives from "
+        raise ConfigError(f"{flags} train sigprop (each block learns from what arrives from "
                           f"below); rule {cfg.rule.name!r} is not split into stages: drop "
-                          "--stages/--split")
+                          f"{flags}")
     why = rule.staging_unsupported()
     if why is not None:
-        raise ConfigError(f"--stages: {why}")
+        raise ConfigError(f"{flags}: {why}")
+    replicas = cfg.train.replicas
+    if replicas > 1 and cfg.data.batch_size < 2 * replicas:
+        raise ConfigError(f"with {replicas} replicas every training batch is shared out, 2 "
+                          f"samples at least to each (BatchNorm): choose a --batch-size of "
+                          f"{2 * replicas} or more, or fewer --replicas")
+    if replicas > 1 and cfg.data.eval_batch_size < replicas:
+        raise ConfigError(f"with {replicas} replicas every test batch is shared out: choose "
+                          f"an --eval-batch-size of {replicas} or more, or fewer --replicas")
+    if replicas > 1 and cfg.rule.pipeline == "on":
+        raise ConfigError("--replicas all-reduces every gradient of a step before its one "
+                          "Adam step, so updates cannot overlap the forward on a second "
+                          "thread: use --pipeline auto or off with --replicas")
     batch = cfg.data.batch_size
     return resolve_split(rule.network, stage_count(cfg.train.stages, cfg.train.split),
                          cfg.train.split, rule.stage_rows(batch, True), batch)

@@ -51,18 +51,20 @@ def peer_lost(err: BaseException) -> str | None:
     return None
 
 
-def _lost(peer_stage: int, what: str, err: BaseException) -> StageFailure:
+def _lost(peer: str, what: str, err: BaseException) -> StageFailure:
     cause = peer_lost(err) or " ".join(str(err).split())[:160]
-    return StageFailure(f"stage {peer_stage + 1} stopped while {what}: {cause}")
+    return StageFailure(f"{peer} stopped while {what}: {cause}")
 
 
 class Sender:
     """Non-blocking sends of (rows, labels) to stage ``peer``, at most ``depth`` in
     flight. A sent tensor is kept alive (and must not be written) until its send is
-    done; sigprop's block outputs are fresh tensors each step."""
+    done; sigprop's block outputs are fresh tensors each step. ``name``: the peer in
+    messages (default "stage <peer + 1>"; with replicas the rank is not the stage)."""
 
-    def __init__(self, peer: int, depth: int) -> None:
+    def __init__(self, peer: int, depth: int, name: str | None = None) -> None:
         self.peer = peer
+        self.name = name or f"stage {peer + 1}"
         self.depth = depth
         self._flight: deque = deque()  # (works, tensors) of sends not yet waited for
         self.wait_s = 0.0  # time spent waiting for sends to complete (backpressure)
@@ -77,7 +79,7 @@ class Sender:
         try:
             works = (dist.isend(z, self.peer, tag=Z_TAG), dist.isend(y, self.peer, tag=Y_TAG))
         except RuntimeError as err:
-            raise _lost(self.peer, f"this stage sent it batch {self.sent + 1}", err) from None
+            raise _lost(self.name, f"this stage sent it batch {self.sent + 1}", err) from None
         self._flight.append((works, (z, y)))
         self.sent += 1
 
@@ -88,7 +90,7 @@ class Sender:
             for w in works:
                 w.wait()
         except RuntimeError as err:
-            raise _lost(self.peer, f"receiving batch {self.sent - len(self._flight) + 1} "
+            raise _lost(self.name, f"receiving batch {self.sent - len(self._flight) + 1} "
                         "from this stage", err) from None
         finally:
             self.wait_s += time.perf_counter() - t
@@ -104,11 +106,14 @@ class Receiver:
     """Receives the messages of ``sizes`` (labels per message, rows per message) in
     order from stage ``peer`` into ``depth`` preallocated buffers, each posted ahead.
     :meth:`recv` returns views of a buffer that stay valid until ``depth - 1`` further
-    calls (the caller has finished with a batch before it asks for the next)."""
+    calls (the caller has finished with a batch before it asks for the next). ``name``:
+    as :class:`Sender`'s."""
 
     def __init__(self, peer: int, sizes: list[tuple[int, int]], row_shape: tuple[int, ...],
-                 depth: int, dtype: torch.dtype, device: torch.device) -> None:
+                 depth: int, dtype: torch.dtype, device: torch.device,
+                 name: str | None = None) -> None:
         self.peer = peer
+        self.name = name or f"stage {peer + 1}"
         self.sizes = sizes
         self.row = tuple(row_shape)
         self.depth = depth
@@ -135,7 +140,7 @@ class Receiver:
             self._works[k] = (dist.irecv(z, self.peer, tag=Z_TAG),
                               dist.irecv(y, self.peer, tag=Y_TAG))
         except RuntimeError as err:
-            raise _lost(self.peer, f"this stage waited for batch {k + 1}", err) from None
+            raise _lost(self.name, f"this stage waited for batch {k + 1}", err) from None
 
     def recv(self) -> tuple[Tensor, Tensor]:
         k = self._next
@@ -148,7 +153,7 @@ class Receiver:
             for w in self._works.pop(k):
                 w.wait()
         except RuntimeError as err:
-            raise _lost(self.peer, f"this stage waited for batch {k + 1} from it",
+            raise _lost(self.name, f"this stage waited for batch {k + 1} from it",
                         err) from None
         finally:
             self.wait_s += time.perf_counter() - t
@@ -160,3 +165,11 @@ def batch_sizes(total: int, batch: int, drop_last: bool) -> list[int]:
     """The batch sizes of one epoch over ``total`` samples (as DeviceLoader makes them)."""
     count = total // batch if drop_last else -(-total // batch)
     return [min(batch, total - i * batch) for i in range(count)]
+
+
+def shard(n: int, replicas: int, replica: int) -> tuple[int, int]:
+    """Rows ``lo, hi`` of a batch of ``n`` that ``replica`` of ``replicas`` learns from:
+    consecutive near-equal shares, the larger ones first (as ``torch.tensor_split``)."""
+    base, extra = divmod(n, replicas)
+    lo = replica * base + min(replica, extra)
+    return lo, lo + base + (1 if replica < extra else 0)

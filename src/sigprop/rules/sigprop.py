@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,9 @@ class Sigprop(LearningRule):
         self.optimizer = make_grouped_adam(groups, cfg)
         self.optimizers = [self.optimizer] if self.optimizer is not None else []
         self._trainable = [p for p in self.modules.parameters() if p.requires_grad]
+        # data-parallel replicas (sigprop.parallel): called with this step's gradients
+        # (in a fixed order) before the optimizer step, to all-reduce them in place
+        self.grad_reduce: Callable[[list[Tensor]], None] | None = None
         self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))]
         if self.classifier:
             self.exit_names.append("head")
@@ -257,8 +261,8 @@ class Sigprop(LearningRule):
         return self._pipelines_on(x.device)
 
     def _pipelines_on(self, device: torch.device) -> bool:
-        if self._pipe is None:
-            return False
+        if self._pipe is None or self.grad_reduce is not None:
+            return False  # replicas: every gradient is reduced before the one Adam step
         if self._pipe.active:
             return True
         return device.type == "cpu" and (self.cfg.pipeline == "on"
@@ -424,6 +428,8 @@ class Sigprop(LearningRule):
         else:
             out = self._autograd_train_step(x, y, start, stop)
         self._mark("step")
+        if self.grad_reduce is not None:
+            self.grad_reduce([p.grad for p in self._trainable if p.grad is not None])
         if self.optimizer is not None:
             self.optimizer.step()  # every block's update, from its own gradient
         return out

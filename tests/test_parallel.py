@@ -556,7 +556,7 @@ def test_cuda_stages_need_a_device_each(monkeypatch):
     """NCCL refuses two ranks on one device: more stage processes than CUDA devices on a
     machine is one clear error before anything starts."""
     from sigprop.engine.config import Config, apply_overrides
-    from sigprop.parallel.launch import check_devices
+    from sigprop.parallel.split import check_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -29,9 +29,8 @@ from pathlib import Path
 
 from ..engine.config import Config
 from ..engine.runfolder import RunFolder
-from ..errors import ConfigError
 from .checkpoint import latest_kind, refuse_existing_run
-from .split import plan_split, stage_ranges
+from .split import check_devices, plan_split, stage_ranges
 
 GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
 KILL_S = 5.0  # after SIGTERM, before SIGKILL
@@ -55,21 +54,6 @@ def check_stages(cfg: Config) -> list[int]:
     sizes = plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
     check_devices(cfg, len(sizes) * cfg.train.replicas)
     return sizes
-
-
-def check_devices(cfg: Config, processes: int) -> None:
-    """On CUDA every process of this machine needs a device of its own (NCCL refuses
-    two ranks on one)."""
-    import torch
-
-    if not cfg.train.device.startswith("cuda") or not torch.cuda.is_available():
-        return  # a missing CUDA is the device check's to report
-    have = torch.cuda.device_count()
-    if processes > have:
-        raise ConfigError(f"{processes} stage processes on this machine but {have} CUDA "
-                          f"device(s): NCCL needs one device per process; use fewer "
-                          f"--stages/--replicas per machine (torchrun --nproc-per-node "
-                          f"{have} or fewer) or --device cpu")
 
 
 def _describe(code: int) -> str:

@@ -57,7 +57,7 @@ from ..engine.trainer import (
 from ..errors import ConfigError, SigpropError
 from . import checkpoint as ck
 from . import replicas
-from .split import plan_split, stage_count, stage_ranges
+from .split import check_devices, plan_split, stage_count, stage_ranges
 from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost, shard
 
 DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
@@ -149,8 +149,6 @@ class StageRun:
                 f"per stage and replica (torchrun: --nnodes x --nproc-per-node = {want})")
         device = resolve_device(cfg.train.device)
         if device.type == "cuda":
-            from .launch import check_devices
-
             check_devices(cfg, self.env.local_world)
             local = int(os.environ.get("LOCAL_RANK", self.rank))
             device = torch.device("cuda", local % torch.cuda.device_count())
@@ -217,7 +215,8 @@ class StageRun:
         n_train, drop_last, n_test = (int(v) for v in counts)
         self.train_sizes = batch_sizes(n_train, cfg.data.batch_size, bool(drop_last))
         self.test_sizes = batch_sizes(n_test, cfg.data.eval_batch_size, False)
-        self._agree(self._check_shards() if self.rank == 0 else None)
+        self._agree(replicas.check_shards(self.replicas, self.train_sizes, self.test_sizes)
+                    if self.rank == 0 else None)
         history, start = self._restore()
         if self.rank == 0:
             blocks = ", ".join(f"stage {k + 1}: blocks {a + 1}-{b}" if b - a > 1
@@ -238,9 +237,6 @@ class StageRun:
             self._checkpoint(epoch + 1, history)
             self._log(epoch_line(record, cfg.train.epochs))
         return history
-
-    def _check_shards(self) -> ConfigError | None:
-        return replicas.check_shards(self.replicas, self.train_sizes, self.test_sizes)
 
     def _shares(self, sizes: list[int]) -> list[tuple[int, int]]:
         """This replica's rows (lo, hi) of each batch of ``sizes``."""

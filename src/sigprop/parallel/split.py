@@ -19,6 +19,7 @@ import re
 from torch import nn
 
 from ..errors import ConfigError
+from .replicas import check_shards
 
 # FLOPs one byte of memory traffic costs as much time as: ~100 GFLOP/s of float32
 # matmul per core against ~12 GB/s of streaming per core on the 2-core machine the
@@ -157,13 +158,9 @@ def plan_split(rule, cfg) -> list[int]:
     if why is not None:
         raise ConfigError(f"{flags}: {why}")
     replicas = cfg.train.replicas
-    if replicas > 1 and cfg.data.batch_size < 2 * replicas:
-        raise ConfigError(f"with {replicas} replicas every training batch is shared out, 2 "
-                          f"samples at least to each (BatchNorm): choose a --batch-size of "
-                          f"{2 * replicas} or more, or fewer --replicas")
-    if replicas > 1 and cfg.data.eval_batch_size < replicas:
-        raise ConfigError(f"with {replicas} replicas every test batch is shared out: choose "
-                          f"an --eval-batch-size of {replicas} or more, or fewer --replicas")
+    err = check_shards(replicas, [cfg.data.batch_size], [cfg.data.eval_batch_size])
+    if err is not None:  # the full batches; the stages check the last ones too
+        raise err
     if replicas > 1 and cfg.rule.pipeline == "on":
         raise ConfigError("--replicas all-reduces every gradient of a step before its one "
                           "Adam step, so updates cannot overlap the forward on a second "
@@ -171,3 +168,18 @@ def plan_split(rule, cfg) -> list[int]:
     batch = cfg.data.batch_size
     return resolve_split(rule.network, stage_count(cfg.train.stages, cfg.train.split),
                          cfg.train.split, rule.stage_rows(batch, True), batch)
+
+
+def check_devices(cfg, processes: int) -> None:
+    """On CUDA every process of this machine needs a device of its own (NCCL refuses
+    two ranks on one)."""
+    import torch
+
+    if not cfg.train.device.startswith("cuda") or not torch.cuda.is_available():
+        return  # a missing CUDA is the device check's to report
+    have = torch.cuda.device_count()
+    if processes > have:
+        raise ConfigError(f"{processes} stage processes on this machine but {have} CUDA "
+                          f"device(s): NCCL needs one device per process; use fewer "
+                          f"--stages/--replicas per machine (torchrun --nproc-per-node "
+                          f"{have} or fewer) or --device cpu")

@@ -172,6 +172,18 @@ def test_ep_rules_need_a_hopfield_network_and_valid_options():
         build_network("hopfield-1x8", (4,), CLASSES, dropout=0.1)
 
 
+def test_symmetric_default_rates_are_scellier_bengios_scaled_to_the_width():
+    """Their rates are for 500-unit layers; wider layers get them x 500 / width."""
+    def lrs(arch):
+        rule = build_rule("ep-symmetric", build_network(f"hopfield-{arch}", (4,), CLASSES),
+                          CLASSES)
+        return [g["lr"] for g in rule.optimizer.param_groups]
+    assert lrs("2x500") == pytest.approx([0.4, 0.1, 0.01])
+    assert lrs("2x256") == pytest.approx([0.4, 0.1, 0.01])
+    assert lrs("2x1500") == pytest.approx([0.4 / 3, 0.1 / 3, 0.01 / 3])
+    assert lrs("1x1000") == pytest.approx([0.05, 0.025])
+
+
 def fashion_or_skip():
     from sigprop.data import find_dataset_dir
 

@@ -184,6 +184,19 @@ def test_symmetric_default_rates_are_scellier_bengios_scaled_to_the_width():
     assert lrs("1x1000") == pytest.approx([0.05, 0.025])
 
 
+def test_symmetric_default_phases_follow_scellier_bengio_per_depth():
+    def phases(arch):
+        r = build_rule("ep-symmetric", build_network(f"hopfield-{arch}", (4,), CLASSES),
+                       CLASSES)
+        return r.free_steps, r.nudge_steps, r.beta
+    assert phases("1x8") == (60, 4, 0.5)
+    assert phases("2x8") == (150, 6, 1.0)
+    assert phases("3x8") == (500, 8, 1.0)
+    r = build_rule("ep-symmetric", build_network("hopfield-2x8", (4,), CLASSES), CLASSES,
+                   ep_free_steps=30, ep_beta=0.25)
+    assert (r.free_steps, r.nudge_steps, r.beta) == (30, 6, 0.25)
+
+
 def fashion_or_skip():
     from sigprop.data import find_dataset_dir
 

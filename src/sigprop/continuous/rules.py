@@ -62,8 +62,9 @@ CHECK_EVERY = 10  # free-phase steps between residual checks (each one host sync
 #   (2 hidden: 150 free steps, 6 nudged, beta 1; 3 hidden: 500, 8, 1), and their rates,
 #   which are for 500-unit layers; wider layers sum more changed weights into each unit's
 #   drive, so above 500 units the rates are scaled by 500 / width. hopfield-2x1500, first
-#   10,000 images: with their rates unscaled the net stayed at chance; scaled (a third)
-#   it reached 0.793 and 0.809 test accuracy after epochs 1 and 2; the one-hidden-layer
+#   10,000 images, 2 epochs: with their rates unscaled the net stayed at chance; scaled
+#   (a third) it ended at 0.74, 0.73 and 0.58 test accuracy for seeds 0-2 (learns, but
+#   varies from run to run; 0.81 in a run with rates 0.133); the one-hidden-layer
 #   settings (60 free, 4 nudged, beta 0.5) with scaled rates gave 0.648 after one epoch
 #   of the full training set. The 3-hidden-layer recipe is theirs, not measured here.
 DEFAULTS = {

@@ -207,9 +207,9 @@ def test_no_gradient_crosses_a_conv_block_boundary(targets, monkeypatch):
     seen = []
     real = SP.forward_pair
 
-    def spy(block, h, t, mode):
+    def spy(block, h, t, mode, *rest):
         seen.append((h.requires_grad, t.requires_grad, mode))
-        return real(block, h, t, mode)
+        return real(block, h, t, mode, *rest)
 
     monkeypatch.setattr(SP, "forward_pair", spy)
     mods = list(rule.network.blocks) + [rule.network.head]

@@ -76,6 +76,11 @@ CASES = [
     {"targets": "sparse"},  # Sec. III-E: K values for block 1's input, zero-filled
     {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "loss": "l2"},
     {"targets": "sparse", "head": "classifier", "signal_learned": False},
+    # dropout spares the target rows (kept, unscaled)
+    {"dropout": 0.2, "target_dropout": "off"},
+    {"head": "classifier", "dropout": 0.1, "target_dropout": "off", "loss": "l2"},
+    {"signal": "label-input", "dropout": 0.2, "target_dropout": "off"},
+    {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "target_dropout": "off"},
 ]
 
 
@@ -341,6 +346,10 @@ CONV_CASES = [
     {"targets": "sparse", "dropout": 0.2, "loss": "l2"},
     {"targets": "sparse", "head": "classifier", "pool_first": False},
     {"targets": "sparse", "signal_learned": False, "bias": True},
+    {"dropout": 0.2, "target_dropout": "off"},  # pooled and unpooled blocks spare targets
+    {"head": "classifier", "dropout": 0.1, "target_dropout": "off", "pool_first": False},
+    {"signal": "label-input", "dropout": 0.2, "target_dropout": "off"},
+    {"targets": "sparse", "dropout": 0.2, "target_dropout": "off"},
 ]
 
 
@@ -365,13 +374,14 @@ def test_conv_fast_path_matches_autograd(case, float64):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("targets", ["dense", "sparse"])
-def test_conv_pipeline_matches_sequential(targets, float64):
+@pytest.mark.parametrize("targets,target_dropout",
+                         [("dense", "on"), ("sparse", "on"), ("dense", "off"), ("sparse", "off")])
+def test_conv_pipeline_matches_sequential(targets, target_dropout, float64):
     """The pipeline hands conv blocks' updates to the update thread: same updates."""
     seq = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="off",
-                     targets=targets)
+                     targets=targets, target_dropout=target_dropout)
     pipe = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="on",
-                      targets=targets)
+                      targets=targets, target_dropout=target_dropout)
     assert pipe.pipelines
     batches = data(k=3)
     for (la, ca), (lb, cb) in zip(run(seq, batches), run(pipe, batches)):

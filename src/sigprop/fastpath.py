@@ -212,6 +212,7 @@ class BlockState:
     n_stats: int
     pool_code: Tensor | None  # a pooling block: where in its window each output came from
     held: tuple[list, list] | None  # track_saved handles: (x's, the others')
+    spare_from: int | None = None  # rows from here on were not dropped (target_dropout off)
 
 
 def op_forward(op: nn.Linear | nn.Conv2d, x: Tensor) -> Tensor:
@@ -223,11 +224,13 @@ def op_forward(op: nn.Linear | nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None = None,
-                  after_matmul: Callable[[], None] | None = None) -> BlockState:
+                  after_matmul: Callable[[], None] | None = None,
+                  spare_from: int | None = None) -> BlockState:
     """The block's training-mode forward; the output goes into ``out`` if given.
     BatchNorm takes its statistics from rows [:n_stats]. ``after_matmul`` is called
-    between the Linear (or conv) and BatchNorm (the pipeline waits there). Call under
-    no_grad.
+    between the Linear (or conv) and BatchNorm (the pipeline waits there). Dropout
+    spares rows [spare_from:] (kept and unscaled, as ``Dropout`` under
+    ``dropout_spares_rows_from``); None: it drops every row. Call under no_grad.
 
     A pooling block keeps a, not its pre-pooling output: :func:`bn_backward` recomputes
     that (and the pooling's choice) from a, the statistics and the mask, so the block
@@ -251,6 +254,12 @@ def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None
         weight = weight * scale if weight is not None else a.new_full((a.shape[1],), scale)
         bias = bias * scale if bias is not None else None
         keep = drop.keep_mask(a).view(torch.uint8)
+        if spare_from is not None and spare_from < a.shape[0]:
+            keep[spare_from:] = 1  # spared rows: kept, their scale undone below
+        else:
+            spare_from = None
+    else:
+        spare_from = None
     u, mean, var = input_stats_forward(a, weight, bias, n_stats, bn.eps, bn.count_batch(),
                                        shift=parts.op.bias)
     if parts.pool is None:
@@ -259,11 +268,15 @@ def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None
         o = torch.ops.aten.leaky_relu.out(u, parts.slope, out=out)
         if keep is not None:
             o.mul_(keep)
+        if spare_from is not None:
+            o[spare_from:].mul_(1.0 / scale)
     pool_code = None
     if parts.pool is not None:
         pre = torch.ops.aten.leaky_relu_(u, parts.slope)
         if keep is not None:
             pre.mul_(keep)
+        if spare_from is not None:  # before the max: a positive factor commutes with it
+            pre[spare_from:].mul_(1.0 / scale)
         o, pool_code = _pool(parts.pool, pre, out)
         del pre
     held = None
@@ -271,7 +284,7 @@ def block_forward(parts: BlockParts, x: Tensor, n_stats: int, out: Tensor | None
         held = (held_x, held_a + [pack(o)] + ([pack(keep)] if keep is not None else [])
                 + ([pack(pool_code)] if pool_code is not None else []))
     return BlockState(x, a, mean, var, o, keep, scale, weight, bias, n_stats,
-                      pool_code=pool_code, held=held)
+                      pool_code=pool_code, held=held, spare_from=spare_from)
 
 
 def _pool_geometry(pool: nn.MaxPool2d) -> tuple:
@@ -328,9 +341,16 @@ def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tenso
     idx = _window_index(parts.pool, st.pool_code, st.a.shape[3])
     du = torch.ops.aten.max_pool2d_with_indices_backward(dq, st.a, *_pool_geometry(parts.pool),
                                                          idx)
+    _mask_backward(st, du)
+    return du
+
+
+def _mask_backward(st: BlockState, du: Tensor) -> None:
+    """dL/du in place through the dropout mask (and the spared rows' undone scale)."""
     if st.keep is not None:
         du.mul_(st.keep)
-    return du
+    if st.spare_from is not None:
+        du[st.spare_from:].mul_(1.0 / st.scale)
 
 
 def activation_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:
@@ -341,8 +361,7 @@ def activation_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor
     # through the LeakyReLU (o > 0 exactly where BN's output is) and the dropout mask
     du = torch.ops.aten.leaky_relu_backward.grad_input(do, st.o, parts.slope, False,
                                                        grad_input=do)
-    if st.keep is not None:
-        du.mul_(st.keep)
+    _mask_backward(st, du)
     return du
 
 

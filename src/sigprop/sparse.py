@@ -90,10 +90,13 @@ def bn_target(bn: _BatchNorm, h: Tensor, t: Tensor) -> Tensor:
     return out
 
 
-def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str) -> tuple[Tensor, Tensor, str]:
+def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
+                 drop_targets: bool = True) -> tuple[Tensor, Tensor, str]:
     """The block on the inputs ``h`` (as its own forward would run them) and on the
-    targets ``t`` in ``mode`` (:data:`WINDOW` or :data:`FIELD`; module docstring).
+    targets ``t`` in ``mode`` (:data:`WINDOW` or :data:`FIELD`; module docstring);
+    sigprop's Dropout passes the targets undropped unless ``drop_targets``.
     Returns (h out, t out, the targets' mode after the block)."""
+    spared = not drop_targets
     if not isinstance(block, nn.Sequential):
         raise ConfigError(f"sparse targets through convolutions need blocks that are "
                           f"nn.Sequential, got a {type(block).__name__}; use dense targets")
@@ -107,6 +110,10 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str) -> tuple[Ten
         elif isinstance(mod, _BatchNorm):
             t = bn_target(mod, h, t)
             h = mod(h)
+        elif isinstance(mod, Dropout) and spared:
+            # target_dropout off: the targets pass undropped (their mask is drawn and
+            # discarded, so the inputs' masks are the same either way)
+            h, _ = mod(h), mod(t)
         elif isinstance(mod, _ELEMENTWISE):
             h, t = mod(h), mod(t)
         elif isinstance(mod, _POOLS):
@@ -141,14 +148,17 @@ class PairState:
     keep_t: Tensor | None  # their dropout mask
     o_t: Tensor  # their output field (m, C, 1, 1)
     mode: str
+    t_scale: float = 1.0  # undoes dropout's scale on targets it spares (target_dropout off)
 
 
 def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
                  out: Tensor | None = None,
-                 after_matmul: Callable[[], None] | None = None) -> PairState:
+                 after_matmul: Callable[[], None] | None = None,
+                 drop_targets: bool = True) -> PairState:
     """A standard conv block (fastpath.BlockParts) on inputs ``x`` (its own training
     forward, statistics from x) and on targets ``t`` (windows or fields, module
-    docstring), written out. Call under no_grad."""
+    docstring), written out; dropout drops the targets too unless ``drop_targets`` is
+    False. Call under no_grad."""
     conv = parts.op
     w = conv.weight
     a_t = (torch.conv2d(t, w, None, 1, 0) if mode == WINDOW
@@ -157,13 +167,17 @@ def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
     # the same affine map and statistics as the inputs' (BatchNorm, dropout's scale)
     u_t = torch.native_batch_norm(a_t, st.weight, st.bias, st.mean, st.var, False, 0.0,
                                   parts.bn.eps)[0]
-    keep_t = None
-    if st.keep is not None:
+    keep_t, t_scale = None, 1.0
+    if st.keep is not None:  # drawn either way: the inputs' masks do not depend on it
         keep_t = parts.dropout.keep_mask(u_t).view(torch.uint8)
+        if not drop_targets:  # spared: kept, and dropout's scale (in st.weight) undone
+            keep_t, t_scale = None, 1.0 / st.scale
     o_t = torch.ops.aten.leaky_relu_(u_t, parts.slope)
     if keep_t is not None:
         o_t.mul_(keep_t)
-    return PairState(st, t, a_t, keep_t, o_t, mode)
+    if t_scale != 1.0:
+        o_t.mul_(t_scale)
+    return PairState(st, t, a_t, keep_t, o_t, mode, t_scale)
 
 
 def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
@@ -176,6 +190,8 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
     du_t = torch.ops.aten.leaky_relu_backward(do_t, ps.o_t, parts.slope, False)
     if ps.keep_t is not None:
         du_t.mul_(ps.keep_t)
+    if ps.t_scale != 1.0:
+        du_t.mul_(ps.t_scale)
     da, da_t, dw, db = input_stats_backward_pair(du, st.a, du_t, ps.a_t, st.weight, st.mean,
                                                  st.var, parts.bn.eps)
     bn = parts.bn

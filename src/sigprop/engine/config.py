@@ -259,6 +259,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
     ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
     ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
+    ("--target-dropout", "rule", "target_dropout", {"help": "sigprop with dropout: on (target rows dropped too, each with its own mask) | off (only the inputs; targets pass undropped)"}),
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
     ("--ll-beta", "rule", "ll_beta", {"help": "ll-bp / ll-fa: the similarity share of the predsim loss (default 0.99 / 0.01)"}),
     ("--ll-features", "rule", "ll_features", {"help": "ll-bp / ll-fa: the most values an auxiliary classifier reads (default 2048)"}),

@@ -19,6 +19,8 @@ from .base import (
     build_network,
     check_dropout,
     check_parameter_memory,
+    dropout_spared_from,
+    dropout_spares_rows_from,
 )
 from .fc import (
     MAX_FC_DEPTH,
@@ -32,6 +34,7 @@ from .fc import (
 __all__ = [
     "DROPOUT_LEVELS", "LEAKY_SLOPE", "MAX_DROPOUT", "MAX_FC_DEPTH", "MAX_FC_WIDTH",
     "TRAINING_COPIES", "Dropout", "Network", "build_network", "check_dropout",
-    "check_parameter_memory", "fc_block", "fc_parameter_count", "fully_connected",
+    "check_parameter_memory", "dropout_spared_from", "dropout_spares_rows_from", "fc_block",
+    "fc_parameter_count", "fully_connected",
     "parse_fc_arch",
 ]

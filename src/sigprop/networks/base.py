@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -126,6 +128,28 @@ def _head_mismatch(head: nn.Module, k: int, shape: tuple[int, ...], err: BaseExc
             f"{shape} ({size} values per sample): {_first_line(err)}; make the head take "
             "that shape")
 
+# rows from this index on (a sigprop batch's target rows) pass Dropout unchanged
+_SPARED_FROM: ContextVar[int | None] = ContextVar("sigprop_dropout_spared_from", default=None)
+
+
+@contextmanager
+def dropout_spares_rows_from(n: int | None) -> Iterator[None]:
+    """Within this context every sigprop ``Dropout`` drops only rows ``[:n]`` of its
+    input and passes the rest unchanged (not scaled either: as in eval mode). Sigprop
+    uses it for ``target_dropout='off'``: the inputs are regularised, the targets stacked
+    after them are not. ``None``: every row is dropped (the default)."""
+    token = _SPARED_FROM.set(n)
+    try:
+        yield
+    finally:
+        _SPARED_FROM.reset(token)
+
+
+def dropout_spared_from() -> int | None:
+    """The first row Dropout spares in this context (None: it spares none)."""
+    return _SPARED_FROM.get()
+
+
 class _MaskedScale(torch.autograd.Function):
     """x * keep * scale, saving only the 1-byte mask for backward (not a float copy).
 
@@ -187,7 +211,11 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        return _MaskedScale.apply(x, self.keep_mask(x), self.scale)
+        keep = self.keep_mask(x)  # drawn for every row: the same draws either way
+        n = _SPARED_FROM.get()
+        if n is None or n >= x.shape[0]:
+            return _MaskedScale.apply(x, keep, self.scale)
+        return torch.cat([_MaskedScale.apply(x[:n], keep[:n], self.scale), x[n:]])
 
 
 def check_dropout(p: object) -> float:

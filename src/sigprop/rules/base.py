@@ -52,6 +52,10 @@ class RuleConfig:
     loss: str = "dot"  # comparison inside L_pred: dot (Eq. 6) | l2 (Eq. 7)
     logit_scale: float | None = None  # None: functional.default_scale (c/sqrt(d))
     bn_stats: str = "inputs"  # inputs: BN statistics from inputs only | all: inputs and targets
+    # dropout on the target rows that travel with the inputs: on (each target row gets
+    # its own mask, as the official code) | off (only the inputs are dropped; targets
+    # pass as in eval mode). Measured on CONV: docs/RESULTS.md section 6
+    target_dropout: str = "on"
     eta: float = 1.0  # Eq. 12 error step
     # dense: the generator makes block 1's output target (Eq. 1) | sparse (Sec. III-E):
     # a small target for block 1's input (K values zero-filled for an fc block, one
@@ -114,6 +118,7 @@ class RuleConfig:
         _choice("head", self.head, ("target", "classifier"))
         _choice("loss", self.loss, ("dot", "l2"))
         _choice("bn_stats", self.bn_stats, ("inputs", "all"))
+        _choice("target_dropout", self.target_dropout, ("on", "off"))
         _choice("exit_targets", self.exit_targets, ("prototypes", "candidates"))
         _choice("fast_path", self.fast_path, ("auto", "on", "off"))
         _choice("pipeline", self.pipeline, ("auto", "on", "off"))

@@ -45,7 +45,7 @@ from .. import functional as SF
 from .. import sparse as SP
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError, InputError
-from ..networks import Network
+from ..networks import Network, dropout_spares_rows_from
 from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
 from ..registry import register_rule
 from ..signals import Feedback, TargetGenerator, build_signal, default_sparse_size
@@ -305,6 +305,11 @@ class Sigprop(LearningRule):
     def _stats_rows(self, n: int) -> int | None:
         return n if self.cfg.bn_stats == "inputs" else None
 
+    def _spared_rows(self, n: int) -> int | None:
+        """The first row dropout spares in an (n + m)-row block input: the targets'
+        with ``target_dropout='off'``, else None (every row dropped)."""
+        return n if self.cfg.target_dropout == "off" else None
+
     def _feedback(self, x: Tensor) -> Feedback:
         """A label-free pass for loop-back generators (Fig. 2c), without gradients.
 
@@ -527,7 +532,8 @@ class Sigprop(LearningRule):
                     targets_backward(dt1, do)
                 else:
                     st = fastpath.block_forward(parts, z, self._stats_rows(n) or z.shape[0],
-                                                after_matmul=staged)
+                                                after_matmul=staged,
+                                                spare_from=self._spared_rows(n))
                     z = st.o
                     do = torch.empty_like(z)
                     loss, logits, _, classes = fastpath.pred_grads(
@@ -565,7 +571,8 @@ class Sigprop(LearningRule):
             window = h.new_empty((self.num_classes, *self.signal.target_shape))
             t, t_backward = self.signal.fast_targets(h, y, fb, window)
         out = h.new_empty((h.shape[0], *self.network.block_shapes[i]))
-        ps = SP.pair_forward(parts, h, t, mode, out=out, after_matmul=staged)
+        ps = SP.pair_forward(parts, h, t, mode, out=out, after_matmul=staged,
+                             drop_targets=self.cfg.target_dropout == "on")
         do_x = torch.empty_like(ps.x.o)
         loss, logits, do_t = SP.field_pred_grads(self.cfg.loss, self.scales[i], ps.x.o,
                                                  ps.o_t, y, do_x)
@@ -634,6 +641,7 @@ class Sigprop(LearningRule):
         h = t = x
         z = x if start else None  # the last block's (n + m)-row output
         mode = SP.WINDOW if self._window else SP.ROWS  # how targets travel (sparse.py)
+        drop_targets = self.cfg.target_dropout == "on"
         for i in range(start, stop):
             block = blocks[i]
             self._mark(f"block{i + 1}")
@@ -642,9 +650,9 @@ class Sigprop(LearningRule):
                 t_out = self.signal.targets(h_out, y, fb)
             elif i == 0 and mode == SP.WINDOW:  # sparse: each class's kernel window
                 h_out, t_out, mode = SP.forward_pair(block, x, self.signal.targets(x, y, fb),
-                                                     mode)
+                                                     mode, drop_targets)
             elif mode == SP.FIELD:  # sparse: constant fields
-                h_out, t_out, mode = SP.forward_pair(block, h, t, mode)
+                h_out, t_out, mode = SP.forward_pair(block, h, t, mode, drop_targets)
             else:
                 # [h, t]: built once (block 1 for input-side targets, else block 2);
                 # later it is z itself (no copy)
@@ -654,7 +662,8 @@ class Sigprop(LearningRule):
                     stacked = torch.cat([x, self.signal.targets(x, y, fb)])
                 else:
                     stacked = torch.cat([h, t])
-                with stats_from_first(self._stats_rows(n)):
+                with stats_from_first(self._stats_rows(n)), \
+                        dropout_spares_rows_from(self._spared_rows(n)):
                     z = block(stacked)  # (n + m, *D): inputs, then targets
                 h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
             if mode == SP.FIELD:

@@ -136,3 +136,33 @@ def test_dropout_is_seeded_by_global_rng():
     a = d(torch.ones(10, 10))
     torch.manual_seed(5)
     assert torch.equal(d(torch.ones(10, 10)), a)
+
+
+def test_dropout_spares_the_rows_after_n():
+    """Under dropout_spares_rows_from(n) rows [n:] pass unchanged (values and gradient),
+    rows [:n] get the very mask they would get without it (drawn for every row)."""
+    from sigprop.networks import dropout_spared_from, dropout_spares_rows_from
+
+    d = Dropout(0.4)
+    x = torch.randn(12, 9, requires_grad=True)
+    torch.manual_seed(3)
+    full = d(x)
+    torch.manual_seed(3)
+    assert dropout_spared_from() is None
+    with dropout_spares_rows_from(8):
+        assert dropout_spared_from() == 8
+        y = d(x)
+    assert dropout_spared_from() is None
+    assert torch.equal(y[:8], full[:8])
+    assert torch.equal(y[8:], x[8:])
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad[8:], g[8:])
+    mask = (full[:8] != 0).float() * d.scale
+    torch.testing.assert_close(x.grad[:8], g[:8] * mask)
+    with dropout_spares_rows_from(12):  # nothing after n: an ordinary dropout
+        torch.manual_seed(3)
+        assert torch.equal(d(x), full)
+    d.eval()
+    with dropout_spares_rows_from(2):
+        assert torch.equal(d(x), x)

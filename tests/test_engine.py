@@ -116,6 +116,20 @@ schedule = "cosine"
     assert config_from_dict(json.loads(json.dumps(cfg2.to_dict()))) == cfg2
 
 
+def test_runs_recorded_before_target_dropout_resume_as_they_trained():
+    """A config.json without rule.target_dropout is from before the option: its runs
+    dropped their targets, so with dropout it reads back as 'on'; without dropout the
+    option does nothing and takes today's default."""
+    d = Config().to_dict()
+    del d["rule"]["target_dropout"]
+    assert config_from_dict(d).rule.target_dropout == "off"  # no dropout
+    d["model"]["dropout"] = 0.1
+    assert config_from_dict(d).rule.target_dropout == "on"
+    assert "target_dropout" not in d["rule"]  # the caller's dict is left alone
+    d["rule"]["target_dropout"] = "off"
+    assert config_from_dict(d).rule.target_dropout == "off"
+
+
 def test_repo_presets_load(pytestconfig):
     presets = list((pytestconfig.rootpath / "configs").glob("*.toml"))
     for p in presets:

@@ -76,11 +76,11 @@ CASES = [
     {"targets": "sparse"},  # Sec. III-E: K values for block 1's input, zero-filled
     {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "loss": "l2"},
     {"targets": "sparse", "head": "classifier", "signal_learned": False},
-    # dropout spares the target rows (kept, unscaled)
-    {"dropout": 0.2, "target_dropout": "off"},
-    {"head": "classifier", "dropout": 0.1, "target_dropout": "off", "loss": "l2"},
-    {"signal": "label-input", "dropout": 0.2, "target_dropout": "off"},
-    {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "target_dropout": "off"},
+    # dropout on the target rows too (the default spares them: kept, unscaled)
+    {"dropout": 0.2, "target_dropout": "on"},
+    {"head": "classifier", "dropout": 0.1, "target_dropout": "on", "loss": "l2"},
+    {"signal": "label-input", "dropout": 0.2, "target_dropout": "on"},
+    {"targets": "sparse", "sparse_size": 5, "dropout": 0.2, "target_dropout": "on"},
 ]
 
 
@@ -346,10 +346,10 @@ CONV_CASES = [
     {"targets": "sparse", "dropout": 0.2, "loss": "l2"},
     {"targets": "sparse", "head": "classifier", "pool_first": False},
     {"targets": "sparse", "signal_learned": False, "bias": True},
-    {"dropout": 0.2, "target_dropout": "off"},  # pooled and unpooled blocks spare targets
-    {"head": "classifier", "dropout": 0.1, "target_dropout": "off", "pool_first": False},
-    {"signal": "label-input", "dropout": 0.2, "target_dropout": "off"},
-    {"targets": "sparse", "dropout": 0.2, "target_dropout": "off"},
+    {"dropout": 0.2, "target_dropout": "on"},  # pooled and unpooled blocks drop targets
+    {"head": "classifier", "dropout": 0.1, "target_dropout": "on", "pool_first": False},
+    {"signal": "label-input", "dropout": 0.2, "target_dropout": "on"},
+    {"targets": "sparse", "dropout": 0.2, "target_dropout": "on"},
 ]
 
 

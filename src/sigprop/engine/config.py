@@ -234,7 +234,15 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
-    """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder)."""
+    """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder).
+
+    A run recorded before ``rule.target_dropout`` existed (its rule table lacks the
+    key) dropped its targets' units, the option's ``on``; with dropout it resumes so
+    (its default is now ``off``; without dropout the option does nothing)."""
+    rule, model = d.get("rule"), d.get("model")
+    if (isinstance(rule, dict) and "target_dropout" not in rule and isinstance(model, dict)
+            and isinstance(model.get("dropout"), (int, float)) and model["dropout"] > 0):
+        d = {**d, "rule": {**rule, "target_dropout": "on"}}
     return apply_overrides(Config(), d)
 
 
@@ -259,7 +267,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
     ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
     ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
-    ("--target-dropout", "rule", "target_dropout", {"help": "sigprop with dropout: on (target rows dropped too, each with its own mask) | off (only the inputs; targets pass undropped)"}),
+    ("--target-dropout", "rule", "target_dropout", {"help": "sigprop with dropout: off (default: only the inputs are dropped; targets pass undropped) | on (target rows dropped too, each with its own mask, as the official code)"}),
     ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
     ("--ll-beta", "rule", "ll_beta", {"help": "ll-bp / ll-fa: the similarity share of the predsim loss (default 0.99 / 0.01)"}),
     ("--ll-features", "rule", "ll_features", {"help": "ll-bp / ll-fa: the most values an auxiliary classifier reads (default 2048)"}),

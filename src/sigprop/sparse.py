@@ -96,7 +96,6 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
     targets ``t`` in ``mode`` (:data:`WINDOW` or :data:`FIELD`; module docstring);
     sigprop's Dropout passes the targets undropped unless ``drop_targets``.
     Returns (h out, t out, the targets' mode after the block)."""
-    spared = not drop_targets
     if not isinstance(block, nn.Sequential):
         raise ConfigError(f"sparse targets through convolutions need blocks that are "
                           f"nn.Sequential, got a {type(block).__name__}; use dense targets")
@@ -110,7 +109,7 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
         elif isinstance(mod, _BatchNorm):
             t = bn_target(mod, h, t)
             h = mod(h)
-        elif isinstance(mod, Dropout) and spared:
+        elif isinstance(mod, Dropout) and not drop_targets:
             # target_dropout off: the targets pass undropped (their mask is drawn and
             # discarded, so the inputs' masks are the same either way)
             h, _ = mod(h), mod(t)

@@ -305,10 +305,15 @@ class Sigprop(LearningRule):
     def _stats_rows(self, n: int) -> int | None:
         return n if self.cfg.bn_stats == "inputs" else None
 
+    @property
+    def _drops_targets(self) -> bool:
+        """Whether dropout drops the target rows too (``target_dropout='on'``)."""
+        return self.cfg.target_dropout == "on"
+
     def _spared_rows(self, n: int) -> int | None:
         """The first row dropout spares in an (n + m)-row block input: the targets'
         with ``target_dropout='off'``, else None (every row dropped)."""
-        return n if self.cfg.target_dropout == "off" else None
+        return None if self._drops_targets else n
 
     def _feedback(self, x: Tensor) -> Feedback:
         """A label-free pass for loop-back generators (Fig. 2c), without gradients.
@@ -572,7 +577,7 @@ class Sigprop(LearningRule):
             t, t_backward = self.signal.fast_targets(h, y, fb, window)
         out = h.new_empty((h.shape[0], *self.network.block_shapes[i]))
         ps = SP.pair_forward(parts, h, t, mode, out=out, after_matmul=staged,
-                             drop_targets=self.cfg.target_dropout == "on")
+                             drop_targets=self._drops_targets)
         do_x = torch.empty_like(ps.x.o)
         loss, logits, do_t = SP.field_pred_grads(self.cfg.loss, self.scales[i], ps.x.o,
                                                  ps.o_t, y, do_x)
@@ -641,7 +646,7 @@ class Sigprop(LearningRule):
         h = t = x
         z = x if start else None  # the last block's (n + m)-row output
         mode = SP.WINDOW if self._window else SP.ROWS  # how targets travel (sparse.py)
-        drop_targets = self.cfg.target_dropout == "on"
+        drop_targets = self._drops_targets
         for i in range(start, stop):
             block = blocks[i]
             self._mark(f"block{i + 1}")

@@ -161,6 +161,125 @@ def test_target_shapes_and_values_through_every_block(name, shape, float64):
         assert mode == (SP.FIELD if len(net.block_shapes[i]) == 3 else SP.ROWS)
 
 
+def ref_layout(t, hw):
+    """A field (m, C, G, G) laid out over a map by loops: position p takes cell
+    floor(p G / H)."""
+    m, c, gh, gw = t.shape
+    out = t.new_empty(m, c, *hw)
+    for p in range(hw[0]):
+        for q in range(hw[1]):
+            out[:, :, p, q] = t[:, :, p * gh // hw[0], q * gw // hw[1]]
+    return out
+
+
+def ref_grid_targets(net, window, grid):
+    """A slow reference of sparse targets on a grid of windows (eval mode), by loops:
+    each k x k window of the (C_in, G k, G k) target taken once by block 1's conv; a
+    field through a later conv as that conv of each cell's value spread over one window
+    without padding; a grid larger than a block's output map first averaged over the
+    cells each output cell covers (adaptive average pooling's ranges); pooling leaves a
+    field; a Flatten lays it out cell by cell."""
+    out, t, field = [], window, False
+    for i, block in enumerate(net.blocks):
+        shape = net.block_shapes[i]
+        if field and len(shape) == 3 and (t.shape[2] > shape[1] or t.shape[3] > shape[2]):
+            gh, gw = min(t.shape[2], shape[1]), min(t.shape[3], shape[2])
+            fit = t.new_empty(*t.shape[:2], gh, gw)
+            for a in range(gh):
+                for b in range(gw):
+                    r0, r1 = a * t.shape[2] // gh, -(-(a + 1) * t.shape[2] // gh)
+                    c0, c1 = b * t.shape[3] // gw, -(-(b + 1) * t.shape[3] // gw)
+                    fit[:, :, a, b] = t[:, :, r0:r1, c0:c1].mean((2, 3))
+            t = fit
+        for mod in block:
+            if isinstance(mod, nn.Conv2d):
+                w = mod.weight
+                k = w.shape[2]
+                if not field:
+                    g = t.shape[2] // k
+                    cells = t.new_empty(t.shape[0], w.shape[0], g, g)
+                    for a in range(g):
+                        for b in range(g):
+                            win = t[:, :, a * k:(a + 1) * k, b * k:(b + 1) * k]
+                            cells[:, :, a, b] = torch.einsum("ocab,mcab->mo", w, win)
+                    t = cells
+                else:
+                    cells = t.new_empty(t.shape[0], w.shape[0], *t.shape[2:])
+                    for a in range(t.shape[2]):
+                        for b in range(t.shape[3]):
+                            spread = t[:, :, a:a + 1, b:b + 1].expand(-1, -1, k, k)
+                            cells[:, :, a, b] = F.conv2d(spread, w)[:, :, 0, 0]
+                    t = cells
+                field = True
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                t = ref_bn_eval(mod, t)
+            elif isinstance(mod, nn.LeakyReLU):
+                t = torch.where(t > 0, t, t * mod.negative_slope)
+            elif isinstance(mod, nn.Flatten):
+                t = ref_layout(t, net.block_shapes[i - 1][1:]).flatten(1)
+                field = False
+            elif isinstance(mod, nn.Linear):
+                t = t @ mod.weight.T + (mod.bias if mod.bias is not None else 0)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("name,shape,grid", [("small", (1, 6, 6), 2), ("small", (1, 6, 6), 3),
+                                             ("vgg8b", (1, 16, 16), 3), ("conv", (3, 28, 28), 3),
+                                             ("vgg8b", (3, 16, 16), 1)])
+def test_sparse_grid_targets_through_every_block(name, shape, grid, float64):
+    """--sparse-grid G: a G x G grid of kernel windows at block 1's input, (C, G', G')
+    fields after each conv block (G' = G, or the output map's size where it is
+    smaller), rows after a Flatten; equal to a reference written with loops, block by
+    block, and the exits compare each map with its laid-out field."""
+    torch.manual_seed(0)
+    net = small_conv_net() if name == "small" else build_network(name, shape, CLASSES, 0.1)
+    rule = build_rule("sigprop", net, CLASSES, targets="sparse", sparse_grid=grid)
+    c_in, k = shape[0], 3 if name != "conv" else 5
+    assert rule.signal.target_shape == (c_in, grid * k, grid * k)
+    for s, block_shape in zip(rule.target_shapes(), net.block_shapes):
+        assert s == ((block_shape[0], min(grid, block_shape[1]), min(grid, block_shape[2]))
+                     if len(block_shape) == 3 else block_shape)
+    x = torch.randn(3, *shape)
+    walked = walked_targets(rule, x)
+    with torch.no_grad():
+        ref = ref_grid_targets(net, rule.signal.targets(x), grid)
+        scores = rule.exit_scores(x)
+    for i, ((h, t, mode), r) in enumerate(zip(walked, ref)):
+        torch.testing.assert_close(t, r, msg=f"block {i + 1}")
+        if mode == SP.FIELD:
+            want = SF.compare(h, ref_layout(r, h.shape[2:]), "dot", rule.scales[i])
+            torch.testing.assert_close(scores[i], want)
+
+
+def test_cell_sums_and_layout_are_transposes(float64):
+    h, t = torch.randn(4, 3, 7, 5), torch.randn(6, 3, 3, 2)
+    s = SF.cell_sums(h, (3, 2))
+    ref = torch.zeros(4, 3, 3, 2)
+    for p in range(7):
+        for q in range(5):
+            ref[:, :, p * 3 // 7, q * 2 // 5] += h[:, :, p, q]
+    torch.testing.assert_close(s, ref)
+    torch.testing.assert_close(SF.lay_out(t, (7, 5)), ref_layout(t, (7, 5)))
+    counts = SF.cell_counts((7, 5), (3, 2), h)
+    assert counts.sum() == 35 and counts.tolist() == [[9, 6], [6, 4], [6, 4]]
+    for kind in ("dot", "l2"):
+        torch.testing.assert_close(SF.field_compare(h, t, kind, 0.3),
+                                   SF.compare(h, ref_layout(t, (7, 5)), kind, 0.3))
+
+
+def test_sparse_grid_errors():
+    with pytest.raises(ConfigError, match="add targets='sparse'"):
+        build_rule("sigprop", small_conv_net(), CLASSES, sparse_grid=2)
+    with pytest.raises(ConfigError, match="positive integer"):
+        build_rule("sigprop", small_conv_net(), CLASSES, targets="sparse", sparse_grid=0)
+    with pytest.raises(ConfigError, match="exceeds the first block's 3x3 output map"):
+        build_rule("sigprop", small_conv_net(), CLASSES, targets="sparse", sparse_grid=4)
+    with pytest.raises(ConfigError, match="is for conv first blocks"):
+        build_rule("sigprop", build_network("fc-2x16", (1, 6, 6), CLASSES), CLASSES,
+                   targets="sparse", sparse_grid=2)
+
+
 def test_field_comparison_is_the_comparison_with_the_broadcast_target(float64):
     h, t = torch.randn(5, 3, 4, 4), torch.randn(7, 3, 1, 1)
     for kind in ("dot", "l2"):

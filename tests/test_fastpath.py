@@ -350,6 +350,9 @@ CONV_CASES = [
     {"head": "classifier", "dropout": 0.1, "target_dropout": "on", "pool_first": False},
     {"signal": "label-input", "dropout": 0.2, "target_dropout": "on"},
     {"targets": "sparse", "dropout": 0.2, "target_dropout": "on"},
+    {"targets": "sparse", "sparse_grid": 2},  # a 2x2 grid of windows, 2x2 fields on 3x3 maps
+    {"targets": "sparse", "sparse_grid": 3, "dropout": 0.2, "loss": "l2"},
+    {"targets": "sparse", "sparse_grid": 2, "head": "classifier", "pool_first": False},
 ]
 
 
@@ -374,14 +377,16 @@ def test_conv_fast_path_matches_autograd(case, float64):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("targets,target_dropout",
-                         [("dense", "on"), ("sparse", "on"), ("dense", "off"), ("sparse", "off")])
-def test_conv_pipeline_matches_sequential(targets, target_dropout, float64):
+@pytest.mark.parametrize("targets,target_dropout,grid",
+                         [("dense", "on", 1), ("sparse", "on", 1), ("dense", "off", 1),
+                          ("sparse", "off", 1), ("sparse", "off", 2)])
+def test_conv_pipeline_matches_sequential(targets, target_dropout, grid, float64):
     """The pipeline hands conv blocks' updates to the update thread: same updates."""
+    kw = {"sparse_grid": grid} if grid != 1 else {}
     seq = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="off",
-                     targets=targets, target_dropout=target_dropout)
+                     targets=targets, target_dropout=target_dropout, **kw)
     pipe = build_rule("sigprop", conv_net(dropout=0.1), CLASSES, pipeline="on",
-                      targets=targets, target_dropout=target_dropout)
+                      targets=targets, target_dropout=target_dropout, **kw)
     assert pipe.pipelines
     batches = data(k=3)
     for (la, ca), (lb, cb) in zip(run(seq, batches), run(pipe, batches)):

@@ -8,27 +8,34 @@ pooling. Our choice, exact at every module:
 
 * Block 1 takes each class's window target ``(C_in, k, k)`` with its own conv weights
   once, without padding: ``conv(window, W)`` is ``(C_1, 1, 1)``, one output position.
-* From there a target is a *constant field*: one value per channel, standing for a map
-  that is that value at every position, stored as ``(m, C, 1, 1)``. Through the block's
-  modules it stays one:
-    - Conv2d (W, any stride, zero padding ignored): a constant field convolved is
-      constant, ``sum_{a,b} W[:, :, a, b] @ t``: a 1x1 conv with the summed kernel;
+  With a grid of G x G windows (``--sparse-grid G``, ours: 1 is the paper's one window)
+  the target is ``(C_in, G k, G k)``, each k x k window taken once (stride k):
+  ``(C_1, G, G)``.
+* From there a target is a *field*: one value per channel and cell of a G x G grid of
+  nearly equal cells of the map (G = 1: one cell, a constant map), standing for the map
+  whose every position has its cell's value (``functional.lay_out``), stored as
+  ``(m, C, G, G)``. Through the block's modules it stays one:
+    - Conv2d (W, any stride, zero padding ignored): a field convolved is, away from
+      the cells' borders, ``sum_{a,b} W[:, :, a, b] @ t`` in each cell: a 1x1 conv with
+      the summed kernel (exact for G = 1 but at the map's borders);
     - BatchNorm: the inputs' batch statistics (running statistics in eval mode), as
       for dense targets (Sec. III-D);
     - LeakyReLU and other elementwise modules, Dropout (one draw per channel: the
       field's one value): applied as they are;
-    - MaxPool2d / AvgPool2d: the field is unchanged;
+    - MaxPool2d / AvgPool2d: the field is unchanged (its cells shrink with the map);
+      before a block whose output map has fewer than G positions a side, the grid is
+      averaged down to the output map's size (:func:`fit_grid`);
     - Flatten (into a fully connected block): the field is laid out over the input
       map's positions, ``(m, C, H, W)`` flattened; from then on targets are ordinary
       dense rows, stacked with the inputs in one call.
-* L_pred compares an output map ``h (n, C, H, W)`` with a field ``t (m, C, 1, 1)`` as
-  with the map that is ``t`` everywhere (:func:`sigprop.functional.field_compare`):
-  dot ``(sum_hw h) . t``; the logit scale is that of the dense target, c/sqrt(C H W).
+* L_pred compares an output map ``h (n, C, H, W)`` with a field ``t (m, C, G, G)`` as
+  with the laid-out map (:func:`sigprop.functional.field_compare`): dot
+  ``cell_sums(h) . t``; the logit scale is :func:`sigprop.functional.field_scale`'s.
 
-What a field costs: m x C values per block instead of m x C x H x W, and a conv on it
-is an (m x C_in) by (C_in x C_out) product instead of a convolution over H x W.
-Borders are where the field view differs from a dense constant map under zero
-padding; the field ignores them (an infinitely large map).
+What a field costs: m x C x G² values per block instead of m x C x H x W, and a conv
+on it is an (m G² x C_in) by (C_in x C_out) product instead of a convolution over H x W.
+Borders (of the map, and for G > 1 of the cells) are where the field view differs from
+the laid-out map convolved with zero padding; the field ignores them.
 
 :func:`forward_pair` runs one block on the inputs ``h`` and the targets ``t``
 (autograd); modules it does not know are a ConfigError naming them.
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import functional as SF
 from .batchnorm import input_stats_backward_pair
 from .errors import ConfigError
 from .fastpath import BlockParts, BlockState, activation_backward, block_forward, op_backward
@@ -59,9 +67,27 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
 def conv_window(conv: nn.Conv2d, window: Tensor) -> Tensor:
-    """One application of the conv to each window (no padding): (m, C_in, k, k) ->
-    (m, C_out, 1, 1)."""
-    return F.conv2d(window, conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
+    """One application of the conv to each k x k window (no padding, stride k): (m,
+    C_in, G k, G k) -> (m, C_out, G, G)."""
+    return F.conv2d(window, conv.weight, conv.bias, conv.kernel_size, 0, conv.dilation,
+                    conv.groups)
+
+
+def window_grid(window_shape: tuple[int, ...], conv: nn.Conv2d) -> tuple[int, int]:
+    """The grid (G, G) of a window target ``(C_in, G k, G k)`` for ``conv``."""
+    return (window_shape[-2] // conv.kernel_size[0], window_shape[-1] // conv.kernel_size[1])
+
+
+def fit_grid(t: Tensor, block_shape: tuple[int, ...]) -> Tensor:
+    """A field ``(m, C, gh, gw)`` entering a conv block whose output map is smaller than
+    the grid: its cells averaged down to the output map's size (a no-op otherwise, and
+    for targets that are rows)."""
+    if t.dim() != 4 or len(block_shape) != 3:
+        return t
+    gh, gw = min(t.shape[2], block_shape[1]), min(t.shape[3], block_shape[2])
+    if (gh, gw) == tuple(t.shape[2:]):
+        return t
+    return F.adaptive_avg_pool2d(t, (gh, gw))
 
 
 def conv_field(conv: nn.Conv2d, field: Tensor) -> Tensor:
@@ -119,7 +145,7 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
             h = mod(h)  # a field is unchanged by pooling
         elif isinstance(mod, nn.Flatten):
             if mode == FIELD and h.dim() == 4:
-                t = t.expand(-1, -1, *h.shape[2:])  # the field laid out over the map
+                t = SF.lay_out(t, tuple(h.shape[2:]))  # the field laid out over the map
             h, t = mod(h), mod(t)
             mode = ROWS
         elif isinstance(mod, nn.Linear) and mode == ROWS:
@@ -142,10 +168,10 @@ class PairState:
     tensors (m rows of 1x1 fields)."""
 
     x: BlockState  # the inputs' part (its ``o`` is the block's output for the inputs)
-    t_in: Tensor  # the targets as they entered: windows (m, C_in, k, k) or fields
-    a_t: Tensor  # their pre-BatchNorm values (m, C, 1, 1)
+    t_in: Tensor  # the targets as they entered: windows (m, C_in, G k, G k) or fields
+    a_t: Tensor  # their pre-BatchNorm values (m, C, G, G)
     keep_t: Tensor | None  # their dropout mask
-    o_t: Tensor  # their output field (m, C, 1, 1)
+    o_t: Tensor  # their output field (m, C, G, G)
     mode: str
     t_scale: float = 1.0  # undoes dropout's scale on targets it spares (target_dropout off)
 
@@ -160,8 +186,8 @@ def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
     False. Call under no_grad."""
     conv = parts.op
     w = conv.weight
-    a_t = (torch.conv2d(t, w, None, 1, 0) if mode == WINDOW
-           else torch.conv2d(t, w.sum((2, 3), keepdim=True)))  # (m, C, 1, 1)
+    a_t = (torch.conv2d(t, w, None, conv.kernel_size, 0) if mode == WINDOW
+           else torch.conv2d(t, w.sum((2, 3), keepdim=True)))  # (m, C, G, G)
     st = block_forward(parts, x, x.shape[0], out=out, after_matmul=after_matmul)
     # the same affine map and statistics as the inputs' (BatchNorm, dropout's scale)
     u_t = torch.native_batch_norm(a_t, st.weight, st.bias, st.mean, st.var, False, 0.0,
@@ -204,11 +230,13 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
     m, c_out = da_t.shape[:2]
     if ps.mode == WINDOW:  # one application of the kernel to each window
         dx_t, dw_t, _ = torch.ops.aten.convolution_backward(
-            da_t, ps.t_in, conv.weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [input_grad, True, False])
-    else:  # the summed kernel: every tap gets the same product
+            da_t, ps.t_in, conv.weight, None, list(conv.kernel_size), [0, 0], [1, 1], False,
+            [0, 0], 1, [input_grad, True, False])
+    else:  # the summed kernel: every tap gets the same product, summed over the cells
         dx_t = None
-        dw_t = (da_t.view(m, c_out).T @ ps.t_in.view(m, -1))[:, :, None, None]
+        c_in = ps.t_in.shape[1]
+        dw_t = (da_t.transpose(0, 1).reshape(c_out, -1)
+                @ ps.t_in.transpose(0, 1).reshape(c_in, -1).T)[:, :, None, None]
     conv.weight.grad += dw_t
     if conv.bias is not None:  # BatchNorm cancels it: the sum is zero up to rounding
         conv.bias.grad += da_t.sum((0, 2, 3))
@@ -218,16 +246,17 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
 
 def field_pred_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor
                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """L_pred of maps ``h (n, C, H, W)`` against fields ``t (m, C, 1, 1)``
+    """L_pred of maps ``h (n, C, H, W)`` against fields ``t (m, C, G, G)``
     (:func:`sigprop.functional.field_compare`) and its gradients: dL/dh into ``dh``;
     returns (loss, logits, dL/dt)."""
-    n, c = h.shape[:2]
-    hw = h.shape[2] * h.shape[3]
-    s = h.sum((2, 3))  # (n, C)
-    tf = t.reshape(t.shape[0], c)
+    n = h.shape[0]
+    grid, hw = tuple(t.shape[2:]), tuple(h.shape[2:])
+    s = SF.cell_sums(h, grid).flatten(1)  # (n, C G G)
+    tf = t.reshape(t.shape[0], -1)
     logits = s @ tf.T
     if kind == "l2":
-        logits.mul_(2).sub_(hw * (tf * tf).sum(1)).sub_(
+        counts = SF.cell_counts(hw, grid, h).flatten().repeat(t.shape[1])  # (C G G)
+        logits.mul_(2).sub_((tf * tf * counts).sum(1)).sub_(
             (h * h).flatten(1).sum(1, keepdim=True))
     logits.mul_(scale)
     logp = torch.log_softmax(logits, 1)
@@ -235,13 +264,13 @@ def field_pred_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, d
     g = logp.exp_()
     g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
     g.mul_(scale / n)
-    ds = g @ tf  # (n, C): every position of a map gets its channel's value
+    ds = g @ tf  # (n, C G G): every position of a cell gets its cell's value
     dt = g.T @ s
     if kind == "l2":
         ds.mul_(2)
-        dt.mul_(2).sub_(tf * (2 * hw * g.sum(0).unsqueeze(1)))
+        dt.mul_(2).sub_(tf * counts * (2 * g.sum(0).unsqueeze(1)))
         torch.mul(h, (-2 * g.sum(1)).view(n, 1, 1, 1), out=dh)
-        dh.add_(ds[:, :, None, None])
+        dh.add_(SF.lay_out(ds.view(n, -1, *grid), hw))
     else:
-        dh.copy_(ds[:, :, None, None].expand_as(dh))
+        dh.copy_(SF.lay_out(ds.view(n, -1, *grid), hw))
     return loss, logits, dt.view_as(t)

@@ -281,6 +281,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--ep-tol", "rule", "ep_tol", {"help": "EP: end the free phase once every residual is below this (0: never)"}),
     ("--targets", "rule", "targets", {"help": "dense (block 1's output target, Eq. 1) | sparse (Sec. III-E: a small target for block 1's input; label signal)"}),
     ("--sparse-size", "rule", "sparse_size", {"metavar": "K", "help": "values of a sparse target for an fc first block, zero-filled to its input (default: half the input)"}),
+    ("--sparse-grid", "rule", "sparse_grid", {"metavar": "G", "help": "a conv first block's sparse target: a G x G grid of kernel windows, fields of G x G cells after it (default 1: the paper's one window)"}),
     ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
     ("--pipeline", "rule", "pipeline", {"help": "sigprop with the fast path on a CPU: each block's BatchNorm backward, weight gradient and Adam step on a second thread while the forward goes on (same updates): auto (>= 2 threads) | on | off"}),
     ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),

@@ -13,6 +13,8 @@ from .feedback import (
 )
 from .predsim import pool_kernel, predsim_loss, similarity_matrix
 from .sigprop import (
+    cell_counts,
+    cell_sums,
     class_targets,
     compare,
     compare_paired,
@@ -23,15 +25,16 @@ from .sigprop import (
     l2_compare,
     label_input_modulation,
     label_projection,
+    lay_out,
     loop_back_error,
     loop_back_prediction,
     pred_loss,
 )
 
 __all__ = [
-    "class_targets", "compare", "compare_paired", "default_scale", "dfa_feedback",
+    "cell_counts", "cell_sums", "class_targets", "compare", "compare_paired", "default_scale", "dfa_feedback",
     "dot_compare", "fa_conv2d_backward", "fa_linear_backward", "field_compare",
     "field_scale", "l2_compare", "label_input_modulation", "label_projection",
-    "loop_back_error", "loop_back_prediction", "pool_kernel", "pred_loss", "predsim_loss",
+    "lay_out", "loop_back_error", "loop_back_prediction", "pool_kernel", "pred_loss", "predsim_loss",
     "similarity_matrix",
 ]

@@ -21,6 +21,9 @@ __all__ = [
     "l2_compare",
     "compare",
     "compare_paired",
+    "cell_sums",
+    "cell_counts",
+    "lay_out",
     "field_compare",
     "field_scale",
     "default_scale",
@@ -158,27 +161,63 @@ def compare_paired(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) 
     raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
 
 
+def cell_matrix(size: int, cells: int, like: Tensor) -> Tensor:
+    """(cells, size): row c is 1 at the positions of cell c along one axis of a map,
+    ``cell(p) = floor(p cells / size)`` (nearest-neighbour layout: cells of equal size
+    up to one position)."""
+    cell = torch.arange(size, device=like.device) * cells // size
+    return (cell == torch.arange(cells, device=like.device)[:, None]).to(like.dtype)
+
+
+def cell_sums(h: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Sum of a map ``h (n, C, H, W)`` over each cell of a ``grid`` (gh, gw) of nearly
+    equal cells: (n, C, gh, gw); a 1x1 grid is the sum over the map."""
+    if tuple(grid) == (1, 1):
+        return h.sum((2, 3), keepdim=True)
+    ph = cell_matrix(h.shape[2], grid[0], h)
+    pw = cell_matrix(h.shape[3], grid[1], h)
+    return ph @ h @ pw.T
+
+
+def lay_out(t: Tensor, hw: tuple[int, int]) -> Tensor:
+    """A field ``t (m, C, gh, gw)`` laid out over a map of ``hw`` positions: every
+    position takes its cell's value (the transpose of :func:`cell_sums`)."""
+    if t.shape[2:] == (1, 1):
+        return t.expand(-1, -1, *hw)
+    ph = cell_matrix(hw[0], t.shape[2], t)
+    pw = cell_matrix(hw[1], t.shape[3], t)
+    return ph.T @ t @ pw
+
+
+def cell_counts(hw: tuple[int, int], grid: tuple[int, int], like: Tensor) -> Tensor:
+    """Positions in each cell, (gh, gw)."""
+    return torch.outer(cell_matrix(hw[0], grid[0], like).sum(1),
+                       cell_matrix(hw[1], grid[1], like).sum(1))
+
+
 def field_compare(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
-    """Compare maps with constant fields (sparse targets, Sec. III-E; sigprop.sparse):
-    h (n, C, H, W) against t (m, C, 1, 1), each t standing for the map that is t at
-    every position. The same logits as :func:`compare` of h with t broadcast to (H, W),
-    without building the broadcast: dot ``(Σ_hw h)·t``; L2 ``2 (Σ_hw h)·t - H W |t|²
-    - |h|²``. -> (n, m)."""
-    s = h.sum((2, 3))  # (n, C)
-    tf = t.flatten(1)  # (m, C)
+    """Compare maps with fields (sparse targets, Sec. III-E; sigprop.sparse): h (n, C, H,
+    W) against t (m, C, gh, gw), each t standing for the map whose every position has
+    its cell's value (:func:`lay_out`; a 1x1 field is one value per channel over the
+    whole map). The same logits as :func:`compare` of h with the laid-out t, without
+    building it: dot ``cell_sums(h) · t``; L2 ``2 cell_sums(h) · t - sum_cells count
+    |t|² - |h|²``. -> (n, m)."""
+    grid = tuple(t.shape[2:])
+    s = cell_sums(h, grid).flatten(1)  # (n, C gh gw)
+    tf = t.flatten(1)
     logits = s @ tf.T
     if kind == "l2":
-        hw = h.shape[2] * h.shape[3]
-        logits = 2 * logits - hw * (tf * tf).sum(1) - (h * h).flatten(1).sum(1, keepdim=True)
+        counts = cell_counts(tuple(h.shape[2:]), grid, h).flatten().repeat(t.shape[1])
+        logits = 2 * logits - (tf * tf * counts).sum(1) - (h * h).flatten(1).sum(1, keepdim=True)
     elif kind != "dot":
         raise ValueError(f"unknown comparison {kind!r}; use 'dot' or 'l2'")
     return logits * scale
 
 
-def field_scale(kind: str, channels: int, positions: int) -> float:
-    """Default logit scale of :func:`field_compare`: that of comparing the *mean* map
-    (Σ_hw h / HW) with the field as a ``channels``-long vector, c/sqrt(C) / HW. A field
-    is coherent over the map, so the sum over positions grows like HW, not sqrt(HW):
-    with the dense scale c/sqrt(C H W), the first conv block of CONV started at
-    L_pred ~18 (logits ~80 apart) on Fashion-MNIST."""
-    return default_scale(kind, channels) / positions
+def field_scale(kind: str, channels: int, positions: int, cells: int = 1) -> float:
+    """Default logit scale of :func:`field_compare`: that of comparing the map's *cell
+    means* with the field as a ``channels x cells``-long vector, c/sqrt(C cells) /
+    (positions per cell). A field is coherent over a cell, so a cell's sum grows like
+    its size, not its square root: with the dense scale c/sqrt(C H W), the first conv
+    block of CONV started at L_pred ~18 (logits ~80 apart) on Fashion-MNIST."""
+    return default_scale(kind, channels * cells) * cells / positions

@@ -62,6 +62,7 @@ class RuleConfig:
     # kernel window for a conv block; sigprop.sparse), label signal only
     targets: str = "dense"
     sparse_size: int | None = None  # K of a sparse target for an fc first block (None: default)
+    sparse_grid: int = 1  # conv first block: a G x G grid of kernel windows (1: the paper's)
     # local learning (ll-bp, ll-fa): the similarity share beta of the predsim loss (None:
     # the rule's, 0.99 and 0.01) and the most values an auxiliary classifier reads
     ll_beta: float | None = None
@@ -155,6 +156,13 @@ class RuleConfig:
             if self.targets != "sparse":
                 raise ConfigError("sparse_size sets the size of sparse targets; add "
                                   "targets='sparse' (--targets sparse) or drop it")
+        if isinstance(self.sparse_grid, bool) or not isinstance(self.sparse_grid, int) \
+                or self.sparse_grid < 1:
+            raise ConfigError(f"sparse_grid (G x G kernel windows of a sparse conv target) must "
+                              f"be a positive integer, got {self.sparse_grid!r}")
+        if self.sparse_grid != 1 and self.targets != "sparse":
+            raise ConfigError("sparse_grid shapes sparse targets; add targets='sparse' "
+                              "(--targets sparse) or drop it")
         if self.targets == "sparse":
             if self.signal not in SPARSE_SIGNALS:
                 raise ConfigError(

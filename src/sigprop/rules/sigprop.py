@@ -67,14 +67,20 @@ def _first_weight_layer(block: nn.Module) -> nn.Module | None:
 
 
 def _sparse_target(first: nn.Module | None, input_shape: tuple[int, ...],
-                   size: int | None) -> tuple[tuple[int, ...], int | None]:
+                   size: int | None, grid: int = 1) -> tuple[tuple[int, ...], int | None]:
     """Shape and size of a sparse target for the first block (Sec. III-E): one kernel
-    window of its input for a conv, K values of its input row for a Linear."""
+    window of its input for a conv (a grid x grid of them with ``grid`` > 1), K values
+    of its input row for a Linear."""
     if isinstance(first, nn.Conv2d):
         if size is not None:
             raise ConfigError("sparse_size (--sparse-size) is for fully connected first blocks; "
                               "a conv block's sparse target is one kernel window of its input")
-        return (first.in_channels, *first.kernel_size), None
+        kh, kw = first.kernel_size
+        return (first.in_channels, grid * kh, grid * kw), None
+    if grid != 1:
+        raise ConfigError(f"sparse_grid {grid} is for conv first blocks (a grid of kernel "
+                          "windows); an fc first block's sparse target has --sparse-size K "
+                          "values: drop --sparse-grid")
     if isinstance(first, nn.Linear):
         dim = math.prod(input_shape)
         k = default_sparse_size(dim) if size is None else size
@@ -126,7 +132,8 @@ class Sigprop(LearningRule):
         first = _first_weight_layer(network.blocks[0])
         if signal is None:
             if cfg.targets == "sparse":
-                shape, size = _sparse_target(first, network.input_shape, cfg.sparse_size)
+                shape, size = _sparse_target(first, network.input_shape, cfg.sparse_size,
+                                             cfg.sparse_grid)
                 signal = build_signal(cfg.signal, num_classes, shape, cfg.signal_learned,
                                       targets="sparse", sparse_size=size)
             else:
@@ -138,7 +145,8 @@ class Sigprop(LearningRule):
         # as rows of the same shape (sparse, fc), or as kernel windows (sparse, conv)
         self._window = signal.at_input and isinstance(first, nn.Conv2d)
         want = shapes[0] if not signal.at_input else (
-            _sparse_target(first, network.input_shape, None)[0] if self._window
+            _sparse_target(first, network.input_shape, None, cfg.sparse_grid)[0]
+            if self._window
             else network.input_shape)
         if signal.target_shape != want:
             where = "first block's input" if signal.at_input else "first block's output"
@@ -164,9 +172,16 @@ class Sigprop(LearningRule):
             for s in shapes
         ]
         if self._window:  # sparse through conv blocks: fields compared at conv blocks
+            g = SP.window_grid(signal.target_shape, first)
+            if g[0] > shapes[0][1] or g[1] > shapes[0][2]:
+                raise ConfigError(
+                    f"sparse_grid {g[0]} exceeds the first block's {shapes[0][1]}x"
+                    f"{shapes[0][2]} output map; choose --sparse-grid <= {min(shapes[0][1:])}")
             self.scales = [
-                cfg.logit_scale or (SF.field_scale(cfg.loss, s[0], s[1] * s[2])
-                                    if len(s) == 3 else sc)
+                cfg.logit_scale or (
+                    SF.field_scale(cfg.loss, s[0], s[1] * s[2],
+                                   min(g[0], s[1]) * min(g[1], s[2]))
+                    if len(s) == 3 else sc)
                 for s, sc in zip(shapes, self.scales)
             ]
         # One parameter group per block and one for a classifier head; block 1's also
@@ -510,15 +525,16 @@ class Sigprop(LearningRule):
                     if i == start:  # block 1 overlaps no BatchNorm backward (memory)
                         pipe.staged()
                 if mode != SP.ROWS and parts.conv:  # sparse: windows, then fields
+                    t = None if i == 0 else SP.fit_grid(t, self.network.block_shapes[i])
                     h, t, loss, logits = self._fast_pair_block(
-                        i, parts, x if i == 0 else h, None if i == 0 else t, mode, y, fb,
+                        i, parts, x if i == 0 else h, t, mode, y, fb,
                         staged if i else None, pipe is not None)
                     mode = SP.FIELD
                     losses.append(loss)
                     logits_seen.append(logits)
                     continue
                 if mode == SP.FIELD:  # a Flatten: the fields laid out over the map, stacked
-                    z = torch.cat([h, t.expand(-1, -1, *h.shape[2:])])
+                    z = torch.cat([h, SF.lay_out(t, tuple(h.shape[2:]))])
                     mode = SP.ROWS
                 input_grad = None
                 if i == 0 and self.signal.at_input:  # sparse fc: [x, t] rows in one buffer
@@ -656,8 +672,9 @@ class Sigprop(LearningRule):
             elif i == 0 and mode == SP.WINDOW:  # sparse: each class's kernel window
                 h_out, t_out, mode = SP.forward_pair(block, x, self.signal.targets(x, y, fb),
                                                      mode, drop_targets)
-            elif mode == SP.FIELD:  # sparse: constant fields
-                h_out, t_out, mode = SP.forward_pair(block, h, t, mode, drop_targets)
+            elif mode == SP.FIELD:  # sparse: fields
+                h_out, t_out, mode = SP.forward_pair(
+                    block, h, SP.fit_grid(t, self.network.block_shapes[i]), mode, drop_targets)
             else:
                 # [h, t]: built once (block 1 for input-side targets, else block 2);
                 # later it is z itself (no copy)
@@ -741,6 +758,8 @@ class Sigprop(LearningRule):
             if i == 0 and self.signal.at_input:  # sparse: targets of block 1's input
                 t = self.signal.targets(h)
             if mode != SP.ROWS:  # sparse through conv blocks (sigprop.sparse)
+                if mode == SP.FIELD:
+                    t = SP.fit_grid(t, self.network.block_shapes[i])
                 h, t, mode = SP.forward_pair(block, h, t, mode)
             else:
                 h = block(h)
@@ -757,7 +776,7 @@ class Sigprop(LearningRule):
 
     def target_shapes(self) -> list[tuple[int, ...]]:
         """The shape of one target row at each block's output, as it travels (dense:
-        the block's output shape; sparse through conv blocks: (C, 1, 1) fields), from a
+        the block's output shape; sparse through conv blocks: (C, G, G) fields), from a
         dry run of two zero samples in eval mode (nothing learns, nothing is counted)."""
         self.sync()
         training = [m.training for m in self.modules.modules()]

@@ -85,6 +85,18 @@ def ref_bn_eval(bn, t):
     return out * bn.weight.view(shape) + bn.bias.view(shape)
 
 
+def ref_pointwise(mod, t):
+    """BatchNorm (eval), LeakyReLU and a Linear on targets written out; pooling and
+    dropout (eval) leave them."""
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return ref_bn_eval(mod, t)
+    if isinstance(mod, nn.LeakyReLU):
+        return torch.where(t > 0, t, t * mod.negative_slope)
+    if isinstance(mod, nn.Linear):
+        return t @ mod.weight.T + (mod.bias if mod.bias is not None else 0)
+    return t
+
+
 def ref_sparse_targets(net, window):
     """A slow, separate reference of the sparse targets' travel (eval mode): the window
     conv as an explicit sum over (c, a, b); a field through a conv as the conv of the
@@ -102,16 +114,12 @@ def ref_sparse_targets(net, window):
                     spread = t.expand(-1, -1, *w.shape[2:])
                     t = F.conv2d(spread, w)  # (m, C', 1, 1)
                 field = True
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                t = ref_bn_eval(mod, t)
-            elif isinstance(mod, nn.LeakyReLU):
-                t = torch.where(t > 0, t, t * mod.negative_slope)
             elif isinstance(mod, nn.Flatten):
                 hw = net.block_shapes[i - 1][1:] if i else shape[1:]
                 t = t.repeat(1, 1, *hw).flatten(1)
                 field = False
-            elif isinstance(mod, nn.Linear):
-                t = t @ mod.weight.T + (mod.bias if mod.bias is not None else 0)
+            else:
+                t = ref_pointwise(mod, t)
         out.append(t)
     return out
 
@@ -211,15 +219,11 @@ def ref_grid_targets(net, window, grid):
                             cells[:, :, a, b] = F.conv2d(spread, w)[:, :, 0, 0]
                     t = cells
                 field = True
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                t = ref_bn_eval(mod, t)
-            elif isinstance(mod, nn.LeakyReLU):
-                t = torch.where(t > 0, t, t * mod.negative_slope)
             elif isinstance(mod, nn.Flatten):
                 t = ref_layout(t, net.block_shapes[i - 1][1:]).flatten(1)
                 field = False
-            elif isinstance(mod, nn.Linear):
-                t = t @ mod.weight.T + (mod.bias if mod.bias is not None else 0)
+            else:
+                t = ref_pointwise(mod, t)
         out.append(t)
     return out
 

@@ -394,6 +394,26 @@ def test_every_network_trains_on_cifar_and_svhn_format_data(dataset, network, tm
         f"layer{i + 1}" for i in range(len(build_network(network, (3, 32, 32), 10).blocks))}
 
 
+def test_sparse_grid_from_the_cli(tmp_path, isolated_data, capsys):
+    """--targets sparse --sparse-grid G trains and is recorded; a bad G is one line, exit 2,
+    and no run folder."""
+    folder = tmp_path / "data" / "cifar10"
+    make_cifar(folder, n=2)
+    base = ["train", "--dataset", "cifar10", "--network", "conv", "--data-dir", str(folder),
+            "--epochs", "1", "--batch-size", "4", "--train-limit", "4", "--no-progress",
+            "--targets", "sparse"]
+    run = tmp_path / "run"
+    assert main([*base, "--sparse-grid", "2", "--run-dir", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())["config"]["rule"]
+    assert config["targets"] == "sparse" and config["sparse_grid"] == 2
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert main([*base, "--sparse-grid", "20", "--run-dir", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sparse-grid <= 15" in err[0], err
+    assert not bad.exists()
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -39,13 +39,15 @@ def test_sigprop_bench_tiny(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     rc = main(["bench", "--network", "conv", "--input", "1x16x16", "--batch-size", "4",
-               "--rules", "backprop,ll-bp,ll-fa,sigprop,dfa", "--targets", "dense,sparse",
-               "--steps", "1", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+               "--rules", "backprop,ll-bp,ll-fa,sigprop,dfa", "--targets",
+               "dense,sparse,sparse-g2", "--steps", "1", "--repeats", "2", "--warmup", "1",
+               "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| Time (ms) |" in text and "| Mem (MiB) |" in text and "| layer |" in text
     result = json.loads(out.read_text())
-    names = ["backprop", "ll-bp", "ll-fa", "sigprop", "sigprop-sparse", "dfa"]
+    names = ["backprop", "ll-bp", "ll-fa", "sigprop", "sigprop-sparse", "sigprop-sparse-g2",
+             "dfa"]
     assert list(result["rules"]) == names
     for name in names:
         r = result["rules"][name]
@@ -65,6 +67,7 @@ def test_sigprop_bench_errors(capsys):
 
     for argv, match in [(["bench", "--rules", "nope"], "unknown rule 'nope'"),
                         (["bench", "--targets", "thin"], "--targets takes dense"),
+                        (["bench", "--targets", "sparse-g0"], "--targets takes dense"),
                         (["bench", "--input", "3xx32"], "sample shape")]:
         rc = main(argv)
         err = capsys.readouterr().err

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rules", default="backprop,ll-bp,ll-fa,sigprop", type=_names,
                    help="rules, comma-separated (default backprop,ll-bp,ll-fa,sigprop)")
     b.add_argument("--targets", default="dense", type=_names,
-                   help="sigprop's targets: dense | sparse | dense,sparse (Tables III-IV)")
+                   help="sigprop's targets: dense | sparse | sparse-gG (a G x G grid of "
+                   "windows), comma-separated, e.g. dense,sparse (Tables III-IV)")
     b.add_argument("--input", default="3x32x32", type=_shape_arg, metavar="CxHxW",
                    help="sample shape (default 3x32x32: CIFAR-10)")
     b.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
@@ -398,9 +399,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     for r in ns.rules:
         RULES.get(r)
+    from .engine.bench import target_options
+
     for t in ns.targets:
-        if t not in ("dense", "sparse"):
-            raise ConfigError(f"--targets takes dense and/or sparse, got {t!r}")
+        target_options(t)  # a ConfigError for a kind it does not know
     if ns.threads is not None:
         if ns.threads < 1:
             raise ConfigError(f"--threads must be a positive integer, got {ns.threads}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import statistics
 import threading
 import time
@@ -55,12 +56,25 @@ class Variant:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def target_options(kind: str) -> dict[str, Any]:
+    """sigprop's options for a ``--targets`` kind: dense, sparse, or sparse-gG (sparse
+    targets on a G x G grid of kernel windows, ``--sparse-grid G``)."""
+    m = re.fullmatch(r"sparse-g([1-9][0-9]*)", kind)
+    if m:
+        return {"targets": "sparse", "sparse_grid": int(m.group(1))}
+    if kind in ("dense", "sparse"):
+        return {"targets": kind}
+    raise ConfigError(f"--targets takes dense, sparse and sparse-gG (G x G windows, e.g. "
+                      f"sparse-g3), got {kind!r}")
+
+
 def variants(rules: list[str], targets: list[str]) -> list[Variant]:
-    """The columns: each rule; sigprop once per target kind (``sigprop``, ``sigprop-sparse``)."""
+    """The columns: each rule; sigprop once per target kind (``sigprop``, ``sigprop-sparse``,
+    ``sigprop-sparse-g3``)."""
     out = []
     for r in rules:
         if r == "sigprop":
-            out += [Variant("sigprop" if t == "dense" else f"sigprop-{t}", r, {"targets": t})
+            out += [Variant("sigprop" if t == "dense" else f"sigprop-{t}", r, target_options(t))
                     for t in targets]
         else:
             out.append(Variant(r, r))

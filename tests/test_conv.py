@@ -99,9 +99,9 @@ def ref_pointwise(mod, t):
 
 def ref_sparse_targets(net, window):
     """A slow, separate reference of the sparse targets' travel (eval mode): the window
-    conv as an explicit sum over (c, a, b); a field through a conv as the conv of the
-    field spread over one k x k window without padding; pooling leaves a field; a
-    Flatten lays the field out over the map. Returns the targets after every block."""
+    conv as an explicit sum over (c, a, b); a field through a conv as the mean of the
+    conv (with its padding) of the constant map; pooling leaves a field; a Flatten lays
+    the field out over the map. Returns the targets after every block."""
     out, t, field = [], window, False
     shape = net.input_shape
     for i, block in enumerate(net.blocks):
@@ -110,9 +110,10 @@ def ref_sparse_targets(net, window):
                 w = mod.weight
                 if not field:  # the window: sum_{c,a,b} W[o, c, a, b] window[m, c, a, b]
                     t = torch.einsum("ocab,mcab->mo", w, t)[:, :, None, None]
-                else:
-                    spread = t.expand(-1, -1, *w.shape[2:])
-                    t = F.conv2d(spread, w)  # (m, C', 1, 1)
+                else:  # the mean of the conv (padding and all) of the constant map
+                    spread = t.expand(-1, -1, *net.block_shapes[i - 1][1:])
+                    t = F.conv2d(spread, w, None, mod.stride, mod.padding).mean(
+                        (2, 3), keepdim=True)  # (m, C', 1, 1)
                 field = True
             elif isinstance(mod, nn.Flatten):
                 hw = net.block_shapes[i - 1][1:] if i else shape[1:]
@@ -183,8 +184,8 @@ def ref_layout(t, hw):
 def ref_grid_targets(net, window, grid):
     """A slow reference of sparse targets on a grid of windows (eval mode), by loops:
     each k x k window of the (C_in, G k, G k) target taken once by block 1's conv; a
-    field through a later conv as that conv of each cell's value spread over one window
-    without padding; a grid larger than a block's output map first averaged over the
+    field through a later conv as each cell's mean of the conv (with its padding) of the
+    laid-out map; a grid larger than a block's output map first averaged over the
     cells each output cell covers (adaptive average pooling's ranges); pooling leaves a
     field; a Flatten lays it out cell by cell."""
     out, t, field = [], window, False
@@ -211,13 +212,18 @@ def ref_grid_targets(net, window, grid):
                             win = t[:, :, a * k:(a + 1) * k, b * k:(b + 1) * k]
                             cells[:, :, a, b] = torch.einsum("ocab,mcab->mo", w, win)
                     t = cells
-                else:
-                    cells = t.new_empty(t.shape[0], w.shape[0], *t.shape[2:])
-                    for a in range(t.shape[2]):
-                        for b in range(t.shape[3]):
-                            spread = t[:, :, a:a + 1, b:b + 1].expand(-1, -1, k, k)
-                            cells[:, :, a, b] = F.conv2d(spread, w)[:, :, 0, 0]
-                    t = cells
+                else:  # each cell's mean of the conv of the laid-out map
+                    full = F.conv2d(ref_layout(t, net.block_shapes[i - 1][1:]), w, None,
+                                    mod.stride, mod.padding)
+                    hh, ww = full.shape[2:]
+                    gh, gw = min(t.shape[2], hh), min(t.shape[3], ww)
+                    cells = t.new_zeros(t.shape[0], w.shape[0], gh, gw)
+                    count = torch.zeros(gh, gw)
+                    for p in range(hh):
+                        for q in range(ww):
+                            cells[:, :, p * gh // hh, q * gw // ww] += full[:, :, p, q]
+                            count[p * gh // hh, q * gw // ww] += 1
+                    t = cells / count
                 field = True
             elif isinstance(mod, nn.Flatten):
                 t = ref_layout(t, net.block_shapes[i - 1][1:]).flatten(1)
@@ -254,6 +260,22 @@ def test_sparse_grid_targets_through_every_block(name, shape, grid, float64):
         if mode == SP.FIELD:
             want = SF.compare(h, ref_layout(r, h.shape[2:]), "dot", rule.scales[i])
             torch.testing.assert_close(scores[i], want)
+
+
+@pytest.mark.parametrize("hw,grid,k,pad,stride", [((7, 7), 3, 3, 1, 1), ((3, 3), 3, 3, 1, 1),
+                                                  ((3, 3), 1, 3, 1, 1), ((13, 13), 3, 5, 2, 1),
+                                                  ((6, 5), 2, 3, 0, 2), ((28, 28), 1, 3, 1, 1)])
+def test_a_field_through_a_conv_is_the_cell_mean_of_the_conv_of_its_map(hw, grid, k, pad,
+                                                                          stride, float64):
+    """Exact, borders and zero padding included: on a 3x3 map the corner taps count 4/9."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, k, stride=stride, padding=pad)
+    t = torch.randn(2, 4, grid, grid)
+    out = SP.conv_field(conv, t, hw)
+    full = F.conv2d(SF.lay_out(t, hw), conv.weight, conv.bias, stride, pad)
+    g = tuple(out.shape[2:])
+    want = SF.cell_sums(full, g) / SF.cell_counts(tuple(full.shape[2:]), g, full)
+    torch.testing.assert_close(out, want)
 
 
 def test_cell_sums_and_layout_are_transposes(float64):

@@ -15,9 +15,13 @@ pooling. Our choice, exact at every module:
   nearly equal cells of the map (G = 1: one cell, a constant map), standing for the map
   whose every position has its cell's value (``functional.lay_out``), stored as
   ``(m, C, G, G)``. Through the block's modules it stays one:
-    - Conv2d (W, any stride, zero padding ignored): a field convolved is, away from
-      the cells' borders, ``sum_{a,b} W[:, :, a, b] @ t`` in each cell: a 1x1 conv with
-      the summed kernel (exact for G = 1 but at the map's borders);
+    - Conv2d: in each output cell, the mean over the cell of the conv of the laid-out
+      map, exact with the conv's padding, stride and the map's borders
+      (:func:`conv_field`: per axis, the share of a cell's positions whose tap reads
+      each input cell, :func:`field_patches`, an im2col of G² positions). Away from
+      borders this is the summed kernel ``sum_{a,b} W[:, :, a, b] @ t``; on a 3x3 map
+      with padding 1 a corner tap counts 4/9 (the summed kernel, our first version,
+      ignored borders and overstated small maps' targets);
     - BatchNorm: the inputs' batch statistics (running statistics in eval mode), as
       for dense targets (Sec. III-D);
     - LeakyReLU and other elementwise modules, Dropout (one draw per channel: the
@@ -33,9 +37,10 @@ pooling. Our choice, exact at every module:
   ``cell_sums(h) . t``; the logit scale is :func:`sigprop.functional.field_scale`'s.
 
 What a field costs: m x C x G² values per block instead of m x C x H x W, and a conv
-on it is an (m G² x C_in) by (C_in x C_out) product instead of a convolution over H x W.
-Borders (of the map, and for G > 1 of the cells) are where the field view differs from
-the laid-out map convolved with zero padding; the field ignores them.
+on it is an (m G² x C_in k²) by (C_in k² x C_out) product instead of a convolution over
+H x W. Where a field differs from the dense target of its laid-out map: after the conv,
+BatchNorm, the nonlinearity and pooling act on the cell means, not position by
+position.
 
 :func:`forward_pair` runs one block on the inputs ``h`` and the targets ``t``
 (autograd); modules it does not know are a ConfigError naming them.
@@ -43,6 +48,7 @@ the laid-out map convolved with zero padding; the field ignores them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,13 +96,57 @@ def fit_grid(t: Tensor, block_shape: tuple[int, ...]) -> Tensor:
     return F.adaptive_avg_pool2d(t, (gh, gw))
 
 
-def conv_field(conv: nn.Conv2d, field: Tensor) -> Tensor:
-    """A constant field through the conv: the summed kernel, (m, C_in, 1, 1) ->
-    (m, C_out, 1, 1)."""
-    if conv.groups != 1:
-        raise ConfigError("sparse targets through a grouped Conv2d are not supported; use "
-                          "dense targets (--targets dense)")
-    return F.conv2d(field, conv.weight.sum((2, 3), keepdim=True), conv.bias)
+@functools.lru_cache(maxsize=256)
+def _axis_taps(size_in: int, size_out: int, g_in: int, g_out: int, k: int, stride: int,
+               pad: int, dil: int) -> Tensor:
+    """(g_out, g_in, k): along one axis, the share of the positions of each output cell
+    whose tap ``a`` reads a position of input cell c' (inside the map: zero padding reads
+    nothing)."""
+    p = torch.arange(size_out)
+    q = p[:, None] * stride - pad + torch.arange(k)[None, :] * dil  # (size_out, k)
+    inside = (q >= 0) & (q < size_in)
+    c_out = (p * g_out // size_out)[:, None].expand(-1, k)
+    c_in = q.clamp(0, size_in - 1) * g_in // size_in
+    taps = torch.arange(k)[None, :].expand(size_out, -1)
+    a = torch.zeros(g_out, g_in, k, dtype=torch.float64)
+    a.index_put_((c_out[inside], c_in[inside], taps[inside]),
+                 torch.ones((), dtype=torch.float64), accumulate=True)
+    counts = torch.bincount(p * g_out // size_out, minlength=g_out).to(torch.float64)
+    return a / counts[:, None, None]
+
+
+def field_patches(conv: nn.Conv2d, field: Tensor, in_hw: tuple[int, int]
+                  ) -> tuple[Tensor, tuple[int, int]]:
+    """What ``conv`` reads from a field laid out over a map of ``in_hw`` positions, per
+    output cell and averaged over the cell: an im2col of the field, (m, G'_h G'_w, C_in
+    k_h k_w), and the output grid (G'_h, G'_w) (the field's, or the conv's output map
+    where smaller)."""
+    if conv.groups != 1 or not isinstance(conv.padding, tuple):
+        raise ConfigError("sparse targets pass Conv2d layers with groups=1 and numeric "
+                          "padding; use dense targets (--targets dense)")
+    taps = []
+    for n, g, k, s, p, d in zip(in_hw, field.shape[2:], conv.kernel_size, conv.stride,
+                                conv.padding, conv.dilation):
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        taps.append(_axis_taps(n, out, g, min(g, out), k, s, p, d).to(field.device,
+                                                                       field.dtype))
+    u = torch.einsum("hxa,wyb,mixy->mhwiab", taps[0], taps[1], field)
+    grid = (u.shape[1], u.shape[2])
+    return u.reshape(field.shape[0], grid[0] * grid[1], -1), grid
+
+
+def patches_conv(conv: nn.Conv2d, u: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The conv's weights applied to a field's im2col: (m, C_out, G'_h, G'_w), no bias."""
+    a = (u @ conv.weight.reshape(conv.out_channels, -1).T).transpose(1, 2)
+    return a.reshape(u.shape[0], conv.out_channels, *grid)
+
+
+def conv_field(conv: nn.Conv2d, field: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """A field through the conv: in each output cell, the mean over the cell of the conv
+    of the laid-out map (exact, zero padding included), (m, C_in, G, G) -> (m, C_out, G',
+    G')."""
+    a = patches_conv(conv, *field_patches(conv, field, in_hw))
+    return a if conv.bias is None else a + conv.bias.view(1, -1, 1, 1)
 
 
 def bn_target(bn: _BatchNorm, h: Tensor, t: Tensor) -> Tensor:
@@ -129,7 +179,8 @@ def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
         if isinstance(mod, nn.Conv2d):
             if mode == ROWS:
                 raise ConfigError("a Conv2d after a Flatten cannot take sparse targets")
-            t = conv_window(mod, t) if mode == WINDOW else conv_field(mod, t)
+            t = (conv_window(mod, t) if mode == WINDOW
+                 else conv_field(mod, t, tuple(h.shape[2:])))
             h = mod(h)
             mode = FIELD
         elif isinstance(mod, _BatchNorm):
@@ -168,7 +219,7 @@ class PairState:
     tensors (m rows of 1x1 fields)."""
 
     x: BlockState  # the inputs' part (its ``o`` is the block's output for the inputs)
-    t_in: Tensor  # the targets as they entered: windows (m, C_in, G k, G k) or fields
+    t_in: Tensor  # windows as they entered (m, C_in, G k, G k), or a field's im2col
     a_t: Tensor  # their pre-BatchNorm values (m, C, G, G)
     keep_t: Tensor | None  # their dropout mask
     o_t: Tensor  # their output field (m, C, G, G)
@@ -186,8 +237,11 @@ def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
     False. Call under no_grad."""
     conv = parts.op
     w = conv.weight
-    a_t = (torch.conv2d(t, w, None, conv.kernel_size, 0) if mode == WINDOW
-           else torch.conv2d(t, w.sum((2, 3), keepdim=True)))  # (m, C, G, G)
+    if mode == WINDOW:
+        a_t = torch.conv2d(t, w, None, conv.kernel_size, 0)  # (m, C, G, G)
+    else:  # the field's im2col, kept for the weight gradient
+        t, grid = field_patches(conv, t, tuple(x.shape[2:]))
+        a_t = patches_conv(conv, t, grid)
     st = block_forward(parts, x, x.shape[0], out=out, after_matmul=after_matmul)
     # the same affine map and statistics as the inputs' (BatchNorm, dropout's scale)
     u_t = torch.native_batch_norm(a_t, st.weight, st.bias, st.mean, st.var, False, 0.0,
@@ -232,11 +286,10 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
         dx_t, dw_t, _ = torch.ops.aten.convolution_backward(
             da_t, ps.t_in, conv.weight, None, list(conv.kernel_size), [0, 0], [1, 1], False,
             [0, 0], 1, [input_grad, True, False])
-    else:  # the summed kernel: every tap gets the same product, summed over the cells
+    else:  # the field's im2col (m, cells, C_in k k) against dL/da per cell
         dx_t = None
-        c_in = ps.t_in.shape[1]
-        dw_t = (da_t.transpose(0, 1).reshape(c_out, -1)
-                @ ps.t_in.transpose(0, 1).reshape(c_in, -1).T)[:, :, None, None]
+        dw_t = (da_t.flatten(2).transpose(0, 1).reshape(c_out, -1)
+                @ ps.t_in.reshape(-1, ps.t_in.shape[2])).view_as(conv.weight)
     conv.weight.grad += dw_t
     if conv.bias is not None:  # BatchNorm cancels it: the sum is zero up to rounding
         conv.bias.grad += da_t.sum((0, 2, 3))

@@ -96,7 +96,6 @@ def fit_grid(t: Tensor, block_shape: tuple[int, ...]) -> Tensor:
     return F.adaptive_avg_pool2d(t, (gh, gw))
 
 
-@functools.lru_cache(maxsize=256)
 def _axis_taps(size_in: int, size_out: int, g_in: int, g_out: int, k: int, stride: int,
                pad: int, dil: int) -> Tensor:
     """(g_out, g_in, k): along one axis, the share of the positions of each output cell
@@ -115,6 +114,13 @@ def _axis_taps(size_in: int, size_out: int, g_in: int, g_out: int, k: int, strid
     return a / counts[:, None, None]
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_taps_on(size_in: int, size_out: int, g_in: int, g_out: int, k: int, stride: int,
+                  pad: int, dil: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`_axis_taps` kept on the device: no host-to-device copy in the step."""
+    return _axis_taps(size_in, size_out, g_in, g_out, k, stride, pad, dil).to(device, dtype)
+
+
 def field_patches(conv: nn.Conv2d, field: Tensor, in_hw: tuple[int, int]
                   ) -> tuple[Tensor, tuple[int, int]]:
     """What ``conv`` reads from a field laid out over a map of ``in_hw`` positions, per
@@ -128,8 +134,8 @@ def field_patches(conv: nn.Conv2d, field: Tensor, in_hw: tuple[int, int]
     for n, g, k, s, p, d in zip(in_hw, field.shape[2:], conv.kernel_size, conv.stride,
                                 conv.padding, conv.dilation):
         out = (n + 2 * p - d * (k - 1) - 1) // s + 1
-        taps.append(_axis_taps(n, out, g, min(g, out), k, s, p, d).to(field.device,
-                                                                       field.dtype))
+        taps.append(_axis_taps_on(n, out, g, min(g, out), k, s, p, d, field.device,
+                                  field.dtype))
     u = torch.einsum("hxa,wyb,mixy->mhwiab", taps[0], taps[1], field)
     grid = (u.shape[1], u.shape[2])
     return u.reshape(field.shape[0], grid[0] * grid[1], -1), grid

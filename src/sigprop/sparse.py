@@ -24,8 +24,8 @@ pooling. Our choice, exact at every module:
       ignored borders and overstated small maps' targets);
     - BatchNorm: the inputs' batch statistics (running statistics in eval mode), as
       for dense targets (Sec. III-D);
-    - LeakyReLU and other elementwise modules, Dropout (one draw per channel: the
-      field's one value): applied as they are;
+    - LeakyReLU and other elementwise modules, Dropout (one draw per value of the
+      field: a channel's cell): applied as they are;
     - MaxPool2d / AvgPool2d: the field is unchanged (its cells shrink with the map);
       before a block whose output map has fewer than G positions a side, the grid is
       averaged down to the output map's size (:func:`fit_grid`);

@@ -6,8 +6,9 @@ map's spatial sum: a linear classifier on the globally average-pooled map. Dense
 targets are compared with the whole map: a linear classifier on the flattened map.
 This script trains the first ``--blocks`` blocks of a network and one linear classifier
 on top, end to end by backprop (the most either comparison could get out of those
-blocks), once on the pooled map ("field") and once on the flattened map ("dense"), and
-prints the test accuracy of each after every epoch.
+blocks), once on the pooled map ("field": adaptive average pooling to a ``--grid`` x
+``--grid`` map, 1 by default) and once on the flattened map ("dense"), and prints the
+test accuracy of each after every epoch.
 
     python scripts/field_ceiling.py --network conv --blocks 1 --train-limit 10000 --epochs 8
 """
@@ -15,6 +16,7 @@ prints the test accuracy of each after every epoch.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -23,17 +25,16 @@ from torch import nn
 
 from sigprop.data.datasets import dataset_spec, load_dataset
 from sigprop.data.loader import DeviceLoader
+from sigprop.errors import ConfigError, SigpropError
 from sigprop.networks import build_network
 
 
-def train(network: str, blocks: int, pooled: bool, args) -> list[float]:
-    spec = dataset_spec(args.dataset)
-    xtr, ytr = load_dataset(args.dataset, "train")
-    xte, yte = load_dataset(args.dataset, "test")
-    xtr, ytr = xtr[: args.train_limit], ytr[: args.train_limit]
+def train(data, pooled: bool, args) -> list[float]:
+    spec, (xtr, ytr), (xte, yte) = data
     torch.manual_seed(args.seed)
-    net = build_network(network, tuple(xtr.shape[1:]), spec.num_classes, dropout=args.dropout)
-    body = nn.Sequential(*list(net.blocks)[:blocks])
+    net = build_network(args.network, tuple(xtr.shape[1:]), spec.num_classes,
+                        dropout=args.dropout)
+    body = nn.Sequential(*list(net.blocks)[:args.blocks])
     with torch.no_grad():
         out = body.eval()(torch.zeros(2, *xtr.shape[1:]))
     g = args.grid
@@ -79,12 +80,22 @@ def main() -> None:
                    help="pool the map to GRID x GRID cells instead of 1 (a coarse field)")
     p.add_argument("--only", choices=["field", "dense"], default=None)
     args = p.parse_args()
-    for pooled in (True, False):
-        if args.only in (None, "field" if pooled else "dense"):
-            acc = train(args.network, args.blocks, pooled, args)
-            print(f"{args.network}, first {args.blocks} block(s), "
-                  f"{f'field on a {args.grid}x{args.grid} grid' if pooled else 'dense'}: "
-                  f"{acc[-1]:.4f}")
+    try:
+        if min(args.blocks, args.grid, args.epochs, args.train_limit) < 1:
+            raise ConfigError("--blocks, --grid, --epochs and --train-limit must be positive")
+        spec = dataset_spec(args.dataset)
+        xtr, ytr = load_dataset(args.dataset, "train")
+        data = (spec, (xtr[: args.train_limit], ytr[: args.train_limit]),
+                load_dataset(args.dataset, "test"))
+        for pooled in (True, False):
+            if args.only in (None, "field" if pooled else "dense"):
+                acc = train(data, pooled, args)
+                print(f"{args.network}, first {args.blocks} block(s), "
+                      f"{f'field on a {args.grid}x{args.grid} grid' if pooled else 'dense'}: "
+                      f"{acc[-1]:.4f}")
+    except SigpropError as err:
+        print(f"field_ceiling: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

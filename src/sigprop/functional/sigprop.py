@@ -10,6 +10,7 @@ temperature); see ``default_scale`` for why the raw dot product needs one.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -164,9 +165,14 @@ def compare_paired(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) 
 def cell_matrix(size: int, cells: int, like: Tensor) -> Tensor:
     """(cells, size): row c is 1 at the positions of cell c along one axis of a map,
     ``cell(p) = floor(p cells / size)`` (nearest-neighbour layout: cells of equal size
-    up to one position)."""
-    cell = torch.arange(size, device=like.device) * cells // size
-    return (cell == torch.arange(cells, device=like.device)[:, None]).to(like.dtype)
+    up to one position). Made once per shape, device and dtype."""
+    return _cell_matrix(size, cells, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_matrix(size: int, cells: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    cell = torch.arange(size, device=device) * cells // size
+    return (cell == torch.arange(cells, device=device)[:, None]).to(dtype)
 
 
 def cell_sums(h: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -254,6 +254,30 @@ def test_cli_trains_and_resumes_an_snn(tmp_path, fake_fashion):
     assert main(["eval", str(run), "--data-dir", str(fake_fashion)]) == 0
 
 
+def test_snn_probe_script_probes_every_block(tmp_path, fake_fashion):
+    """scripts/snn_probe.py on a trained run: one probe line per block and feature set;
+    a missing run is one line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
+                 "sp-surrogate", "--train-limit", "64", "--test-limit", "64", "--batch-size",
+                 "32", "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "snn_probe.py"
+    out = subprocess.run([sys.executable, str(script), str(run), "--train-limit", "64",
+                          "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # blocks 1-3 spikes, blocks 2-3 voltages (block 1's voltages are skipped)
+    assert len(lines) == 5 and all("probe train" in line for line in lines), lines
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "no checkpoint" in bad.stderr
+
+
 # ------------------------------------------------------------------ real data
 
 

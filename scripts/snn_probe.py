@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sigprop.data.datasets import dataset_spec, load_dataset
 from sigprop.data.loader import DeviceLoader
-from sigprop.engine.config import apply_overrides
-from sigprop.engine.runio import CHECKPOINT, load_checkpoint, recorded_config
-from sigprop.engine.trainer import build_experiment
-from sigprop.errors import CheckpointError, ConfigError, SigpropError
+from sigprop.cli import load_trained
+from sigprop.errors import ConfigError, SigpropError
 from sigprop.networks.spiking import SpikingNetwork
 
 
@@ -78,16 +75,7 @@ def main() -> None:
     try:
         if min(args.train_limit, args.epochs) < 1:
             raise ConfigError("--train-limit and --epochs must be positive")
-        path = Path(args.run)
-        ckpt = path / CHECKPOINT if path.is_dir() else path
-        if not ckpt.is_file():
-            raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a "
-                                  "checkpoint.pt")
-        state = load_checkpoint(ckpt, "cpu")
-        cfg = apply_overrides(recorded_config(state["config"], ckpt),
-                              {"train": {"progress": False, "device": "cpu"}})
-        exp = build_experiment(cfg, with_train=False)
-        exp.rule.load_state_dict(state["rule"])
+        exp, cfg, _, ckpt = load_trained(args.run, device="cpu")
         net = exp.rule.network.eval()
         if not isinstance(net, SpikingNetwork):
             raise ConfigError(f"{ckpt} holds a {cfg.model.network} network, not a spiking "

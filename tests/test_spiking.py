@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,10 +260,6 @@ def test_cli_trains_and_resumes_an_snn(tmp_path, fake_fashion):
 def test_snn_probe_script_probes_every_block(tmp_path, fake_fashion):
     """scripts/snn_probe.py on a trained run: one probe line per block and feature set;
     a missing run is one line and exit 2."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     run = tmp_path / "run"
     assert main(["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
                  "sp-surrogate", "--train-limit", "64", "--test-limit", "64", "--batch-size",

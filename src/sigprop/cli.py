@@ -261,16 +261,20 @@ def _recorded_config(run_dir: Path):
     return recorded_config(config, path)
 
 
-def cmd_eval(ns: argparse.Namespace) -> int:
+def load_trained(path_text: str, device: str | None = None, data_dir: str | None = None):
+    """(experiment with the trained rule loaded, its config, the checkpoint state, the
+    file it came from) of a run folder (its newest checkpoint; a staged run's parts
+    merged into one rule) or a checkpoint file; built for evaluation only (no training
+    set). ``sigprop eval`` and scripts that inspect a trained run share it."""
     from .engine.config import apply_overrides
     from .engine.runio import CHECKPOINT, load_checkpoint, recorded_config
-    from .engine.trainer import build_experiment, evaluate
+    from .engine.trainer import build_experiment
 
-    if not ns.path.strip():
+    if not path_text.strip():
         raise ConfigError("the run folder or checkpoint to evaluate is empty; give its path")
     from .parallel.checkpoint import MANIFEST, load_run_state
 
-    path = Path(ns.path)
+    path = Path(path_text)
     try:
         ckpt = path / CHECKPOINT if path.is_dir() else path
         staged = path.is_dir() and (path / MANIFEST).is_file()
@@ -285,13 +289,20 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         ckpt = path / MANIFEST
     cfg = recorded_config(state["config"], ckpt)
     over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
-    if ns.device:
-        over["train"]["device"] = ns.device
-    if ns.data_dir:
-        over["data"] = {"data_dir": ns.data_dir}
+    if device:
+        over["train"]["device"] = device
+    if data_dir:
+        over["data"] = {"data_dir": data_dir}
     cfg = apply_overrides(cfg, over)
     exp = build_experiment(cfg, with_train=False)
     exp.rule.load_state_dict(state["rule"])
+    return exp, cfg, state, ckpt
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .engine.trainer import evaluate
+
+    exp, cfg, state, ckpt = load_trained(ns.path, ns.device, ns.data_dir)
     acc = evaluate(exp.rule, exp.test)
     print(f"checkpoint: {ckpt} (epoch {state['epoch']}, rule {cfg.rule.name}, {cfg.model.network})")
     for name, a in acc.items():

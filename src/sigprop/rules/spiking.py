@@ -95,15 +95,21 @@ class SpikingSigprop(LearningRule):
             d = math.prod(shape)
             self.scales.append(cfg.logit_scale
                                or self.scale_c * SF.default_scale(cfg.loss, d, conv=True))
+        self._build_optimizer()
         blocks = network.blocks
-        groups = {"block1": [*blocks[0].parameters(), *self.signal.parameters()]}
-        groups.update({f"block{i + 1}": b.parameters() for i, b in enumerate(blocks) if i})
-        groups["head"] = network.head.parameters()
-        self.optimizer = make_grouped_adam(groups, cfg)
-        self.optimizers = [self.optimizer]
         self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))] + ["head"]
         self._rates = torch.zeros(len(blocks))
         self._steps = 0
+
+    def _build_optimizer(self) -> None:
+        """One Adam group per block (block 1's holds the targets' projection) and the
+        head's."""
+        blocks = self.network.blocks
+        groups = {"block1": [*blocks[0].parameters(), *self.signal.parameters()]}
+        groups.update({f"block{i + 1}": b.parameters() for i, b in enumerate(blocks) if i})
+        groups["head"] = self.network.head.parameters()
+        self.optimizer = make_grouped_adam(groups, self.cfg)
+        self.optimizers = [self.optimizer]
 
     @staticmethod
     @torch.no_grad()

@@ -29,12 +29,25 @@ orig_init = S.SpikingSigprop.__init__
 orig_charge = SpikingBlock.charge
 
 
+_with_targets = [False]  # the rule's own passes only: the bare network(x) has none
+
+
 def charge(self, x, n=None):
     h = orig_charge(self, x, n)
     fn = getattr(self, "_targets_fn", None)
-    if fn is None:
+    if fn is None or not _with_targets[0]:
         return h
     return torch.cat([h, fn().to(h.dtype)])
+
+
+def with_targets(method):
+    def run(self, *args, **kwargs):
+        _with_targets[0] = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _with_targets[0] = False
+    return run
 
 
 def init(self, network, num_classes, cfg):
@@ -57,6 +70,8 @@ def activity(self, charged, block):
 SpikingBlock.charge = charge
 S.SpikingSigprop.__init__ = init
 S.SpikingSigprop._inputs_and_targets = lambda self, x: x
+S.SpikingSigprop._train_step = with_targets(S.SpikingSigprop._train_step)
+S.SpikingSigprop._exit_scores = with_targets(S.SpikingSigprop._exit_scores)
 if variant == "current-relu":
     S.SpikingSigprop._activity = activity
 if sys.argv[1:2] == ["probe"]:

@@ -23,8 +23,11 @@ from sigprop.cli import main
 from sigprop.networks.spiking import SpikingBlock
 from sigprop.signals.label import LabelProjection
 
-variant = os.environ["SNN_VARIANT"]
-assert variant in ("current", "current-relu"), variant
+variant = os.environ.get("SNN_VARIANT", "")
+if variant not in ("current", "current-relu"):
+    print(f"variants.py: error: SNN_VARIANT={variant!r}; set it to current or current-relu",
+          file=sys.stderr)
+    sys.exit(2)
 orig_init = S.SpikingSigprop.__init__
 orig_charge = SpikingBlock.charge
 

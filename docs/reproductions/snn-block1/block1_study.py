@@ -18,6 +18,8 @@ VARIANT words (combined with '-'):
   center     the inputs' batch mean (per feature and step) is subtracted first
   l2         Eq. 7 instead of the dot product
   noaffine   BatchNorm's weight and bias stay at 1 and 0
+  pooled     compare 4x4 average-pooled activity (not in RESULTS)
+  v          a label only (the runs named *-v, which also printed the voltage probe)
   ann        no spiking: the block's output is leaky_relu(BN(conv x)) (annsurr:
              g(BN(conv x) - theta)), targets at that output, compared there
 Default comparison: the surrogate g(u - theta) of Eq. 16 (sp-surrogate), dot, c = 1.
@@ -25,10 +27,14 @@ Default comparison: the surrogate g(u - theta) of Eq. 16 (sp-surrogate), dot, c 
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from snn_probe import probe as linear_probe  # noqa: E402
 
 from sigprop.data.datasets import dataset_spec, load_dataset
 from sigprop.networks.spiking import SpikingBlock
@@ -36,6 +42,13 @@ from sigprop.functional.spiking import surrogate_activity, step_similarity, if_r
 from sigprop.batchnorm import input_stats_norm
 
 torch.manual_seed(0)
+WORDS = {"random", "input", "current", "volt", "relu", "center", "l2", "noaffine", "ann",
+         "annsurr", "v", "pooled"}
+if len(sys.argv) not in (2, 3) or not set(sys.argv[1].split("-")) <= WORDS \
+        or (len(sys.argv) == 3 and not (sys.argv[2].isdigit() and int(sys.argv[2]) > 0)):
+    print("block1_study.py: error: give VARIANT (words of the docstring joined by '-') "
+          "and optionally a positive number of steps", file=sys.stderr)
+    sys.exit(2)
 variant = sys.argv[1]
 steps_total = int(sys.argv[2]) if len(sys.argv) > 2 else 240
 spec = dataset_spec("fashion-mnist")
@@ -152,16 +165,8 @@ ftr = feats(xtr[:10000]); vtr = torch.cat(vout) if vout else None; vout.clear()
 fte = feats(xte); vte = torch.cat(vout) if vout else None
 rate = fte.mean().item()
 def probe(ftr, fte):
-    torch.manual_seed(0)
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    lin = nn.Linear(ftr.shape[1], 10); o = torch.optim.Adam(lin.parameters(), 1e-3)
-    for ep in range(10):
-        for idx in torch.randperm(10000).split(256):
-            l = F.cross_entropy(lin(ftr[idx]), ytr[idx]) + 1e-4 * lin.weight.square().sum()
-            o.zero_grad(); l.backward(); o.step()
-    with torch.no_grad():
-        return (lin(fte).argmax(1)==yte).float().mean().item()
+    """scripts/snn_probe.py's linear probe, 10 epochs: test accuracy."""
+    return linear_probe(ftr, ytr[:len(ftr)], fte, yte, 10, 10, 0)[1]
 
 p = probe(ftr, fte)
 pv = probe(vtr, vte) if vtr is not None else float("nan")

@@ -28,7 +28,8 @@ neurons, were measured too: block 1's exit 0.69 against 0.37, the head 0.8659 ag
 0.8601, 10k Fashion-MNIST images x 5 epochs, one seed; docs/RESULTS.md section 9, where
 the conv blocks' loss of class information is traced to comparing g(u - theta).) The
 projection learns with block 1 from block 1's loss; it starts with weights of std 1, so
-that the targets have the inputs' scale (see ``__init__``). BatchNorm statistics come from the inputs only (Sec. III-D).
+that the targets have the inputs' scale (see ``__init__``). BatchNorm statistics come
+from the inputs only (Sec. III-D).
 Logit scale ``c/sqrt(d)``, d the values of one step of a block, c = 1 for sp-surrogate
 and 1/32 for sp-voltage (``scale_c``; docs/RESULTS.md).
 """

@@ -16,13 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine.config import SWITCH_FLAGS, TRAIN_FLAGS
+from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .errors import CheckpointError, ConfigError, SigpropError
-
-SWITCH_HELP = {
-    "--signal-fixed": "keep the target generator fixed (random projection)",
-    "--no-progress": "no progress bar",
-}
+from .registry import DATASETS, load_plugins
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,13 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a network", argument_default=argparse.SUPPRESS)
-    t.add_argument("--config", metavar="FILE.toml", help="TOML file of [data]/[model]/[rule]/[train]")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    for flag, section, key, kw in TRAIN_FLAGS:
-        t.add_argument(flag, dest=f"{section}.{key}", **kw)
-    for flag, section, key, value in SWITCH_FLAGS:
-        t.add_argument(flag, dest=f"{section}.{key}", action="store_const", const=value,
-                       help=SWITCH_HELP[flag])
+    _train_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint on the test set")
     e.add_argument("path", help="run folder or checkpoint.pt")
@@ -127,6 +117,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_arguments(t: argparse.ArgumentParser) -> None:
+    """`sigprop train`'s flags: the sections' and, from the registries, the rule's (grouped
+    by the rules and generators that take them)."""
+    t.add_argument("--config", metavar="FILE.toml", help="TOML file of [data]/[model]/[rule]/[train]")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    helps = {"--dataset": "dataset, one of: " + ", ".join(DATASETS.names()),
+             "--network": network_help()}
+    for flag, section, key, kw in SECTION_FLAGS:
+        text = helps.get(flag, kw.get("help", ""))
+        t.add_argument(flag, dest=f"{section}.{key}",
+                       **{"metavar": key.upper(), **kw, "help": _escaped(text)})
+    for flag, section, key, value, text in SWITCH_FLAGS:
+        t.add_argument(flag, dest=f"{section}.{key}", action="store_const", const=value,
+                       help=_escaped(text))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    switches = {key: (flag, value, text) for flag, key, value, text in rule_switches()}
+    for flag, key, kw, who in rule_flags():
+        if who not in groups:
+            title = "rule options" if who == "every rule" else f"options of {who}"
+            groups[who] = t.add_argument_group(title)
+        groups[who].add_argument(flag, dest=f"rule.{key}", **{**kw, "help": _escaped(kw["help"])})
+        if key in switches:
+            sflag, value, text = switches[key]
+            groups[who].add_argument(sflag, dest=f"rule.{key}", action="store_const",
+                                     const=value, help=_escaped(text))
+
+
+def _escaped(text: str) -> str:
+    """Help text as argparse takes it (a literal % is written %%)."""
+    return text.replace("%", "%%")
+
+
 def _names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
@@ -182,7 +204,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = cfg or Config()
     if hasattr(ns, "config"):
         cfg = apply_overrides(cfg, load_toml(ns.config))
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides, text=True)
     cfg.validate()
     if cfg.train.run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -470,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
+        load_plugins()  # their rules, networks, generators and datasets, in the help too
         ns = _parser().parse_args(argv)
         ns.argv = argv
-        import sigprop.rules  # noqa: F401  (register rules)
 
         commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
                     "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot,

@@ -38,8 +38,10 @@ A row's ``paper`` names every column it runs: a number, ``[mean, std]``, or ``"n
 when the paper has none. Rows and columns may hold ``budgets.<name>`` tables too (config
 sections for one budget). A run's configuration is, in order: the defaults, the
 column's, the row's, the budget's, the column's and then the row's for that budget, and
-the seed. Every key is checked where it is read: a typo, an unknown rule or network, a
-missing paper number is one :class:`ConfigError` naming the file and the place.
+the seed. A rule's own option (``head``, ``targets``, ...) set in the defaults, a row or
+a budget applies to the columns whose rule takes it; set in a column, it must be that
+column's rule's. Every key is checked where it is read: a typo, an unknown rule or
+network, a missing paper number is one :class:`ConfigError` naming the file and the place.
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.config import MAX_SEED, SECTIONS, Config, apply_overrides
+from ..engine.config import (
+    MAX_SEED,
+    SECTIONS,
+    Config,
+    apply_overrides,
+    foreign_options,
+    without_options,
+)
 from ..errors import ConfigError, SigpropError
 from ..registry import NETWORKS, RULES
 
@@ -183,6 +192,10 @@ class Experiment:
                 cfg = apply_overrides(cfg, overrides)
             except ConfigError as err:
                 raise ConfigError(f"{self.origin}: {what}: {err}") from None
+        # [rule] options of the defaults, rows and budgets apply to the columns whose rule
+        # takes them; a column's own must be its rule's (checked below)
+        own = {k for what, o in layers if what.startswith("column") for k in o.get("rule", {})}
+        cfg = without_options(cfg, foreign_options(cfg.rule.name, cfg.rule.options) - own)
         try:
             cfg.validate()
             RULES.get(cfg.rule.name)

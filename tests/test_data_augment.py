@@ -14,7 +14,6 @@ from sigprop.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 def test_parse_augment():
     svhn = dataset_spec("svhn")
     assert parse_augment("none") == Augment()
@@ -29,7 +28,6 @@ def test_parse_augment():
             parse_augment(bad)
 
 
-
 def slow_crop(x, padding, oy, ox):
     """Per-sample reference for crop_with_offsets."""
     out = torch.zeros_like(x)
@@ -39,7 +37,6 @@ def slow_crop(x, padding, oy, ox):
         canvas[:, padding : padding + h, padding : padding + w] = x[b]
         out[b] = canvas[:, int(oy[b]) : int(oy[b]) + h, int(ox[b]) : int(ox[b]) + w]
     return out
-
 
 
 def test_crop_matches_reference():
@@ -55,7 +52,6 @@ def test_crop_matches_reference():
     assert torch.equal(crop_with_offsets(x, 0, zero, zero), x)
 
 
-
 def test_flip_matches_reference():
     x, _ = tiny(6)
     mask = torch.tensor([True, False, True, True, False, False])
@@ -64,13 +60,11 @@ def test_flip_matches_reference():
         assert torch.equal(got[b], x[b].flip(-1) if mask[b] else x[b])
 
 
-
 def test_loader_no_padding_is_identity():
     images, labels = tiny(8)
     plain = list(loader(images, labels, seed=1).epoch(0))
     crop0 = list(loader(images, labels, seed=1, augment=Augment(crop_padding=0)).epoch(0))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, crop0))
-
 
 
 def test_loader_augment_outputs_are_crops_or_flips():

@@ -10,7 +10,6 @@ from sigprop.data import check_dataset
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 def test_check_dataset(tmp_path):
     make_idx_dataset(tmp_path / "mnist")
     report = check_dataset("mnist", tmp_path)
@@ -21,7 +20,6 @@ def test_check_dataset(tmp_path):
     (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bxx")
     report = check_dataset("mnist", tmp_path)
     assert not report.ok and "t10k-images" in report.splits[1].detail
-
 
 
 def test_check_dataset_decompressed_and_extracted(tmp_path):

@@ -37,7 +37,6 @@ def test_download_file_url(tmp_path):
     assert list(dest.parent.iterdir()) == [dest]  # no .part left
 
 
-
 def test_download_file_bad_md5(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload")
@@ -47,7 +46,6 @@ def test_download_file_bad_md5(tmp_path):
     assert list(dest.parent.iterdir()) == []
 
 
-
 def test_download_file_network_error(tmp_path):
     def opener(url, timeout):
         raise urllib.error.URLError("no route to host")
@@ -55,7 +53,6 @@ def test_download_file_network_error(tmp_path):
     with pytest.raises(DataError, match="no route to host"):
         download_file("http://x/y", tmp_path / "y", "0" * 32, opener=opener, progress=False)
     assert list(tmp_path.iterdir()) == []
-
 
 
 @pytest.fixture
@@ -78,7 +75,6 @@ def served(tmp_path, monkeypatch):
     return opener, calls
 
 
-
 def test_download_dataset(tmp_path, served, isolated_roots):
     opener, calls = served
     folder = download_dataset("fashion-mnist", progress=False, opener=opener)
@@ -93,7 +89,6 @@ def test_download_dataset(tmp_path, served, isolated_roots):
     assert len(calls) == n  # present with the right md5: skipped
 
 
-
 def test_download_dataset_dest_dir(tmp_path, served):
     opener, _ = served
     assert download_dataset("fashion-mnist", tmp_path / "d", False, opener=opener) == (
@@ -101,7 +96,6 @@ def test_download_dataset_dest_dir(tmp_path, served):
     )
     assert download_dataset("fashion-mnist", tmp_path / "d" / "fashion-mnist", False,
                             opener=opener) == tmp_path / "d" / "fashion-mnist"
-
 
 
 def test_download_dataset_bad_md5(tmp_path):
@@ -152,7 +146,6 @@ def tcp_server(handle: Callable[[socket.socket, threading.Event], None]) -> Iter
             t.join(5)
 
 
-
 def _read_request(conn: socket.socket, stop: threading.Event) -> None:
     conn.settimeout(0.1)
     data = b""
@@ -164,12 +157,10 @@ def _read_request(conn: socket.socket, stop: threading.Event) -> None:
             data += chunk
 
 
-
 def silent(conn: socket.socket, stop: threading.Event) -> None:
     """Accepts, reads the request, never answers."""
     _read_request(conn, stop)
     stop.wait(10)
-
 
 
 def dripping(conn: socket.socket, stop: threading.Event) -> None:
@@ -182,7 +173,6 @@ def dripping(conn: socket.socket, stop: threading.Event) -> None:
         conn.sendall(b"x")
 
 
-
 def serving(payload: bytes, cut: int | None = None):
     """Answers 200 with ``payload`` (only its first ``cut`` bytes, then closes)."""
     def handle(conn: socket.socket, stop: threading.Event) -> None:
@@ -192,11 +182,9 @@ def serving(payload: bytes, cut: int | None = None):
     return handle
 
 
-
 def no_part_left(folder: Path) -> None:
     assert not [p for p in folder.rglob("*.part") if p.is_file()]
     assert not list(folder.rglob(".sigprop-write-check-*"))
-
 
 
 def test_download_over_local_http(tmp_path):
@@ -206,7 +194,6 @@ def test_download_over_local_http(tmp_path):
                              stall_timeout=2, deadline=10)
     assert dest.read_bytes() == payload
     no_part_left(tmp_path)
-
 
 
 def test_silent_server_stalls(tmp_path):
@@ -219,7 +206,6 @@ def test_silent_server_stalls(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_silent_server_hits_a_nearer_deadline(tmp_path):
     with tcp_server(silent) as url:
         start = time.monotonic()
@@ -229,7 +215,6 @@ def test_silent_server_hits_a_nearer_deadline(tmp_path):
         assert time.monotonic() - start < 3
     one_line(err)
     assert list(tmp_path.iterdir()) == []
-
 
 
 def test_dripping_server_hits_the_deadline(tmp_path):
@@ -244,7 +229,6 @@ def test_dripping_server_hits_the_deadline(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_connection_closed_early(tmp_path):
     payload = b"y" * 5000
     with tcp_server(serving(payload, cut=100)) as url, \
@@ -252,7 +236,6 @@ def test_connection_closed_early(tmp_path):
         download_file(url, tmp_path / "f.bin", md5(payload), progress=False, stall_timeout=1)
     print(one_line(err))
     assert list(tmp_path.iterdir()) == []
-
 
 
 class _Server:
@@ -286,10 +269,8 @@ class _Server:
         self.thread.join(timeout=10)
 
 
-
 def _never_answers(conn, stop) -> None:
     stop.wait(10)
-
 
 
 def _drips(conn, stop) -> None:
@@ -302,7 +283,6 @@ def _drips(conn, stop) -> None:
             conn.sendall(b"x")
         except OSError:
             return
-
 
 
 @pytest.mark.parametrize("behave,limit,match", [
@@ -346,7 +326,6 @@ def fake_remote(monkeypatch):
     return opener, calls, state
 
 
-
 def test_opener_gets_the_timeout(tmp_path, fake_remote):
     opener, calls, _ = fake_remote
     download_dataset("fashion-mnist", tmp_path, False, opener=opener, stall_timeout=7)
@@ -355,7 +334,6 @@ def test_opener_gets_the_timeout(tmp_path, fake_remote):
     download_dataset("fashion-mnist", tmp_path / "b", False, opener=opener, stall_timeout=7,
                      deadline=3)
     assert all(0 < t <= 3 for _, t in calls)  # the deadline is nearer than the stall
-
 
 
 def test_deadline_covers_the_whole_call(tmp_path, fake_remote):
@@ -370,9 +348,7 @@ def test_deadline_covers_the_whole_call(tmp_path, fake_remote):
     no_part_left(tmp_path)
 
 
-
 BAD_SECONDS = [0, -1, 0.0, float("nan"), float("inf"), -float("inf"), "5", None, True]
-
 
 
 @pytest.mark.parametrize("key", ["stall_timeout", "deadline"])
@@ -386,7 +362,6 @@ def test_bad_time_limits_are_config_errors(tmp_path, fake_remote, key, value):
         download_file("http://x/y", tmp_path / "e" / "y", "0" * 32, opener=opener,
                       **{key: value})
     assert calls == [] and list(tmp_path.iterdir()) == []  # nothing touched
-
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "30", True])
@@ -411,7 +386,6 @@ class _Interrupting(io.BytesIO):
         return super().read1(100)
 
 
-
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(143), MemoryError()])
 def test_interrupted_download_leaves_no_part(tmp_path, fake_remote, exc):
     def opener(url, timeout):
@@ -427,7 +401,6 @@ def test_interrupted_download_leaves_no_part(tmp_path, fake_remote, exc):
     assert list((tmp_path / "d" / "fashion-mnist").iterdir()) == []
 
 
-
 def test_interrupt_while_connecting_leaves_no_part(tmp_path):
     def opener(url, timeout):
         raise KeyboardInterrupt
@@ -435,7 +408,6 @@ def test_interrupt_while_connecting_leaves_no_part(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         download_file("http://x/f.bin", tmp_path / "f.bin", "0" * 32, opener=opener)
     assert list(tmp_path.iterdir()) == []
-
 
 
 class _Breaks:
@@ -457,7 +429,6 @@ class _Breaks:
         pass
 
 
-
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(143)])
 def test_interrupted_read1_only_response_leaves_no_part(tmp_path, exc):
     with pytest.raises(type(exc)):
@@ -474,10 +445,8 @@ def _dest_is_file(t: Path) -> Path:
     return t / "dest"
 
 
-
 def _dest_below_file(t: Path) -> Path:
     return _dest_is_file(t) / "sub" / "dir"
-
 
 
 def _target_is_directory(t: Path) -> Path:
@@ -485,11 +454,9 @@ def _target_is_directory(t: Path) -> Path:
     return t / "dest"
 
 
-
 def _part_is_directory(t: Path) -> Path:
     (t / "dest" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz.part").mkdir(parents=True)
     return t / "dest"
-
 
 
 BAD_DESTS = [
@@ -504,7 +471,6 @@ BAD_DESTS = [
 ]
 
 
-
 @pytest.mark.parametrize("make, expected", BAD_DESTS)
 def test_bad_dest_fails_before_the_network(tmp_path, fake_remote, make, expected):
     opener, calls, _ = fake_remote
@@ -514,7 +480,6 @@ def test_bad_dest_fails_before_the_network(tmp_path, fake_remote, make, expected
     assert "--dest" in one_line(err)
     assert calls == []
     no_part_left(tmp_path)
-
 
 
 def test_download_file_bad_dest_before_the_network(tmp_path):
@@ -529,7 +494,6 @@ def test_download_file_bad_dest_before_the_network(tmp_path):
         download_file("http://x/y", tmp_path / "dest" / "y", "0" * 32, opener=opener)
     one_line(err)
     assert calls == []
-
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -548,14 +512,12 @@ def test_unwritable_dest(tmp_path, fake_remote):
     assert calls == []
 
 
-
 @pytest.mark.parametrize("value", ["", "  "])
 def test_empty_dest_is_a_config_error(fake_remote, value):
     opener, calls, _ = fake_remote
     with pytest.raises(ConfigError, match="dest_dir is empty"):
         download_dataset("fashion-mnist", value, False, opener=opener)
     assert calls == []
-
 
 
 def test_download_creates_dest_and_loads(tmp_path, fake_remote):
@@ -566,7 +528,6 @@ def test_download_creates_dest_and_loads(tmp_path, fake_remote):
         f.name for f in dataset_spec("fashion-mnist").files)
     download_dataset("fashion-mnist", folder, False, opener=opener)
     assert len(calls) == 4  # verified files are skipped
-
 
 
 def test_download_dest_checked_before_the_network(tmp_path):

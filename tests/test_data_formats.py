@@ -53,7 +53,6 @@ def test_idx_roundtrip(tmp_path, gz):
     assert np.array_equal(labels.numpy(), data["train"][1])
 
 
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_truncated(tmp_path, gz):
     full = idx_bytes(np.zeros((3, 4, 4), np.uint8))
@@ -62,12 +61,10 @@ def test_idx_truncated(tmp_path, gz):
         read_idx(path, 3)
 
 
-
 def test_idx_trailing_bytes(tmp_path):
     path = write(tmp_path / "x", idx_bytes(np.zeros((3, 4, 4), np.uint8)) + b"\0", gz=False)
     with pytest.raises(DataError, match="needs 64 bytes but the file has 65"):
         read_idx(path, 3)
-
 
 
 def test_gzip_cut_short(tmp_path):
@@ -78,13 +75,11 @@ def test_gzip_cut_short(tmp_path):
         read_idx(path, 1)
 
 
-
 def test_gzip_garbage(tmp_path):
     path = tmp_path / "junk.gz"
     path.write_bytes(b"\x1f\x8b" + b"this is not deflate data" * 4)
     with pytest.raises(DataError, match=r"junk\.gz"):
         read_idx(path, 1)
-
 
 
 @pytest.mark.parametrize(
@@ -101,13 +96,11 @@ def test_idx_bad_header(tmp_path, magic, ndim, match):
         read_idx(path, ndim)
 
 
-
 def test_idx_count_mismatch(tmp_path):
     imgs = write(tmp_path / "i", idx_bytes(np.zeros((3, 2, 2), np.uint8)), gz=False)
     lbls = write(tmp_path / "l", idx_bytes(np.zeros(4, np.uint8)), gz=False)
     with pytest.raises(DataError, match="4 labels for 3 images"):
         load_idx(imgs, lbls)
-
 
 
 def test_idx_missing_file(tmp_path):
@@ -135,19 +128,16 @@ def test_cifar_formats(tmp_path, cifar100, as_tar):
     assert len(load_dataset(name, "train", tmp_path)[0]) == (4 if cifar100 else 20)
 
 
-
 def test_cifar_folder_itself(tmp_path):
     make_cifar(tmp_path)
     images, _ = load_dataset("cifar10", "test", tmp_path / "cifar-10-batches-py")
     assert images.shape == (4, 3, 32, 32)
 
 
-
 def test_cifar_bad_pickle(tmp_path):
     write(tmp_path / "test_batch", b"\x80\x02garbage", gz=False)
     with pytest.raises(DataError, match=r"test_batch.*unpickle"):
         load_cifar(tmp_path, ["test_batch"])
-
 
 
 def test_cifar_bad_shape(tmp_path):
@@ -157,12 +147,10 @@ def test_cifar_bad_shape(tmp_path):
         load_cifar(tmp_path, ["test_batch"])
 
 
-
 def test_cifar_corrupt_archive(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b broken")
     with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz.*sigprop data download cifar10"):
         load_dataset("cifar10", "test", tmp_path)
-
 
 
 def test_cifar_archive_missing_member(tmp_path):
@@ -170,7 +158,6 @@ def test_cifar_archive_missing_member(tmp_path):
         pass
     with pytest.raises(DataError, match="archive lacks f/test_batch"):
         load_cifar(tmp_path / "a.tar.gz", ["test_batch"], "f")
-
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -189,7 +176,6 @@ class _Py2Pickler(pickle._Pickler):
     dispatch[bytes] = save_bytes
 
 
-
 def py2_pickle(obj: object) -> bytes:
     """``obj`` pickled as Python 2 + numpy 1 did (protocol 2, numpy.core names)."""
     buf = io.BytesIO()
@@ -197,13 +183,11 @@ def py2_pickle(obj: object) -> bytes:
     return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
-
 REAL_FORMATS = [
     pytest.param(lambda b: pickle.dumps(b, protocol=2), id="protocol-2"),
     pytest.param(lambda b: pickle.dumps(b), id="default-protocol"),
     pytest.param(py2_pickle, id="python2-numpy1-style"),
 ]
-
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
@@ -217,11 +201,9 @@ def test_real_format_cifar_still_loads(tmp_path, dump, as_tar):
     assert labels[:2].tolist() == truth[b"labels"]
 
 
-
 def test_py2_style_pickle_names_numpy_core():
     raw = py2_pickle(cifar_batch(1))
     assert b"cnumpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
-
 
 
 @pytest.mark.parametrize("labels_as_list", [True, False])
@@ -236,7 +218,6 @@ def test_cifar100_arrays_and_lists(tmp_path, labels_as_list):
     images, labels = load_dataset("cifar100", "train", tmp_path)
     assert images.shape == (3, 3, 32, 32) and labels.tolist() == list(
         np.asarray(cifar_batch(3, classes=100, fine=True, seed=0)[b"fine_labels"]))
-
 
 
 def test_genuine_cifar_batch_still_loads(tmp_path):
@@ -264,7 +245,6 @@ class _Evil:
         return self.func, self.args
 
 
-
 def _evil_pickles(marker: Path) -> list[tuple[str, bytes]]:
     import builtins
     import subprocess
@@ -288,7 +268,6 @@ def _evil_pickles(marker: Path) -> list[tuple[str, bytes]]:
     return cases
 
 
-
 def test_malicious_pickle_is_refused_not_run(tmp_path):
     marker = tmp_path / "pwned"
     for i, (global_name, raw) in enumerate(_evil_pickles(marker)):
@@ -300,7 +279,6 @@ def test_malicious_pickle_is_refused_not_run(tmp_path):
             load_cifar(folder, ["test_batch"])
         one_line(err)
         assert not marker.exists(), f"case {i} ran code"
-
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
@@ -316,14 +294,12 @@ def test_malicious_pickle_through_load_dataset(tmp_path, as_tar):
     assert len(load_dataset("cifar10", "train", tmp_path)[0]) == 10  # the others load
 
 
-
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
 
 
 def test_cifar_pickle_never_runs_code(tmp_path):
@@ -352,7 +328,6 @@ def test_svhn_mat(tmp_path):
     assert int(labels.max()) <= 9
 
 
-
 def test_svhn_splits(tmp_path):
     folder = tmp_path / "svhn"
     make_svhn_mat(folder / "train_32x32.mat", 3, seed=1)
@@ -366,12 +341,10 @@ def test_svhn_splits(tmp_path):
     assert torch.equal(images[3:], load_dataset("svhn", "extra", tmp_path)[0])
 
 
-
 def test_svhn_corrupt(tmp_path):
     (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\0" * 10)
     with pytest.raises(DataError, match=r"train_32x32\.mat"):
         load_svhn_mat(tmp_path / "train_32x32.mat")
-
 
 
 def test_svhn_wrong_shape(tmp_path):

@@ -26,9 +26,7 @@ from sigprop.errors import ConfigError, DataError
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
-
 
 
 def test_idx_dataset_and_bad_split(tmp_path):
@@ -61,14 +59,12 @@ def test_empty_idx_split(tmp_path, gz, split):
     assert not report.ok and "holds no images" in {s.split: s.detail for s in report.splits}[split]
 
 
-
 EMPTY_BATCHES = [
     pytest.param({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, id="no-rows"),
     pytest.param({b"data": [], b"labels": []}, id="empty-lists"),
     pytest.param({b"data": np.zeros((0, 3072), np.uint8), b"labels": np.zeros(0, np.int64)},
                  id="empty-arrays"),
 ]
-
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
@@ -82,7 +78,6 @@ def test_empty_cifar_batch(tmp_path, as_tar, batch):
     assert len(load_dataset("cifar10", "test", tmp_path)[0]) == 2
 
 
-
 def test_empty_svhn(tmp_path):
     make_svhn(tmp_path / "svhn" / "train_32x32.mat", 0)
     make_svhn(tmp_path / "svhn" / "test_32x32.mat", 2)
@@ -94,7 +89,6 @@ def test_empty_svhn(tmp_path):
     assert len(load_dataset("svhn", "train", tmp_path)[0]) == 2
     with pytest.raises(DataError, match=r"extra_32x32\.mat.*holds no images.*train\+extra"):
         load_dataset("svhn", "train+extra", tmp_path)
-
 
 
 def test_empty_split_is_refused_at_load(roots):

@@ -13,7 +13,6 @@ from sigprop.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 def test_loader_covers_each_sample_once():
     images, labels = tiny(10)
     dl = loader(images, labels)
@@ -25,7 +24,6 @@ def test_loader_covers_each_sample_once():
     for x, y in batches:  # images travel with their labels
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         assert torch.equal(to_pixels(x), images[y])
-
 
 
 def test_loader_deterministic_and_resumable():
@@ -45,14 +43,12 @@ def test_loader_deterministic_and_resumable():
     assert not torch.equal(other_seed, torch.cat([y for _, y in e1a]))
 
 
-
 def test_loader_eval_order_and_drop_last():
     images, labels = tiny(10)
     dl = loader(images, labels, shuffle=False, drop_last=True)
     assert len(dl) == 2
     ys = torch.cat([y for _, y in dl.epoch(5)])
     assert ys.tolist() == list(range(8))
-
 
 
 def test_loader_normalisation():
@@ -67,7 +63,6 @@ def test_loader_normalisation():
     (x16, _), = DeviceLoader(images, labels, batch_size=6, mean=mean, std=std, shuffle=False,
                              dtype=torch.bfloat16).epoch(0)
     assert x16.dtype == torch.bfloat16
-
 
 
 @pytest.mark.parametrize(

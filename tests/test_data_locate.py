@@ -46,7 +46,6 @@ def test_missing_dataset_lists_places(tmp_path, monkeypatch, isolated_roots):
         find_dataset_dir("fashion-mnist")
 
 
-
 def test_lookup_order(tmp_path, monkeypatch, isolated_roots):
     system, cache = isolated_roots
     given, env = tmp_path / "given", tmp_path / "env"
@@ -65,7 +64,6 @@ def test_lookup_order(tmp_path, monkeypatch, isolated_roots):
     assert find_dataset_dir("mnist") == cache / "mnist"
 
 
-
 def test_incomplete_folder_is_skipped(isolated_roots):
     system, cache = isolated_roots
     make_idx_dataset(system / "mnist")
@@ -74,12 +72,10 @@ def test_incomplete_folder_is_skipped(isolated_roots):
     assert find_dataset_dir("mnist") == cache / "mnist"
 
 
-
 def test_xdg_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(ds, "CACHE_ROOT", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert ds.cache_root() == tmp_path / "xdg" / "sigprop"
-
 
 
 def test_default_chain_when_nothing_given(roots):
@@ -95,13 +91,11 @@ def _missing_file(d: Path) -> Path:
     return d
 
 
-
 def _file_is_directory(d: Path) -> Path:
     make_mnist(d / "mnist")
     (d / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
     (d / "mnist" / "t10k-images-idx3-ubyte.gz").mkdir()
     return d
-
 
 
 def _a_file(d: Path) -> Path:
@@ -110,10 +104,8 @@ def _a_file(d: Path) -> Path:
     return d / "notes.txt"
 
 
-
 def _below_a_file(d: Path) -> Path:
     return _a_file(d) / "mnist"
-
 
 
 def _broken_link(d: Path) -> Path:
@@ -122,11 +114,9 @@ def _broken_link(d: Path) -> Path:
     return d / "link"
 
 
-
 def _empty_folder(d: Path) -> Path:
     d.mkdir(parents=True)
     return d
-
 
 
 BAD_LOCATIONS = [
@@ -145,12 +135,10 @@ BAD_LOCATIONS = [
 ]
 
 
-
 def _complete_elsewhere(isolated: Path) -> None:
     """The dataset is complete in every other place: a fallback would find it."""
     make_mnist(isolated / "no-system" / "mnist", seed=1)
     make_mnist(isolated / "no-cache" / "mnist", seed=2)
-
 
 
 @pytest.mark.parametrize("make, expected", BAD_LOCATIONS)
@@ -168,7 +156,6 @@ def test_bad_data_dir_fails_and_never_falls_back(tmp_path, monkeypatch, make, ex
         assert "--data-dir" in msg  # how to fix
 
 
-
 @pytest.mark.parametrize("make, expected", BAD_LOCATIONS)
 def test_bad_env_dir_fails_and_never_falls_back(tmp_path, monkeypatch, make, expected):
     _complete_elsewhere(tmp_path)
@@ -177,7 +164,6 @@ def test_bad_env_dir_fails_and_never_falls_back(tmp_path, monkeypatch, make, exp
         load_dataset("mnist", "train")
     msg = one_line(err)
     assert "$SIGPROP_DATA" in msg and "no-system" not in msg and "unset" in msg
-
 
 
 def test_subfolder_is_reported_when_it_is_the_incomplete_one(tmp_path):
@@ -189,7 +175,6 @@ def test_subfolder_is_reported_when_it_is_the_incomplete_one(tmp_path):
     assert f"data_dir folder {folder} lacks t10k-labels-idx1-ubyte.gz" in msg
 
 
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_explicit_folder_itself_or_parent(tmp_path, gz):
     folder = make_mnist(tmp_path / "mnist", gz=gz)
@@ -199,7 +184,6 @@ def test_explicit_folder_itself_or_parent(tmp_path, gz):
     assert len(load_dataset("mnist", "test", folder)[0]) == 3
 
 
-
 def test_env_is_the_only_place_when_set(tmp_path, monkeypatch):
     _complete_elsewhere(tmp_path)
     env = make_mnist(tmp_path / "env" / "mnist")
@@ -207,7 +191,6 @@ def test_env_is_the_only_place_when_set(tmp_path, monkeypatch):
     assert find_dataset_dir("mnist") == env
     monkeypatch.setenv(ds.ENV_VAR, "")  # set but empty: the default places
     assert find_dataset_dir("mnist") == tmp_path / "no-system" / "mnist"
-
 
 
 @pytest.mark.parametrize("origin", ["data_dir", "env"])
@@ -226,7 +209,6 @@ def test_explicit_location_never_falls_back(roots, tmp_path, monkeypatch, origin
     assert find_dataset_dir("fashion-mnist", roots) == roots  # an explicit good one is
 
 
-
 @pytest.mark.parametrize("value", ["", "   "])
 def test_empty_data_dir_is_a_config_error(value):
     for call in (find_dataset_dir, lambda n, d: load_dataset(n, "train", d),
@@ -234,7 +216,6 @@ def test_empty_data_dir_is_a_config_error(value):
         with pytest.raises(ConfigError, match="data_dir is empty") as err:
             call("mnist", value)
         one_line(err)
-
 
 
 @pytest.mark.parametrize("value", ["a" * 5000, "/tmp/" + "/".join(["abcdefgh"] * 600),
@@ -256,7 +237,6 @@ def test_unusable_paths_are_one_line(monkeypatch, value, origin):
         assert len(msg) < 1000  # a 5,000-character path is shortened
 
 
-
 def test_unprobeable_paths_are_one_line(roots, monkeypatch):
     monkeypatch.setenv(ds.ENV_VAR, "d" * 5000)
     with pytest.raises(DataError, match="SIGPROP_DATA"):
@@ -268,9 +248,7 @@ def test_unprobeable_paths_are_one_line(roots, monkeypatch):
         find_dataset_dir("fashion-mnist", "")
 
 
-
 SigpropErrors = (DataError, ConfigError)
-
 
 
 def test_data_list_survives_unusable_env(monkeypatch, capsys, tmp_path):
@@ -287,7 +265,6 @@ def test_data_list_survives_unusable_env(monkeypatch, capsys, tmp_path):
     assert len(out) == len(DATASETS.names()) and all("not found" in line for line in out)
 
 
-
 def test_cifar_partly_extracted_and_archive_directory(tmp_path):
     make_cifar10(tmp_path / "cifar10")
     (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3").unlink()
@@ -298,7 +275,6 @@ def test_cifar_partly_extracted_and_archive_directory(tmp_path):
     (tmp_path / "cifar10" / "cifar-10-python.tar.gz").mkdir()
     with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz is a directory, not a file"):
         find_dataset_dir("cifar10", tmp_path)
-
 
 
 def test_svhn_required_file_is_directory(tmp_path):

@@ -19,14 +19,12 @@ from sigprop.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 def _official(monkeypatch, name: str, folder: Path) -> None:
     """Make the spec's official md5s those of the files in ``folder`` (as if real)."""
     spec = dataset_spec(name)
     files = tuple(dataclasses.replace(f, md5=md5((folder / f.name).read_bytes()))
                   if (folder / f.name).is_file() else f for f in spec.files)
     use_spec(monkeypatch, dataclasses.replace(spec, files=files))
-
 
 
 def test_records_idx(tmp_path, monkeypatch):
@@ -41,13 +39,11 @@ def test_records_idx(tmp_path, monkeypatch):
     assert all(r["official_md5"] is True for r in split_file_records("mnist", "test", folder))
 
 
-
 def test_records_decompressed_are_not_comparable(tmp_path):
     make_mnist(tmp_path / "mnist", gz=False)
     records = split_file_records("mnist", "test", tmp_path)
     assert [Path(r["path"]).name for r in records] == [n.removesuffix(".gz") for n in IDX["test"]]
     assert {r["official_md5"] for r in records} == {None}
-
 
 
 def test_records_follow_what_load_reads(tmp_path, monkeypatch):
@@ -67,13 +63,11 @@ def test_records_follow_what_load_reads(tmp_path, monkeypatch):
     assert all(p.endswith(".gz") for p in read)
 
 
-
 def test_records_relative_data_dir_are_absolute(tmp_path, monkeypatch):
     make_mnist(tmp_path / "data" / "mnist")
     monkeypatch.chdir(tmp_path)
     for r in split_file_records("mnist", "train", "data"):
         assert os.path.isabs(r["path"]) and Path(r["path"]).is_file()
-
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
@@ -90,7 +84,6 @@ def test_records_cifar(tmp_path, monkeypatch, as_tar):
         assert {r["official_md5"] for r in records} == {None}  # extracted members
 
 
-
 def test_records_svhn(tmp_path):
     make_svhn(tmp_path / "svhn" / "train_32x32.mat", 2)
     make_svhn(tmp_path / "svhn" / "test_32x32.mat", 2)
@@ -102,13 +95,11 @@ def test_records_svhn(tmp_path):
         split_file_records("svhn", "valid", tmp_path)
 
 
-
 def test_records_exported():
     import sigprop.data
 
     assert sigprop.data.split_file_records is split_file_records
     assert "split_file_records" in sigprop.data.__all__
-
 
 
 def test_split_file_records_are_the_files_read(roots):

@@ -11,7 +11,6 @@ from sigprop.registry import DATASETS
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
 
 
-
 def test_specs():
     for name in ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"):
         spec = dataset_spec(name)
@@ -23,7 +22,6 @@ def test_specs():
     assert dataset_spec("svhn").default_augment == Augment(4, False)  # no flip for digits
     with pytest.raises(ConfigError, match="choose one of"):
         dataset_spec("imagenet")
-
 
 
 def test_spec_checksums():

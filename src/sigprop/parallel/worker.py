@@ -9,11 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
+from .. import rules  # noqa: F401  (registers the rules)
 from ..engine.config import config_from_dict
 from ..engine.interrupt import Terminated, on_sigterm, one_line
 from ..engine.perf import tune_allocator
 from ..errors import SigpropError
-from ..rules import LearningRule  # noqa: F401  (registers the rules)
 from .launch import PEER_EXIT
 from .runner import run_stage
 from .transport import StageFailure

@@ -1,9 +1,6 @@
-"""Interrupts: SIGTERM as a KeyboardInterrupt, and errors as one line.
-
-Ctrl-C and SIGTERM both raise a KeyboardInterrupt in the main thread, so every cleanup
-(partial downloads, temporary checkpoint files, the run folder's lock) runs the same
-way; :class:`Terminated` tells them apart for the message and the exit code.
-"""
+"""Interrupts and errors at a process's edge: SIGTERM raised as :class:`Terminated` (a
+KeyboardInterrupt, told apart from Ctrl-C for the message and the exit code), and an
+error's message on one line. Used by ``sigprop`` and by each stage process."""
 
 from __future__ import annotations
 

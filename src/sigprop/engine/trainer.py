@@ -4,7 +4,8 @@ The hot loop keeps per-step numbers on the device; it syncs with the host once
 every ``check_every`` steps (non-finite-loss check and progress bar) and once per
 epoch. A checkpoint is written atomically after every epoch; a resumed run
 replays exactly: the loader's draws depend only on (seed, epoch), and the global
-RNG state (dropout) is restored from the checkpoint.
+RNG state (dropout) is restored from the checkpoint. :func:`load_trained` rebuilds a
+trained run for evaluation.
 """
 
 from __future__ import annotations

@@ -50,17 +50,10 @@ from ..engine import runio
 from ..engine import runstate as rs
 from ..engine.config import Config
 from ..engine.runfolder import RunFolder
-from ..engine.runstate import RunStart
 from ..engine.stagespec import stage_count
 from ..engine.trainer import (
-    build_config_rule,
-    build_experiment,
-    check_finite,
-    epoch_line,
-    epoch_record,
-    resolve_device,
-    set_epoch_lr,
-)
+    build_config_rule, build_experiment, check_finite, epoch_line, epoch_record,
+    resolve_device, set_epoch_lr)
 from ..errors import ConfigError, SigpropError
 from . import replicas
 from .split import check_devices, plan_split, stage_ranges
@@ -224,17 +217,17 @@ class StageRun:
     # --- resume ---------------------------------------------------------------------
     def _restore(self) -> tuple[list[dict[str, Any]], int]:
         """Load the run's newest checkpoint into this stage; (history, epochs done).
-        Rank 0 checks the folder, writes config.json (:class:`RunStart`) and tells the
-        others what to load: kind 0 nothing, 1 the whole single-process checkpoint, 2
-        this stage's own file (same split), 3 every stage file merged (another split).
-        Rank 0 reuses what it read to decide."""
+        Rank 0 checks the folder and writes config.json (:class:`.runstate.RunStart`),
+        then tells the others what to load: kind 0 nothing, 1 the whole single-process
+        checkpoint, 2 this stage's own file (same split), 3 every stage file merged
+        (another split). Rank 0 reuses what it read to decide."""
         decision = torch.zeros(2, dtype=torch.int64)
         err = None
         history: list[dict[str, Any]] = []
         state = None  # rank 0: the checkpoint (kind 1) or its own stage file (kind 2)
         if self.rank == 0:
             try:
-                start = RunStart(self.run_dir, self.cfg, self.resume, merged=False)
+                start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
                 history = start.begin(self._log)
                 if start.kind == "staged":
                     kind = 2 if start.split == self.sizes else 3

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..rules.base import RuleConfig
+from .stagespec import parse_split
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -126,8 +127,6 @@ class Config:
         if t.stage_threads is not None:
             _positive("train.stage_threads", t.stage_threads)
         if t.split is not None:
-            from ..parallel.split import parse_split
-
             sizes = parse_split(t.split)
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "

@@ -156,23 +156,13 @@ def parse_experiment(raw: Any, origin: str, expected_name: str | None = None) ->
 
 
 def _column(p: _Place, raw: Any, i: int) -> Column:
-    where = f"columns[{i}]"
-    if not isinstance(raw, dict):
-        raise p.error(f"{where} must be a table ([[columns]])")
-    p.keys(raw, _COLUMN_KEYS, where)
-    key = p.key(raw, where)
-    where = f"column {key!r}"
+    key, where = p.entry(raw, "columns", i, _COLUMN_KEYS)
     return Column(key, p.string(raw, "label", where), p.sections(raw, where),
                   p.budget_tables(raw.get("budgets", {}), where))
 
 
 def _row(p: _Place, raw: Any, i: int, columns: list[str]) -> Row:
-    where = f"rows[{i}]"
-    if not isinstance(raw, dict):
-        raise p.error(f"{where} must be a table ([[rows]])")
-    p.keys(raw, _ROW_KEYS, where)
-    key = p.key(raw, where)
-    where = f"row {key!r}"
+    key, where = p.entry(raw, "rows", i, _ROW_KEYS)
     skip = tuple(p.list(raw, "skip", where, default=[]))
     for s in skip:
         if s not in columns:
@@ -293,6 +283,16 @@ class _Place:
             raise self.error(f"{where}: key {key!r} must be lowercase letters, digits, '.' "
                              "and '-' (it names run folders)")
         return key
+
+    def entry(self, raw: Any, array: str, i: int, allowed: set[str]) -> tuple[str, str]:
+        """The key of ``array[i]``, a table with keys ``allowed``, and its place for
+        messages (``column 'bp'``)."""
+        where = f"{array}[{i}]"
+        if not isinstance(raw, dict):
+            raise self.error(f"{where} must be a table ([[{array}]])")
+        self.keys(raw, allowed, where)
+        key = self.key(raw, where)
+        return key, f"{array[:-1]} {key!r}"
 
     def list(self, table: dict, key: str, where: str, default: list | None = None) -> list:
         if key not in table and default is not None:

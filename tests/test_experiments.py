@@ -132,7 +132,7 @@ def test_cell_commands_rebuild_the_cell_config(in_tmp):
 
     from sigprop.engine.config import train_command
     from sigprop.experiments.report import _ALWAYS
-    from sigprop.experiments.reproduce import planned_config
+    from sigprop.experiments.manifest import planned_config
 
     exp = load_experiment("table6-fmnist")
     for plan in exp.runs("quick")[:6]:

@@ -56,13 +56,7 @@ entry ending in "/" holds every module under that folder.
 # (importer, imported) -> owner. An importer under scripts/ or benchmarks/ is named from
 # the repository's root. Remove an entry with its import; a stale entry fails.
 PENDING: dict[tuple[str, str], str] = {
-    ("parallel/launch.py", "cli.py"): "engine/parallel",  # circle cli <-> parallel
-    ("parallel/worker.py", "cli.py"): "engine/parallel",  # circle cli <-> parallel
-    ("engine/config.py", "parallel/split.py"): "engine/parallel",  # parse_split
-    ("engine/trainer.py", "parallel/checkpoint.py"): "engine/parallel",
-    ("scripts/snn_probe.py", "cli.py"): "engine/parallel",  # load_trained
     ("rules/base.py", "rules/local_learning.py"): "rule options",  # circle: check_ll_options
-    ("data/augment.py", "data/datasets.py"): "data split",  # circle: DatasetSpec
 }
 
 

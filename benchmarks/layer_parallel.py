@@ -24,7 +24,7 @@ per segment; a stage process times its steps between two barriers, and the stage
 segment's time is the slowest stage's. Ratios are per repeat (adjacent in time),
 summarised by median and range. Each staged segment also reports every stage's compute
 time and its time waiting to receive and to send, and the bytes sent per batch: the
-inputs of the scaling model in docs/RESULTS.md (section 10).
+inputs of the scaling model in docs/studies/layer-parallel.md.
 """
 
 from __future__ import annotations

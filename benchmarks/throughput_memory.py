@@ -16,8 +16,9 @@ What it measures (see benchmarks/README.md for the method):
 * matmul FLOPs per step, counted analytically from the network's Linear layers, and
   the GFLOP/s each rule achieves; the FLOP ratio is the ideal throughput ratio.
 * peak activation memory: bytes of tensors saved for backward during one training
-  step, counted with ``torch.autograd.graph.saved_tensors_hooks``: a running total goes
-  up when autograd packs a tensor and down when it releases it; the peak is reported.
+  step, counted by ``sigprop.engine.memory.SavedTensorMeter`` (autograd's
+  ``saved_tensors_hooks`` and the fast path's kept tensors): a running total goes up
+  when a tensor is packed and down when it is released; the peak is reported.
   Cross-check: unique saved bytes per block, combined as max over blocks (sigprop,
   each block's graph is freed by its own backward) or sum over blocks (backprop).
 
@@ -37,7 +38,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import sigprop
-from sigprop import fastpath
+from sigprop.engine.memory import SavedTensorMeter
 from sigprop.engine.perf import tune_allocator
 
 NUM_CLASSES = 10
@@ -332,93 +332,6 @@ def matmul_flops(rule_name: str, network, n: int, m: int = NUM_CLASSES,
 
 # --- activation memory --------------------------------------------------------------------
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    """(storage data_ptr, storage bytes); falls back to the tensor's own size."""
-    try:
-        s = t.untyped_storage()
-        return s.data_ptr(), s.nbytes()
-    except (RuntimeError, NotImplementedError):
-        return t.data_ptr(), t.numel() * t.element_size()
-
-
-class _Packed:
-    """What autograd holds instead of a saved tensor; its release decrements the meter."""
-
-    __slots__ = ("tensor", "key", "meter")
-
-    def __init__(self, tensor: torch.Tensor, key: int, meter: SavedTensorMeter) -> None:
-        self.tensor, self.key, self.meter = tensor, key, meter
-
-    def __del__(self) -> None:
-        self.meter._release(self.key)
-
-
-class SavedTensorMeter:
-    """Live and peak bytes of tensors saved for backward, deduplicated by storage.
-
-    Tensors sharing storage with a parameter are not activations and are skipped.
-    ``region`` (set by forward pre-hooks on the blocks and the head) attributes each
-    newly saved storage to the part of the network whose forward saved it. With
-    ``segment=True`` (sigprop's fast path, which module hooks would switch off) a new
-    region starts whenever a tensor is saved while nothing is live: each block's
-    update releases everything it kept before the next block starts.
-    """
-
-    def __init__(self, params, detail: bool = False, segment: bool = False) -> None:
-        self.log: list[str] | None = [] if detail else None
-        self.param_ptrs = {_storage_key(p)[0] for p in params}
-        self.lock = threading.Lock()  # on CUDA, autograd releases on its own thread
-        self.live: dict[int, list[int]] = {}  # storage ptr -> [bytes, references]
-        self.live_bytes = 0
-        self.peak = 0
-        self.packed = 0  # pack calls counted (excluding parameters)
-        self.region = "pre"
-        self.region_bytes: dict[str, int] = defaultdict(int)
-        self.segment = segment
-        self.segments = 0
-
-    def pack(self, t: torch.Tensor):
-        ptr, nbytes = _storage_key(t)
-        if ptr in self.param_ptrs or nbytes == 0:
-            self._note(t, nbytes, "parameter, not counted")
-            return t
-        with self.lock:
-            self.packed += 1
-            if self.segment and self.live_bytes == 0:
-                self.segments += 1
-                self.region = f"block{self.segments}"
-            entry = self.live.get(ptr)
-            if entry is None:
-                self.live[ptr] = [nbytes, 1]
-                self.live_bytes += nbytes
-                self.peak = max(self.peak, self.live_bytes)
-                self.region_bytes[self.region] += nbytes
-            else:
-                entry[1] += 1
-            self._note(t, nbytes, "new" if entry is None else "shares a saved storage")
-        return _Packed(t, ptr, self)
-
-    def _note(self, t: torch.Tensor, nbytes: int, what: str) -> None:
-        if self.log is not None:
-            fn = type(t.grad_fn).__name__ if t.grad_fn is not None else "-"
-            self.log.append(
-                f"{self.region:7} {str(tuple(t.shape)):14} {str(t.dtype)[6:]:8} {fn:26} "
-                f"storage {nbytes:9d} B  live {self.live_bytes:9d} B  {what}"
-            )
-
-    @staticmethod
-    def unpack(p):
-        return p.tensor if isinstance(p, _Packed) else p
-
-    def _release(self, ptr: int) -> None:
-        with self.lock:
-            entry = self.live[ptr]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self.live[ptr]
-                self.live_bytes -= entry[0]
-
-
 def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False) -> dict:
     """Peak live saved-for-backward bytes of one training step, plus the per-block split."""
     network = rule.network
@@ -430,7 +343,7 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
 
     def enter(region):
         def hook(_module, _inputs):
-            meter.region = region
+            meter.enter(region)
         return hook
 
     if not fast:
@@ -447,8 +360,7 @@ def measure_activation_memory(rule, name: str, x, y, sync, detail: bool = False)
         # pipelined sigprop: updates held back until the forward must wait, so the
         # peak is the most the pipeline ever keeps (deterministic, timing-free)
         lagging = getattr(rule, "lagging_updates", contextlib.nullcontext)
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack), \
-                fastpath.track_saved(meter.pack), lagging():
+        with meter.counting(), lagging():
             rule.train_step(x, y)
             rule.sync()
         sync()

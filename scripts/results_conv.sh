@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# docs/RESULTS.md, issues 10, 11 and 12: convolutional nets, the comparison rules and
-# equilibrium propagation on full Fashion-MNIST, in the background:
+# Issues 10, 11 and 12 (docs/studies/conv.md, vgg8b.md, equilibrium-propagation.md):
+# convolutional nets, the comparison rules and equilibrium propagation on full
+# Fashion-MNIST, in the background:
 #   nohup bash scripts/results_conv.sh > runs/results-conv.log 2>&1 &
 # Every run resumes where it stopped when the script is started again (finished runs are
 # skipped), so a later session continues it. Cheap runs first; VGG8b takes ~30-45 min an

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from sigprop.data.datasets import dataset_spec, load_dataset
 from sigprop.data.loader import DeviceLoader
-from sigprop.cli import load_trained
+from sigprop.engine import load_trained
 from sigprop.errors import ConfigError, SigpropError
 from sigprop.networks.spiking import SpikingNetwork
 

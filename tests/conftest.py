@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny learnable fake Fashion-MNIST in IDX .gz format, isolated
-dataset lookup roots, and small config helpers."""
+"""Shared fixtures and helpers: a tiny learnable fake Fashion-MNIST in IDX .gz format,
+isolated dataset lookup roots, writers of small files in each dataset format, and small
+config helpers."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,12 @@ import pytest
 import scipy.io
 import torch
 
+import sigprop.data.check as data_check
 import sigprop.data.datasets as ds
-from sigprop.data import dataset_spec
+import sigprop.data.download as dl
+from sigprop.data import DeviceLoader, dataset_spec
 from sigprop.engine.config import Config, apply_overrides
+from sigprop.errors import SigpropError
 
 FAKE_TRAIN, FAKE_TEST = 1024, 200
 
@@ -65,13 +71,32 @@ def fake_fashion(tmp_path_factory) -> Path:
     return write_fake_fashion(tmp_path_factory.mktemp("fakedata"))
 
 
+def _isolate(monkeypatch, system: Path, cache: Path) -> None:
+    """Dataset lookup sees only ``system`` and ``cache`` as default places; $SIGPROP_DATA unset."""
+    monkeypatch.setattr(ds, "SYSTEM_ROOT", system)
+    monkeypatch.setattr(ds, "CACHE_ROOT", cache)
+    monkeypatch.delenv(ds.ENV_VAR, raising=False)
+
+
 @pytest.fixture
 def isolated_data(tmp_path, monkeypatch):
     """No real dataset is visible: system/cache roots are empty folders, $SIGPROP_DATA unset."""
-    monkeypatch.setattr(ds, "SYSTEM_ROOT", tmp_path / "no-system")
-    monkeypatch.setattr(ds, "CACHE_ROOT", tmp_path / "no-cache")
-    monkeypatch.delenv(ds.ENV_VAR, raising=False)
+    _isolate(monkeypatch, tmp_path / "no-system", tmp_path / "no-cache")
     return tmp_path
+
+
+@pytest.fixture
+def isolated_roots(tmp_path, monkeypatch):
+    """Point the system and cache roots at empty temp folders and clear $SIGPROP_DATA."""
+    system, cache = tmp_path / "system", tmp_path / "cache"
+    _isolate(monkeypatch, system, cache)
+    return system, cache
+
+
+@pytest.fixture
+def roots(isolated_roots):
+    """A complete dataset in the system root, so any fallback to it would be visible."""
+    return write_fake_fashion(isolated_roots[0])
 
 
 def small_config(data_dir: Path, run_dir: Path | None = None, **sections) -> Config:
@@ -155,7 +180,7 @@ def write_cifar_members(folder: Path, spec, members: dict[str, bytes], as_tar: b
         (folder / spec.archive_folder / m).write_bytes(raw)
 
 
-def cifar_batch(n: int, classes: int, rng, fine: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+def _cifar_rows(n: int, classes: int, rng, fine: bool) -> tuple[dict, np.ndarray, np.ndarray]:
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = rng.integers(0, classes, n)
     key = b"fine_labels" if fine else b"labels"
@@ -174,7 +199,7 @@ def make_cifar(folder: Path, cifar100: bool = False, as_tar: bool = False, n: in
     for split in spec.splits:
         datas, labels = [], []
         for m in spec.files_for(split):
-            batch, d, lab = cifar_batch(n, spec.num_classes, rng, fine=cifar100)
+            batch, d, lab = _cifar_rows(n, spec.num_classes, rng, fine=cifar100)
             members[m] = pickle.dumps(batch, protocol=2)
             datas.append(d)
             labels.append(lab)
@@ -214,3 +239,108 @@ def lowers_loss(rule, shape, steps: int = 8, n: int = 16, classes: int = 10) -> 
     for _ in range(steps):
         last = rule.train_step(x, y)[0].sum().item()
     assert math.isfinite(last) and last < first * 0.9, (first, last)
+
+
+# --------------------------------------------------------------------------- data files
+# Small files in each dataset format and the checks the data tests share.
+
+
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IDX = IDX_NAMES
+
+
+def idx_bytes(arr: np.ndarray, magic: bytes = b"\x00\x00\x08") -> bytes:
+    return magic + bytes([arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write(path: Path, data: bytes, gz: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def make_idx_dataset(folder: Path, n: int = 6, gz: bool = True, seed: int = 0) -> dict:
+    """Both splits of an MNIST-style dataset; returns {split: (images, labels)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, (img_name, lbl_name) in IDX_NAMES.items():
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        suffix = "" if gz else ".gz"
+        write(folder / img_name.removesuffix(suffix), idx_bytes(images), gz)
+        write(folder / lbl_name.removesuffix(suffix), idx_bytes(labels), gz)
+        out[split] = (images, labels)
+    return out
+
+
+def make_mnist(folder: Path, n: int = 3, gz: bool = True, seed: int = 0) -> Path:
+    """Both splits of an MNIST-style dataset in ``folder`` (gzip or decompressed names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_idx_dataset(folder, n, gz, seed)
+    return folder
+
+
+def cifar_batch(n: int, classes: int = 10, fine: bool = False, seed: int = 0,
+                labels_as_list: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    batch = {b"batch_label": b"training batch 1 of 5",
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"filenames": [b"img_%d.png" % i for i in range(n)]}
+    batch[b"fine_labels" if fine else b"labels"] = labels.tolist() if labels_as_list else labels
+    return batch
+
+
+def make_cifar10(folder: Path, as_tar: bool = False, n: int = 2,
+                 dump: Callable[[object], bytes] = lambda b: pickle.dumps(b, protocol=2),
+                 override: dict[str, bytes] | None = None) -> Path:
+    """CIFAR-10 in its extracted folder (``folder/cifar-10-batches-py``) or as the .tar.gz."""
+    spec = dataset_spec("cifar10")
+    members = {m: dump(cifar_batch(n, seed=i)) for i, m in enumerate(ds.all_members(spec))}
+    members.update(override or {})
+    write_cifar_members(folder, spec, members, as_tar)
+    return folder
+
+
+def make_svhn(path: Path, n: int) -> Path:
+    rng = np.random.default_rng(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                            "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    return path
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert msg and "\n" not in msg and "Traceback" not in msg
+    assert isinstance(err.value, SigpropError)
+    return msg
+
+
+def use_spec(monkeypatch, spec) -> None:
+    """Every data module that looks a dataset up gets ``spec``, whatever the name."""
+    for module in (ds, dl, data_check):
+        monkeypatch.setattr(module, "dataset_spec", lambda name: spec)
+
+
+def tiny(n: int = 10, c: int = 3, h: int = 5, w: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    return images, torch.arange(n)
+
+
+def loader(images, labels, **kw) -> DeviceLoader:
+    c = images.shape[1]
+    kw = {"batch_size": 4, "mean": (0.5,) * c, "std": (0.25,) * c, **kw}
+    return DeviceLoader(images, labels, **kw)
+
+
+def to_pixels(x: torch.Tensor, mean=0.5, std=0.25) -> torch.Tensor:
+    return ((x * std + mean) * 255).round().to(torch.uint8)

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from sigprop.engine.memory import SavedTensorMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,35 @@ def test_sigprop_bench_errors(capsys):
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and match in err, err
+
+
+def test_saved_tensor_meter_counts_each_storage_once_while_held():
+    """The meter of `sigprop bench` and the benchmarks: a saved storage counts once, from
+    its first save to its release; parameters are not counted; peaks per region."""
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(16, 8, requires_grad=True)
+    meter = SavedTensorMeter([w])
+    with meter.counting():
+        meter.enter("block1")
+        y = (x @ w).exp()  # saves x (512 B; w skipped) and y (256 B)
+        z = y.sin()  # saves y again: the same storage
+        meter.enter("block2")
+        loss = (z * z).sum()  # saves z (256 B) twice
+    assert meter.peak == meter.live_bytes == 512 + 256 + 256
+    assert dict(meter.region_peak) == {"block1": 768, "block2": 1024}
+    assert dict(meter.region_bytes) == {"block1": 768, "block2": 256}
+    assert meter.packed == 5
+    loss.backward()
+    assert meter.live_bytes == 0 and not meter.live and meter.peak == 1024
+
+
+def test_saved_tensor_meter_segments_start_when_nothing_is_held():
+    meter = SavedTensorMeter([], segment=True)
+    a, b = torch.zeros(10), torch.zeros(5)
+    held = [meter.pack(a), meter.pack(a[2:])]  # a view shares a's storage
+    assert meter.region == "block1" and meter.live_bytes == 40
+    del held
+    held = [meter.pack(b)]
+    assert meter.region == "block2" and dict(meter.region_bytes) == {"block1": 40, "block2": 20}
+    del held
+    assert meter.live_bytes == 0 and meter.peak == 40 and meter.segments == 2

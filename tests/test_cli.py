@@ -262,7 +262,7 @@ def test_resume_with_other_head_is_one_line(trained, capsys):
 def test_data_download_failure_is_one_line(in_tmp, capsys, monkeypatch):
     import urllib.error
 
-    import sigprop.data.datasets as ds
+    import sigprop.data.download as ds
 
     def offline(url, timeout):
         raise urllib.error.URLError("no network here")

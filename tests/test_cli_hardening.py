@@ -399,7 +399,7 @@ def test_config_at_a_directory(in_tmp, capsys):
 
 @pytest.mark.parametrize("dest", ["a-file", "a-file/below"])
 def test_download_dest_at_a_file(in_tmp, capsys, dest, monkeypatch):
-    import sigprop.data.datasets as ds
+    import sigprop.data.download as ds
 
     (in_tmp / "a-file").write_text("x")
     calls = []
@@ -432,7 +432,7 @@ def test_interrupt_names_the_run_folder(fake_fashion, in_tmp, capsys, monkeypatc
 
 
 def test_interrupted_download_gives_no_training_advice(in_tmp, capsys, monkeypatch):
-    import sigprop.data.datasets as ds
+    import sigprop.data.download as ds
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -118,7 +118,7 @@ def test_builtin_experiments_read_and_cover_table6():
     assert fm.rows[0].paper["backprop"].mean == 1.60 and fm.rows[0].paper["shallow"] is None
     assert fm.row_paper_dataset(fm.rows[0]) == "MNIST"
     assert fm.row_paper_dataset(fm.rows[-1]) == "CIFAR-10"
-    # quick is docs/RESULTS.md section 1's setting: full data, 10 epochs, seeds 0 and 1
+    # quick is docs/studies/fc-accuracy.md's setting: full data, 10 epochs, seeds 0 and 1
     quick = fm.runs("quick")
     assert {p.seed for p in quick} == {0, 1}
     assert all(p.config.train.epochs == 10 and p.config.data.train_limit is None for p in quick)
@@ -132,7 +132,7 @@ def test_cell_commands_rebuild_the_cell_config(in_tmp):
 
     from sigprop.engine.config import train_command
     from sigprop.experiments.report import _ALWAYS
-    from sigprop.experiments.reproduce import planned_config
+    from sigprop.experiments.manifest import planned_config
 
     exp = load_experiment("table6-fmnist")
     for plan in exp.runs("quick")[:6]:

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from conftest import random_batches, sigprop_rule
+from sigprop.engine import runstate as ck
+from sigprop.engine.stagespec import parse_split
 from sigprop.errors import ConfigError, InputError
-from sigprop.parallel import checkpoint as ck
-from sigprop.parallel.split import balanced_split, parse_split, resolve_split, stage_ranges
+from sigprop.parallel.split import balanced_split, resolve_split, stage_ranges
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 TIMEOUT = 240  # no staged run in this file may take longer (s)
@@ -221,7 +222,7 @@ def test_a_staged_checkpoint_evaluates_and_resumes_in_one_process_and_back(
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "stages" in history[0] and "stages" not in history[1] and "stages" in history[2]
-    assert ck.read_manifest(run)["epoch"] == 3
+    assert ck.read_stages(run)["epoch"] == 3
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -262,7 +263,7 @@ def test_a_killed_stage_ends_the_job_and_resume_continues(tmp_path):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (run / ck.MANIFEST).exists():
+        while not (run / ck.STAGES_FILE).exists():
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
             time.sleep(0.1)
         time.sleep(0.3)  # into epoch 2
@@ -279,14 +280,14 @@ def test_a_killed_stage_ends_the_job_and_resume_continues(tmp_path):
     assert launcher.returncode == 2
     assert "stage 2/2 (blocks" in err and "SIGKILL" in err and "--resume" in err, err
     assert not any(Path(f"/proc/{p}").exists() for p in stages.values())
-    done = ck.read_manifest(run)["epoch"]
+    done = ck.read_stages(run)["epoch"]
     assert 1 <= done < 30
     state = ck.load_run_state(run)  # the parts of one epoch, readable
     assert state["epoch"] == done and len(state["history"]) == done
     res = _sigprop("train", "--resume", "--run-dir", run, "--no-progress", "--epochs", done + 1)
     assert res.returncode == 0, res.stderr
     assert f"resuming {run} after epoch {done}" in res.stdout
-    assert ck.read_manifest(run)["epoch"] == done + 1
+    assert ck.read_stages(run)["epoch"] == done + 1
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, done + 2))
 
@@ -347,7 +348,7 @@ def test_torchrun_max_restarts_continue_from_the_checkpoint(tmp_path):
                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (run / ck.MANIFEST).exists():
+        while not (run / ck.STAGES_FILE).exists():
             assert agent.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         workers = [p for p in _children(agent.pid) if Path(f"/proc/{p}/environ").exists()]
@@ -377,7 +378,7 @@ def test_a_stage_that_fails_to_start_says_why_in_one_line(tmp_path):
 def test_a_stage_keeps_only_the_blocks_it_trains():
     """release_unowned empties other blocks (and, past the first stage, the signal);
     the stage's own steps and evaluation are unchanged, bit for bit."""
-    from sigprop.parallel.runner import release_unowned
+    from sigprop.parallel.stage import release_unowned
 
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -410,7 +411,7 @@ def test_a_staged_run_folder_refuses_a_fresh_run_and_a_damaged_part_in_one_line(
     assert again.stderr.strip().splitlines() == [
         f"sigprop: error: run folder {run} already holds a run; pass --resume to continue "
         "it or choose another --run-dir"]
-    part = run / ck.read_manifest(run)["files"][1]
+    part = run / ck.read_stages(run)["files"][1]
     part.write_bytes(part.read_bytes()[:1000])  # a damaged stage file
     before = {p.name: p.read_bytes() for p in (run / "stages").iterdir()}
     res = _sigprop("train", "--resume", "--run-dir", run, "--epochs", 2, "--no-progress")
@@ -418,7 +419,7 @@ def test_a_staged_run_folder_refuses_a_fresh_run_and_a_damaged_part_in_one_line(
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "stage 2's part of epoch 1" in lines[0], res.stderr
     assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
-    assert ck.read_manifest(run)["epoch"] == 1
+    assert ck.read_stages(run)["epoch"] == 1
 
 
 # --- data-parallel replicas of the stages -------------------------------------------------

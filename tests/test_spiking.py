@@ -311,7 +311,7 @@ def test_sp_voltage_learns_on_a_fashion_mnist_slice(tmp_path):
 
 
 def test_table5_named_configs():
-    from sigprop.experiments.spec import load_experiment
+    from sigprop.experiments import load_experiment
 
     for name, dataset in (("table5-snn-fmnist", "fashion-mnist"), ("table5-snn-mnist", "mnist")):
         exp = load_experiment(name)

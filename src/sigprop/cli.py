@@ -9,14 +9,14 @@ import argparse
 import math
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
+from .engine.interrupt import Terminated, one_line, sigterm_raises
+from .engine.stagespec import stage_count
 from .errors import CheckpointError, ConfigError, SigpropError
 from .registry import DATASETS, load_plugins
 
@@ -210,8 +210,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = apply_overrides(cfg, {"train": {"run_dir": str(
             Path("runs") / f"{cfg.data.dataset}-{cfg.model.network}-{cfg.rule.name}-{stamp}")}})
-    from .parallel.split import stage_count
-
     if stage_count(cfg.train.stages, cfg.train.split) > 1 or cfg.train.replicas > 1:
         return _train_staged(cfg, resume, explicit_dir=run_dir is not None)
     trainer = Trainer(cfg, Path(cfg.train.run_dir), resume=resume)
@@ -240,7 +238,8 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
     starts them."""
     from .engine.runio import read_history
     from .parallel.launch import launch
-    from .parallel.runner import in_distributed_env, run_stage
+    from .parallel.runner import run_stage
+    from .parallel.stage import in_distributed_env
 
     if in_distributed_env():  # torchrun started this process as one stage
         # torchrun --max-restarts: a restarted job continues from the last checkpoint
@@ -253,7 +252,7 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
         try:
             history = run_stage(cfg, Path(cfg.train.run_dir), resume)
         except SigpropError as err:  # gloo's teardown after a failure may abort: exit now
-            print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
+            print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
             exit_now(2)
         if int(os.environ["RANK"]) == 0 and history:
             _summary(cfg, history[-1])
@@ -283,45 +282,8 @@ def _recorded_config(run_dir: Path):
     return recorded_config(config, path)
 
 
-def load_trained(path_text: str, device: str | None = None, data_dir: str | None = None):
-    """(experiment with the trained rule loaded, its config, the checkpoint state, the
-    file it came from) of a run folder (its newest checkpoint; a staged run's parts
-    merged into one rule) or a checkpoint file; built for evaluation only (no training
-    set). ``sigprop eval`` and scripts that inspect a trained run share it."""
-    from .engine.config import apply_overrides
-    from .engine.runio import CHECKPOINT, load_checkpoint, recorded_config
-    from .engine.trainer import build_experiment
-
-    if not path_text.strip():
-        raise ConfigError("the run folder or checkpoint to evaluate is empty; give its path")
-    from .parallel.checkpoint import MANIFEST, load_run_state
-
-    path = Path(path_text)
-    try:
-        ckpt = path / CHECKPOINT if path.is_dir() else path
-        staged = path.is_dir() and (path / MANIFEST).is_file()
-        found = ckpt.is_file() or staged
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
-    if not found:
-        raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a checkpoint.pt")
-    # a run folder: its newest checkpoint (a staged run's parts merged into one rule)
-    state = load_run_state(path) if path.is_dir() else load_checkpoint(ckpt, "cpu")
-    if path.is_dir() and staged and state is not None and "split" in state:
-        ckpt = path / MANIFEST
-    cfg = recorded_config(state["config"], ckpt)
-    over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
-    if device:
-        over["train"]["device"] = device
-    if data_dir:
-        over["data"] = {"data_dir": data_dir}
-    cfg = apply_overrides(cfg, over)
-    exp = build_experiment(cfg, with_train=False)
-    exp.rule.load_state_dict(state["rule"])
-    return exp, cfg, state, ckpt
-
-
 def cmd_eval(ns: argparse.Namespace) -> int:
+    from .engine import load_trained
     from .engine.trainer import evaluate
 
     exp, cfg, state, ckpt = load_trained(ns.path, ns.device, ns.data_dir)
@@ -473,48 +435,25 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that every cleanup (partial downloads,
-    temporary checkpoint files, the run folder's lock) runs as on Ctrl-C."""
-
-    code = 128 + signal.SIGTERM
-
-
-def _on_sigterm(signum, frame) -> None:
-    # once: a second SIGTERM while the first one's cleanup runs would cut it short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        load_plugins()  # their rules, networks, generators and datasets, in the help too
-        ns = _parser().parse_args(argv)
-        ns.argv = argv
+    with sigterm_raises():
+        try:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            load_plugins()  # their rules, networks, generators and datasets, in the help too
+            ns = _parser().parse_args(argv)
+            ns.argv = argv
 
-        commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
-                    "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot,
-                    "bench": cmd_bench}
-        return commands[ns.command](ns)
-    except SigpropError as err:
-        print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:
-        print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
-              file=sys.stderr)
-        return stop.code if isinstance(stop, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _one_line(err: Exception) -> str:
-    """The message on one line, however the cause (a path, an OS message) was written."""
-    return " ".join(str(err).split()) or type(err).__name__
+            commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
+                        "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot,
+                        "bench": cmd_bench}
+            return commands[ns.command](ns)
+        except SigpropError as err:
+            print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:
+            print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
+                  file=sys.stderr)
+            return stop.code if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

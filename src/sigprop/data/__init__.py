@@ -10,24 +10,12 @@
 from __future__ import annotations
 
 from .augment import Augment, parse_augment
-from .datasets import (
-    DatasetCheck,
-    DatasetSpec,
-    FileCheck,
-    RemoteFile,
-    SplitCheck,
-    cache_root,
-    check_dataset,
-    dataset_spec,
-    download_dataset,
-    download_file,
-    find_dataset_dir,
-    load_dataset,
-    split_file_records,
-    split_paths,
-)
+from .check import DatasetCheck, FileCheck, SplitCheck, check_dataset
+from .datasets import cache_root, find_dataset_dir, load_dataset, split_file_records, split_paths
+from .download import download_dataset, download_file
 from .formats import CorruptFileError, load_cifar, load_idx, load_svhn_mat, read_idx
 from .loader import DeviceLoader
+from .specs import DatasetSpec, RemoteFile, dataset_spec
 
 __all__ = [
     "Augment",

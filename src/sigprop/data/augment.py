@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .datasets import DatasetSpec
 
 DEFAULT_CROP_PADDING = 4
 _CROP = re.compile(r"crop([0-9]*)")
@@ -39,10 +36,24 @@ class Augment:
         return "+".join(parts) or "none"
 
 
-def parse_augment(text: str, spec: DatasetSpec | None = None) -> Augment:
+class AugmentDefaults(Protocol):
+    """What :func:`parse_augment` reads of a dataset; a ``DatasetSpec`` has it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
+
+    @property
+    def default_augment(self) -> Augment: ...
+
+
+def parse_augment(text: str, spec: AugmentDefaults | None = None) -> Augment:
     """``"none" | "crop" | "cropN" | "flip" | "crop+flip" | "auto"`` -> :class:`Augment`.
 
-    ``"auto"`` is the dataset's default (needs ``spec``); ``"crop"`` pads 4 pixels.
+    ``"auto"`` is the dataset's default (needs ``spec``); ``"crop"`` pads 4 pixels; with
+    ``spec``, a padding wider than its images is a ConfigError.
     """
     text = text.strip().lower()
     if text == "auto":

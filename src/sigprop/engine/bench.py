@@ -29,7 +29,6 @@ import contextlib
 import gc
 import re
 import statistics
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,11 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import fastpath
 from ..errors import ConfigError
 from ..networks import build_network
 from ..registry import RULES
 from ..rules import LearningRule, build_rule
+from .memory import SavedTensorMeter
+
 MIB = 2**20
 
 
@@ -85,64 +85,6 @@ def variants(rules: list[str], targets: list[str]) -> list[Variant]:
     return out
 
 
-class _Meter:
-    """Live and peak bytes of tensors held for the update, each storage once, and the
-    peak within the current part (``part``) of the step."""
-
-    def __init__(self, params) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.lock = threading.Lock()
-        self.live: dict[int, list[int]] = {}
-        self.bytes = 0
-        self.peak = 0
-        self.part = "pre"
-        self.part_peak: dict[str, int] = defaultdict(int)
-
-    def enter(self, part: str) -> None:
-        with self.lock:
-            self.part = part
-            self.part_peak[part] = max(self.part_peak[part], self.bytes)
-
-    def pack(self, t: Tensor):
-        try:
-            s = t.untyped_storage()
-            key, size = s.data_ptr(), s.nbytes()
-        except (RuntimeError, NotImplementedError):
-            key, size = t.data_ptr(), t.numel() * t.element_size()
-        if key in self.skip:
-            return t
-        with self.lock:
-            entry = self.live.get(key)
-            if entry is None:
-                self.live[key] = [size, 1]
-                self.bytes += size
-                self.peak = max(self.peak, self.bytes)
-                self.part_peak[self.part] = max(self.part_peak[self.part], self.bytes)
-            else:
-                entry[1] += 1
-        return _Held(t, key, self)
-
-    def release(self, key: int) -> None:
-        with self.lock:
-            entry = self.live.get(key)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.bytes -= entry[0]
-                del self.live[key]
-
-
-class _Held:
-    __slots__ = ("key", "meter", "tensor")
-
-    def __init__(self, tensor: Tensor, key: int, meter: _Meter) -> None:
-        self.tensor, self.key, self.meter = tensor, key, meter
-
-    def __del__(self) -> None:
-        self.meter.release(self.key)
-
-
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -178,7 +120,7 @@ def layer_modules(rule: LearningRule) -> list[list[nn.Module]]:
 class _Timeline:
     """Timestamps of a rule's marks (and CUDA peaks between them) over many steps."""
 
-    def __init__(self, meter: _Meter | None, device: torch.device) -> None:
+    def __init__(self, meter: SavedTensorMeter | None, device: torch.device) -> None:
         self.meter = meter
         self.device = device
         self.durations: dict[str, float] = defaultdict(float)
@@ -333,20 +275,19 @@ def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
         rule.marker = None
         return peak, [tl.cuda_peaks.get(f"block{i + 1}", 0) for i in range(len(owned))]
     params = [p for p in rule.modules.parameters()] + list(rule.modules.buffers())
-    meter = _Meter(params)
+    meter = SavedTensorMeter(params)
     tl = _Timeline(meter, dev)
     rule.marker = tl.mark if _layered(v.rule) else None
     lagging = getattr(rule, "lagging_updates", contextlib.nullcontext)
     gc.collect()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: getattr(h, "tensor", h)), \
-            fastpath.track_saved(meter.pack), lagging():
+    with meter.counting(), lagging():
         rule.train_step(x, y)
         rule.sync()
     tl.end()
     rule.marker = None
     gc.collect()
     everything = state_bytes(rule, [rule.modules])
-    per_layer = [meter.part_peak.get(f"block{i + 1}", 0) + state_bytes(rule, ms)
+    per_layer = [meter.region_peak.get(f"block{i + 1}", 0) + state_bytes(rule, ms)
                  for i, ms in enumerate(owned)]
     return meter.peak + everything, per_layer
 

@@ -30,7 +30,8 @@ from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..options import Option, Options
 from ..registry import NETWORKS, RULES, SIGNALS
-from ..rules.config import SHARED, RuleConfig, declared_options, foreign_option
+from ..rules.config import SHARED, RuleConfig, declared_options
+from .stagespec import parse_split
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,8 +169,6 @@ class Config:
         if t.stage_threads is not None:
             _positive("train.stage_threads", t.stage_threads)
         if t.split is not None:
-            from ..parallel.split import parse_split
-
             sizes = parse_split(t.split)
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "

@@ -113,7 +113,7 @@ _CHECKPOINT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 
 def check_checkpoint(state: Any, path: Path | str, *, stage: bool = False) -> None:
     """Raise CheckpointError unless ``state`` has the layout of a sigprop checkpoint
-    (``stage``: of one stage's part, sigprop.parallel.checkpoint: the first stage's holds
+    (``stage``: of one stage's part, sigprop.engine.runstate: the first stage's holds
     the history, the others an empty one)."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a sigprop checkpoint (format {CHECKPOINT_FORMAT})")

@@ -4,12 +4,12 @@ The hot loop keeps per-step numbers on the device; it syncs with the host once
 every ``check_every`` steps (non-finite-loss check and progress bar) and once per
 epoch. A checkpoint is written atomically after every epoch; a resumed run
 replays exactly: the loader's draws depend only on (seed, epoch), and the global
-RNG state (dropout) is restored from the checkpoint.
+RNG state (dropout) is restored from the checkpoint. :func:`load_trained` rebuilds a
+trained run for evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -20,14 +20,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment, split_file_records
-from ..errors import ConfigError, DataError, TrainingError
+from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
+from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..networks import build_network
 from ..resources import check_fits
 from ..rules import LearningRule, build_rule
 from . import runio
-from .config import Config, resume_changes
+from .config import Config, apply_overrides
 from .runfolder import RunFolder
+from .runstate import STAGES_FILE, RunStart, load_run_state
 
 STEP_MILESTONES = (0.50, 0.75, 0.89, 0.94)  # Sec. IV: lr x0.25 at these fractions
 STEP_FACTOR = 0.25
@@ -198,22 +199,6 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
             f"{record['samples_per_s']:.0f} samples/s")
 
 
-def resumed_record(old: dict[str, Any], record: dict[str, Any],
-                   changes: dict[str, tuple[Any, Any]], done: int, epochs: int
-                   ) -> dict[str, Any]:
-    """config.json of a resumed run: its first record (``old``) updated, with what this
-    resume changed appended under ``resumes`` (when it changes or trains anything)."""
-    if not old:
-        return record
-    resumes = old.get("resumes", []) if isinstance(old.get("resumes"), list) else []
-    record = {**old, **record, "versions": old.get("versions", record["versions"]),
-              "resumes": resumes}
-    if changes or done < epochs:
-        record["resumes"].append({"after_epoch": done, "versions": runio.versions(),
-                                  "changed": {k: list(v) for k, v in changes.items()}})
-    return record
-
-
 class Trainer:
     """Runs one training into a run folder, which it holds locked (:mod:`.runfolder`).
 
@@ -248,51 +233,29 @@ class Trainer:
 
     def _run(self, folder: RunFolder) -> list[dict[str, Any]]:
         cfg = self.cfg
-        ckpt_path = self.run_dir / runio.CHECKPOINT
-        config_path = self.run_dir / runio.CONFIG
-        from ..parallel.checkpoint import load_run_state, refuse_existing_run
-
-        if not self.resume:
-            refuse_existing_run(self.run_dir)
-        # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged
-        state = load_run_state(self.run_dir) if self.resume else None
-        changes: dict[str, tuple[Any, Any]] = {}
-        if state is not None:  # before any data is read: what may this resume change?
-            recorded = runio.recorded_config(state["config"], ckpt_path)
-            changes = resume_changes(recorded, cfg, state["epoch"])
+        # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged;
+        # what this resume changes is settled before any data is read
+        start = RunStart(self.run_dir, cfg, self.resume)
         exp = build_experiment(cfg)
         rule = exp.rule
-        files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
-                 for split, name in (("train", cfg.data.train_split), ("test", "test"))}
-        record = {"config": cfg.to_dict(), "seed": cfg.train.seed, "versions": runio.versions(),
-                  "data_files": files}
-        history: list[dict[str, Any]] = []
-        start = 0
+        state = start.state
         if state is not None:
-            old = runio.read_run_config(config_path) if config_path.exists() else {}
-            _check_same_data(old.get("data_files"), files)
             rule.load_state_dict(state["rule"])
             torch.set_rng_state(state["rng"].cpu())
             if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
-            history = state["history"]
-            start = self.epochs_done = state["epoch"]
-            # a run killed between its checkpoint and its metrics files: make them agree
-            runio.write_metrics(self.run_dir, history)
-            said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-            self._log(f"resuming {self.run_dir} after epoch {start}"
+        history = start.begin(self._log)
+        if state is not None:
+            self.epochs_done = start.epoch
+            said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
+            self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
                       + (f" (changed: {said})" if said else ""))
-            # keep the run's first record; note what each resume changed
-            record = resumed_record(old, record, changes, start, cfg.train.epochs)
-        elif self.resume:
-            self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
-        if state is None or changes or start < cfg.train.epochs:
-            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
         if hasattr(rule, "step_kind"):
             self._log(f"{cfg.rule.name} step: {rule.step_kind}")
-        if start == 0:
+        if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
-        for epoch in range(start, cfg.train.epochs):
+        ckpt_path = self.run_dir / runio.CHECKPOINT
+        for epoch in range(start.epoch, cfg.train.epochs):
             record = self._epoch(exp, epoch)
             history.append(record)
             runio.save_checkpoint(ckpt_path, {
@@ -341,19 +304,35 @@ class Trainer:
                             [test_acc[k] for k in rule.exit_names], elapsed, seen)
 
 
-def _check_same_data(recorded: Any, files: dict[str, list[dict[str, Any]]]) -> None:
-    """A resumed run must read the files it was trained on (compared by md5)."""
-    if not isinstance(recorded, dict):
-        return  # a run from before data files were recorded
-    for split, now in files.items():
-        was = recorded.get(split)
-        if not isinstance(was, list):
-            continue
-        old = sorted(str(r.get("md5")) for r in was if isinstance(r, dict))
-        new = sorted(r["md5"] for r in now)
-        if old != new:
-            where = ", ".join(r["path"] for r in now)
-            raise ConfigError(
-                f"the {split} data read now ({where}) differ from the files this run was "
-                "trained on (md5 in its config.json); resume with the same data "
-                "(--data-dir), or start a new run")
+
+def load_trained(path_text: str, device: str | None = None, data_dir: str | None = None
+                 ) -> tuple[Experiment, Config, dict, Path]:
+    """(experiment with the trained rule loaded, its config, the checkpoint state, the
+    file it came from) of a run folder (its newest checkpoint; a staged run's parts
+    merged into one rule) or a checkpoint file; built for evaluation only (no training
+    set). ``sigprop eval`` and scripts that inspect a trained run share it."""
+    if not path_text.strip():
+        raise ConfigError("the run folder or checkpoint to evaluate is empty; give its path")
+    path = Path(path_text)
+    try:
+        ckpt = path / runio.CHECKPOINT if path.is_dir() else path
+        staged = path.is_dir() and (path / STAGES_FILE).is_file()
+        found = ckpt.is_file() or staged
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    if not found:
+        raise CheckpointError(f"no checkpoint at {ckpt}; give a run folder or a checkpoint.pt")
+    # a run folder: its newest checkpoint (a staged run's parts merged into one rule)
+    state = load_run_state(path) if path.is_dir() else runio.load_checkpoint(ckpt, "cpu")
+    if path.is_dir() and staged and state is not None and "split" in state:
+        ckpt = path / STAGES_FILE
+    cfg = runio.recorded_config(state["config"], ckpt)
+    over: dict[str, dict[str, Any]] = {"train": {"progress": False}}
+    if device:
+        over["train"]["device"] = device
+    if data_dir:
+        over["data"] = {"data_dir": data_dir}
+    cfg = apply_overrides(cfg, over)
+    exp = build_experiment(cfg, with_train=False)
+    exp.rule.load_state_dict(state["rule"])
+    return exp, cfg, state, ckpt

@@ -5,9 +5,10 @@ paper's numbers (``write_report``), and draw runs (``plots``).
     reproduce(exp, "quick", Path("runs/table6"))  # trains what is not finished, then reports
 """
 
+from .read import builtin_names, load_experiment, parse_experiment
 from .report import write_report
 from .reproduce import reproduce
-from .spec import BUDGETS, Experiment, builtin_names, load_experiment, parse_experiment
+from .spec import BUDGETS, Experiment
 
 __all__ = ["BUDGETS", "Experiment", "builtin_names", "load_experiment", "parse_experiment",
            "reproduce", "write_report"]

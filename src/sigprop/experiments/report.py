@@ -20,9 +20,10 @@ from ..engine import runio
 from ..engine.config import train_command
 from ..errors import CheckpointError, ConfigError
 from . import plots
+from .manifest import MANIFEST, planned_config, read_manifest, run_dir, run_state
 from .provenance import describe_machine, source_commit
-from .reproduce import MANIFEST, planned_config, read_manifest, run_dir, run_state
-from .spec import METRICS, Column, Experiment, PaperValue, Row, RunPlan, parse_experiment
+from .read import parse_experiment
+from .spec import METRICS, Column, Experiment, PaperValue, Row, RunPlan
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"

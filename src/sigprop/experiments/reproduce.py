@@ -1,8 +1,6 @@
 """Run every training of an experiment into one folder, then write its report.
 
-    OUT/reproduce.json       the manifest: experiment (as read), budget, the runs, failures,
-                             and each invocation's machine, versions and commit
-    OUT/runs/<row>_<column>_s<seed>/   one ordinary run folder per run (sigprop train's)
+    OUT/reproduce.json, OUT/runs/<run>/       the manifest and the run folders (:mod:`.manifest`)
     OUT/report.md, report.json, plots/*.png   (:mod:`.report`)
 
 A reproduction killed at any point continues where it stopped when the same command is
@@ -15,10 +13,8 @@ made with the settings this reproduction needs.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,54 +22,23 @@ import torch
 
 from ..data import dataset_spec, split_paths
 from ..engine import runio
-from ..engine.config import Config, apply_overrides, config_changes, resumable
+from ..engine.config import Config, config_changes, resumable
 from ..engine.runfolder import RunFolder
 from ..engine.trainer import Trainer, resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, SigpropError
+from ..errors import ConfigError, DataError, SigpropError
 from ..networks import build_network
+from .manifest import (
+    MANIFEST_FORMAT,
+    planned_config,
+    read_manifest,
+    run_dir,
+    run_state,
+    write_manifest,
+)
 from .provenance import provenance
+from .report import write_report
 from .spec import Experiment, RunPlan
 
-MANIFEST = "reproduce.json"
-RUNS = "runs"
-MANIFEST_FORMAT = 1
-
-
-@dataclass
-class RunState:
-    status: str  # "finished" | "partial" | "absent" | "unreadable"
-    epochs: int = 0  # epochs in its metrics
-    detail: str = ""
-
-
-def run_dir(out: Path, plan: RunPlan) -> Path:
-    return Path(out) / RUNS / plan.id
-
-
-def run_state(folder: Path, epochs: int) -> RunState:
-    """How far the run in ``folder`` got, from its metrics (``epochs`` planned)."""
-    if not folder.is_dir():
-        return RunState("absent")
-    try:
-        history = runio.read_history(folder)
-    except CheckpointError as err:
-        return RunState("unreadable", detail=str(err))
-    if len(history) >= epochs:
-        return RunState("finished", len(history))
-    started = (folder / runio.CONFIG).exists() or (folder / runio.CHECKPOINT).exists()
-    return RunState("partial" if started else "absent", len(history))
-
-
-def planned_config(plan: RunPlan, out: Path, *, data_dir: str | None, device: str | None,
-                   progress: bool) -> Config:
-    """``plan``'s configuration placed in ``out`` (its run folder, device, data folder)."""
-    where: dict[str, dict[str, Any]] = {"train": {"run_dir": str(run_dir(out, plan)),
-                                                  "progress": progress}}
-    if device is not None:
-        where["train"]["device"] = device
-    if data_dir is not None:
-        where["data"] = {"data_dir": data_dir}
-    return apply_overrides(plan.config, where)
 
 
 def check_data(exp: Experiment, budget: str, data_dir: str | None) -> None:
@@ -129,30 +94,6 @@ def check_existing(plans: list[RunPlan], out: Path, configs: dict[str, Config]) 
                 f"({listed}); give another --out, or remove that run folder")
 
 
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest of the reproduction in ``out`` (None if there is none), checked."""
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        return None
-    m = runio.read_json(path)
-    fix = "restore it, or give another --out"
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{path} is not a sigprop reproduction manifest; {fix}")
-    kinds = {"experiment": dict, "budget": str, "runs": list, "failed": dict,
-             "invocations": list, "options": dict}
-    for key, kind in kinds.items():
-        if not isinstance(m.get(key), kind):
-            raise CheckpointError(f"{path} is damaged: {key!r} is missing or not a "
-                                  f"{kind.__name__}; {fix}")
-    if not all(isinstance(r, str) for r in m["runs"]):
-        raise CheckpointError(f"{path} is damaged: 'runs' must list run names; {fix}")
-    return m
-
-
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    runio.atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-
-
 def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...] | None = None,
               data_dir: str | None = None, device: str | None = None, progress: bool = True,
               argv: list[str] | None = None, log: TextIO | None = None) -> dict[str, Any]:
@@ -162,8 +103,6 @@ def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...]
     A run that fails (a SigpropError: a diverging loss, a damaged file) is recorded in
     the manifest and its cell marked in the report; the others still run.
     """
-    from .report import write_report
-
     def say(msg: str) -> None:
         print(msg, file=log or sys.stdout, flush=True)
 

@@ -12,7 +12,7 @@ Faults: when a stage ends with an error or is killed, the other stages notice at
 (their sockets to it close) and end; whoever has not ended ``GRACE_S`` seconds later is
 sent SIGTERM, then SIGKILL. The launcher then says which stage failed and from which
 checkpoint ``--resume`` continues (the last consistent one, which no stage's failure can
-damage: .checkpoint). Ctrl-C or SIGTERM to the launcher stops every stage the same way.
+damage: sigprop.engine.runstate). Ctrl-C or SIGTERM to the launcher stops every stage the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ import time
 from pathlib import Path
 
 from ..engine.config import Config
+from ..engine.interrupt import Terminated
 from ..engine.runfolder import RunFolder
-from .checkpoint import latest_kind, refuse_existing_run
+from ..engine.runstate import latest_kind, refuse_existing_run
+from ..engine.trainer import build_config_rule, resolve_device
 from .split import check_devices, plan_split, stage_ranges
+from .stage import timeout_s
 
 GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
 KILL_S = 5.0  # after SIGTERM, before SIGKILL
@@ -47,9 +50,6 @@ def check_stages(cfg: Config) -> list[int]:
     """Everything about the stages that can be checked before any process starts: the
     rule splits, the generator allows it, the split fits the network, the stage timeout
     is a number. Blocks per stage."""
-    from ..engine.trainer import build_config_rule, resolve_device
-    from .runner import timeout_s
-
     timeout_s()
     sizes = plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
     check_devices(cfg, len(sizes) * cfg.train.replicas)
@@ -68,8 +68,6 @@ def _describe(code: int) -> str:
 
 def launch(cfg: Config, resume: bool, out=None) -> int:
     """Run ``cfg`` in its stages on this machine; the exit code (0, 2, 130, 143)."""
-    from ..cli import Terminated
-
     err_out = sys.stderr
     sizes = check_stages(cfg)
     ranges = stage_ranges(sizes)

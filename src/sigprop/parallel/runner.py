@@ -17,8 +17,8 @@ come from each stage's own random stream (the first stage's is the single proces
 
 An epoch ends with every stage's updates applied, evaluation through the same pipeline
 (forward only), the exits' sums gathered on rank 0 (all-reduce), the metrics written by
-rank 0, and a consistent checkpoint (:mod:`.checkpoint`). The progress bar is the last
-stage's (its batches are the ones fully learned).
+rank 0, and a consistent checkpoint (:mod:`sigprop.engine.runstate`). The progress bar
+is the last stage's (its batches are the ones fully learned).
 
 Data-parallel replicas (``--replicas R``): S x R processes, rank ``replica * S + stage``
 (under torchrun, one whole pipeline per ``--nproc-per-node S`` machine). Replica j is a
@@ -35,7 +35,6 @@ shares the test batches out the same way.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
@@ -46,58 +45,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data import split_file_records
 from ..data.loader import derive_seed
 from ..engine import runio
-from ..engine.config import Config, config_from_dict, resume_changes
+from ..engine import runstate as rs
+from ..engine.config import Config
 from ..engine.runfolder import RunFolder
+from ..engine.stagespec import stage_count
 from ..engine.trainer import (
-    _check_same_data, build_config_rule, build_experiment, check_finite, epoch_line,
-    epoch_record, resolve_device, resumed_record, set_epoch_lr)
+    build_config_rule, build_experiment, check_finite, epoch_line, epoch_record,
+    resolve_device, set_epoch_lr)
 from ..errors import ConfigError, SigpropError
-from . import checkpoint as ck
 from . import replicas
-from .split import check_devices, plan_split, stage_count, stage_ranges
+from .split import check_devices, plan_split, stage_ranges
+from .stage import StageEnv, release_unowned, timeout_s
 from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost, shard
 
 DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
 _DROPOUT_STREAM = 7  # derive_seed(seed, _DROPOUT_STREAM, stage[, epoch]): later stages' masks
-
-
-def timeout_s() -> float:
-    """How long a stage waits for any one message or collective before it gives up
-    (``SIGPROP_STAGE_TIMEOUT``, default 300 s). A stage that dies is noticed at once
-    (its sockets close); this bounds a stage that hangs."""
-    text = os.environ.get("SIGPROP_STAGE_TIMEOUT", "300")
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"SIGPROP_STAGE_TIMEOUT must be a positive number of seconds, "
-                          f"got {text!r}")
-    return value
-
-
-class StageEnv:
-    """Where this process sits: rank, world size, and the local process count (for
-    threads), from torchrun's environment or sigprop's own launcher's."""
-
-    def __init__(self) -> None:
-        try:
-            self.rank = int(os.environ["RANK"])
-            self.world = int(os.environ["WORLD_SIZE"])
-            self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        except (KeyError, ValueError):
-            raise ConfigError("a stage process needs RANK and WORLD_SIZE in its environment "
-                              "(torchrun sets them; or let `sigprop train --stages S` start "
-                              "the stages)") from None
-        self.ours = os.environ.get("SIGPROP_LAUNCHER") == "1"  # started by launch.py
-
-
-def in_distributed_env() -> bool:
-    """Whether this process was started as one rank of a job (torchrun, our launcher)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 class StageRun:
@@ -253,17 +217,24 @@ class StageRun:
     # --- resume ---------------------------------------------------------------------
     def _restore(self) -> tuple[list[dict[str, Any]], int]:
         """Load the run's newest checkpoint into this stage; (history, epochs done).
-        Rank 0 decides what to load and tells the others: kind 0 nothing, 1 the whole
-        single-process checkpoint, 2 this stage's own file (same split), 3 every stage
-        file merged (another split). Rank 0 reuses what it read to decide."""
+        Rank 0 checks the folder and writes config.json (:class:`.runstate.RunStart`),
+        then tells the others what to load: kind 0 nothing, 1 the whole single-process
+        checkpoint, 2 this stage's own file (same split), 3 every stage file merged
+        (another split). Rank 0 reuses what it read to decide."""
         decision = torch.zeros(2, dtype=torch.int64)
         err = None
         history: list[dict[str, Any]] = []
         state = None  # rank 0: the checkpoint (kind 1) or its own stage file (kind 2)
         if self.rank == 0:
             try:
-                history, plan, state = self._restore_plan()
-                decision[:] = torch.tensor(plan)
+                start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
+                history = start.begin(self._log)
+                if start.kind == "staged":
+                    kind = 2 if start.split == self.sizes else 3
+                else:
+                    kind = 1 if start.kind == "single" else 0
+                decision[:] = torch.tensor((kind, start.epoch))
+                state = start.state if kind in (1, 2) else None
             except SigpropError as e:
                 err = e
         self._agree(err)
@@ -274,14 +245,14 @@ class StageRun:
             if kind == 1:
                 state = state or runio.load_checkpoint(self.run_dir / runio.CHECKPOINT, "cpu")
             elif kind == 2:
-                manifest = {"epoch": epoch, "split": self.sizes,
-                            "files": [ck.stage_file(epoch, r, self.stages)
-                                      for r in range(self.stages)]}
-                state = state or ck.load_stage_file(self.run_dir, manifest, self.stage)
+                index = {"epoch": epoch, "split": self.sizes,
+                         "files": [rs.stage_file(epoch, r, self.stages)
+                                   for r in range(self.stages)]}
+                state = state or rs.load_stage_file(self.run_dir, index, self.stage)
             elif kind == 3:
-                state = ck.load_run_state(self.run_dir)
+                state = rs.load_run_state(self.run_dir)
             if kind:
-                self._load_own(state["rule"])
+                rs.load_stage_part(self.rule, state["rule"], self.stage, self.ranges)
                 self._set_rng(state["rng"], epoch, own=kind == 2)
         except SigpropError as e:
             err = e
@@ -289,16 +260,6 @@ class StageRun:
         if kind and self.rank == 0:
             self._log(f"resuming {self.run_dir} after epoch {epoch}")
         return history, epoch
-
-    def _load_own(self, state: dict) -> None:
-        """Load this stage's part of a rule state (a whole one or a stage file's): its
-        entries replace the rule's own; the rest (released blocks) stay as they are."""
-        mine = ck.stage_state(state, self.stage, self.ranges)
-        full = self.rule.state_dict()
-        full["modules"].update(mine["modules"])
-        for opt, part in zip(full["optimizers"], mine["optimizers"]):
-            opt["state"].update(part["state"])
-        self.rule.load_state_dict(full)
 
     def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:
         """The dropout stream: this stage's own saved state, else (the checkpoint came from
@@ -308,42 +269,6 @@ class StageRun:
             torch.set_rng_state(saved.cpu())
         else:
             torch.manual_seed(derive_seed(self.cfg.train.seed, _DROPOUT_STREAM, self.rank, epoch))
-
-    def _restore_plan(self) -> tuple[list[dict[str, Any]], tuple[int, int], dict | None]:
-        """Rank 0: check the folder, write config.json; what to load (and what it read:
-        the one-process checkpoint, or the first stage's file)."""
-        cfg = self.cfg
-        if not self.resume:
-            ck.refuse_existing_run(self.run_dir)
-        kind_name, epoch, single = ck.latest_kind(self.run_dir)
-        files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
-                 for split, name in (("train", cfg.data.train_split), ("test", "test"))}
-        record = {"config": cfg.to_dict(), "seed": cfg.train.seed,
-                  "versions": runio.versions(), "data_files": files}
-        history: list[dict[str, Any]] = []
-        kind, state = 0, None
-        config_path = self.run_dir / runio.CONFIG
-        if kind_name is not None:
-            if kind_name == "single":
-                state, kind = single, 1
-            else:
-                manifest = ck.read_manifest(self.run_dir)
-                kind = 2 if manifest["split"] == self.sizes else 3
-                state = ck.load_stage_file(self.run_dir, manifest, 0)
-            changes = resume_changes(config_from_dict(state["config"]), cfg, epoch)
-            old = runio.read_run_config(config_path) if config_path.exists() else {}
-            _check_same_data(old.get("data_files"), files)
-            history = list(state["history"])
-            runio.write_metrics(self.run_dir, history)
-            record = resumed_record(old, record, changes, epoch, cfg.train.epochs)
-            write = bool(changes) or epoch < cfg.train.epochs
-        else:
-            if self.resume:
-                self._log(f"no checkpoint in {self.run_dir}: starting the run from the beginning")
-            write = True
-        if write:
-            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
-        return history, (kind, epoch if kind else 0), state if kind in (1, 2) else None
 
     # --- an epoch -------------------------------------------------------------------
     def _epoch(self, epoch: int, device: torch.device) -> dict[str, Any]:
@@ -461,46 +386,23 @@ class StageRun:
     # --- checkpoint -----------------------------------------------------------------
     def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
         """Every stage writes its part (its first replica: the others hold the same);
-        when all have, rank 0 points the manifest at them; then each stage removes its
-        older part (module docstring of .checkpoint)."""
-        own = ck.stage_file(epoch, self.stage, self.stages)
+        when all have, rank 0 points stages.json at them; then each stage removes its
+        older part (module docstring of sigprop.engine.runstate)."""
+        own = rs.stage_file(epoch, self.stage, self.stages)
         writer = self.replica == 0
         if writer:
-            ck.save_stage(self.run_dir, epoch, self.stage, self.stages, {
+            rs.save_stage(self.run_dir, epoch, self.stage, self.stages, {
                 "epoch": epoch, "config": self.cfg.to_dict(), "stage": self.stage,
                 "split": self.sizes,
-                "rule": ck.stage_state(self.rule.state_dict(), self.stage, self.ranges),
+                "rule": rs.stage_state(self.rule.state_dict(), self.stage, self.ranges),
                 "rng": torch.get_rng_state(), "history": history if self.rank == 0 else []})
         dist.barrier()
         if self.rank == 0:
-            ck.write_manifest(self.run_dir, epoch, self.sizes)
+            rs.write_stages(self.run_dir, epoch, self.sizes)
             runio.write_metrics(self.run_dir, history)
         dist.barrier()
         if writer:
-            ck.remove_stale(self.run_dir, {own}, self.stage, self.stages)
-
-
-def release_unowned(rule, start: int, stop: int) -> int:
-    """Free the parameters and buffers of the blocks a stage does not run (and the
-    signal's after the first stage): every process builds the whole rule from the seed,
-    so that its own blocks start as in one process, then keeps only what it trains.
-    The released tensors become empty; they are never read (their state entries are
-    not this stage's part). Returns the values freed."""
-    freed = 0
-    drop = [b for i, b in enumerate(rule.network.blocks) if not start <= i < stop]
-    if start > 0:
-        drop.append(rule.signal)
-    for module in drop:
-        for m in module.modules():
-            for name, p in m._parameters.items():
-                if p is not None and p.numel():
-                    freed += p.numel()
-                    p.data = p.data.new_empty(0)
-            for name, b in m._buffers.items():
-                if b is not None and b.numel():
-                    freed += b.numel()
-                    m._buffers[name] = b.new_empty(0)
-    return freed
+            rs.remove_stale(self.run_dir, {own}, self.stage, self.stages)
 
 
 def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
@@ -532,4 +434,4 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
             folder.release()
 
 
-__all__ = ["run_stage", "in_distributed_env", "release_unowned"]
+__all__ = ["run_stage"]

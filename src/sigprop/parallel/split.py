@@ -14,10 +14,10 @@ cutting the blocks into contiguous, non-empty stages.
 from __future__ import annotations
 
 import math
-import re
 
 from torch import nn
 
+from ..engine.stagespec import parse_split, stage_count
 from ..errors import ConfigError
 from .replicas import check_shards
 
@@ -26,26 +26,6 @@ from .replicas import check_shards
 # benchmarks ran on (docs/RESULTS.md, section 10)
 BYTE_FLOPS = 8.0
 ADAM_BYTES = 32
-
-
-def parse_split(text: str) -> list[int]:
-    """``"2,1"`` -> [2, 1]: blocks per stage, first stage first."""
-    if not isinstance(text, str) or not re.fullmatch(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*", text):
-        raise ConfigError(f"train.split must be blocks per stage as positive integers separated "
-                          f"by commas (e.g. 2,1), got {text!r}")
-    sizes = [int(t) for t in text.split(",")]
-    if any(k < 1 for k in sizes):
-        raise ConfigError(f"train.split {text!r} gives a stage no block; every stage needs "
-                          "at least one")
-    if len(sizes) < 2:
-        raise ConfigError(f"train.split {text!r} names one stage; a split needs at least two "
-                          "(or leave it out to train in one process)")
-    return sizes
-
-
-def stage_count(stages: int, split: str | None) -> int:
-    """The number of stages a config asks for (``split`` wins: it names them)."""
-    return len(parse_split(split)) if split is not None else stages
 
 
 def _macs(module: nn.Module, in_shape: tuple[int, ...]) -> int:

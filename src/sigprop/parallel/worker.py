@@ -9,19 +9,18 @@ import signal
 import sys
 from pathlib import Path
 
+from .. import rules  # noqa: F401  (registers the rules)
+from ..engine.config import config_from_dict
+from ..engine.interrupt import Terminated, on_sigterm, one_line
+from ..engine.perf import tune_allocator
+from ..errors import SigpropError
+from .launch import PEER_EXIT
+from .runner import run_stage
+from .transport import StageFailure
+
 
 def main() -> int:
-    from ..cli import Terminated, _on_sigterm, _one_line
-    from ..engine.config import config_from_dict
-    from ..engine.perf import tune_allocator
-    from ..errors import SigpropError
-    from .launch import PEER_EXIT
-    from .runner import run_stage
-    from .transport import StageFailure
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    import sigprop.rules  # noqa: F401  (register rules)
-
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = config_from_dict(json.loads(os.environ["SIGPROP_STAGE_CONFIG"]))
         tune_allocator()
@@ -30,7 +29,7 @@ def main() -> int:
     except StageFailure:
         return PEER_EXIT  # another stage stopped first: the launcher names it
     except SigpropError as err:
-        print(f"sigprop: error: {_one_line(err)}", file=sys.stderr)
+        print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         return stop.code if isinstance(stop, Terminated) else 130

@@ -1,4 +1,5 @@
-"""Block 1 of snn-conv trained alone by a sigprop local loss, then probed (RESULTS 9).
+"""Block 1 of snn-conv trained alone by a sigprop local loss, then probed
+(docs/studies/spiking-local-loss.md).
 
     OMP_NUM_THREADS=1 python block1_study.py VARIANT [STEPS=240]
 
@@ -18,7 +19,7 @@ VARIANT words (combined with '-'):
   center     the inputs' batch mean (per feature and step) is subtracted first
   l2         Eq. 7 instead of the dot product
   noaffine   BatchNorm's weight and bias stay at 1 and 0
-  pooled     compare 4x4 average-pooled activity (not in RESULTS)
+  pooled     compare 4x4 average-pooled activity (not in the study)
   v          a label only (the runs named *-v, which also printed the voltage probe)
   ann        no spiking: the block's output is leaky_relu(BN(conv x)) (annsurr:
              g(BN(conv x) - theta)), targets at that output, compared there
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "scripts"))
 from snn_probe import probe as linear_probe  # noqa: E402
 
 from sigprop.data.datasets import dataset_spec, load_dataset

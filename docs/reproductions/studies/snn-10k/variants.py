@@ -1,4 +1,4 @@
-"""sp-surrogate variants (diagnostics, docs/RESULTS.md section 9), chosen by SNN_VARIANT:
+"""sp-surrogate variants (diagnostics, docs/studies/spiking-local-loss.md), chosen by SNN_VARIANT:
 
 * ``current``: the label projection (Eq. 1) makes block 1's *current* (128 x H x W,
   after its conv and BatchNorm) for each class instead of an input image; the target

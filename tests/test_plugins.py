@@ -89,7 +89,7 @@ metric = "test_error"
 [defaults]
 data = { dataset = "fashion-mnist", batch_size = 64 }
 model = { network = "fc-2x32" }
-rule = { lr = 5e-3, trainable_blocks = 1 }
+rule = { lr = 5e-3, trainable_blocks = 2 }
 
 [[columns]]
 key = "backprop"
@@ -98,7 +98,7 @@ rule = { name = "backprop" }
 
 [[columns]]
 key = "top-k"
-label = "top-1"
+label = "top-2"
 rule = { name = "top-k" }
 
 [[rows]]
@@ -119,7 +119,13 @@ train = { epochs = 1 }
                    cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "top-1" in report and "--rule top-k" in report and "--trainable-blocks 1" in report
+    assert "top-2" in report and "--rule top-k --lr 0.005 --trainable-blocks 2" in report
+    # the defaults' option applies to the column whose rule takes it
+    runs = tmp_path / "out" / "runs"
+    rule = json.loads((runs / "fc_top-k_s0" / "config.json").read_text())["config"]["rule"]
+    assert rule["trainable_blocks"] == 2
+    rule = json.loads((runs / "fc_backprop_s0" / "config.json").read_text())["config"]["rule"]
+    assert "trainable_blocks" not in rule
 
 
 def test_a_broken_plugin_is_one_line(tmp_path):

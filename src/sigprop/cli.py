@@ -188,7 +188,13 @@ def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .engine.config import Config, apply_overrides, load_toml
+    from .engine.config import (
+        Config,
+        apply_overrides,
+        foreign_options,
+        load_toml,
+        without_options,
+    )
     from .engine.perf import tune_allocator
     from .engine.trainer import Trainer
 
@@ -200,11 +206,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     # resume: the run's own settings, then the file's and the flags' (checked against
     # what resume may change when the checkpoint is read)
-    cfg = _recorded_config(Path(run_dir)) if resume else None
-    cfg = cfg or Config()
+    recorded = _recorded_config(Path(run_dir)) if resume else None
+    cfg = recorded or Config()
     if hasattr(ns, "config"):
         cfg = apply_overrides(cfg, load_toml(ns.config))
     cfg = apply_overrides(cfg, overrides, text=True)
+    if recorded is not None and cfg.rule.name != recorded.rule.name:
+        # the run's own options do not fit another rule: leave them out, so that the
+        # resume check names the change of rule itself
+        mine = set(load_toml(ns.config).get("rule", {})) if hasattr(ns, "config") else set()
+        mine |= set(overrides.get("rule", {}))
+        cfg = without_options(cfg, foreign_options(cfg.rule.name, cfg.rule.options) - mine)
     cfg.validate()
     if cfg.train.run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

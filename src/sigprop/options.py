@@ -86,9 +86,12 @@ class Option:
         if self.type is str:
             return "text"
         kind = "an integer" if self.type is int else "a finite number"
+        low = self.low
+        if self.type is int and low == 1 and not self.low_open:
+            kind, low = "a positive integer", None
         bounds = []
-        if self.low is not None:
-            bounds.append(f"{'>' if self.low_open else '>='} {_num(self.low)}")
+        if low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {_num(low)}")
         if self.high is not None:
             bounds.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
         return kind + (" " + " and ".join(bounds) if bounds else "")
@@ -148,9 +151,12 @@ class Option:
                            f"({self.help}; it takes {self.describe()}{unset})")
 
     def _value_error(self, key: str, value: Any) -> ConfigError:
-        unset = " (or leave it unset for the default)" if self.optional else ""
-        return ConfigError(f"{key} ({self.help}): got {self._got(value)}; it takes "
-                           f"{self.describe()}{unset}")
+        unset = " or leave it unset for the default" if self.optional else ""
+        if self.allowed() is not None:
+            return ConfigError(f"{key} must be {self.describe()}, got {self._got(value)}; "
+                               f"choose one of them{unset}")
+        return ConfigError(f"{key} ({self.help}) must be {self.describe()}, got "
+                           f"{self._got(value)}; choose another value{unset}")
 
 
 def _num(x: float) -> str:

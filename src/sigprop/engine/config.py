@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import re
 import shlex
 import sys
 import types

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..functional.predsim import binary_scores, pool_kernel, predsim_loss
 from ..networks import Dropout, Network
 from ..options import Option

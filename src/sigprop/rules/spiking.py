@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as SF
-from ..errors import ConfigError
 from ..functional.spiking import step_similarity, surrogate_activity
 from ..networks import Network
 from ..networks.spiking import SP_THRESHOLD, SpikingNetwork

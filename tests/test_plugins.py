@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ SRC = ROOT / "src"
 def site(tmp_path_factory) -> Path:
     """A folder holding the example plugin as pip installs it (code and entry points)."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("example") / EXAMPLE.name  # pip builds in the folder
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", "--target", str(target), str(EXAMPLE)],
+         "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if proc.returncode != 0:

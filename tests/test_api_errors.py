@@ -224,7 +224,8 @@ def test_rule_config_values(key, value):
 
 
 def test_eta_message_says_what_eta_is():
-    with pytest.raises(ConfigError, match=r"eta \(the error step of the loop-error signal"):
+    with pytest.raises(ConfigError, match=r"eta must be a finite number, got nan \(the error "
+                       r"step of the loop-error signal"):
         RuleConfig(eta=float("nan")).validate()
 
 

@@ -90,7 +90,7 @@ data_dir = "/somewhere"
 network = "fc-2x64"
 dropout = 0.1
 [rule]
-name = "backprop"
+name = "sigprop"
 lr = 1e-3
 signal_learned = false
 logit_scale = 0.5
@@ -101,13 +101,14 @@ schedule = "cosine"
     cfg = apply_overrides(Config(), load_toml(p))
     assert cfg.data.batch_size == 32 and cfg.data.data_dir == "/somewhere"
     assert cfg.model.network == "fc-2x64" and cfg.model.dropout == 0.1
-    assert cfg.rule.name == "backprop" and cfg.rule.lr == 1e-3
-    assert cfg.rule.signal_learned is False and cfg.rule.logit_scale == 0.5
+    assert cfg.rule.name == "sigprop" and cfg.rule.lr == 1e-3
+    opts = cfg.rule.resolved()
+    assert opts.signal_learned is False and opts.logit_scale == 0.5
     assert cfg.train.epochs == 3 and cfg.train.schedule == "cosine"
     assert cfg.data.eval_batch_size == Config().data.eval_batch_size  # untouched default
     # flags (strings, as argparse gives them) win over the file
     cfg2 = apply_overrides(cfg, {"train": {"epochs": "5"}, "rule": {"lr": "0.01"},
-                                 "data": {"data_dir": "/other"}})
+                                 "data": {"data_dir": "/other"}}, text=True)
     assert cfg2.train.epochs == 5 and cfg2.rule.lr == 0.01 and cfg2.data.data_dir == "/other"
     assert cfg2.model.network == "fc-2x64" and cfg2.train.schedule == "cosine"
     assert cfg.train.epochs == 3  # the original is not mutated
@@ -122,12 +123,65 @@ def test_runs_recorded_before_target_dropout_resume_as_they_trained():
     option does nothing and takes today's default."""
     d = Config().to_dict()
     del d["rule"]["target_dropout"]
-    assert config_from_dict(d).rule.target_dropout == "off"  # no dropout
+    assert config_from_dict(d).rule.resolved().target_dropout == "off"  # no dropout
     d["model"]["dropout"] = 0.1
-    assert config_from_dict(d).rule.target_dropout == "on"
+    assert config_from_dict(d).rule.resolved().target_dropout == "on"
     assert "target_dropout" not in d["rule"]  # the caller's dict is left alone
     d["rule"]["target_dropout"] = "off"
-    assert config_from_dict(d).rule.target_dropout == "off"
+    assert config_from_dict(d).rule.resolved().target_dropout == "off"
+
+
+# a config.json of the layout before rules declared their own options: every rule's
+# options in one [rule] table
+OLD_RULE_TABLE = {
+    "name": "backprop", "lr": 0.0005, "weight_decay": 0.0, "signal": "label",
+    "signal_learned": True, "head": "classifier", "loss": "dot", "logit_scale": None,
+    "bn_stats": "inputs", "target_dropout": "off", "eta": 1.0, "targets": "dense",
+    "sparse_size": None, "sparse_grid": 1, "ll_beta": None, "ll_features": 2048,
+    "loopback": "learned", "ep_free_steps": None, "ep_nudge_steps": None, "ep_dt": 0.5,
+    "ep_beta": None, "ep_beta_sign": "auto", "ep_lrs": "", "ep_tol": 0.0,
+    "exit_targets": "prototypes", "fast_path": "auto", "pipeline": "auto",
+    "spike_threshold": None, "amp": "auto"}
+
+
+@pytest.mark.parametrize("name,kept", [
+    ("backprop", {"spike_threshold"}),
+    ("ll-fa", {"ll_beta", "ll_features"}),
+    ("ep-loopback", {"loopback", "ep_free_steps", "ep_nudge_steps", "ep_dt", "ep_beta",
+                     "ep_beta_sign", "ep_lrs", "ep_tol"}),
+])
+def test_runs_recorded_with_every_rules_options_still_load(name, kept):
+    """Options the recorded rule does not take had no effect on it: they are dropped."""
+    d = Config().to_dict()
+    d["rule"] = {**OLD_RULE_TABLE, "name": name}
+    cfg = config_from_dict(d)
+    cfg.validate()
+    shared = {"name", "lr", "weight_decay", "amp"}
+    assert set(cfg.to_dict()["rule"]) == shared | kept
+
+
+def test_a_rule_refuses_options_that_are_not_its_own():
+    cfg = apply_overrides(Config(), {"rule": {"name": "backprop", "head": "classifier"}})
+    with pytest.raises(ConfigError, match=r"head \(--head\) is an option of sigprop.*not of "
+                                          r"rule 'backprop'; drop it"):
+        cfg.validate()
+    cfg = apply_overrides(Config(), {"rule": {"eta": 0.5}})  # sigprop, signal label
+    with pytest.raises(ConfigError, match=r"eta .* signal loop-error, not of rule 'sigprop' "
+                                          r"with signal 'label'"):
+        cfg.validate()
+    apply_overrides(cfg, {"rule": {"signal": "loop-error", "head": "classifier"}}).validate()
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "epochs", "1"), ("rule", "lr", "0.1"), ("rule", "signal_learned", "false"),
+    ("data", "batch_size", "64"),
+])
+def test_toml_values_must_have_their_type(section, key, value):
+    """A string is converted only when it comes from a flag: ``epochs = "1"`` in a file
+    is a mistake to point out, not to guess at."""
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected"):
+        apply_overrides(Config(), {section: {key: value}})
+    apply_overrides(Config(), {section: {key: value}}, text=True)
 
 
 def test_repo_presets_load(pytestconfig):
@@ -177,9 +231,11 @@ def test_validate_errors(over, match):
 
 
 def test_string_coercions():
+    """Flags arrive as strings and are converted; a TOML or API value must have its type."""
     cfg = apply_overrides(Config(), {"rule": {"signal_learned": "no", "logit_scale": "0.25"},
-                                     "data": {"train_limit": "100"}})
-    assert cfg.rule.signal_learned is False and cfg.rule.logit_scale == 0.25
+                                     "data": {"train_limit": "100"}}, text=True)
+    opts = cfg.rule.resolved()
+    assert opts.signal_learned is False and opts.logit_scale == 0.25
     assert cfg.data.train_limit == 100
     assert apply_overrides(cfg, {"data": {"train_limit": None}}).data.train_limit is None
 

@@ -54,7 +54,7 @@ def ref_relax(rule, x, steps, beta=0.0, target=None, states=None):
                 ds = d - s[i]
                 if beta and i == len(lins) - 1:
                     ds = ds - beta * (s[i] - target[n])
-                new.append((s[i] + rule.cfg.ep_dt * ds).clamp(0, 1))
+                new.append((s[i] + rule.opts.ep_dt * ds).clamp(0, 1))
             s = new
         out.append(s)
     return [torch.stack([o[i] for o in out]) for i in range(len(lins))]

@@ -139,7 +139,7 @@ def test_cell_commands_rebuild_the_cell_config(in_tmp):
         cfg = planned_config(plan, in_tmp / "out", data_dir="/data", device=None, progress=True)
         words = shlex.split(train_command(cfg, always=_ALWAYS))
         ns = _parser().parse_args(words[1:])
-        rebuilt = apply_overrides(Config(), _overrides(ns))
+        rebuilt = apply_overrides(Config(), _overrides(ns), text=True)
         assert rebuilt == cfg
 
 

@@ -56,7 +56,6 @@ entry ending in "/" holds every module under that folder.
 # (importer, imported) -> owner. An importer under scripts/ or benchmarks/ is named from
 # the repository's root. Remove an entry with its import; a stale entry fails.
 PENDING: dict[tuple[str, str], str] = {
-    ("rules/base.py", "rules/local_learning.py"): "rule options",  # circle: check_ll_options
 }
 
 

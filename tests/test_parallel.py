@@ -174,9 +174,11 @@ def _sigprop(*args, env=None, timeout=TIMEOUT):
 
 
 def _train(data_dir, run_dir, *extra, epochs=2):
+    # --pipeline is sigprop's option: left out when another rule is named
+    pipeline = () if "--rule" in extra else ("--pipeline", "off")
     return _sigprop("train", "--data-dir", data_dir, "--run-dir", run_dir, "--network",
                     "fc-3x32", "--batch-size", 64, "--eval-batch-size", 100, "--epochs",
-                    epochs, "--no-progress", "--pipeline", "off", "--stage-threads", 1, *extra)
+                    epochs, "--no-progress", *pipeline, "--stage-threads", 1, *extra)
 
 
 def _final_state(run_dir):

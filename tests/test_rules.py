@@ -404,8 +404,8 @@ def loop_exit_scores(rule, x, fb=None):
             for i, b in enumerate(blocks):
                 if i:
                     t = b(t)
-                scale = SF.default_scale(rule.cfg.loss, hs[i].shape[1], rule.signal.per_sample)
-                if rule.cfg.loss == "dot":
+                scale = SF.default_scale(rule.opts.loss, hs[i].shape[1], rule.signal.per_sample)
+                if rule.opts.loss == "dot":
                     scores[i][:, c] = (hs[i] * t).sum(1) * scale
                 else:
                     scores[i][:, c] = -((hs[i] - t) ** 2).sum(1) * scale

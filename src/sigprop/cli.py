@@ -14,15 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine.config import SWITCH_FLAGS, TRAIN_FLAGS
+from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .engine.interrupt import Terminated, one_line, sigterm_raises
 from .engine.stagespec import stage_count
 from .errors import CheckpointError, ConfigError, SigpropError
-
-SWITCH_HELP = {
-    "--signal-fixed": "keep the target generator fixed (random projection)",
-    "--no-progress": "no progress bar",
-}
+from .registry import DATASETS, load_plugins
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,13 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a network", argument_default=argparse.SUPPRESS)
-    t.add_argument("--config", metavar="FILE.toml", help="TOML file of [data]/[model]/[rule]/[train]")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    for flag, section, key, kw in TRAIN_FLAGS:
-        t.add_argument(flag, dest=f"{section}.{key}", **kw)
-    for flag, section, key, value in SWITCH_FLAGS:
-        t.add_argument(flag, dest=f"{section}.{key}", action="store_const", const=value,
-                       help=SWITCH_HELP[flag])
+    _train_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint on the test set")
     e.add_argument("path", help="run folder or checkpoint.pt")
@@ -127,6 +117,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_arguments(t: argparse.ArgumentParser) -> None:
+    """`sigprop train`'s flags: the sections' and, from the registries, the rule's (grouped
+    by the rules and generators that take them)."""
+    t.add_argument("--config", metavar="FILE.toml", help="TOML file of [data]/[model]/[rule]/[train]")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    helps = {"--dataset": "dataset, one of: " + ", ".join(DATASETS.names()),
+             "--network": network_help()}
+    for flag, section, key, kw in SECTION_FLAGS:
+        text = helps.get(flag, kw.get("help", ""))
+        t.add_argument(flag, dest=f"{section}.{key}",
+                       **{"metavar": key.upper(), **kw, "help": _escaped(text)})
+    for flag, section, key, value, text in SWITCH_FLAGS:
+        t.add_argument(flag, dest=f"{section}.{key}", action="store_const", const=value,
+                       help=_escaped(text))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    switches = {key: (flag, value, text) for flag, key, value, text in rule_switches()}
+    for flag, key, kw, who in rule_flags():
+        if who not in groups:
+            title = "rule options" if who == "every rule" else f"options of {who}"
+            groups[who] = t.add_argument_group(title)
+        groups[who].add_argument(flag, dest=f"rule.{key}", **{**kw, "help": _escaped(kw["help"])})
+        if key in switches:
+            sflag, value, text = switches[key]
+            groups[who].add_argument(sflag, dest=f"rule.{key}", action="store_const",
+                                     const=value, help=_escaped(text))
+
+
+def _escaped(text: str) -> str:
+    """Help text as argparse takes it (a literal % is written %%)."""
+    return text.replace("%", "%%")
+
+
 def _names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
@@ -166,7 +188,13 @@ def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .engine.config import Config, apply_overrides, load_toml
+    from .engine.config import (
+        Config,
+        apply_overrides,
+        foreign_options,
+        load_toml,
+        without_options,
+    )
     from .engine.perf import tune_allocator
     from .engine.trainer import Trainer
 
@@ -178,11 +206,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     # resume: the run's own settings, then the file's and the flags' (checked against
     # what resume may change when the checkpoint is read)
-    cfg = _recorded_config(Path(run_dir)) if resume else None
-    cfg = cfg or Config()
+    recorded = _recorded_config(Path(run_dir)) if resume else None
+    cfg = recorded or Config()
     if hasattr(ns, "config"):
         cfg = apply_overrides(cfg, load_toml(ns.config))
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides, text=True)
+    if recorded is not None and cfg.rule.name != recorded.rule.name:
+        # the run's own options do not fit another rule: leave them out, so that the
+        # resume check names the change of rule itself
+        mine = set(load_toml(ns.config).get("rule", {})) if hasattr(ns, "config") else set()
+        mine |= set(overrides.get("rule", {}))
+        cfg = without_options(cfg, foreign_options(cfg.rule.name, cfg.rule.options) - mine)
     cfg.validate()
     if cfg.train.run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -417,9 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     with sigterm_raises():
         try:
             argv = sys.argv[1:] if argv is None else list(argv)
+            load_plugins()  # their rules, networks, generators and datasets, in the help too
             ns = _parser().parse_args(argv)
             ns.argv = argv
-            import sigprop.rules  # noqa: F401  (register rules)
 
             commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data,
                         "reproduce": cmd_reproduce, "report": cmd_report, "plot": cmd_plot,

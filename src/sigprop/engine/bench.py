@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..networks import build_network
+from ..registry import RULES
 from ..rules import LearningRule, build_rule
 from .memory import SavedTensorMeter
 
-LOCAL_RULES = ("sigprop", "ll-bp", "ll-fa", "dfa")
 MIB = 2**20
 
 
@@ -53,6 +53,11 @@ class Variant:
     name: str
     rule: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def _layered(rule: str) -> bool:
+    """Whether ``rule`` trains block by block, so its steps are timed per layer too."""
+    return RULES.get(rule).layered
 
 
 def target_options(kind: str) -> dict[str, Any]:
@@ -179,8 +184,8 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         torch.manual_seed(seed)  # the same initial weights for every rule
         net = build_network(network, input_shape, num_classes, dropout=dropout)
         opts = dict(v.options)
-        if v.rule == "sigprop":
-            opts.update(head=head, pipeline=pipeline)
+        takes = {o.name for o in RULES.get(v.rule).options}  # --head, --pipeline: sigprop's
+        opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
     log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
@@ -206,7 +211,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         order = cols if r % 2 == 0 else cols[::-1]
         for v in order:
             rule = rules[v.name]
-            layered = v.rule in LOCAL_RULES and not getattr(rule, "pipelines", False)
+            layered = _layered(v.rule) and not getattr(rule, "pipelines", False)
             tl = timelines[v.name]
             rule.marker = tl.mark if layered else None
             gc.collect()
@@ -226,8 +231,8 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         mem, layer_mem = _memory(rule, v, pool[0], dev, sync)
         layers: list[dict[str, Any]] = []
         notes: list[str] = []
-        layered = v.rule in LOCAL_RULES and not getattr(rule, "pipelines", False)
-        if v.rule in LOCAL_RULES and not layered:
+        layered = _layered(v.rule) and not getattr(rule, "pipelines", False)
+        if _layered(v.rule) and not layered:
             notes.append("pipelined: blocks overlap on two threads, no per-layer times "
                          "(--pipeline off gives them)")
         if layered:
@@ -259,7 +264,7 @@ def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
     x, y = batch
     if dev.type == "cuda":
         tl = _Timeline(None, dev)
-        rule.marker = tl.mark if v.rule in LOCAL_RULES else None
+        rule.marker = tl.mark if _layered(v.rule) else None
         sync()
         torch.cuda.reset_peak_memory_stats(dev)
         rule.train_step(x, y)
@@ -272,7 +277,7 @@ def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
     params = [p for p in rule.modules.parameters()] + list(rule.modules.buffers())
     meter = SavedTensorMeter(params)
     tl = _Timeline(meter, dev)
-    rule.marker = tl.mark if v.rule in LOCAL_RULES else None
+    rule.marker = tl.mark if _layered(v.rule) else None
     lagging = getattr(rule, "lagging_updates", contextlib.nullcontext)
     gc.collect()
     with meter.counting(), lagging():

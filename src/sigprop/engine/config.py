@@ -3,7 +3,8 @@
     [data]   dataset, data_dir, train_split, train_limit, test_limit, augment, batch_size,
              eval_batch_size
     [model]  network, dropout
-    [rule]   name, lr, weight_decay, signal, signal_learned, head, loss, ...
+    [rule]   name, lr, weight_decay, amp, and the rule's own options (each rule declares
+             them in its own file: sigprop.options)
     [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
              stage_threads, replicas
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import re
 import shlex
 import sys
 import types
@@ -24,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import dataset_spec, parse_augment
 from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
-from ..rules.base import RuleConfig
+from ..options import Option, Options
+from ..registry import NETWORKS, RULES, SIGNALS
+from ..rules.config import SHARED, RuleConfig, declared_options
 from .stagespec import parse_split
 
 if sys.version_info >= (3, 11):
@@ -53,9 +55,48 @@ class ModelConfig:
     dropout: float = 0.0
 
 
-@dataclass
 class RuleSection(RuleConfig):
-    name: str = "sigprop"
+    """[rule]: the rule's ``name``, the shared options and the rule's own (``options``,
+    as given; :meth:`resolved` fills in the defaults of the rule's declarations)."""
+
+    def __init__(self, name: str = "sigprop", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.name = name
+
+    def replace(self, **changes: Any) -> RuleSection:
+        name = changes.pop("name", self.name)
+        base = RuleConfig.replace(self, **changes)
+        return RuleSection(name, **base.shared(), options=base.options)
+
+    def replace_options(self, options: dict[str, Any]) -> RuleSection:
+        """A copy holding ``options`` (all of them) as the rule's own."""
+        return RuleSection(self.name, **self.shared(), options=options)
+
+    def resolved(self) -> Options:
+        """The rule's options, checked, its declarations' defaults filled in."""
+        return RULES.get(self.name).resolve_options(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The [rule] table: name, shared options, then the rule's own (resolved when the
+        rule is known, else as given)."""
+        try:
+            options = dict(self.resolved())
+        except ConfigError:
+            options = dict(self.options)
+        return {"name": self.name, **self.shared(), **options}
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"rule.name must be a rule's name, got {self.name!r}; choose "
+                              f"one of: {', '.join(RULES.names())}")
+        super().validate()
+        self.resolved()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuleSection) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"RuleSection({self.to_dict()!r})"
 
 
 @dataclass
@@ -85,13 +126,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"data": dataclasses.asdict(self.data), "model": dataclasses.asdict(self.model),
+                "rule": self.rule.to_dict(), "train": dataclasses.asdict(self.train)}
 
     def validate(self) -> None:
         """Check every value that can be checked without data or memory: bad values stop
         here, before a run folder is made or a file read."""
-        from ..data import dataset_spec, parse_augment
-
         d, m, t = self.data, self.model, self.train
         # BatchNorm cannot train on one sample (its variance would be 0)
         _positive("data.batch_size", d.batch_size, minimum=2,
@@ -149,52 +189,53 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 @functools.lru_cache(maxsize=None)
 def _section_types(section: str) -> dict[str, Any]:
-    cls = {"data": DataConfig, "model": ModelConfig, "rule": RuleSection, "train": TrainConfig}[section]
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check/convert ``value`` to the field type ``tp`` (int, float, str, bool, X | None)."""
+def _coerce(key: str, value: Any, tp: Any, text: bool) -> Any:
+    """Check ``value`` against the field type ``tp`` (int, float, str, bool, X | None);
+    a string is converted only when it comes from a command-line flag (``text``)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None:
             return None
         tp = next(a for a in args if a is not type(None))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif tp in (int, float):
-        # ints widen to float; floats never narrow to int; strings come from flags
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if numeric and (tp is float or isinstance(value, int)):
-            return _finite(key, tp(value))
-        if isinstance(value, str) and _NUMBER[tp].fullmatch(value.strip()):
-            return _finite(key, tp(value))
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    what = _MEANING.get(key, key)
+    return Option(key.replace(".", "_"), tp, None, what, max_length=MAX_PATH).check(value, key, text)
 
 
-# ASCII digits only: int() and float() also take other scripts' digits ("٣")
-_NUMBER = {
-    int: re.compile(r"[+-]?[0-9]+"),
-    float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)",
-                      re.IGNORECASE),
-}
+MAX_PATH = 4096  # characters of a path or name in a config (Linux PATH_MAX)
+_MEANING: dict[str, str] = {}  # section.key -> what it is, for messages (help of the flag)
 
 
-def _finite(key: str, value: int | float) -> int | float:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
-    return value
+def rule_keys() -> list[str]:
+    """Every key a [rule] table may hold: name, the shared options, every declared one."""
+    return ["name", *(o.name for o in SHARED),
+            *sorted(set(declared_options()) - {o.name for o in SHARED})]
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
-    """Return ``cfg`` with ``{section: {key: value}}`` applied, each value type-checked."""
+def _apply_rule(rule: RuleSection, values: dict[str, Any], text: bool) -> RuleSection:
+    declared = declared_options()
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "name":
+            if not isinstance(value, str):
+                raise ConfigError(f"rule.name: expected str, got {value!r}")
+            changes[key] = value
+        elif key in declared:
+            changes[key] = declared[key].check(value, f"rule.{key}", text)
+        else:
+            raise ConfigError(f"unknown key rule.{key}; keys of [rule] are: "
+                              f"{', '.join(rule_keys())}")
+    return rule.replace(**changes)
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], text: bool = False
+                    ) -> Config:
+    """Return ``cfg`` with ``{section: {key: value}}`` applied, each value type-checked
+    (``text``: the values are command-line strings, converted to each key's type)."""
     for section, values in overrides.items():
         if section not in SECTIONS:
             raise ConfigError(
@@ -202,6 +243,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
             )
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of key = value")
+        if section == "rule":
+            cfg = dataclasses.replace(cfg, rule=_apply_rule(cfg.rule, values, text))
+            continue
         types_ = _section_types(section)
         changes = {}
         for key, value in values.items():
@@ -209,7 +253,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
                 raise ConfigError(
                     f"unknown key {section}.{key}; keys of [{section}] are: {', '.join(types_)}"
                 )
-            changes[key] = _coerce(f"{section}.{key}", value, types_[key])
+            changes[key] = _coerce(f"{section}.{key}", value, types_[key], text)
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
     return cfg
 
@@ -235,60 +279,63 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
     """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder).
 
-    A run recorded before ``rule.target_dropout`` existed (its rule table lacks the
-    key) dropped its targets' units, the option's ``on``; with dropout it resumes so
-    (its default is now ``off``; without dropout the option does nothing)."""
+    Records written before rules declared their own options hold every rule's options;
+    those the recorded rule does not take are dropped (they had no effect on it). A run
+    recorded before ``rule.target_dropout`` existed (its rule table lacks the key)
+    dropped its targets' units, the option's ``on``; with dropout it resumes so."""
     rule, model = d.get("rule"), d.get("model")
-    if (isinstance(rule, dict) and "target_dropout" not in rule and isinstance(model, dict)
-            and isinstance(model.get("dropout"), (int, float)) and model["dropout"] > 0):
-        d = {**d, "rule": {**rule, "target_dropout": "on"}}
+    if isinstance(rule, dict):
+        if (rule.get("name", "sigprop") == "sigprop" and "target_dropout" not in rule
+                and isinstance(model, dict)
+                and isinstance(model.get("dropout"), (int, float)) and model["dropout"] > 0):
+            rule = {**rule, "target_dropout": "on"}
+        d = {**d, "rule": _own_options(rule)}
     return apply_overrides(Config(), d)
 
 
-# `sigprop train` flags: (flag, section, key, argparse keywords); argparse stores each
-# under "section.key", and only what was given.
-TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+def _own_options(rule: dict[str, Any]) -> dict[str, Any]:
+    """A recorded [rule] table without the options its rule does not take."""
+    shared = {"name", *RuleConfig.SHARED_NAMES}
+    given = {k: v for k, v in rule.items() if k not in shared}
+    foreign = foreign_options(rule.get("name", "sigprop"), given)
+    return {k: v for k, v in rule.items() if k not in foreign}
+
+
+def foreign_options(name: Any, given: dict[str, Any]) -> set[str]:
+    """The names in ``given`` that rule ``name`` does not take (none when the rule is
+    unknown or a value that decides its options is bad: checking says so later)."""
+    if not isinstance(name, str) or name not in RULES:
+        return set()
+    try:
+        scope = {o.name for o in RULES.get(name).option_scope(given)}
+    except ConfigError:
+        return set()
+    return set(given) - scope
+
+
+def without_options(cfg: Config, names: set[str]) -> Config:
+    """``cfg`` without the [rule] options ``names``."""
+    options = {k: v for k, v in cfg.rule.options.items() if k not in names}
+    return dataclasses.replace(cfg, rule=cfg.rule.replace_options(options))
+
+
+# `sigprop train` flags of the data, model and train sections: (flag, section, key,
+# argparse keywords); argparse stores each under "section.key", and only what was given.
+# The [rule] flags come from the declarations (:func:`rule_flags`).
+SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--dataset", "data", "dataset", {"help": "dataset name (sigprop data list)"}),
     ("--data-dir", "data", "data_dir", {"help": "folder holding the dataset files"}),
     ("--train-limit", "data", "train_limit", {"metavar": "N", "help": "use the first N training samples"}),
     ("--test-limit", "data", "test_limit", {"metavar": "N", "help": "evaluate on the first N test samples only (quick checks)"}),
     ("--train-split", "data", "train_split", {"help": "the split to train on (default train; SVHN: train+extra, as the paper)"}),
     ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
-    ("--batch-size", "data", "batch_size", {}),
-    ("--eval-batch-size", "data", "eval_batch_size", {}),
-    ("--network", "model", "network", {"help": "e.g. fc-3x1000, fc-2x800"}),
-    ("--dropout", "model", "dropout", {}),
-    ("--rule", "rule", "name", {"help": "sigprop | backprop | shallow | fa | dfa | ll-bp | ll-fa | ep-loopback | ep-symmetric | bp-surrogate | sp-surrogate | sp-voltage"}),
-    ("--lr", "rule", "lr", {"help": "Adam learning rate (default 5e-4)"}),
-    ("--weight-decay", "rule", "weight_decay", {}),
-    ("--signal", "rule", "signal", {"help": "target generator: label | label-input | loop-pred | loop-error"}),
-    ("--head", "rule", "head", {"help": "target (Fig. 2a) | classifier (Fig. 2b)"}),
-    ("--loss", "rule", "loss", {"help": "L_pred comparison: dot | l2"}),
-    ("--logit-scale", "rule", "logit_scale", {"help": "L_pred logit scale (default c/sqrt(d): dot c=4, l2 c=2; per-sample signals c=1, 0.5)"}),
-    ("--bn-stats", "rule", "bn_stats", {"help": "BatchNorm statistics from: inputs | all"}),
-    ("--target-dropout", "rule", "target_dropout", {"help": "sigprop with dropout: off (default: only the inputs are dropped; targets pass undropped) | on (target rows dropped too, each with its own mask, as the official code)"}),
-    ("--eta", "rule", "eta", {"help": "error step of the loop-error signal (Eq. 12)"}),
-    ("--ll-beta", "rule", "ll_beta", {"help": "ll-bp / ll-fa: the similarity share of the predsim loss (default 0.99 / 0.01)"}),
-    ("--ll-features", "rule", "ll_features", {"help": "ll-bp / ll-fa: the most values an auxiliary classifier reads (default 2048)"}),
-    ("--loopback", "rule", "loopback", {"help": "ep-loopback: learned | fixed loop-back weights"}),
-    ("--ep-free-steps", "rule", "ep_free_steps", {"help": "EP: Euler steps of the free phase (default: ep-loopback 20; ep-symmetric 60, 150 or 500 for 1, 2 or 3 hidden layers)"}),
-    ("--ep-nudge-steps", "rule", "ep_nudge_steps", {"help": "EP: Euler steps of the nudged phase (default: ep-loopback 8; ep-symmetric 4, 6 or 8 by depth)"}),
-    ("--ep-dt", "rule", "ep_dt", {"help": "EP: the Euler step (default 0.5)"}),
-    ("--ep-beta", "rule", "ep_beta", {"help": "EP: the nudge (default: ep-loopback 2; ep-symmetric 0.5, or 1 with 2+ hidden layers)"}),
-    ("--ep-beta-sign", "rule", "ep_beta_sign", {"help": "EP: auto | positive | random (per batch)"}),
-    ("--ep-lrs", "rule", "ep_lrs", {"help": "EP: learning rates per matrix, input's first, e.g. 0.1,0.05"}),
-    ("--ep-tol", "rule", "ep_tol", {"help": "EP: end the free phase once every residual is below this (0: never)"}),
-    ("--targets", "rule", "targets", {"help": "dense (block 1's output target, Eq. 1) | sparse (Sec. III-E: a small target for block 1's input; label signal)"}),
-    ("--sparse-size", "rule", "sparse_size", {"metavar": "K", "help": "values of a sparse target for an fc first block, zero-filled to its input (default: half the input)"}),
-    ("--sparse-grid", "rule", "sparse_grid", {"metavar": "G", "help": "a conv first block's sparse target: a G x G grid of kernel windows, fields of G x G cells after it (default 1: the paper's one window)"}),
-    ("--fast-path", "rule", "fast_path", {"help": "sigprop step of standard fc blocks without autograd (every built-in signal): auto | on (error if it cannot) | off"}),
-    ("--pipeline", "rule", "pipeline", {"help": "sigprop with the fast path on a CPU: each block's BatchNorm backward, weight gradient and Adam step on a second thread while the forward goes on (same updates): auto (>= 2 threads) | on | off"}),
-    ("--exit-targets", "rule", "exit_targets", {"help": "early exits of per-sample signals: prototypes (running class means of training targets) | candidates (every class's target per sample)"}),
-    ("--spike-threshold", "rule", "spike_threshold", {"help": "spiking networks: the IF neurons' threshold (default: 0.5 for sp-surrogate / sp-voltage, 1.0 otherwise, Sec. VI)"}),
-    ("--amp", "rule", "amp", {"help": "16-bit mixed precision (bf16 autocast on a CPU, fp16 + GradScaler on CUDA): auto (on for spiking networks) | on | off"}),
-    ("--epochs", "train", "epochs", {}),
-    ("--schedule", "train", "schedule", {"help": "step | cosine | none"}),
-    ("--seed", "train", "seed", {}),
+    ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128)"}),
+    ("--eval-batch-size", "data", "eval_batch_size", {"help": "evaluation batch size (default 1000)"}),
+    ("--network", "model", "network", {"help": "the network"}),
+    ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),
+    ("--epochs", "train", "epochs", {"help": "epochs to train (default 10)"}),
+    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs) | cosine | none"}),
+    ("--seed", "train", "seed", {"help": "random seed (default 0)"}),
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
     ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
@@ -298,11 +345,55 @@ TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--replicas", "train", "replicas", {"metavar": "R", "help": "sigprop: R data-parallel replicas of every stage (S x R processes): each batch is shared out among them and each stage's gradients are all-reduced before its update"}),
 ]
 
-# boolean keys set by a flag without a value: (flag, section, key, the value it sets)
-SWITCH_FLAGS: list[tuple[str, str, str, bool]] = [
-    ("--signal-fixed", "rule", "signal_learned", False),
-    ("--no-progress", "train", "progress", False),
+# boolean keys set by a flag without a value: (flag, section, key, the value it sets, help)
+SWITCH_FLAGS: list[tuple[str, str, str, Any, str]] = [
+    ("--no-progress", "train", "progress", False, "no progress bar"),
 ]
+
+_MEANING.update({f"{s}.{k}": kw["help"] for _, s, k, kw in SECTION_FLAGS if "help" in kw})
+
+
+def rule_flags() -> list[tuple[str, str, dict[str, Any], str]]:
+    """``(flag, key, argparse keywords, who takes it)`` for ``--rule``, the shared
+    options and every option a registered rule or target generator declares."""
+    out = [("--rule", "name", {"help": "the learning rule, one of: " + ", ".join(RULES.names()),
+                               "metavar": "RULE"}, "every rule")]
+    out += [(o.flag, o.name, _flag_kw(o), "every rule") for o in SHARED]
+    groups: dict[str, list[str]] = {}
+    for name, cls in RULES.items():
+        for o in cls.options:
+            groups.setdefault(o.name, []).append(name)
+    for name, cls in SIGNALS.items():
+        for o in cls.options:
+            every = all(o in c.options for _, c in SIGNALS.items())
+            label = "every target generator (--signal)" if every else f"signal {name}"
+            who = groups.setdefault(o.name, [])
+            if label not in who:
+                who.append(label)
+    declared = declared_options()
+    for key, who in groups.items():
+        if key not in RuleConfig.SHARED_NAMES:
+            out.append((declared[key].flag, key, _flag_kw(declared[key]), ", ".join(who)))
+    return out
+
+
+def _flag_kw(o: Option) -> dict[str, Any]:
+    allowed = o.allowed()
+    listed = allowed is not None and all(a in o.help for a in allowed)
+    text = o.help if listed else f"{o.help}; {o.describe()}"
+    if o.default is not None and o.default != "":
+        text += f" (default {o.default})"
+    return {"help": text, "metavar": o.metavar or o.name.upper()}
+
+
+def rule_switches() -> list[tuple[str, str, Any, str]]:
+    """``(flag, key, the value it sets, help)`` of options with a valueless flag."""
+    return [(o.switch[0], o.name, o.switch[1], f"sets {o.name} to {o.switch[1]}: {o.help}")
+            for o in declared_options().values() if o.switch]
+
+
+def network_help() -> str:
+    return "the network, one of: " + ", ".join(NETWORKS.usages())
 
 
 def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:
@@ -310,47 +401,67 @@ def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:
     differs from the defaults, and for the ``always`` keys (``"section.key"``)."""
     base, now = Config().to_dict(), cfg.to_dict()
     words = ["sigprop", "train"]
-    for flag, section, key, _ in TRAIN_FLAGS:
+    for flag, section, key, _ in SECTION_FLAGS:
         value = now[section][key]
         if value is not None and (value != base[section][key] or f"{section}.{key}" in always):
             words += [flag, str(value)]
-    for flag, section, key, value in SWITCH_FLAGS:
+    for flag, section, key, value, _ in SWITCH_FLAGS:
         if now[section][key] == value:
             words.append(flag)
+    rule, declared = now["rule"], declared_options()
+    if rule["name"] != "sigprop" or "rule.name" in always:
+        words += ["--rule", rule["name"]]
+    for key, value in rule.items():
+        o = declared.get(key)
+        if o is None or value is None:
+            continue
+        if o.switch and value == o.switch[1]:
+            words.append(o.switch[0])
+        elif value != o.default or f"rule.{key}" in always:
+            words += [o.flag, str(value).lower() if o.type is bool else str(value)]
     return shlex.join(words)
 
 
-# What ``--resume`` may change: where and how the run computes, never what it computes.
-# Everything else is the run's identity; changing it needs a new run folder.
-RESUMABLE = (
+# What ``--resume`` may change: where and how the run computes, never what it computes
+# (and the rule options declared ``resumable``). Everything else is the run's identity;
+# changing it needs a new run folder.
+RESUMABLE_SECTIONS = (
     "train.epochs",  # a longer run: the schedule follows the new total from the next epoch
     "train.device", "train.progress", "train.check_every", "train.run_dir",
     "data.data_dir",  # the same files elsewhere (their checksums are compared)
     "data.eval_batch_size",  # evaluation is per sample
-    "rule.fast_path", "rule.pipeline",  # the same updates, up to rounding
     # where the blocks run: the same updates (sigprop.parallel)
     "train.stages", "train.split", "train.stage_threads",
 )
 
 
+def resumable() -> tuple[str, ...]:
+    """Every ``section.key`` that ``--resume`` may change."""
+    return RESUMABLE_SECTIONS + tuple(f"rule.{o.name}" for o in declared_options().values()
+                                      if o.resumable)
+
+
 def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """``{"section.key": (old, new)}`` for every value that differs."""
     a, b = old.to_dict(), new.to_dict()
-    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+    keys = {s: list(dict.fromkeys([*a[s], *b[s]])) for s in a}
+    return {f"{s}.{k}": (a[s].get(k), b[s].get(k)) for s in a for k in keys[s]
+            if a[s].get(k) != b[s].get(k)}
 
 
 def resume_changes(recorded: Config, requested: Config, epochs_done: int
                    ) -> dict[str, tuple[Any, Any]]:
     """The changes a resume makes to a run that finished ``epochs_done`` epochs; a
-    ConfigError if any of them is not one resume may make (:data:`RESUMABLE`)."""
+    ConfigError if any of them is not one resume may make (:func:`resumable`)."""
     changes = config_changes(recorded, requested)
-    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE}
+    allowed = resumable()
+    fixed = {k: v for k, v in changes.items() if k not in allowed}
     if fixed:
         listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in fixed.items())
         raise ConfigError(
             f"--resume continues a run as it was configured, but these settings differ from "
             f"the run's: {listed}; drop them, or start a new run in another --run-dir "
-            f"(resume may change only {', '.join(RESUMABLE)})")
+            f"(resume may change only {', '.join(allowed)})")
     if requested.train.epochs < epochs_done:
         raise ConfigError(
             f"train.epochs {requested.train.epochs} is fewer than the {epochs_done} epochs this "

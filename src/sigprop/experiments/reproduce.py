@@ -22,7 +22,7 @@ import torch
 
 from ..data import dataset_spec, split_paths
 from ..engine import runio
-from ..engine.config import RESUMABLE, Config, config_changes
+from ..engine.config import Config, config_changes, resumable
 from ..engine.runfolder import RunFolder
 from ..engine.trainer import Trainer, resolve_device
 from ..errors import ConfigError, DataError, SigpropError
@@ -39,10 +39,6 @@ from .provenance import provenance
 from .report import write_report
 from .spec import Experiment, RunPlan
 
-# what may differ between a run already in OUT and this reproduction's plan for it: where
-# and how it computes (RESUMABLE), but not how long it trains (a longer schedule differs
-# from the start on: another run)
-WHERE = tuple(k for k in RESUMABLE if k != "train.epochs")
 
 
 def check_data(exp: Experiment, budget: str, data_dir: str | None) -> None:
@@ -86,8 +82,11 @@ def check_existing(plans: list[RunPlan], out: Path, configs: dict[str, Config]) 
         if not path.exists():
             continue
         recorded = runio.recorded_config(runio.read_run_config(path)["config"], path)
+        # may differ: where and how it computes, not how long it trains (a longer
+        # schedule differs from the start on: another run)
+        where = set(resumable()) - {"train.epochs"}
         diff = {k: v for k, v in config_changes(recorded, configs[plan.id]).items()
-                if k not in WHERE}
+                if k not in where}
         if diff:
             listed = "; ".join(f"{k} {a!r} (there) vs {b!r} (needed)" for k, (a, b) in diff.items())
             raise ConfigError(

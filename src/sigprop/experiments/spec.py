@@ -5,7 +5,9 @@ training configuration run for several seeds, with the paper's number for that c
 Each budget (full, quick, smoke) gives the seeds and the settings that make the runs
 shorter. A run's configuration is, in order: the defaults, the column's, the row's, the
 budget's, the column's and then the row's for that budget, and the seed
-(:meth:`Experiment.config`). :mod:`.read` reads and checks an experiment file into these.
+(:meth:`Experiment.config`). A rule's own option (``head``, ``targets``, ...) set in the
+defaults, a row or a budget applies to the columns whose rule takes it; set in a column,
+it must be that column's rule's. :mod:`.read` reads and checks an experiment file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.config import Config, apply_overrides
+from ..engine.config import Config, apply_overrides, foreign_options, without_options
 from ..errors import ConfigError, SigpropError
 from ..registry import NETWORKS, RULES
 
@@ -129,6 +131,10 @@ class Experiment:
                 cfg = apply_overrides(cfg, overrides)
             except ConfigError as err:
                 raise ConfigError(f"{self.origin}: {what}: {err}") from None
+        # [rule] options of the defaults, rows and budgets apply to the columns whose rule
+        # takes them; a column's own must be its rule's (checked below)
+        own = {k for what, o in layers if what.startswith("column") for k in o.get("rule", {})}
+        cfg = without_options(cfg, foreign_options(cfg.rule.name, cfg.rule.options) - own)
         try:
             cfg.validate()
             RULES.get(cfg.rule.name)

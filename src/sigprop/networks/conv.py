@@ -143,7 +143,7 @@ def _vgg_layers(cfg: Sequence[int | str], factor: int) -> list[tuple[int, Pool |
     return convs
 
 
-@register_network("vgg8b")
+@register_network("vgg8b", usage="vgg8b, vgg8b-<k>x")
 def vgg8b(arch: str, input_shape: Sequence[int], num_classes: int,
           dropout: float = 0.0) -> Network:
     """VGG8b (``arch`` empty), or with every conv width times k (``arch`` ``"<k>x"``)."""

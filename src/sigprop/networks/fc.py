@@ -43,7 +43,7 @@ def fc_block(d_in: int, d_out: int, dropout: float, flatten: bool = False) -> nn
     return nn.Sequential(*layers)
 
 
-@register_network("fc")
+@register_network("fc", usage="fc-<layers>x<width>")
 def fully_connected(
     arch: str, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0
 ) -> Network:

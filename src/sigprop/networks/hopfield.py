@@ -38,7 +38,7 @@ def _glorot(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
-@register_network("hopfield")
+@register_network("hopfield", usage="hopfield-<layers>x<units>")
 def hopfield(arch: str, input_shape: Sequence[int], num_classes: int,
              dropout: float = 0.0) -> HopfieldNetwork:
     """``hopfield-<D>x<W>`` (e.g. hopfield-2x1500); dropout is not part of the model."""

@@ -174,7 +174,7 @@ class SpikingNetwork(Network):
             node.threshold.fill_(float(threshold))
 
 
-@register_network("snn")
+@register_network("snn", usage="snn-conv")
 def snn(arch: str, input_shape: Sequence[int], num_classes: int,
         dropout: float = 0.0) -> SpikingNetwork:
     """``snn-conv``: the convolutional SNN of Sec. VI (module docstring)."""

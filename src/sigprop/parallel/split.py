@@ -141,7 +141,7 @@ def plan_split(rule, cfg) -> list[int]:
     err = check_shards(replicas, [cfg.data.batch_size], [cfg.data.eval_batch_size])
     if err is not None:  # the full batches; the stages check the last ones too
         raise err
-    if replicas > 1 and cfg.rule.pipeline == "on":
+    if replicas > 1 and cfg.rule.resolved().get("pipeline") == "on":
         raise ConfigError("--replicas all-reduces every gradient of a step before its one "
                           "Adam step, so updates cannot overlap the forward on a second "
                           "thread: use --pipeline auto or off with --replicas")

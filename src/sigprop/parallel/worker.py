@@ -14,6 +14,7 @@ from ..engine.config import config_from_dict
 from ..engine.interrupt import Terminated, on_sigterm, one_line
 from ..engine.perf import tune_allocator
 from ..errors import SigpropError
+from ..registry import load_plugins
 from .launch import PEER_EXIT
 from .runner import run_stage
 from .transport import StageFailure
@@ -22,6 +23,7 @@ from .transport import StageFailure
 def main() -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        load_plugins()  # a plugin's options are in the config
         cfg = config_from_dict(json.loads(os.environ["SIGPROP_STAGE_CONFIG"]))
         tune_allocator()
         run_stage(cfg, Path(cfg.train.run_dir), os.environ.get("SIGPROP_STAGE_RESUME") == "1")

@@ -1,6 +1,19 @@
-"""Learning rules, registered by name (``RULES``); importing this registers them all."""
+"""Learning rules, registered by name (``RULES``); importing this registers them all.
 
-from . import backprop, feedback_alignment, local_learning, sigprop, spiking  # noqa: F401  (registration)
-from .base import LearningRule, RuleConfig, build_rule, make_adam
+A rule is one class in one file with ``@register_rule("name")`` and its own options
+(``options = (Option(...), ...)``, :mod:`sigprop.options`); docs/EXTENDING.md.
+"""
 
-__all__ = ["LearningRule", "RuleConfig", "build_rule", "make_adam"]
+from . import (  # noqa: F401  (registration)
+    backprop,
+    equilibrium,
+    feedback_alignment,
+    local_learning,
+    sigprop,
+    spiking,
+)
+from .base import LearningRule, build_rule, make_adam, make_grouped_adam
+from .config import SHARED, SPIKE_THRESHOLD, RuleConfig, declared_options
+
+__all__ = ["SHARED", "SPIKE_THRESHOLD", "LearningRule", "RuleConfig", "build_rule",
+           "declared_options", "make_adam", "make_grouped_adam"]

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..networks import Network
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, _full, make_adam
+from .config import SPIKE_THRESHOLD
 
 
 @register_rule("backprop")
@@ -21,6 +22,7 @@ class Backprop(LearningRule):
     exit_names: ClassVar[list[str]] = ["output"]
     trains_spiking = True  # through the spikes' surrogate gradient (bp-surrogate)
     supports_amp = True
+    options = (SPIKE_THRESHOLD,)
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
@@ -45,6 +47,7 @@ class Shallow(LearningRule):
     exit_names: ClassVar[list[str]] = ["output"]
     trains_spiking = True
     supports_amp = True
+    options = (SPIKE_THRESHOLD,)
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)

@@ -23,183 +23,18 @@ the label range is not checked per step (that would sync with the host every ste
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-import numbers
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..networks import Network
-from ..registry import RULES, SIGNALS, SPARSE_SIGNALS
+from ..options import Option, Options, resolve
+from ..registry import RULES
 from .checks import check_batch_statistics, check_head_outputs, check_num_classes, check_x, check_y
-
-
-@dataclass
-class RuleConfig:
-    """Options of the learning rules; each rule reads the ones it uses."""
-
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    # sigprop (Sec. III)
-    signal: str = "label"  # label (Eq. 1) | label-input (Eq. 10) | loop-pred (Eq. 11) | loop-error (Eq. 12)
-    signal_learned: bool = True
-    head: str = "target"  # target (Fig. 2a, output-target prediction) | classifier (Fig. 2b)
-    loss: str = "dot"  # comparison inside L_pred: dot (Eq. 6) | l2 (Eq. 7)
-    logit_scale: float | None = None  # None: functional.default_scale (c/sqrt(d))
-    bn_stats: str = "inputs"  # inputs: BN statistics from inputs only | all: inputs and targets
-    # dropout on the target rows that travel with the inputs: off (only the inputs are
-    # dropped; targets pass as in eval mode) | on (each target row gets its own mask,
-    # as the official code). off measured better: docs/RESULTS.md section 6
-    target_dropout: str = "off"
-    eta: float = 1.0  # Eq. 12 error step
-    # dense: the generator makes block 1's output target (Eq. 1) | sparse (Sec. III-E):
-    # a small target for block 1's input (K values zero-filled for an fc block, one
-    # kernel window for a conv block; sigprop.sparse), label signal only
-    targets: str = "dense"
-    sparse_size: int | None = None  # K of a sparse target for an fc first block (None: default)
-    sparse_grid: int = 1  # conv first block: a G x G grid of kernel windows (1: the paper's)
-    # local learning (ll-bp, ll-fa): the similarity share beta of the predsim loss (None:
-    # the rule's, 0.99 and 0.01) and the most values an auxiliary classifier reads
-    ll_beta: float | None = None
-    ll_features: int = 2048
-    # equilibrium propagation (ep-loopback, ep-symmetric; sigprop.continuous)
-    # None: the rule's own default (sigprop.continuous.rules.DEFAULTS, measured)
-    loopback: str = "learned"  # ep-loopback's loop-back weights: learned | fixed
-    ep_free_steps: int | None = None  # Euler steps of the free phase
-    ep_nudge_steps: int | None = None  # ... of the nudged phase
-    ep_dt: float = 0.5  # the Euler step, epsilon (Scellier & Bengio: 0.5)
-    ep_beta: float | None = None  # the nudge
-    ep_beta_sign: str = "auto"  # auto (random for ep-symmetric, positive for ep-loopback)
-    ep_lrs: str = ""  # SGD learning rates per matrix, input's first ("0.1,0.05"); "": default
-    ep_tol: float = 0.0  # free phase ends once every residual ||ds/dt|| is below it (0: never)
-    # early exits of per-sample generators (Eq. 10-12): prototypes (running class means of
-    # each layer's training targets) | candidates (each sample's target under every class)
-    exit_targets: str = "prototypes"
-    # sigprop's step for standard fc blocks with a built-in signal: written-out local
-    # updates without autograd (sigprop.fastpath). auto: where it applies | on: required
-    # (an error says why not) | off: always autograd. Same numbers either way.
-    fast_path: str = "auto"
-    # sigprop on a CPU with the fast path: each block's BatchNorm backward, weight
-    # gradient and Adam step run on a second thread while the forward sweep goes on
-    # (sigprop.pipeline); the same updates in the same order. auto: on a CPU with >= 2
-    # threads, blocks of >= 250k weights, not the loop-back signals | on | off.
-    pipeline: str = "auto"
-    # spiking networks (Sec. VI): the IF neurons' threshold (None: the rule's, 0.5 for the
-    # sigprop models, 1.0 for BP and Shallow)
-    spike_threshold: float | None = None
-    # 16-bit mixed precision: autocast to bf16 on a CPU, fp16 with a GradScaler on CUDA.
-    # auto: on for spiking networks (the paper's setting, Sec. VI-A) | on | off
-    amp: str = "auto"
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the key if any option has the wrong type or value.
-
-        Every number must be finite: a NaN or infinite learning rate, weight decay,
-        logit scale or eta passes a comparison like ``lr > 0`` or ``wd >= 0`` (or fails
-        it silently) and only shows up later as a NaN loss.
-        """
-        _number("lr", self.lr, "the Adam learning rate", positive=True)
-        _number("weight_decay", self.weight_decay, "Adam's weight decay", positive=False)
-        if self.logit_scale is not None:
-            _number("logit_scale", self.logit_scale, "the logit scale of L_pred", positive=True,
-                    fix="or leave it unset (None) for the default c/sqrt(d)")
-        _number("eta", self.eta,
-                "the error step of the loop-error signal, Eq. 12: t1 = f(S (h_L - eta "
-                "dL/dh_L) + d); 0 drops the label from the target, a negative eta steps "
-                "away from it", positive=True)
-        if not isinstance(self.signal_learned, bool):
-            raise ConfigError(
-                f"signal_learned must be True or False, got {self.signal_learned!r}; "
-                "pass a bool")
-        _choice("head", self.head, ("target", "classifier"))
-        _choice("loss", self.loss, ("dot", "l2"))
-        _choice("bn_stats", self.bn_stats, ("inputs", "all"))
-        _choice("target_dropout", self.target_dropout, ("on", "off"))
-        _choice("exit_targets", self.exit_targets, ("prototypes", "candidates"))
-        _choice("fast_path", self.fast_path, ("auto", "on", "off"))
-        _choice("pipeline", self.pipeline, ("auto", "on", "off"))
-        _choice("amp", self.amp, ("auto", "on", "off"))
-        if self.spike_threshold is not None:
-            _number("spike_threshold", self.spike_threshold,
-                    "the voltage at which an IF neuron fires", positive=True,
-                    fix="or leave it unset for the rule's (0.5 sigprop, 1.0 BP/Shallow)")
-        if self.pipeline == "on" and self.fast_path == "off":
-            raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
-        _choice("signal", self.signal, tuple(SIGNALS.names()), what="signal")
-        _choice("targets", self.targets, ("dense", "sparse"))
-        from .local_learning import check_ll_options
-
-        check_ll_options(self.ll_beta, self.ll_features)
-        _choice("loopback", self.loopback, ("learned", "fixed"))
-        _choice("ep_beta_sign", self.ep_beta_sign, ("auto", "positive", "random"))
-        for key in ("ep_free_steps", "ep_nudge_steps"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-        _number("ep_dt", self.ep_dt, "the Euler step of the dynamics", positive=True)
-        if self.ep_beta is not None:
-            _number("ep_beta", self.ep_beta, "the nudge of the output toward its target",
-                    positive=True)
-        _number("ep_tol", self.ep_tol, "the free phase's residual tolerance", positive=False)
-        if not isinstance(self.ep_lrs, str):
-            raise ConfigError(f"ep_lrs must be a string like '0.1,0.05', got {self.ep_lrs!r}")
-        if self.sparse_size is not None:
-            if isinstance(self.sparse_size, bool) or not isinstance(self.sparse_size, int) \
-                    or self.sparse_size < 1:
-                raise ConfigError(f"sparse_size (K values of a sparse target) must be a "
-                                  f"positive integer, got {self.sparse_size!r}")
-            if self.targets != "sparse":
-                raise ConfigError("sparse_size sets the size of sparse targets; add "
-                                  "targets='sparse' (--targets sparse) or drop it")
-        if isinstance(self.sparse_grid, bool) or not isinstance(self.sparse_grid, int) \
-                or self.sparse_grid < 1:
-            raise ConfigError(f"sparse_grid (G x G kernel windows of a sparse conv target) must "
-                              f"be a positive integer, got {self.sparse_grid!r}")
-        if self.sparse_grid != 1 and self.targets != "sparse":
-            raise ConfigError("sparse_grid shapes sparse targets; add targets='sparse' "
-                              "(--targets sparse) or drop it")
-        if self.targets == "sparse":
-            if self.signal not in SPARSE_SIGNALS:
-                raise ConfigError(
-                    f"sparse targets (Sec. III-E) exist for the signals "
-                    f"{', '.join(SPARSE_SIGNALS.names())}, not {self.signal!r}; use "
-                    "targets='dense' with this signal")
-            if self.bn_stats != "inputs":
-                raise ConfigError("sparse targets take BatchNorm statistics from the inputs "
-                                  "only (a target is one position, not a map); drop "
-                                  "bn_stats='all'")
-
-
-def _number(key: str, value: object, meaning: str, *, positive: bool, fix: str = "") -> None:
-    """``value`` must be a real number (not a bool), finite, and > 0 (``positive``) or
-    >= 0; the message names ``key`` and what it means."""
-    need = "a finite number > 0" if positive else "a finite number >= 0"
-    why = f"{key} ({meaning}) must be {need}"
-    fix = f"; {fix}" if fix else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{why}, got {value!r} ({type(value).__name__}); pass a number{fix}")
-    v = float(value)
-    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
-        raise ConfigError(f"{why}, got {value!r}; choose another value{fix}")
-
-
-def _choice(key: str, value: object, choices: tuple[str, ...], what: str = "") -> None:
-    """``value`` must be one of the strings ``choices``; ``what`` set: an unknown name
-    of a registry (``unknown signal 'x'``)."""
-    options = ", ".join(choices)
-    if not isinstance(value, str):
-        raise ConfigError(
-            f"{key} must be a string, got {value!r} ({type(value).__name__}); choose one "
-            f"of: {options}")
-    if value not in choices:
-        wrong = f"unknown {what} {value!r}" if what else f"{key} must be a known option, " \
-            f"got {value!r}"
-        raise ConfigError(f"{wrong}; choose one of: {options}")
+from .config import RuleConfig, foreign_option
 
 
 def make_adam(params: Iterable[nn.Parameter], cfg: RuleConfig) -> torch.optim.Optimizer | None:
@@ -245,9 +80,14 @@ class LearningRule:
 
     name: str = ""
     exit_names: list[str]
+    # the rule's own options (sigprop.options), beside the shared lr, weight_decay, amp
+    options: ClassVar[tuple[Option, ...]] = ()
     # measurement (sigprop bench): called with "block<i>", "head" or "step" when the rule
     # starts that part of a training step; None (the default) costs one attribute test
     marker: Callable[[str], None] | None = None
+    # whether the rule trains block by block from local losses, so that ``marker`` cuts a
+    # step into per-layer parts (sigprop bench times those rules per layer)
+    layered: ClassVar[bool] = False
     # spiking networks (networks/spiking.py): whether the rule trains them, and the IF
     # threshold it sets unless the config names one (Sec. VI-A: 1.0 for BP and Shallow)
     trains_spiking: ClassVar[bool] = False
@@ -256,8 +96,40 @@ class LearningRule:
     # whether the rule runs its forward passes under 16-bit autocast when cfg.amp asks
     supports_amp: ClassVar[bool] = False
 
+    @classmethod
+    def option_scope(cls, given: Mapping[str, Any]) -> tuple[Option, ...]:
+        """The options a rule built with ``given`` takes (sigprop adds its generator's)."""
+        return cls.options
+
+    @classmethod
+    def check_options(cls, opts: Options) -> None:
+        """Checks between options (one ConfigError naming them); each value alone is
+        checked by its declaration."""
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> Options:
+        """``given`` checked against this rule's declarations, defaults filled in; an
+        option that is not this rule's is a ConfigError naming who takes it."""
+        scope = cls.option_scope(given)
+        names = {o.name for o in scope}
+        for key in given:
+            if key not in names:
+                raise foreign_option(key, cls.name, cls._scope_note(given))
+        opts = resolve(scope, given, f"rule {cls.name!r}")
+        cls.check_options(opts)
+        return opts
+
+    @classmethod
+    def _scope_note(cls, given: Mapping[str, Any]) -> str:
+        """Said after the rule's name when an option is not in its scope."""
+        return ""
+
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
+        if not isinstance(cfg, RuleConfig):
+            raise ConfigError(f"cfg must be a RuleConfig, got {type(cfg).__name__}; build one "
+                              "with sigprop.RuleConfig(...) or pass options as keywords")
         cfg.validate()
+        opts = self.resolve_options(cfg.options)
         if not isinstance(network, Network):
             raise ConfigError(
                 f"network must be a sigprop.Network, got {type(network).__name__}; wrap "
@@ -273,18 +145,20 @@ class LearningRule:
                 f"rule {self.name!r} does not train spiking networks; for "
                 f"{type(network).__name__} use bp-surrogate, sp-surrogate, sp-voltage or "
                 "shallow (Sec. VI)")
-        if spiking:
-            network.set_threshold(cfg.spike_threshold or self.spike_threshold)
-        elif cfg.spike_threshold is not None:
+        threshold = opts.get("spike_threshold")
+        if not spiking and threshold is not None:
             raise ConfigError("spike_threshold sets the IF neurons' threshold of a spiking "
                               "network (snn-conv); drop it for this network")
         self.amp = cfg.amp == "on" or (cfg.amp == "auto" and spiking)
         if self.amp and not self.supports_amp:
             raise ConfigError(f"rule {self.name!r} has no 16-bit mixed-precision mode; drop "
                               "amp='on' (--amp on)")
+        if spiking:
+            network.set_threshold(threshold or self.spike_threshold)
         self.scaler: torch.amp.GradScaler | None = None
         self.network = network
         self.cfg = cfg
+        self.opts = opts
         self.optimizers: list[torch.optim.Optimizer] = []
         self.modules = nn.ModuleDict({"network": network})
 
@@ -449,23 +323,20 @@ class LearningRule:
             self.scaler.update()
 
 
-def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | None = None, **kw) -> LearningRule:
-    """Look up a registered rule by name and build it; ``kw`` override ``cfg`` fields."""
+def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | None = None,
+               **kw: Any) -> LearningRule:
+    """Look up a registered rule by name and build it; ``kw`` (shared options or the
+    rule's own) override ``cfg``'s."""
     if not isinstance(name, str):
         raise ConfigError(f"rule name must be a string, got {name!r}; choose one of: "
                           f"{', '.join(RULES.names())}")
     if cfg is not None and not isinstance(cfg, RuleConfig):
         raise ConfigError(f"cfg must be a RuleConfig, got {type(cfg).__name__}; build one "
                           "with sigprop.RuleConfig(...) or pass options as keywords")
-    known = [f.name for f in dataclasses.fields(cfg or RuleConfig)]
-    unknown = sorted(set(kw) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown rule option {unknown[0]!r}; choose from: {', '.join(known)}")
-    try:
-        cfg = dataclasses.replace(cfg or RuleConfig(), **kw)
-    except TypeError as err:
-        raise ConfigError(f"bad rule option: {err}") from None
-    return RULES.get(name)(network, num_classes, cfg)
+    cls = RULES.get(name)
+    cfg = (cfg or RuleConfig()).replace(**kw)
+    cfg.validate()
+    return cls(network, num_classes, cfg)
 
 
 def _full(t: Tensor) -> Tensor:

@@ -144,6 +144,7 @@ class DirectFeedbackAlignment(LearningRule):
     """DFA (module docstring): one forward pass, then every block from ``e B_i``."""
 
     exit_names: ClassVar[list[str]] = ["output"]
+    layered = True
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..functional.predsim import binary_scores, pool_kernel, predsim_loss
 from ..networks import Dropout, Network
+from ..options import Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, make_grouped_adam
 from .feedback_alignment import convert_fa
@@ -121,18 +121,26 @@ class Auxiliary(nn.Module):
         return binary_scores(logits, codes)
 
 
+LL_BETA = Option("ll_beta", float, None, "ll-bp / ll-fa: the similarity share of the predsim "
+                 "loss (default 0.99 / 0.01)", low=0.0, high=1.0, optional=True)
+LL_FEATURES = Option("ll_features", int, 2048, "ll-bp / ll-fa: the most values an auxiliary "
+                     "classifier reads", low=1, high=10**9)
+
+
 class LocalLearning(LearningRule):
     """predsim local learning (module docstring); ``bio`` selects ``ll-fa``."""
 
+    options = (LL_BETA, LL_FEATURES)
+    layered = True
     bio = False
     default_beta = 0.99
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
-        self.beta = self.default_beta if cfg.ll_beta is None else cfg.ll_beta
+        self.beta = self.default_beta if self.opts.ll_beta is None else self.opts.ll_beta
         self.parts = [split_block(b) for b in network.blocks]
         shapes = self._core_shapes()
-        self.aux = nn.ModuleList(Auxiliary(s, num_classes, self.bio, cfg.ll_features)
+        self.aux = nn.ModuleList(Auxiliary(s, num_classes, self.bio, self.opts.ll_features)
                                  for s in shapes)
         self.modules["aux"] = self.aux
         groups = {f"block{i + 1}": [*b.parameters(), *a.parameters()]
@@ -209,13 +217,3 @@ class LocalLearningBP(LocalLearning):
 class LocalLearningFA(LocalLearning):
     bio = True
     default_beta = 0.01
-
-
-def check_ll_options(beta, features) -> None:
-    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))
-                             or not 0.0 <= beta <= 1.0 or math.isnan(beta)):
-        raise ConfigError(f"ll_beta (the similarity share of the predsim loss) must be a "
-                          f"number in [0, 1], got {beta!r}")
-    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-        raise ConfigError(f"ll_features (the most values an auxiliary classifier reads) must "
-                          f"be a positive integer, got {features!r}")

@@ -46,8 +46,9 @@ from .. import sparse as SP
 from ..batchnorm import convert_batchnorm, frozen_running_stats, stats_from_first
 from ..errors import ConfigError, InputError
 from ..networks import Network, dropout_spares_rows_from
+from ..options import Option, Options
 from ..pipeline import UpdateWorker, adam_group_step, group_stepping_unsupported
-from ..registry import register_rule
+from ..registry import SIGNALS, SPARSE_SIGNALS, register_rule
 from ..signals import Feedback, TargetGenerator, build_signal, default_sparse_size
 from .base import LearningRule, RuleConfig, make_grouped_adam
 from .checks import check_y
@@ -59,6 +60,49 @@ PROTOTYPE_MOMENTUM = 0.1  # as BatchNorm's running statistics
 # 2-core CPU, fc-3x300 (415 k) about does, fc-2x800 and fc-3x1000 gain 10-12%
 # (docs/RESULTS.md, section 3)
 PIPELINE_MIN_WEIGHTS = 250_000
+
+# --- options (Sec. III; docs/ARCHITECTURE.md for the choices the paper leaves open) ---
+SIGNAL = Option("signal", str, "label",
+                "target generator: label (Eq. 1) | label-input (Eq. 10) | loop-pred (Eq. 11) "
+                "| loop-error (Eq. 12)", choices=SIGNALS.names)
+HEAD = Option("head", str, "target", "prediction: target (Fig. 2a, output-target "
+              "comparison) | classifier (Fig. 2b)", choices=("target", "classifier"))
+LOSS = Option("loss", str, "dot", "the comparison inside L_pred: dot (Eq. 6) | l2 (Eq. 7)",
+              choices=("dot", "l2"))
+LOGIT_SCALE = Option(
+    "logit_scale", float, None, "the logit scale of L_pred (default c/sqrt(d): dot c=4, l2 "
+    "c=2; per-sample signals c=1, 0.5)", low=0.0, low_open=True, optional=True)
+BN_STATS = Option("bn_stats", str, "inputs", "BatchNorm statistics from: inputs | all",
+                  choices=("inputs", "all"))
+TARGET_DROPOUT = Option(
+    "target_dropout", str, "off", "sigprop with dropout: off (only the inputs are dropped; "
+    "targets pass undropped) | on (target rows dropped too, each with its own mask, as the "
+    "official code)", choices=("on", "off"))
+TARGETS = Option("targets", str, "dense", "dense (block 1's output target, Eq. 1) | sparse "
+                 "(Sec. III-E: a small target for block 1's input; label signal)",
+                 choices=("dense", "sparse"))
+SPARSE_SIZE = Option(
+    "sparse_size", int, None, "values of a sparse target for an fc first block, zero-filled "
+    "to its input (default: half the input)", low=1, optional=True, metavar="K")
+SPARSE_GRID = Option(
+    "sparse_grid", int, 1, "a conv first block's sparse target: a G x G grid of kernel "
+    "windows, fields of G x G cells after it (1: the paper's one window)", low=1, high=1024,
+    metavar="G")
+EXIT_TARGETS = Option(
+    "exit_targets", str, "prototypes", "early exits of per-sample signals: prototypes "
+    "(running class means of training targets) | candidates (every class's target per "
+    "sample)", choices=("prototypes", "candidates"))
+FAST_PATH = Option(
+    "fast_path", str, "auto", "sigprop's step of standard blocks without autograd (every "
+    "built-in signal): auto | on (error if it cannot) | off", choices=("auto", "on", "off"),
+    resumable=True)
+PIPELINE = Option(
+    "pipeline", str, "auto", "sigprop with the fast path on a CPU: each block's BatchNorm "
+    "backward, weight gradient and Adam step on a second thread while the forward goes on "
+    "(same updates): auto (>= 2 threads) | on | off", choices=("auto", "on", "off"),
+    resumable=True)
+OPTIONS = (SIGNAL, HEAD, LOSS, LOGIT_SCALE, BN_STATS, TARGET_DROPOUT, TARGETS, SPARSE_SIZE,
+           SPARSE_GRID, EXIT_TARGETS, FAST_PATH, PIPELINE)
 
 
 def _first_weight_layer(block: nn.Module) -> nn.Module | None:
@@ -122,30 +166,71 @@ class Prototypes(nn.Module):
 
 @register_rule("sigprop")
 class Sigprop(LearningRule):
+    options = OPTIONS
+    layered = True
+
+    @classmethod
+    def option_scope(cls, given) -> tuple[Option, ...]:
+        """Sigprop's options and those of the chosen target generator."""
+        name = SIGNAL.check(given["signal"]) if "signal" in given else SIGNAL.default
+        return cls.options + SIGNALS.get(name).options
+
+    @classmethod
+    def _scope_note(cls, given) -> str:
+        return f" with signal {given.get('signal', SIGNAL.default)!r}"
+
+    @classmethod
+    def check_options(cls, opts: Options) -> None:
+        if opts.pipeline == "on" and opts.fast_path == "off":
+            raise ConfigError("pipeline='on' needs the fast path; drop fast_path='off'")
+        if opts.sparse_size is not None and opts.targets != "sparse":
+            raise ConfigError("sparse_size sets the size of sparse targets; add "
+                              "targets='sparse' (--targets sparse) or drop it")
+        if opts.sparse_grid != 1 and opts.targets != "sparse":
+            raise ConfigError("sparse_grid shapes sparse targets; add targets='sparse' "
+                              "(--targets sparse) or drop it")
+        if opts.targets == "sparse":
+            if opts.signal not in SPARSE_SIGNALS:
+                raise ConfigError(
+                    f"sparse targets (Sec. III-E) exist for the signals "
+                    f"{', '.join(SPARSE_SIGNALS.names())}, not {opts.signal!r}; use "
+                    "targets='dense' with this signal")
+            if opts.bn_stats != "inputs":
+                raise ConfigError("sparse targets take BatchNorm statistics from the inputs "
+                                  "only (a target is one position, not a map); drop "
+                                  "bn_stats='all'")
+
+    def _signal_options(self) -> dict:
+        """The chosen generator's own options (beyond ``signal_learned``), by name."""
+        own = SIGNALS.get(self.opts.signal).options
+        return {o.name: self.opts[o.name] for o in own if o.name != "signal_learned"}
     def __init__(
         self, network: Network, num_classes: int, cfg: RuleConfig,
         signal: TargetGenerator | None = None,
     ) -> None:
         super().__init__(network, num_classes, cfg)
+        opts = self.opts
         convert_batchnorm(network.blocks)
         shapes = network.block_shapes
         first = _first_weight_layer(network.blocks[0])
         if signal is None:
-            if cfg.targets == "sparse":
-                shape, size = _sparse_target(first, network.input_shape, cfg.sparse_size,
-                                             cfg.sparse_grid)
-                signal = build_signal(cfg.signal, num_classes, shape, cfg.signal_learned,
-                                      targets="sparse", sparse_size=size)
+            if opts.targets == "sparse":
+                shape, size = _sparse_target(first, network.input_shape, opts.sparse_size,
+                                             opts.sparse_grid)
+                signal = build_signal(opts.signal, num_classes, shape, opts.signal_learned,
+                                      targets="sparse", sparse_size=size,
+                                      **self._signal_options())
             else:
                 signal = build_signal(
-                    cfg.signal, num_classes, shapes[0], cfg.signal_learned,
-                    head=network.head, out_dim=math.prod(shapes[-1]), eta=cfg.eta,
+                    opts.signal, num_classes, shapes[0], opts.signal_learned,
+                    head=network.head, out_dim=math.prod(shapes[-1]),
+                    **self._signal_options(),
                 )
         # where block 1 takes the generator's targets: after it (Eq. 1), with the inputs
         # as rows of the same shape (sparse, fc), or as kernel windows (sparse, conv)
         self._window = signal.at_input and isinstance(first, nn.Conv2d)
         want = shapes[0] if not signal.at_input else (
-            _sparse_target(first, network.input_shape, None, cfg.sparse_grid)[0]
+            _sparse_target(first, network.input_shape, None, opts.sparse_grid)[0]
             if self._window
             else network.input_shape)
         if signal.target_shape != want:
@@ -154,20 +239,20 @@ class Sigprop(LearningRule):
                 f"target generator makes targets of shape {signal.target_shape}, "
                 f"but the {where} needs {want}"
             )
-        if signal.needs_feedback and cfg.head != "classifier":
+        if signal.needs_feedback and opts.head != "classifier":
             raise ConfigError(
-                f"signal {cfg.signal!r} loops the network's prediction back (Fig. 2c); "
+                f"signal {opts.signal!r} loops the network's prediction back (Fig. 2c); "
                 "it needs --head classifier"
             )
         self.signal = signal
         self.modules["signal"] = signal
         self.prototypes: Prototypes | None = None
-        if signal.per_sample and cfg.exit_targets == "prototypes":
+        if signal.per_sample and opts.exit_targets == "prototypes":
             self.prototypes = Prototypes(shapes, num_classes)
             self.modules["prototypes"] = self.prototypes
-        self.classifier = cfg.head == "classifier"
+        self.classifier = opts.head == "classifier"
         self.scales = [
-            cfg.logit_scale or SF.default_scale(cfg.loss, math.prod(s), signal.per_sample,
+            opts.logit_scale or SF.default_scale(opts.loss, math.prod(s), signal.per_sample,
                                                 conv=len(s) == 3)
             for s in shapes
         ]
@@ -178,8 +263,8 @@ class Sigprop(LearningRule):
                     f"sparse_grid {g[0]} exceeds the first block's {shapes[0][1]}x"
                     f"{shapes[0][2]} output map; choose --sparse-grid <= {min(shapes[0][1:])}")
             self.scales = [
-                cfg.logit_scale or (
-                    SF.field_scale(cfg.loss, s[0], s[1] * s[2],
+                opts.logit_scale or (
+                    SF.field_scale(opts.loss, s[0], s[1] * s[2],
                                    min(g[0], s[1]) * min(g[1], s[2]))
                     if len(s) == 3 else sc)
                 for s, sc in zip(shapes, self.scales)
@@ -216,7 +301,7 @@ class Sigprop(LearningRule):
     # --- training ---------------------------------------------------------------
     def _plan_fast_path(self) -> tuple[list[fastpath.BlockParts], str | None]:
         """The blocks' parts for the written-out step, and None; or [] and why not."""
-        if self.cfg.fast_path == "off":
+        if self.opts.fast_path == "off":
             return [], "fast_path='off'"
         why = None
         parts = []
@@ -234,7 +319,7 @@ class Sigprop(LearningRule):
                 parts.append(p)
         if why is None:
             return parts, None
-        if self.cfg.fast_path == "on":
+        if self.opts.fast_path == "on":
             raise ConfigError(f"fast_path='on' but the written-out step does not apply: {why}")
         return [], why
 
@@ -242,34 +327,34 @@ class Sigprop(LearningRule):
         """None if block updates may run on the update thread (on a CPU with >= 2
         threads, checked at each step), else why not."""
         why = None
-        if self.cfg.pipeline == "off":
+        if self.opts.pipeline == "off":
             return "pipeline='off'"
         weights = sum(p.op.weight.numel() for p in self.fast_parts)
         if self.fast_path_off is not None:
             why = "the fast path does not apply"
-        elif self.cfg.pipeline == "auto" and self.signal.needs_feedback:
+        elif self.opts.pipeline == "auto" and self.signal.needs_feedback:
             why = ("the loop-back generator's label-free pass reads every block, so each "
                    "step would wait for all updates (measured slower); pipeline='on' forces it")
-        elif self.cfg.pipeline == "auto" and any(p.conv for p in self.fast_parts):
+        elif self.opts.pipeline == "auto" and any(p.conv for p in self.fast_parts):
             # VGG8b, 3x32x32, batch 128, 2 threads: 0.94x backprop's throughput pipelined
             # against 1.48x in sequence (benchmarks/throughput_memory.py): a conv on one
             # of the two threads is slower than the overlap gains (docs/RESULTS.md)
             why = ("conv blocks: their products use both threads better in sequence "
                    "(measured); pipeline='on' forces it")
-        elif self.cfg.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
+        elif self.opts.pipeline == "auto" and weights < PIPELINE_MIN_WEIGHTS:
             why = (f"blocks too small to gain from it: {weights:,} weights, under "
                    f"{PIPELINE_MIN_WEIGHTS:,}; pipeline='on' forces it")
         elif self.optimizer is None:
             why = "nothing is trainable"
         else:
             why = group_stepping_unsupported(self.optimizer)
-        if why is not None and self.cfg.pipeline == "on":
+        if why is not None and self.opts.pipeline == "on":
             raise ConfigError(f"pipeline='on' but {why}")
         return why
 
     def _pipelined(self, x: Tensor) -> bool:
         """Whether this step's updates go to the update thread."""
-        if self._pipe is not None and self.cfg.pipeline == "on" and x.device.type != "cpu":
+        if self._pipe is not None and self.opts.pipeline == "on" and x.device.type != "cpu":
             raise ConfigError(
                 f"pipeline='on' is for CPUs (on {x.device.type} the device already runs "
                 "kernels asynchronously); use pipeline='auto' or 'off'")
@@ -280,7 +365,7 @@ class Sigprop(LearningRule):
             return False  # replicas: every gradient is reduced before the one Adam step
         if self._pipe.active:
             return True
-        return device.type == "cpu" and (self.cfg.pipeline == "on"
+        return device.type == "cpu" and (self.opts.pipeline == "on"
                                          or torch.get_num_threads() >= 2)
 
     @property
@@ -318,12 +403,12 @@ class Sigprop(LearningRule):
         return self.__dict__.copy()
 
     def _stats_rows(self, n: int) -> int | None:
-        return n if self.cfg.bn_stats == "inputs" else None
+        return n if self.opts.bn_stats == "inputs" else None
 
     @property
     def _drops_targets(self) -> bool:
         """Whether dropout drops the target rows too (``target_dropout='on'``)."""
-        return self.cfg.target_dropout == "on"
+        return self.opts.target_dropout == "on"
 
     def _spared_rows(self, n: int) -> int | None:
         """The first row dropout spares in an (n + m)-row block input: the targets'
@@ -345,11 +430,11 @@ class Sigprop(LearningRule):
     def _layer_logits(self, i: int, h: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """(n, classes) logits of L_pred at block i; per-sample targets become class means."""
         if not self.signal.per_sample:
-            return SF.compare(h, t, self.cfg.loss, self.scales[i])
+            return SF.compare(h, t, self.opts.loss, self.scales[i])
         means, present = SF.class_targets(t, y, self.num_classes)
         if self.prototypes is not None:
             self.prototypes.update(i, means.detach(), present)
-        logits = SF.compare(h, means, self.cfg.loss, self.scales[i])
+        logits = SF.compare(h, means, self.opts.loss, self.scales[i])
         return logits.masked_fill(~present, float("-inf"))  # absent classes: no target
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,7 +447,7 @@ class Sigprop(LearningRule):
         the stacked rows ``[h; t]`` of the batch from the stage before and sends its own
         on; what needs more than that is refused."""
         if self.signal.needs_feedback:
-            return (f"signal {self.cfg.signal!r} loops the network's output back to block 1 "
+            return (f"signal {self.opts.signal!r} loops the network's output back to block 1 "
                     "(Eq. 11/12): the first stage would wait for the last stage's label-free "
                     "pass of every batch, so the stages could not overlap; use --signal label "
                     "or label-input")
@@ -441,7 +526,7 @@ class Sigprop(LearningRule):
                 why = "a block has forward or backward hooks, which only the autograd path runs"
             elif not all(p.bn.training for p in self.fast_parts):
                 why = "a BatchNorm is in eval mode; the written-out step is training mode"
-        if self.fast_parts and why is not None and self.cfg.fast_path == "on":
+        if self.fast_parts and why is not None and self.opts.fast_path == "on":
             raise ConfigError(f"fast_path='on' but {why}; use fast_path='auto' or 'off'")
         if self.fast_parts and why is None and self._pipelined(x):
             return self._fast_train_step(x, y, True, start, stop)
@@ -503,7 +588,7 @@ class Sigprop(LearningRule):
         if pipe is not None:
             pipe.begin()
         stop = len(self.fast_parts) if stop is None else stop
-        n, kind = y.shape[0], self.cfg.loss
+        n, kind = y.shape[0], self.opts.loss
         # per-sample targets: L_pred against their class means, prototypes updated
         means_of = self.num_classes if self.signal.per_sample else None
         fb = None
@@ -595,7 +680,7 @@ class Sigprop(LearningRule):
         ps = SP.pair_forward(parts, h, t, mode, out=out, after_matmul=staged,
                              drop_targets=self._drops_targets)
         do_x = torch.empty_like(ps.x.o)
-        loss, logits, do_t = SP.field_pred_grads(self.cfg.loss, self.scales[i], ps.x.o,
+        loss, logits, do_t = SP.field_pred_grads(self.opts.loss, self.scales[i], ps.x.o,
                                                  ps.o_t, y, do_x)
 
         def grads() -> None:
@@ -689,7 +774,7 @@ class Sigprop(LearningRule):
                     z = block(stacked)  # (n + m, *D): inputs, then targets
                 h_out, t_out = z.split([n, z.shape[0] - n])  # backward: one cat, no zero-fill
             if mode == SP.FIELD:
-                logits = SF.field_compare(h_out, t_out, self.cfg.loss, self.scales[i])
+                logits = SF.field_compare(h_out, t_out, self.opts.loss, self.scales[i])
             else:
                 logits = self._layer_logits(i, h_out, t_out, y)
             loss = F.cross_entropy(logits, y)
@@ -724,16 +809,16 @@ class Sigprop(LearningRule):
             h = t = None
             for i, h, t, mode in self._walk(z, n, start, stop):
                 if mode == SP.FIELD:
-                    scores.append(SF.field_compare(h, t, self.cfg.loss, self.scales[i]))
+                    scores.append(SF.field_compare(h, t, self.opts.loss, self.scales[i]))
                 elif self.prototypes is not None:
                     proto, seen = self.prototypes.get(i)
-                    s = SF.compare(h, proto, self.cfg.loss, self.scales[i])
+                    s = SF.compare(h, proto, self.opts.loss, self.scales[i])
                     scores.append(s.masked_fill(~seen, float("-inf")))
                 elif self.signal.per_sample:
                     paired = t.view(n, self.num_classes, *t.shape[1:])
-                    scores.append(SF.compare_paired(h, paired, self.cfg.loss, self.scales[i]))
+                    scores.append(SF.compare_paired(h, paired, self.opts.loss, self.scales[i]))
                 else:
-                    scores.append(SF.compare(h, t, self.cfg.loss, self.scales[i]))
+                    scores.append(SF.compare(h, t, self.opts.loss, self.scales[i]))
             if stop < len(self.network.blocks):
                 return scores, torch.cat([h, t])
             if self.classifier:

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as SF
-from ..errors import ConfigError
 from ..functional.spiking import step_similarity, surrogate_activity
 from ..networks import Network
 from ..networks.spiking import SP_THRESHOLD, SpikingNetwork
@@ -52,6 +51,8 @@ from ..registry import register_rule
 from ..signals.label import LabelProjection
 from .backprop import Backprop
 from .base import LearningRule, RuleConfig, _full, make_grouped_adam
+from .config import SPIKE_THRESHOLD
+from .sigprop import LOGIT_SCALE, LOSS
 
 
 @register_rule("bp-surrogate")
@@ -73,15 +74,22 @@ class SpikingSigprop(LearningRule):
     supports_amp = True
     spike_threshold = SP_THRESHOLD
 
+    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD)
+
+    @classmethod
+    def option_scope(cls, given) -> tuple:
+        """Its own options and the label projection's (one target per class, Eq. 1)."""
+        return cls.options + LabelProjection.options
+
+    @classmethod
+    def _scope_note(cls, given) -> str:
+        return " (it makes one target per class with the label projection, Eq. 1, at the " \
+            "network's input)"
+
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
-        if cfg.signal != "label" or cfg.targets != "dense":
-            raise ConfigError(
-                f"rule {self.name!r} makes one target per class with the label projection "
-                "(Eq. 1) at the network's input; drop --signal/--targets (it takes "
-                "signal='label', targets='dense')")
         super().__init__(network, num_classes, cfg)
         self.signal = LabelProjection(num_classes, network.input_shape,
-                                      learned=cfg.signal_learned)
+                                      learned=self.opts.signal_learned)
         # Targets at the input start on the inputs' scale (standardised images, std ~1):
         # with nn.Linear's init (+-1/sqrt(classes)) every class's target is a faint image
         # that block 1's BatchNorm (inputs' statistics) maps to nearly the same current,
@@ -96,8 +104,8 @@ class SpikingSigprop(LearningRule):
         self.scales = []
         for shape in self._charged_shapes(network):
             d = math.prod(shape)
-            self.scales.append(cfg.logit_scale
-                               or self.scale_c * SF.default_scale(cfg.loss, d, conv=True))
+            self.scales.append(self.opts.logit_scale
+                               or self.scale_c * SF.default_scale(self.opts.loss, d, conv=True))
         self._build_optimizer()
         blocks = network.blocks
         self.exit_names = [f"layer{i + 1}" for i in range(len(blocks))] + ["head"]
@@ -142,7 +150,7 @@ class SpikingSigprop(LearningRule):
         """[T, n, m] similarities of the n inputs to the m class targets at every step
         (Eq. 6 or 7 per step, float32, outside autocast: the voltages are float32 and a
         cast to 16 bits would copy them; functional.spiking.step_similarity)."""
-        return step_similarity(a, n, self.cfg.loss, self.scales[i])
+        return step_similarity(a, n, self.opts.loss, self.scales[i])
 
     def _local_loss(self, scores: Tensor, y: Tensor) -> Tensor:
         """L_pred (Eq. 9) at every time step, averaged over the steps."""

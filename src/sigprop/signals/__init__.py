@@ -13,13 +13,13 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..registry import SIGNALS, SPARSE_SIGNALS
 from . import label, label_input, loop, sparse  # noqa: F401  (registration side effects)
-from .base import Feedback, TargetGenerator, TargetsBackward, check_eta
+from .base import SIGNAL_LEARNED, Feedback, TargetGenerator, TargetsBackward
 from .label import LabelProjection
 from .label_input import LabelInputModulation
-from .loop import LoopBackError, LoopBackPrediction
+from .loop import ETA, LoopBackError, LoopBackPrediction, check_eta
 from .sparse import SparseLabelProjection, default_sparse_size
 
-__all__ = ["Feedback", "LabelInputModulation", "LabelProjection", "LoopBackError",
+__all__ = ["ETA", "SIGNAL_LEARNED", "Feedback", "LabelInputModulation", "LabelProjection", "LoopBackError",
            "LoopBackPrediction", "SparseLabelProjection", "TargetGenerator",
            "TargetsBackward", "build_signal", "check_eta", "default_sparse_size"]
 

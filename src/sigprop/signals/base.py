@@ -25,7 +25,6 @@ and a ``@register_signal`` line; without ``fast_targets`` it trains through auto
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..networks import LEAKY_SLOPE
+from ..options import Option
 
 # (dL/dt1, dL/dh1) -> None: writes the generator's gradients; a generator whose t1
 # depends on h1 (Eq. 10) also adds its term to dL/dh1 in place
@@ -54,7 +53,15 @@ def leaky(x: Tensor) -> Tensor:
     return F.leaky_relu(x, LEAKY_SLOPE)
 
 
+# every generator: fixed (a random projection that never moves) or learned from L_1
+SIGNAL_LEARNED = Option("signal_learned", bool, True,
+                        "whether the target generator learns (false: a fixed random projection)",
+                        switch=("--signal-fixed", False))
+
+
 class TargetGenerator(nn.Module):
+    # options a rule passes to the generator (sigprop.options); a subclass adds its own
+    options: ClassVar[tuple[Option, ...]] = (SIGNAL_LEARNED,)
     per_sample: ClassVar[bool] = False
     needs_feedback: ClassVar[bool] = False
     # targets for block 1's *input* (sparse targets, Sec. III-E), which block 1 then
@@ -106,14 +113,3 @@ class TargetGenerator(nn.Module):
 
 def _defined_in(cls: type, name: str) -> type:
     return next(k for k in cls.__mro__ if name in k.__dict__)
-
-
-def check_eta(eta: object) -> None:
-    """Eq. 12's error step must be a finite number > 0: the target is built from the
-    output moved by -eta times its loss gradient, towards the label; eta = 0 drops the
-    label from the target, a negative eta moves away from it, NaN or inf poisons it."""
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (
-            math.isfinite(eta) and eta > 0):
-        raise ConfigError(
-            f"eta (the error step of the loop-error signal, Eq. 12) must be a finite number "
-            f"> 0, got {eta!r}; 1.0 is the default")

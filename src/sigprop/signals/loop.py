@@ -9,7 +9,18 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..networks import LEAKY_SLOPE, check_parameter_memory
 from ..registry import register_signal
-from .base import Feedback, TargetGenerator, TargetsBackward, check_eta, leaky
+from ..options import Option
+from .base import Feedback, TargetGenerator, TargetsBackward, leaky
+
+ETA = Option("eta", float, 1.0,
+             "the error step of the loop-error signal, Eq. 12: t1 = f(S (h_L - eta dL/dh_L) "
+             "+ d); 0 drops the label from the target", low=0.0, low_open=True)
+
+
+def check_eta(eta: object) -> float:
+    """Eq. 12's error step: a finite number > 0 (0 would drop the label from the target,
+    a negative eta move away from it); a ConfigError otherwise."""
+    return ETA.check(eta)
 from .projection import projection_backward, projection_targets
 
 
@@ -67,6 +78,8 @@ class LoopBackError(_LoopBack):
     net's first block can be large (1024 x 131,072 for VGG8b on 32 px).
     """
 
+    options = _LoopBack.options + (ETA,)
+
     def __init__(
         self, num_classes: int, target_shape, learned: bool = True, *,
         head: nn.Module | None = None, out_dim: int | None = None, eta: float = 1.0, **_,
@@ -74,7 +87,7 @@ class LoopBackError(_LoopBack):
         super().__init__(num_classes, target_shape, learned)
         if not isinstance(head, nn.Linear) or out_dim is None:
             raise ConfigError("signal 'loop-error' (Eq. 12) needs a linear classification head")
-        check_eta(eta)
+        eta = check_eta(eta)
         check_parameter_memory(out_dim * self.dim + self.dim,
                                f"the loop-error generator ({out_dim} x {self.dim})")
         # A plain reference, not a submodule: the head is owned (saved, trained) elsewhere.

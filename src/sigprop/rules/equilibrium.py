@@ -44,8 +44,9 @@ from ..errors import ConfigError
 from ..functional import ep as EP
 from ..networks import Network
 from ..networks.hopfield import HopfieldNetwork
+from ..options import Option
 from ..registry import register_rule
-from ..rules.base import LearningRule, RuleConfig
+from .base import LearningRule, RuleConfig
 
 CHECK_EVERY = 10  # free-phase steps between residual checks (each one host sync)
 
@@ -77,8 +78,33 @@ DEFAULTS = {
 }
 
 
+EP_FREE_STEPS = Option(
+    "ep_free_steps", int, None, "EP: Euler steps of the free phase (default: ep-loopback 20; "
+    "ep-symmetric 60, 150 or 500 for 1, 2 or 3 hidden layers)", low=1, high=1_000_000,
+    optional=True)
+EP_NUDGE_STEPS = Option(
+    "ep_nudge_steps", int, None, "EP: Euler steps of the nudged phase (default: ep-loopback "
+    "8; ep-symmetric 4, 6 or 8 by depth)", low=1, high=1_000_000, optional=True)
+EP_DT = Option("ep_dt", float, 0.5, "EP: the Euler step", low=0.0, low_open=True, high=100.0)
+EP_BETA = Option("ep_beta", float, None, "EP: the nudge (default: ep-loopback 2; ep-symmetric "
+                 "0.5, or 1 with 2+ hidden layers)", low=0.0, low_open=True, high=1e6,
+                 optional=True)
+EP_BETA_SIGN = Option("ep_beta_sign", str, "auto", "EP: the nudge's sign: auto (random per "
+                      "batch for ep-symmetric, positive for ep-loopback) | positive | random",
+                      choices=("auto", "positive", "random"))
+EP_LRS = Option("ep_lrs", str, "", "EP: learning rates per matrix, input's first, e.g. "
+                "0.1,0.05 (empty: the rule's)")
+EP_TOL = Option("ep_tol", float, 0.0, "EP: end the free phase once every residual is below "
+                "this (0: never)", low=0.0)
+EP_OPTIONS = (EP_FREE_STEPS, EP_NUDGE_STEPS, EP_DT, EP_BETA, EP_BETA_SIGN, EP_LRS, EP_TOL)
+LOOPBACK = Option("loopback", str, "learned", "ep-loopback: learned | fixed loop-back weights",
+                  choices=("learned", "fixed"))
+
+
 class EquilibriumPropagation(LearningRule):
     """What both EP rules share: relaxation, phases, SGD per layer, no autograd."""
+
+    options = EP_OPTIONS
 
     exit_names: ClassVar[list[str]] = ["output"]
     random_sign: ClassVar[bool] = False
@@ -96,17 +122,17 @@ class EquilibriumPropagation(LearningRule):
         layers = self._update_layers()
         own = DEFAULTS[self.name]
         own = {**own, **own.get("depth", {}).get(len(self.linears) - 1, {})}
-        self.free_steps = cfg.ep_free_steps or own["free"]
-        self.nudge_steps = cfg.ep_nudge_steps or own["nudge"]
-        self.beta = cfg.ep_beta or own["beta"]
-        lrs = _parse_lrs(cfg.ep_lrs, len(layers)) if cfg.ep_lrs else self._default_lrs(
-            len(layers))
+        self.free_steps = self.opts.ep_free_steps or own["free"]
+        self.nudge_steps = self.opts.ep_nudge_steps or own["nudge"]
+        self.beta = self.opts.ep_beta or own["beta"]
+        lrs = (_parse_lrs(self.opts.ep_lrs, len(layers)) if self.opts.ep_lrs
+               else self._default_lrs(len(layers)))
         self.optimizer = torch.optim.SGD(
             [{"params": ps, "lr": lr, "base_lr": lr, "name": name}
              for (name, ps), lr in zip(layers, lrs)], lr=cfg.lr)
         self.optimizers = [self.optimizer]
         self.sign = {"auto": "random" if self.random_sign else "positive"}.get(
-            cfg.ep_beta_sign, cfg.ep_beta_sign)
+            self.opts.ep_beta_sign, self.opts.ep_beta_sign)
         self.residual = float("nan")  # mean free-phase residual of the last batch
 
     # --- what the two rules set differently -------------------------------------------
@@ -140,17 +166,16 @@ class EquilibriumPropagation(LearningRule):
             states = [x.new_zeros(x.shape[0], lin.out_features) for lin in self.linears]
         residual = x.new_full((x.shape[0],), float("inf"))
         for k in range(steps):
-            states, residual = EP.euler_step(states, self._drives(states, x), self.cfg.ep_dt,
+            states, residual = EP.euler_step(states, self._drives(states, x), self.opts.ep_dt,
                                              beta, target)
             if tol > 0 and (k + 1) % CHECK_EVERY == 0 and float(residual.max()) < tol:
                 break
         return states, residual
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.cfg
         target = F.one_hot(y, self.num_classes).to(x.dtype)
         with torch.no_grad():
-            free, residual = self.relax(x, self.free_steps, tol=cfg.ep_tol)
+            free, residual = self.relax(x, self.free_steps, tol=self.opts.ep_tol)
             beta = self.beta
             if self.sign == "random" and bool(torch.randint(0, 2, ()).item()):
                 beta = -beta
@@ -163,7 +188,7 @@ class EquilibriumPropagation(LearningRule):
         return cost.view(1), (out.argmax(1) == y).sum().view(1)
 
     def _exit_scores(self, x: Tensor) -> list[Tensor]:
-        states, _ = self.relax(x, self.free_steps, tol=self.cfg.ep_tol)
+        states, _ = self.relax(x, self.free_steps, tol=self.opts.ep_tol)
         return [states[-1]]
 
     @staticmethod
@@ -232,13 +257,15 @@ class EPLoopback(EquilibriumPropagation):
     """Sigprop's continuous model (Fig. 2c): feedforward plus a loop-back, Eq. 14."""
 
     name = "ep-loopback"
+    options = EP_OPTIONS + (LOOPBACK,)
 
     def _default_lrs(self, count: int) -> list[float]:
         own = DEFAULTS[self.name]
         return [own["first"]] + [own["rest"]] * (count - 1)
 
     def _extra_parameters(self, cfg: RuleConfig) -> nn.Module:
-        return _Loop(self.num_classes, self.linears[0].out_features, cfg.loopback == "learned")
+        return _Loop(self.num_classes, self.linears[0].out_features,
+                     self.opts.loopback == "learned")
 
     def _update_layers(self) -> list[tuple[str, list[nn.Parameter]]]:
         layers = super()._update_layers()

@@ -1,0 +1,1 @@
+"""An example sigprop plugin (docs/EXTENDING.md): the rule ``top-k`` in ``top_k.py``."""

@@ -214,7 +214,7 @@ def cell_counts(hw: tuple[int, int], grid: tuple[int, int], like: Tensor) -> Ten
 
 
 def field_compare(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
-    """Compare maps with fields (sparse targets, Sec. III-E; sigprop.sparse): h (n, C, H,
+    """Compare maps with fields (sparse targets, Sec. III-E; rules.sigprop.sparse): h (n, C, H,
     W) against t (m, C, gh, gw), each t standing for the map whose every position has
     its cell's value (:func:`lay_out`; a 1x1 field is one value per channel over the
     whole map). The same logits as :func:`compare` of h with the laid-out t, without

@@ -23,8 +23,8 @@ from .pipeline import GroupSteps, UpdateWorker, group_stepping_unsupported, queu
 from .travel import ROWS, Pair, StepContext, Travel
 
 # pipeline='auto' hands block updates to the update thread only for blocks with at
-# least this many Linear (or conv) weights in all: below it the hand-offs (~0.8 ms a
-# step) cost more than the overlap gains (docs/studies/pipeline.md)
+# least this many Linear (or conv) weights in all: below it the hand-offs between the
+# threads cost more than the overlap gains (docs/studies/pipeline.md)
 PIPELINE_MIN_WEIGHTS = 250_000
 
 

@@ -1,11 +1,20 @@
 """Sigprop's options (Sec. III; docs/ARCHITECTURE.md for the choices the paper leaves
-open), read as ``rule.opts.<name>``, and the checks between them."""
+open), read as ``rule.opts.<name>``: the declarations, the checks between them and what
+they give on a network (the sparse target's shape, the logit scales)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+from ... import functional as SF
 from ...errors import ConfigError
 from ...options import Option, Options
 from ...registry import SIGNALS, SPARSE_SIGNALS
+from ...signals import default_sparse_size
+from .sparse import window_grid
 
 SIGNAL = Option("signal", str, "label",
                 "target generator: label (Eq. 1) | label-input (Eq. 10) | loop-pred (Eq. 11) "
@@ -76,3 +85,59 @@ def signal_options(opts: Options) -> dict:
     """The chosen generator's own options (beyond ``signal_learned``), by name."""
     own = SIGNALS.get(opts.signal).options
     return {o.name: opts[o.name] for o in own if o.name != "signal_learned"}
+
+
+def first_weight_layer(block: nn.Module) -> nn.Module | None:
+    """The first Linear or Conv2d of a block (None if it has neither)."""
+    return next((m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+
+
+def sparse_target(first: nn.Module | None, input_shape: tuple[int, ...],
+                  size: int | None, grid: int = 1) -> tuple[tuple[int, ...], int | None]:
+    """Shape and size of a sparse target for the first block (Sec. III-E): one kernel
+    window of its input for a conv (a grid x grid of them with ``grid`` > 1), K values
+    of its input row for a Linear."""
+    if isinstance(first, nn.Conv2d):
+        if size is not None:
+            raise ConfigError("sparse_size (--sparse-size) is for fully connected first blocks; "
+                              "a conv block's sparse target is one kernel window of its input")
+        kh, kw = first.kernel_size
+        return (first.in_channels, grid * kh, grid * kw), None
+    if grid != 1:
+        raise ConfigError(f"sparse_grid {grid} is for conv first blocks (a grid of kernel "
+                          "windows); an fc first block's sparse target has --sparse-size K "
+                          "values: drop --sparse-grid")
+    if isinstance(first, nn.Linear):
+        dim = math.prod(input_shape)
+        k = default_sparse_size(dim) if size is None else size
+        if k > dim:
+            raise ConfigError(f"sparse_size {k} exceeds the first block's {dim} inputs; "
+                              f"choose K <= {dim}")
+        return tuple(input_shape), k
+    raise ConfigError("sparse targets need a first block that starts with a Linear or a "
+                      "Conv2d (the target is taken with its weights); use dense targets")
+
+
+def logit_scales(opts: Options, shapes: Sequence[tuple[int, ...]], per_sample: bool,
+                 window: tuple[tuple[int, ...], nn.Conv2d] | None = None) -> list[float]:
+    """Each block's logit scale: ``logit_scale``, else the default for its output shape;
+    for fields (``window``: the window targets' shape and block 1's conv) the default
+    of a field comparison at conv blocks."""
+    scales = [
+        opts.logit_scale or SF.default_scale(opts.loss, math.prod(s), per_sample,
+                                            conv=len(s) == 3)
+        for s in shapes
+    ]
+    if window is None:
+        return scales
+    g = window_grid(*window)
+    if g[0] > shapes[0][1] or g[1] > shapes[0][2]:
+        raise ConfigError(
+            f"sparse_grid {g[0]} exceeds the first block's {shapes[0][1]}x"
+            f"{shapes[0][2]} output map; choose --sparse-grid <= {min(shapes[0][1:])}")
+    return [
+        opts.logit_scale or (
+            SF.field_scale(opts.loss, s[0], s[1] * s[2], min(g[0], s[1]) * min(g[1], s[2]))
+            if len(s) == 3 else sc)
+        for s, sc in zip(shapes, scales)
+    ]

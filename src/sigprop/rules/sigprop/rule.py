@@ -44,13 +44,20 @@ from ...networks import Network
 from ...networks.batchnorm import convert_batchnorm
 from ...options import Option, Options
 from ...registry import SIGNALS, register_rule
-from ...signals import TargetGenerator, build_signal, default_sparse_size
+from ...signals import TargetGenerator, build_signal
 from ..base import LearningRule, RuleConfig, make_grouped_adam
 from ..checks import check_y
-from . import sparse
 from .exits import Exits, Prototypes, label_free_pass
 from .fast_step import FastStep, plan_fast_path, plan_pipeline
-from .options import OPTIONS, SIGNAL, check_options, signal_options
+from .options import (
+    OPTIONS,
+    SIGNAL,
+    check_options,
+    first_weight_layer,
+    logit_scales,
+    signal_options,
+    sparse_target,
+)
 from .pipeline import GroupSteps, UpdateWorker, queue_update
 from .travel import OUTPUT, ROWS, WINDOW, Pair, StepContext, Travel
 
@@ -82,7 +89,7 @@ class Sigprop(LearningRule):
         opts = self.opts
         convert_batchnorm(network.blocks)
         shapes = network.block_shapes
-        first = _first_weight_layer(network.blocks[0])
+        first = first_weight_layer(network.blocks[0])
         if signal is None:
             signal = self._build_signal(first)
         # where block 1 takes the generator's targets: after it (Eq. 1), with the inputs
@@ -90,7 +97,7 @@ class Sigprop(LearningRule):
         window = signal.at_input and isinstance(first, nn.Conv2d)
         self.first_travel: Travel = (WINDOW if window else ROWS) if signal.at_input else OUTPUT
         want = shapes[0] if not signal.at_input else (
-            _sparse_target(first, network.input_shape, None, opts.sparse_grid)[0]
+            sparse_target(first, network.input_shape, None, opts.sparse_grid)[0]
             if window
             else network.input_shape)
         if signal.target_shape != want:
@@ -111,7 +118,8 @@ class Sigprop(LearningRule):
             self.prototypes = Prototypes(shapes, num_classes)
             self.modules["prototypes"] = self.prototypes
         self.classifier = opts.head == "classifier"
-        self.scales = self._logit_scales(first if window else None)
+        self.scales = logit_scales(opts, shapes, signal.per_sample,
+                                   (signal.target_shape, first) if window else None)
         # One parameter group per block and one for a classifier head; block 1's also
         # holds the generator, which learns from L_1(h1, t1) (a fixed generator's
         # parameters do not require grad and get no place). One step() after every
@@ -152,36 +160,13 @@ class Sigprop(LearningRule):
         """The generator the options name, for block 1's output or (sparse) input."""
         opts, net = self.opts, self.network
         if opts.targets == "sparse":
-            shape, size = _sparse_target(first, net.input_shape, opts.sparse_size,
-                                         opts.sparse_grid)
+            shape, size = sparse_target(first, net.input_shape, opts.sparse_size,
+                                        opts.sparse_grid)
             return build_signal(opts.signal, self.num_classes, shape, opts.signal_learned,
                                 targets="sparse", sparse_size=size, **signal_options(opts))
         return build_signal(opts.signal, self.num_classes, net.block_shapes[0],
                             opts.signal_learned, head=net.head,
                             out_dim=math.prod(net.block_shapes[-1]), **signal_options(opts))
-
-    def _logit_scales(self, window_conv: nn.Conv2d | None) -> list[float]:
-        """Each block's logit scale: the option's, else the default for its output
-        shape (for fields, sparse targets through conv blocks: ``window_conv``)."""
-        opts, signal, shapes = self.opts, self.signal, self.network.block_shapes
-        scales = [
-            opts.logit_scale or SF.default_scale(opts.loss, math.prod(s), signal.per_sample,
-                                                conv=len(s) == 3)
-            for s in shapes
-        ]
-        if window_conv is None:
-            return scales
-        g = sparse.window_grid(signal.target_shape, window_conv)
-        if g[0] > shapes[0][1] or g[1] > shapes[0][2]:
-            raise ConfigError(
-                f"sparse_grid {g[0]} exceeds the first block's {shapes[0][1]}x"
-                f"{shapes[0][2]} output map; choose --sparse-grid <= {min(shapes[0][1:])}")
-        return [
-            opts.logit_scale or (
-                SF.field_scale(opts.loss, s[0], s[1] * s[2], min(g[0], s[1]) * min(g[1], s[2]))
-                if len(s) == 3 else sc)
-            for s, sc in zip(shapes, scales)
-        ]
 
     # --- how a step runs ------------------------------------------------------------
     def _pipelined(self, x: Tensor) -> bool:
@@ -439,34 +424,3 @@ class Sigprop(LearningRule):
         the block's output shape; sparse through conv blocks: (C, G, G) fields)."""
         self.sync()
         return self.exits.target_shapes(self.modules)
-
-
-def _first_weight_layer(block: nn.Module) -> nn.Module | None:
-    """The first Linear or Conv2d of a block (None if it has neither)."""
-    return next((m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-
-
-def _sparse_target(first: nn.Module | None, input_shape: tuple[int, ...],
-                   size: int | None, grid: int = 1) -> tuple[tuple[int, ...], int | None]:
-    """Shape and size of a sparse target for the first block (Sec. III-E): one kernel
-    window of its input for a conv (a grid x grid of them with ``grid`` > 1), K values
-    of its input row for a Linear."""
-    if isinstance(first, nn.Conv2d):
-        if size is not None:
-            raise ConfigError("sparse_size (--sparse-size) is for fully connected first blocks; "
-                              "a conv block's sparse target is one kernel window of its input")
-        kh, kw = first.kernel_size
-        return (first.in_channels, grid * kh, grid * kw), None
-    if grid != 1:
-        raise ConfigError(f"sparse_grid {grid} is for conv first blocks (a grid of kernel "
-                          "windows); an fc first block's sparse target has --sparse-size K "
-                          "values: drop --sparse-grid")
-    if isinstance(first, nn.Linear):
-        dim = math.prod(input_shape)
-        k = default_sparse_size(dim) if size is None else size
-        if k > dim:
-            raise ConfigError(f"sparse_size {k} exceeds the first block's {dim} inputs; "
-                              f"choose K <= {dim}")
-        return tuple(input_shape), k
-    raise ConfigError("sparse targets need a first block that starts with a Linear or a "
-                      "Conv2d (the target is taken with its weights); use dense targets")

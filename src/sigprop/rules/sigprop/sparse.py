@@ -183,7 +183,7 @@ class TargetConv(Protocol):
 @dataclass
 class PairState:
     """What a conv block's forward on inputs and sparse targets keeps for its update:
-    the inputs' :class:`~sigprop.fastpath.BlockState` and the targets' own small
+    the inputs' :class:`~.fastpath.BlockState` and the targets' own small
     tensors (m rows of 1x1 fields)."""
 
     x: BlockState  # the inputs' part (its ``o`` is the block's output for the inputs)

@@ -64,6 +64,8 @@ from .travel import OUTPUT, ROWS, WINDOW, Pair, StepContext, Travel
 
 @register_rule("sigprop")
 class Sigprop(LearningRule):
+    """Signal propagation (module docstring); ``signal``: a generator of one's own."""
+
     options = OPTIONS
     layered = True
 

@@ -42,18 +42,34 @@ Make = Callable[[Tensor], Tensor]  # block 1's targets from h (the inputs, or it
 MakeFast = Callable[[Tensor, Tensor], tuple[Tensor, TargetsBackward]]
 
 
-@dataclass
 class Pair:
     """The inputs' rows ``h`` (n, ...) and the targets ``t`` in their travel's form (None
     before block 1 makes them); ``z``: [h; t] as one tensor when they are its parts."""
 
-    h: Tensor
-    t: Tensor | None
-    z: Tensor | None = None
+    __slots__ = ("_h", "_t", "n", "z")
+
+    def __init__(self, h: Tensor, t: Tensor | None, z: Tensor | None = None) -> None:
+        self._h, self._t, self.z, self.n = h, t, z, h.shape[0]
 
     @classmethod
     def stacked(cls, z: Tensor, n: int) -> Pair:
-        return cls(z[:n], z[n:], z)
+        """The first ``n`` rows of ``z`` and the rest (views taken when asked for)."""
+        pair = cls.__new__(cls)
+        pair._h = pair._t = None
+        pair.z, pair.n = z, n
+        return pair
+
+    @property
+    def h(self) -> Tensor:
+        if self._h is None:
+            self._h = self.z[:self.n]
+        return self._h
+
+    @property
+    def t(self) -> Tensor | None:
+        if self._t is None and self.z is not None:
+            self._t = self.z[self.n:]
+        return self._t
 
     def rows(self) -> Tensor:
         """[h; t] stacked (no copy when they already are)."""

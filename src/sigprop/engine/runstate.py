@@ -23,7 +23,6 @@ single-process checkpoint dict (``sigprop eval``, ``--resume`` in one process);
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +106,7 @@ def merge_states(parts: list[dict]) -> dict:
 
 def write_stages(run_dir: Path, epoch: int, sizes: list[int]) -> None:
     stages = len(sizes)
-    runio.atomic_write_text(run_dir / STAGES_FILE, json.dumps({
+    runio.atomic_write_text(run_dir / STAGES_FILE, runio.strict_dumps({
         "epoch": epoch, "split": sizes,
         "files": [stage_file(epoch, r, stages) for r in range(stages)]}, indent=2))
 
@@ -269,7 +268,7 @@ class RunStart:
         elif self.resume:
             log(f"no checkpoint in {run_dir}: starting the run from the beginning")
         if self.state is None or self.changes or self.epoch < cfg.train.epochs:
-            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
+            runio.atomic_write_text(config_path, runio.strict_dumps(record, indent=2))
         return history
 
 

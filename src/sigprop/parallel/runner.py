@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ from ..engine.stagespec import stage_count
 from ..engine.trainer import (
     build_config_rule, build_experiment, check_finite, epoch_line, epoch_record,
     resolve_device, set_epoch_lr)
-from ..errors import ConfigError, SigpropError
+from ..engine.interrupt import one_line
+from ..errors import ConfigError, SigpropError, StorageError
 from . import replicas
 from .split import check_devices, plan_split, stage_ranges
 from .stage import StageEnv, release_unowned, timeout_s
@@ -421,9 +423,14 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
         else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)  # each machine's own stage files
         return StageRun(cfg, run_dir, resume, env).run()
+    except StorageError as err:  # a full disk, a read-only folder, ...
+        again = f"sigprop train --resume --run-dir {shlex.quote(str(run_dir))}"
+        raise StorageError(
+            f"{who}: {one_line(err)}; the last checkpoint every stage finished, if any, is "
+            f"intact (stages.json points at it); make room, then continue with: {again}"
+        ) from None
     except SigpropError as err:
-        text = " ".join(str(err).split())
-        raise type(err)(f"{who}: {text}") from None
+        raise type(err)(f"{who}: {one_line(err)}") from None
     except RuntimeError as err:  # a collective (barrier, all-reduce) lost a peer
         cause = peer_lost(err)
         if cause is None:

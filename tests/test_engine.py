@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from sigprop.engine.config import (
     load_toml,
 )
 from sigprop.engine.trainer import Trainer, build_experiment, evaluate, lr_factor
-from sigprop.errors import CheckpointError, ConfigError, TrainingError
+from sigprop.errors import StorageError, CheckpointError, ConfigError, TrainingError
 from sigprop.rules.sigprop import Sigprop
 
 # --------------------------------------------------------------------------- schedules
@@ -263,10 +264,11 @@ def test_failed_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     runio.save_checkpoint(p, checkpoint_state(1))
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runio.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match=r"cannot write .*checkpoint\.pt \(No space left on "
+                                           r"device: the disk is full\)"):
         runio.save_checkpoint(p, checkpoint_state(2))
     monkeypatch.undo()
     assert runio.load_checkpoint(p)["epoch"] == 1

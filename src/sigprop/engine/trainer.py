@@ -253,6 +253,7 @@ class Trainer:
         # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged;
         # what this resume changes is settled before any data is read
         start = RunStart(self.run_dir, cfg, self.resume)
+        self.epochs_done = start.epoch  # the checkpoint it continues from is kept
         exp = build_experiment(cfg)
         rule = exp.rule
         state = start.state
@@ -263,7 +264,6 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
         history = start.begin(self._log)
         if state is not None:
-            self.epochs_done = start.epoch
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
                       + (f" (changed: {said})" if said else ""))

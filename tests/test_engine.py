@@ -23,7 +23,7 @@ from sigprop.engine.config import (
     load_toml,
 )
 from sigprop.engine.trainer import Trainer, build_experiment, evaluate, lr_factor
-from sigprop.errors import StorageError, CheckpointError, ConfigError, TrainingError
+from sigprop.errors import CheckpointError, ConfigError, StorageError, TrainingError
 from sigprop.rules.sigprop import Sigprop
 
 # --------------------------------------------------------------------------- schedules

@@ -22,7 +22,8 @@ import torch
 
 from ..data import dataset_spec, split_paths
 from ..engine import runio
-from ..engine.config import Config, config_changes, resumable
+from ..engine.config import Config
+from ..engine.resumable import config_changes, resumable
 from ..engine.runfolder import RunFolder
 from ..engine.trainer import Trainer, resolve_device
 from ..errors import ConfigError, DataError, SigpropError

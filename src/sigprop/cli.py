@@ -1,4 +1,4 @@
-"""The ``sigprop`` command: train, eval, data.
+"""The ``sigprop`` command: train, eval, data, reproduce, report, bench, plot.
 
 Every user error (a SigpropError) becomes one line on stderr and exit code 2.
 """
@@ -18,7 +18,7 @@ from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags
 from .engine.interrupt import Terminated, one_line, sigterm_raises
 from .engine.outputs import check_output_file, check_output_folder, checked_text
 from .engine.stagespec import stage_count
-from .errors import CheckpointError, ConfigError, SigpropError
+from .errors import ConfigError, SigpropError
 from .registry import DATASETS, load_plugins
 from .resources import check_threads
 
@@ -198,6 +198,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         without_options,
     )
     from .engine.perf import tune_allocator
+    from .engine.runstate import recorded_run_config
     from .engine.trainer import Trainer
 
     tune_allocator()
@@ -208,7 +209,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     # resume: the run's own settings, then the file's and the flags' (checked against
     # what resume may change when the checkpoint is read)
-    recorded = _recorded_config(Path(run_dir)) if resume else None
+    recorded = recorded_run_config(Path(run_dir)) if resume else None
     cfg = recorded or Config()
     if hasattr(ns, "config"):
         cfg = apply_overrides(cfg, load_toml(ns.config))
@@ -279,23 +280,6 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
     return code
 
 
-def _recorded_config(run_dir: Path):
-    """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
-    or None when the folder holds no run yet."""
-    from .engine.runio import CHECKPOINT, CONFIG, load_checkpoint, read_run_config, recorded_config
-
-    try:
-        if (run_dir / CONFIG).exists():
-            path, config = run_dir / CONFIG, read_run_config(run_dir / CONFIG)["config"]
-        elif (run_dir / CHECKPOINT).exists():
-            path, config = run_dir / CHECKPOINT, load_checkpoint(run_dir / CHECKPOINT)["config"]
-        else:
-            return None
-    except OSError as err:  # a name too long to look up, ...
-        raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
-    return recorded_config(config, path)
-
-
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .engine import load_trained
     from .engine.trainer import evaluate
@@ -345,7 +329,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     if ns.list:
         names = [ns.experiment] if ns.experiment else builtin_names()
         for i, name in enumerate(names):
-            print(("\n" if i else "") + _describe_experiment(load_experiment(name), ns.data_dir))
+            print(("\n" if i else "") + load_experiment(name).describe(ns.data_dir))
         return 0
     if not ns.experiment:
         raise ConfigError("name the experiment to reproduce (sigprop reproduce --list names "
@@ -373,28 +357,6 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     return 0
-
-
-def _describe_experiment(exp, data_dir: str | None) -> str:
-    from .data import find_dataset_dir
-    from .experiments import BUDGETS
-
-    lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.source}"]
-    for name in exp.datasets("full"):
-        try:
-            where = f"found in {find_dataset_dir(name, data_dir)}"
-        except SigpropError:
-            where = f"not found (sigprop data download {name}; sigprop data check {name})"
-        lines.append(f"  data: {name}, {where}")
-    lines.append("  rows: " + ", ".join(r.label for r in exp.rows))
-    lines.append("  columns: " + ", ".join(c.label for c in exp.columns))
-    for budget in BUDGETS:
-        plans = exp.runs(budget)
-        epochs = sum(p.config.train.epochs for p in plans)
-        b = exp.budgets[budget]
-        lines.append(f"  {budget}: {len(plans)} runs (seeds {', '.join(map(str, b.seeds))}; "
-                     f"{epochs} epochs in all)" + (f": {b.description}" if b.description else ""))
-    return "\n".join(lines)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:

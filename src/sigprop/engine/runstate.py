@@ -31,7 +31,8 @@ from typing import Any
 from ..data import split_file_records
 from ..errors import CheckpointError, ConfigError
 from . import runio
-from .config import Config, resume_changes
+from .config import Config
+from .resumable import resume_changes
 
 STAGES_FILE = "stages.json"  # which stage files make the newest epoch
 STAGES_DIR = "stages"
@@ -172,6 +173,23 @@ def load_run_state(run_dir: Path) -> dict | None:
     run_dir = Path(run_dir)
     kind, _, single = latest_kind(run_dir)
     return _merged(run_dir, read_stages(run_dir)) if kind == "staged" else single
+
+
+def recorded_run_config(run_dir: Path) -> Config | None:
+    """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
+    or None when the folder holds no run yet."""
+    try:
+        if (run_dir / runio.CONFIG).exists():
+            path = run_dir / runio.CONFIG
+            config = runio.read_run_config(path)["config"]
+        elif (run_dir / runio.CHECKPOINT).exists():
+            path = run_dir / runio.CHECKPOINT
+            config = runio.load_checkpoint(path)["config"]
+        else:
+            return None
+    except OSError as err:  # a name too long to look up, ...
+        raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
+    return runio.recorded_config(config, path)
 
 
 def _merged(run_dir: Path, index: dict) -> dict:

@@ -21,8 +21,9 @@ from typing import Any, TextIO
 
 from ..data import dataset_spec, split_paths
 from ..engine import runio
-from ..engine.config import Config, config_changes, resumable
+from ..engine.config import Config
 from ..engine.outputs import check_output_folder
+from ..engine.resumable import config_changes, resumable
 from ..engine.runstate import STAGES_FILE
 from ..engine.stagespec import stage_count
 from ..engine.runfolder import RunFolder

@@ -47,8 +47,8 @@ from .config import RuleConfig, foreign_option
 def make_adam(params: Iterable[nn.Parameter], cfg: RuleConfig) -> torch.optim.Optimizer | None:
     """Adam over the trainable ``params``; None when there are none.
 
-    ``fused=True``: one kernel for the whole update, ~10x faster than the default
-    per-tensor loop on this CPU for a 3x1000 net (measured, see docs/RESULTS.md).
+    ``fused=True``: one kernel for the whole update, much faster than the default
+    per-tensor loop on a CPU (measured: docs/studies/speed-memory.md).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -64,9 +64,7 @@ def make_grouped_adam(groups: dict[str, Iterable[nn.Parameter]], cfg: RuleConfig
     group's update reads nothing but its own gradients: the same arithmetic as one
     optimizer per part. Parts without trainable parameters get no group; None when
     nothing is trainable. One ``step()`` saves the per-call Python of one optimizer per
-    part (profiled on this CPU: 0.55 ms a step for three ``Adam.step`` calls against
-    0.34 ms for one); end to end the difference was within this machine's noise
-    (benchmarks/overhead_ablation.py, sigprop-adam-per-block).
+    part (measured: docs/studies/speed-memory.md).
     """
     param_groups = []
     for name, params in groups.items():
@@ -332,7 +330,7 @@ class LearningRule:
     @staticmethod
     def _zero_grad(opt: torch.optim.Optimizer) -> None:
         # zero_grad(set_to_none=True) by hand: the method's profiling wrapper and
-        # foreach bookkeeping cost ~0.1 ms a call
+        # foreach bookkeeping cost ~0.1 ms a call (docs/studies/fast-path.md)
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = None

@@ -436,6 +436,9 @@ def test_real_divergence_is_caught(fake_fashion, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(DeviceLoader, "_normalise", poisoned)
+    # the rule's own check of x would stop it first (InputError); this test is the loss's
+    from sigprop.rules import LearningRule
+    monkeypatch.setattr(LearningRule, "check_finite", False)
     cfg = small_config(fake_fashion, train={"epochs": 1, "check_every": 4})
     with pytest.raises(TrainingError, match=r"layer1 became nan at epoch 1, step 1;"):
         run_quiet(cfg, tmp_path / "run")

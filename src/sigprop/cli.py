@@ -17,6 +17,7 @@ from typing import Any
 from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .engine.interrupt import Terminated, one_line, sigterm_raises
 from .engine.outputs import check_output_file, check_output_folder, checked_text
+from .engine.runio import write_failure
 from .engine.stagespec import stage_count
 from .errors import ConfigError, SigpropError
 from .registry import DATASETS, load_plugins
@@ -429,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
             return commands[ns.command](ns)
         except SigpropError as err:
             print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a path the checks above did not reach: the system's word
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"sigprop: error: {one_line(Exception(where + write_failure(err)))}; check "
+                  "the paths given", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("sigprop: error: out of memory; lower --batch-size, or choose a smaller "
+                  "--network", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",

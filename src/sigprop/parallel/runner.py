@@ -219,10 +219,11 @@ class StageRun:
     # --- resume ---------------------------------------------------------------------
     def _restore(self) -> tuple[list[dict[str, Any]], int]:
         """Load the run's newest checkpoint into this stage; (history, epochs done).
-        Rank 0 checks the folder and writes config.json (:class:`.runstate.RunStart`),
-        then tells the others what to load: kind 0 nothing, 1 the whole single-process
+        Rank 0 checks the folder (:class:`.runstate.RunStart`), then tells the others
+        what to load: kind 0 nothing, 1 the whole single-process
         checkpoint, 2 this stage's own file (same split), 3 every stage file merged
-        (another split). Rank 0 reuses what it read to decide."""
+        (another split). Rank 0 reuses what it read to decide, and writes config.json once
+        every stage has loaded its part."""
         decision = torch.zeros(2, dtype=torch.int64)
         err = None
         history: list[dict[str, Any]] = []
@@ -230,7 +231,7 @@ class StageRun:
         if self.rank == 0:
             try:
                 start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
-                history = start.begin(self._log)
+                history = start.prepare(self._log)  # written once every stage has loaded
                 if start.kind == "staged":
                     kind = 2 if start.split == self.sizes else 3
                 else:
@@ -259,8 +260,10 @@ class StageRun:
         except SigpropError as e:
             err = e
         self._agree(err)
-        if kind and self.rank == 0:
-            self._log(f"resuming {self.run_dir} after epoch {epoch}")
+        if self.rank == 0:
+            start.write()
+            if kind:
+                self._log(f"resuming {self.run_dir} after epoch {epoch}")
         return history, epoch
 
     def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:

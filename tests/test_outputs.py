@@ -20,6 +20,35 @@ from sigprop.engine import runio
 from sigprop.errors import CheckpointError
 
 FAST = ["--network", "fc-2x32", "--batch-size", "64", "--no-progress", "--lr", "5e-3"]
+# a reproduction of one short run
+ONE_RUN = """\
+name = "one"
+title = "one run"
+source = "nowhere"
+metric = "test_error"
+
+[defaults]
+data = { dataset = "fashion-mnist", batch_size = 64, train_limit = 256, test_limit = 100 }
+model = { network = "fc-1x16" }
+
+[[columns]]
+key = "backprop"
+label = "BP"
+rule = { name = "backprop" }
+
+[[rows]]
+key = "fc"
+label = "FC"
+paper = { backprop = 1.0 }
+
+[budgets.full]
+seeds = [0]
+[budgets.quick]
+seeds = [0]
+[budgets.smoke]
+seeds = [0]
+train = { epochs = 1 }
+"""
 BENCH = ["bench", "--network", "fc-2x16", "--input", "1x8x8", "--rules", "backprop",
          "--steps", "1", "--repeats", "1", "--warmup", "0", "--batch-size", "8"]
 
@@ -159,9 +188,7 @@ def test_a_full_disk_later_keeps_the_last_checkpoint(capsys, in_tmp, monkeypatch
 
 def test_a_refused_report_write_is_one_line(capsys, in_tmp, monkeypatch, fake_fashion):
     out = in_tmp / "out"
-    assert main(["reproduce", "table6-fmnist", "--budget", "smoke", "--data-dir",
-                 str(fake_fashion.parent), "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
+    _finished_reproduction(capsys, out, fake_fashion)
     _disk_full_after(monkeypatch, 0)
     line = one_error_line(capsys, main(["report", str(out)]))
     assert "cannot write" in line and "the disk is full" in line
@@ -171,7 +198,9 @@ def test_a_refused_report_write_is_one_line(capsys, in_tmp, monkeypatch, fake_fa
 
 
 def _finished_reproduction(capsys, out: Path, fake_fashion: Path) -> None:
-    assert main(["reproduce", "table6-fmnist", "--budget", "smoke", "--data-dir",
+    path = out.parent / "one.toml"
+    path.write_text(ONE_RUN)
+    assert main(["reproduce", str(path), "--budget", "smoke", "--data-dir",
                  str(fake_fashion.parent), "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
 
@@ -203,7 +232,7 @@ def test_a_huge_seed_in_the_manifest_is_one_line(capsys, in_tmp, fake_fashion):
     out = in_tmp / "out"
     _finished_reproduction(capsys, out, fake_fashion)
     manifest = json.loads((out / "reproduce.json").read_text())
-    manifest["runs"].append("fc-2x800_backprop_s" + "9" * 5000)
+    manifest["runs"].append("fc_backprop_s" + "9" * 5000)
     (out / "reproduce.json").write_text(json.dumps(manifest))
     assert main(["report", str(out)]) == 0  # a run id it does not plan is not reported
 

@@ -16,9 +16,12 @@ from typing import Any
 
 from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .engine.interrupt import Terminated, one_line, sigterm_raises
+from .engine.outputs import check_output_file, check_output_folder, checked_text
+from .engine.runio import write_failure
 from .engine.stagespec import stage_count
 from .errors import ConfigError, SigpropError
 from .registry import DATASETS, load_plugins
+from .resources import check_threads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -333,7 +336,8 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
         raise ConfigError("name the experiment to reproduce (sigprop reproduce --list names "
                           "them) or give an experiment .toml file")
     exp = load_experiment(ns.experiment)
-    out = Path(ns.out) if ns.out else Path("runs") / "reproduce" / f"{exp.name}-{ns.budget}"
+    out = (check_output_folder(ns.out, "--out") if ns.out is not None
+           else Path("runs") / "reproduce" / f"{exp.name}-{ns.budget}")
     tune_allocator()
     try:
         result = reproduce(exp, ns.budget, out, seeds=ns.seeds, data_dir=ns.data_dir,
@@ -357,12 +361,10 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from .engine.bench import as_json, markdown, run_bench
-    from .engine.runio import atomic_write_text
+    from .engine.runio import atomic_write_text, strict_dumps
     from .experiments.provenance import provenance
     from .registry import RULES
 
@@ -372,21 +374,20 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     for t in ns.targets:
         target_options(t)  # a ConfigError for a kind it does not know
+    json_path = check_output_file(ns.json, "--json") if ns.json is not None else None
     if ns.threads is not None:
-        if ns.threads < 1:
-            raise ConfigError(f"--threads must be a positive integer, got {ns.threads}")
-        torch.set_num_threads(ns.threads)
+        torch.set_num_threads(check_threads(ns.threads, "--threads"))
     results = run_bench(ns.network, ns.input, ns.classes, ns.rules, targets=ns.targets,
                         batch_size=ns.batch_size, steps=ns.steps, repeats=ns.repeats,
                         warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
                         head=ns.head, pipeline=ns.pipeline,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(results))
-    if ns.json:
+    if json_path is not None:
         facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),
                  "args": {k: v for k, v in vars(ns).items() if k not in ("argv",)}}
-        atomic_write_text(Path(ns.json), json.dumps(as_json(results, facts), indent=2,
-                                                    default=str) + "\n")
+        atomic_write_text(json_path, strict_dumps(as_json(results, facts), indent=2,
+                                                  default=str) + "\n")
         print(f"results written to {ns.json}", file=sys.stderr)
     return 0
 
@@ -394,16 +395,22 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def cmd_report(ns: argparse.Namespace) -> int:
     from .experiments import write_report
 
-    print(f"report: {write_report(Path(ns.folder))}")
+    print(f"report: {write_report(check_output_folder(ns.folder, 'the report folder'))}")
     return 0
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .experiments.plots import plot_runs
 
-    out = Path(ns.out) if ns.out else (Path(ns.runs[0]) / "plots" if len(ns.runs) == 1
-                                       else Path("plots"))
-    made = plot_runs([Path(r) for r in ns.runs], out)
+    if ns.out is not None:
+        out = check_output_folder(ns.out, "--out")
+    else:
+        out = Path(ns.runs[0]) / "plots" if len(ns.runs) == 1 else Path("plots")
+        check_output_folder(str(out), "the plots folder (--out)")
+    made = plot_runs([checked_text(r, "RUN_DIR") for r in ns.runs], out)
+    if not made:
+        raise ConfigError("nothing to plot: the runs hold no epoch with test accuracy or "
+                          "loss; train them first")
     for path in made:
         print(f"plot: {path}")
     return 0
@@ -423,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
             return commands[ns.command](ns)
         except SigpropError as err:
             print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a path the checks above did not reach: the system's word
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"sigprop: error: {one_line(Exception(where + write_failure(err)))}; check "
+                  "the paths given", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("sigprop: error: out of memory; lower --batch-size, or choose a smaller "
+                  "--network", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",

@@ -29,8 +29,9 @@ from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..options import Option, Options
 from ..registry import NETWORKS, RULES, SIGNALS
+from ..resources import check_processes, check_threads
 from ..rules.config import SHARED, RuleConfig, declared_options
-from .stagespec import parse_split
+from .stagespec import parse_split, stage_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,12 +167,16 @@ class Config:
         _positive("train.stages", t.stages)
         _positive("train.replicas", t.replicas)
         if t.stage_threads is not None:
-            _positive("train.stage_threads", t.stage_threads)
+            check_threads(t.stage_threads, "train.stage_threads (--stage-threads)")
         if t.split is not None:
             sizes = parse_split(t.split)
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "
                                   f"train.stages is {t.stages}; give one of them, or agree")
+        processes = stage_count(t.stages, t.split) * t.replicas
+        if processes > 1:
+            check_processes(processes, f"{t.stages} stages x {t.replicas} replicas",
+                            "give fewer --stages or --replicas")
         self.rule.validate()
 
 
@@ -179,10 +184,15 @@ class Config:
 MAX_SEED = 2**63 - 2
 
 
+# no real run counts beyond this (samples, epochs, steps, stages); larger ones overflow
+MAX_COUNT = 10**12
+
+
 def _positive(key: str, value: int, minimum: int = 1, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
         need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key} must be {need}{f' ({why})' if why else ''}, got {value!r}")
+        raise ConfigError(f"{key} must be {need} (at most {MAX_COUNT:.0e}){f' ({why})' if why else ''}, "
+                          f"got {value!r}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -204,7 +214,8 @@ def _coerce(key: str, value: Any, tp: Any, text: bool) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
     what = _MEANING.get(key, key)
-    return Option(key.replace(".", "_"), tp, None, what, max_length=MAX_PATH).check(value, key, text)
+    return Option(key.replace(".", "_"), tp, None, what, max_length=MAX_PATH,
+                  magnitude=2.0**63).check(value, key, text)
 
 
 MAX_PATH = 4096  # characters of a path or name in a config (Linux PATH_MAX)
@@ -259,22 +270,39 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], text: boo
     return cfg
 
 
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+MAX_TOML = 2**20  # bytes of a config or experiment file: far more than any needs
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The table of the TOML file ``path``; every failure (missing, a folder, too large,
+    not UTF-8, not TOML, nested too deeply) one ConfigError naming ``what`` and the path."""
     path = Path(path)
     try:
         if path.is_dir():
-            raise ConfigError(f"config file {path} is a directory; give a .toml file")
+            raise ConfigError(f"{what} {path} is a directory; give a .toml file")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_bytes().decode("utf-8")
-        return tomllib.loads(text)
+            raise ConfigError(f"{what} {path} does not exist")
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOML + 1)
+        if len(data) > MAX_TOML:
+            raise ConfigError(f"{what} {path} is larger than {MAX_TOML // 2**20} MiB; no "
+                              "sigprop file is: give the right file")
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it "
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it "
                           "as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to be a sigprop file; give "
+                          "the right file") from None
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path} ({err.strerror or err})") from None
+        raise ConfigError(f"cannot read {what} {path} ({err.strerror or err})") from None
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A ``--config`` file's tables."""
+    return read_toml(path, "config file")
 
 
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:

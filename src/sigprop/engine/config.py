@@ -173,10 +173,10 @@ class Config:
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "
                                   f"train.stages is {t.stages}; give one of them, or agree")
-        processes = stage_count(t.stages, t.split) * t.replicas
-        if processes > 1:
-            check_processes(processes, f"{t.stages} stages x {t.replicas} replicas",
-                            "give fewer --stages or --replicas")
+        stages = stage_count(t.stages, t.split)
+        if stages * t.replicas > 1:
+            check_processes(stages * t.replicas, f"{stages} stages x {t.replicas} replicas",
+                            "give fewer --stages (--split) or --replicas")
         self.rule.validate()
 
 

@@ -102,6 +102,8 @@ def _batch_cases():
         ("x-scalar", torch.tensor(1.0), y, r"x must be shaped"),
         ("x-other-device", x.to("meta"), y, r"x is on meta.*parameters are on cpu"),
         ("x-empty", x[:0], y[:0], r"x is an empty batch"),
+        ("x-nan", x.index_fill(1, torch.tensor([0]), float("nan")), y, r"x holds NaN"),
+        ("x-inf", x.index_fill(0, torch.tensor([2]), float("-inf")), y, r"x holds an infinity"),
         ("y-list", x, y.tolist(), r"y must be a torch\.Tensor"),
         ("y-float", x, y.float(), r"y must be int64.*got torch\.float32"),
         ("y-int32", x, y.int(), r"y must be int64.*got torch\.int32"),
@@ -172,6 +174,49 @@ def test_batch_of_one_in_training_is_refused_on_every_path(kind, threads):
     rule.set_training(False)
     assert rule.predict(x).shape == (1, CLASSES)
     assert rule.eval_step(x, y).shape == (len(rule.exit_names),)
+
+
+@pytest.mark.parametrize("kind", RULES)
+def test_train_step_in_evaluation_mode_is_refused(kind, threads):
+    """After set_training(False) nothing may learn: one InputError, nothing changed."""
+    torch.set_num_threads(1)
+    rule = make(kind)
+    rule.set_training(False)
+    before = snapshot(rule)
+    with pytest.raises(InputError, match=r"evaluation mode.*set_training\(True\)"):
+        rule.train_step(*good())
+    assert_unchanged(before, rule)
+    rule.set_training(True)
+    rule.train_step(*good())
+
+
+def test_the_finite_check_can_be_skipped():
+    """``check_finite = False`` leaves the batch to the caller (no pass over x)."""
+    rule = make("backprop")
+    rule.check_finite = False
+    x, y = good()
+    x[0, 0, 0, 0] = float("nan")
+    losses, _ = rule.train_step(x, y)  # no check: the NaN reaches the loss
+    assert not torch.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("other", [
+    ("backprop", "fc-2x16"), ("sigprop", "fc-2x24"), ("sigprop", "fc-3x16"),
+    ("shallow", "fc-2x16"), ("sigprop-loop-error", "fc-2x16"),
+])
+def test_loading_another_rules_state_changes_nothing(other, threads):
+    """A state from another network or rule is refused before any of it is loaded."""
+    torch.set_num_threads(1)
+    rule = make("sigprop-fast")
+    kind, arch = other
+    name, options = RULES.get(kind, (kind, {}))
+    torch.manual_seed(5)
+    donor = sigprop.build_rule(name, build_network(arch, SHAPE, CLASSES), CLASSES, **options)
+    donor.train_step(*good())
+    before = snapshot(rule)
+    with pytest.raises(sigprop.CheckpointError, match="another network, rule or signal"):
+        rule.load_state_dict(donor.state_dict())
+    assert_unchanged(before, rule)
 
 
 def test_input_error_is_a_value_error_and_a_sigprop_error():

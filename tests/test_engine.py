@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from sigprop.engine.config import (
     load_toml,
 )
 from sigprop.engine.trainer import Trainer, build_experiment, evaluate, lr_factor
-from sigprop.errors import CheckpointError, ConfigError, TrainingError
+from sigprop.errors import CheckpointError, ConfigError, StorageError, TrainingError
 from sigprop.rules.sigprop import Sigprop
 
 # --------------------------------------------------------------------------- schedules
@@ -263,10 +264,11 @@ def test_failed_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     runio.save_checkpoint(p, checkpoint_state(1))
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runio.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match=r"cannot write .*checkpoint\.pt \(No space left on "
+                                           r"device: the disk is full\)"):
         runio.save_checkpoint(p, checkpoint_state(2))
     monkeypatch.undo()
     assert runio.load_checkpoint(p)["epoch"] == 1
@@ -434,6 +436,9 @@ def test_real_divergence_is_caught(fake_fashion, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(DeviceLoader, "_normalise", poisoned)
+    # the rule's own check of x would stop it first (InputError); this test is the loss's
+    from sigprop.rules import LearningRule
+    monkeypatch.setattr(LearningRule, "check_finite", False)
     cfg = small_config(fake_fashion, train={"epochs": 1, "check_every": 4})
     with pytest.raises(TrainingError, match=r"layer1 became nan at epoch 1, step 1;"):
         run_quiet(cfg, tmp_path / "run")

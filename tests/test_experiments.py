@@ -185,6 +185,47 @@ def test_bad_experiment_file_is_one_clear_error(in_tmp, capsys, edit, match):
     assert not (in_tmp / "out").exists()  # nothing made
 
 
+# runs that `sigprop train` would refuse, or that a reproduction could not honour: every
+# planned run is checked before the output folder or its manifest is made
+BAD_PLANS = [
+    (lambda t: t.replace('train = { epochs = 1 }', 'train = { epochs = 1, stages = 2 }'),
+     "stages, split and replicas are settings of `sigprop train`"),
+    (lambda t: t.replace('rule = { lr = 5e-3 }', 'rule = { lr = 5e-3 }\ntrain = { replicas = 2 }'),
+     "stages, split and replicas are settings of `sigprop train`"),
+    (lambda t: t.replace('rule = { lr = 5e-3 }', 'rule = { lr = 5e-3 }\ntrain = { device = "cuda:7" }'),
+     "cuda"),
+    (lambda t: t.replace('eval_batch_size = 100 }', 'eval_batch_size = 100, data_dir = "/nowhere" }'),
+     "needs dataset 'fashion-mnist', which is not here"),
+    (lambda t: t.replace('rule = { name = "sigprop" }', 'rule = { name = "ep-loopback" }'),
+     "rule ep-loopback on fc-2x32"),
+    (lambda t: t.replace('train = { epochs = 1 }', 'train = { epochs = "1" }'),
+     "train.epochs: expected int"),
+    (lambda t: t.replace('rule = { name = "backprop" }', 'rule = { name = "backprop", head = "classifier" }'),
+     "head (--head) is an option of sigprop"),
+]
+
+
+@pytest.mark.parametrize("edit,match", BAD_PLANS)
+def test_every_planned_run_is_checked_before_anything(in_tmp, capsys, fake_fashion, edit, match):
+    path = small_file(in_tmp, edit=edit)
+    # --data-dir would replace the file's own data location: left out for that case
+    where = [] if "data_dir" in edit("") + edit("eval_batch_size = 100 }") else \
+        ["--data-dir", str(fake_fashion.parent)]
+    rc = main(["reproduce", str(path), "--budget", "smoke", "--out", "out", *where])
+    line = one_error_line(capsys, rc)
+    assert match in line
+    assert not (in_tmp / "out").exists()
+
+
+def test_a_shared_option_applies_to_the_columns_that_take_it(in_tmp, fake_fashion):
+    """``head`` in the defaults: sigprop's runs take it, backprop's leave it out."""
+    path = small_file(in_tmp, edit=lambda t: t.replace('rule = { lr = 5e-3 }',
+                                                       'rule = { lr = 5e-3, head = "classifier" }'))
+    plans = load_experiment(str(path)).runs("smoke")
+    rules = {p.column.key: p.config.rule.to_dict() for p in plans}
+    assert rules["sigprop"]["head"] == "classifier" and "head" not in rules["backprop"]
+
+
 def test_unknown_experiment_and_name_mismatch(in_tmp):
     with pytest.raises(ConfigError, match="unknown experiment 'table7'; choose one of: .*table6"):
         load_experiment("table7")

@@ -422,6 +422,15 @@ def test_a_staged_run_folder_refuses_a_fresh_run_and_a_damaged_part_in_one_line(
     assert len(lines) == 1 and "stage 2's part of epoch 1" in lines[0], res.stderr
     assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
     assert ck.read_stages(run)["epoch"] == 1
+    # a missing part, resumed staged or in one process: one line, nothing rewritten
+    config = (run / "config.json").read_bytes()
+    part.unlink()
+    for extra in (("--stages", 2), ()):
+        res = _sigprop("train", "--resume", "--run-dir", run, "--epochs", 2, "--no-progress",
+                       *extra)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert (run / "config.json").read_bytes() == config
 
 
 # --- data-parallel replicas of the stages -------------------------------------------------
@@ -545,7 +554,8 @@ def test_replicas_resume_and_evaluate_like_any_staged_run(fake_fashion, tmp_path
 @pytest.mark.parametrize("flags, match", [
     (["--replicas", 0], "train.replicas must be a positive integer"),
     (["--replicas", 2, "--pipeline", "on"], "--pipeline auto or off with --replicas"),
-    (["--replicas", 40], "choose a --batch-size of 80 or more"),
+    (["--replicas", 4, "--batch-size", 6], "choose a --batch-size of 8 or more"),
+    (["--replicas", 40], "would start 40 processes, more than the"),
     (["--replicas", 2, "--batch-size", 73], "but a batch holds 2"),
 ])
 def test_bad_replica_settings_stop_in_one_line(fake_fashion, tmp_path, flags, match):

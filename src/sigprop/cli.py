@@ -1,4 +1,4 @@
-"""The ``sigprop`` command: train, eval, data.
+"""The ``sigprop`` command: train, eval, data, reproduce, report, bench, plot.
 
 Every user error (a SigpropError) becomes one line on stderr and exit code 2.
 """
@@ -16,9 +16,12 @@ from typing import Any
 
 from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .engine.interrupt import Terminated, one_line, sigterm_raises
+from .engine.outputs import check_output_file, check_output_folder, checked_text
+from .engine.runio import write_failure
 from .engine.stagespec import stage_count
-from .errors import CheckpointError, ConfigError, SigpropError
+from .errors import ConfigError, SigpropError
 from .registry import DATASETS, load_plugins
+from .resources import check_threads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,6 +199,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         without_options,
     )
     from .engine.perf import tune_allocator
+    from .engine.runstate import recorded_run_config
     from .engine.trainer import Trainer
 
     tune_allocator()
@@ -206,7 +210,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     # resume: the run's own settings, then the file's and the flags' (checked against
     # what resume may change when the checkpoint is read)
-    recorded = _recorded_config(Path(run_dir)) if resume else None
+    recorded = recorded_run_config(Path(run_dir)) if resume else None
     cfg = recorded or Config()
     if hasattr(ns, "config"):
         cfg = apply_overrides(cfg, load_toml(ns.config))
@@ -277,23 +281,6 @@ def _train_staged(cfg, resume: bool, explicit_dir: bool) -> int:
     return code
 
 
-def _recorded_config(run_dir: Path):
-    """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
-    or None when the folder holds no run yet."""
-    from .engine.runio import CHECKPOINT, CONFIG, load_checkpoint, read_run_config, recorded_config
-
-    try:
-        if (run_dir / CONFIG).exists():
-            path, config = run_dir / CONFIG, read_run_config(run_dir / CONFIG)["config"]
-        elif (run_dir / CHECKPOINT).exists():
-            path, config = run_dir / CHECKPOINT, load_checkpoint(run_dir / CHECKPOINT)["config"]
-        else:
-            return None
-    except OSError as err:  # a name too long to look up, ...
-        raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
-    return recorded_config(config, path)
-
-
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .engine import load_trained
     from .engine.trainer import evaluate
@@ -343,13 +330,14 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     if ns.list:
         names = [ns.experiment] if ns.experiment else builtin_names()
         for i, name in enumerate(names):
-            print(("\n" if i else "") + _describe_experiment(load_experiment(name), ns.data_dir))
+            print(("\n" if i else "") + load_experiment(name).describe(ns.data_dir))
         return 0
     if not ns.experiment:
         raise ConfigError("name the experiment to reproduce (sigprop reproduce --list names "
                           "them) or give an experiment .toml file")
     exp = load_experiment(ns.experiment)
-    out = Path(ns.out) if ns.out else Path("runs") / "reproduce" / f"{exp.name}-{ns.budget}"
+    out = (check_output_folder(ns.out, "--out") if ns.out is not None
+           else Path("runs") / "reproduce" / f"{exp.name}-{ns.budget}")
     tune_allocator()
     try:
         result = reproduce(exp, ns.budget, out, seeds=ns.seeds, data_dir=ns.data_dir,
@@ -372,35 +360,11 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_experiment(exp, data_dir: str | None) -> str:
-    from .data import find_dataset_dir
-    from .experiments import BUDGETS
-
-    lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.source}"]
-    for name in exp.datasets("full"):
-        try:
-            where = f"found in {find_dataset_dir(name, data_dir)}"
-        except SigpropError:
-            where = f"not found (sigprop data download {name}; sigprop data check {name})"
-        lines.append(f"  data: {name}, {where}")
-    lines.append("  rows: " + ", ".join(r.label for r in exp.rows))
-    lines.append("  columns: " + ", ".join(c.label for c in exp.columns))
-    for budget in BUDGETS:
-        plans = exp.runs(budget)
-        epochs = sum(p.config.train.epochs for p in plans)
-        b = exp.budgets[budget]
-        lines.append(f"  {budget}: {len(plans)} runs (seeds {', '.join(map(str, b.seeds))}; "
-                     f"{epochs} epochs in all)" + (f": {b.description}" if b.description else ""))
-    return "\n".join(lines)
-
-
 def cmd_bench(ns: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from .engine.bench import as_json, markdown, run_bench
-    from .engine.runio import atomic_write_text
+    from .engine.runio import atomic_write_text, strict_dumps
     from .experiments.provenance import provenance
     from .registry import RULES
 
@@ -410,21 +374,20 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     for t in ns.targets:
         target_options(t)  # a ConfigError for a kind it does not know
+    json_path = check_output_file(ns.json, "--json") if ns.json is not None else None
     if ns.threads is not None:
-        if ns.threads < 1:
-            raise ConfigError(f"--threads must be a positive integer, got {ns.threads}")
-        torch.set_num_threads(ns.threads)
+        torch.set_num_threads(check_threads(ns.threads, "--threads"))
     results = run_bench(ns.network, ns.input, ns.classes, ns.rules, targets=ns.targets,
                         batch_size=ns.batch_size, steps=ns.steps, repeats=ns.repeats,
                         warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
                         head=ns.head, pipeline=ns.pipeline,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(results))
-    if ns.json:
+    if json_path is not None:
         facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),
                  "args": {k: v for k, v in vars(ns).items() if k not in ("argv",)}}
-        atomic_write_text(Path(ns.json), json.dumps(as_json(results, facts), indent=2,
-                                                    default=str) + "\n")
+        atomic_write_text(json_path, strict_dumps(as_json(results, facts), indent=2,
+                                                  default=str) + "\n")
         print(f"results written to {ns.json}", file=sys.stderr)
     return 0
 
@@ -432,16 +395,22 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def cmd_report(ns: argparse.Namespace) -> int:
     from .experiments import write_report
 
-    print(f"report: {write_report(Path(ns.folder))}")
+    print(f"report: {write_report(check_output_folder(ns.folder, 'the report folder'))}")
     return 0
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .experiments.plots import plot_runs
 
-    out = Path(ns.out) if ns.out else (Path(ns.runs[0]) / "plots" if len(ns.runs) == 1
-                                       else Path("plots"))
-    made = plot_runs([Path(r) for r in ns.runs], out)
+    if ns.out is not None:
+        out = check_output_folder(ns.out, "--out")
+    else:
+        out = Path(ns.runs[0]) / "plots" if len(ns.runs) == 1 else Path("plots")
+        check_output_folder(str(out), "the plots folder (--out)")
+    made = plot_runs([checked_text(r, "RUN_DIR") for r in ns.runs], out)
+    if not made:
+        raise ConfigError("nothing to plot: the runs hold no epoch with test accuracy or "
+                          "loss; train them first")
     for path in made:
         print(f"plot: {path}")
     return 0
@@ -461,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
             return commands[ns.command](ns)
         except SigpropError as err:
             print(f"sigprop: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a path the checks above did not reach: the system's word
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"sigprop: error: {one_line(Exception(where + write_failure(err)))}; check "
+                  "the paths given", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("sigprop: error: out of memory; lower --batch-size, or choose a smaller "
+                  "--network", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",

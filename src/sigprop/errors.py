@@ -33,3 +33,8 @@ class InputError(SigpropError, ValueError):
 
 class RunFolderError(SigpropError):
     """A run folder cannot be used: not a folder, not writable, or in use by another run."""
+
+
+class StorageError(SigpropError):
+    """A file could not be written (no space left, no permission, a read-only disk);
+    the message names the file, the reason, what was kept and how to go on."""

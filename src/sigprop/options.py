@@ -43,7 +43,8 @@ class Option:
     ``optional``: None is allowed and means "the rule's own default" (its help says
     which). ``resumable``: ``--resume`` may change it (how a run computes, not what).
     ``switch``: an extra flag without a value that sets the option, ``("--signal-fixed",
-    False)``. ``max_length``: the most characters of a string value.
+    False)``. ``max_length``: the most characters of a string value; ``magnitude``: the
+    largest absolute value of a number.
     """
 
     name: str
@@ -60,6 +61,7 @@ class Option:
     metavar: str | None = None
     switch: tuple[str, Any] | None = None
     max_length: int = MAX_TEXT
+    magnitude: float = MAX_MAGNITUDE
 
     def __post_init__(self) -> None:
         if self.type not in (int, float, str, bool):
@@ -124,13 +126,15 @@ class Option:
                 raise self._value_error(key, value)
             return value
         number = _to_number(value, tp, text)
+        if number is None and isinstance(value, int) and not isinstance(value, bool):
+            raise self._value_error(key, value)  # an integer beyond 64 bits
         if number is None:
             raise self._type_error(key, value)
         v = float(number)
         if not math.isfinite(v):
             raise ConfigError(f"{key} must be a finite number, got {value!r} ({self.help}; "
                               f"it takes {self.describe()})")
-        ok = abs(v) <= MAX_MAGNITUDE
+        ok = abs(v) <= self.magnitude
         if ok and self.low is not None:
             ok = v > self.low if self.low_open else v >= self.low
         if ok and self.high is not None:
@@ -169,12 +173,13 @@ def _to_number(value: Any, tp: type, text: bool) -> int | float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int) or (isinstance(value, float) and tp is float):
-        if isinstance(value, int) and abs(value) > 10**18:
-            return None
+        if isinstance(value, int) and abs(value) >= 2**63:
+            return None  # beyond a 64-bit integer
         return tp(value)
     if text and isinstance(value, str) and len(value) <= 64 \
             and _NUMBER[tp].fullmatch(value.strip()):
-        return tp(value.strip())
+        number = tp(value.strip())
+        return number if tp is float or abs(number) < 2**63 else None
     return None
 
 

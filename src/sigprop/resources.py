@@ -6,6 +6,7 @@ padding of 100000) stops with one line instead of dying in the allocator or swap
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -56,3 +57,53 @@ def check_fits(nbytes: float, what: str, fix: str, device: torch.device | str = 
             f"{what} need about {format_bytes(nbytes)}, more than the "
             f"{format_bytes(have)} usable on {torch.device(device).type}; {fix}"
         )
+
+
+def cpu_count() -> int:
+    """Processors this process may run on (its affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def max_threads() -> int:
+    """The most intra-op threads a setting may ask for: four per processor (more only
+    wait on each other; a count far beyond it crashes the thread pool)."""
+    return 4 * cpu_count()
+
+
+def check_threads(n: object, flag: str) -> int:
+    """``n`` threads: an integer from 1 to :func:`max_threads`; else ConfigError."""
+    top = max_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
+        raise ConfigError(f"{flag} must be an integer from 1 to {top} (four per processor of "
+                          f"this machine's {cpu_count()}), got {n!r}")
+    return n
+
+
+# resident memory of one process that imports torch and builds a small network
+PROCESS_BYTES = 400 * 2**20
+
+
+def check_processes(n: int, what: str, fix: str) -> None:
+    """``n`` worker processes must be at most four per processor and fit in memory."""
+    top = max_threads()
+    if n > top:
+        raise ConfigError(f"{what} would start {n} processes, more than the {top} this "
+                          f"machine runs (four per processor); {fix}")
+    check_fits(n * PROCESS_BYTES, f"{what}: {n} processes", fix)
+
+
+# float32 tensors a training step keeps per block output value: the output and its
+# input, BatchNorm's pre- and post-activation, gradients of each, slack (an upper bound
+# for backprop, which keeps every block's; sigprop keeps one block's at a time)
+ACTIVATION_COPIES = 8
+
+
+def step_bytes(batch: int, input_shape: tuple[int, ...],
+               block_shapes: list[tuple[int, ...]]) -> int:
+    """An upper bound of the bytes one training step on ``batch`` samples allocates for
+    activations (float32)."""
+    values = math.prod(input_shape) + sum(math.prod(s) for s in block_shapes)
+    return batch * values * 4 * ACTIVATION_COPIES

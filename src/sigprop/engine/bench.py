@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import re
 import statistics
 import time
@@ -40,6 +41,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..networks import build_network
 from ..registry import RULES
+from ..resources import check_fits, step_bytes
+from ..rules.checks import check_num_classes
 from ..rules import LearningRule, build_rule
 from .memory import SavedTensorMeter
 
@@ -53,6 +56,23 @@ class Variant:
     name: str
     rule: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+MAX_COUNT = 10**6  # steps, repeats, samples a batch: no measurement needs more
+POOL = 4  # batches of random data the steps cycle through
+
+
+def _check_fits(network: str, input_shape: tuple[int, ...], num_classes: int,
+                dropout: float, batch: int, rules: int, dev: torch.device) -> None:
+    """Refuse a benchmark whose inputs, networks and one step's activations cannot fit,
+    before anything is allocated (the network's shapes from a build on the meta device)."""
+    with torch.device("meta"):
+        net = build_network(network, input_shape, num_classes, dropout=dropout)
+    params = sum(p.numel() for p in net.parameters())
+    need = (POOL * batch * math.prod(input_shape) * 4 + rules * params * 4 * 4
+            + step_bytes(batch, net.input_shape, net.block_shapes))
+    check_fits(need, f"a benchmark of {rules} rule(s) at batch {batch} on {network} would",
+               "lower --batch-size or give fewer --rules", dev)
 
 
 def _layered(rule: str) -> bool:
@@ -168,17 +188,21 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this machine has no usable CUDA GPU")
-    if min(steps, repeats, batch_size) < 1 or warmup < 0:
-        raise ConfigError("steps, repeats and batch size must be positive, warmup >= 0")
-    if batch_size < 2:
-        raise ConfigError("batch size must be at least 2 (BatchNorm)")
+    for name, value, low in (("--steps", steps, 1), ("--repeats", repeats, 1),
+                             ("--warmup", warmup, 0), ("--batch-size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
+            why = " (BatchNorm needs 2 samples)" if name == "--batch-size" else ""
+            raise ConfigError(f"{name} must be an integer from {low} to {MAX_COUNT}{why}, got "
+                              f"{value!r}")
+    check_num_classes(num_classes)
     if dropout is None:  # Sec. IV's 0.1; the spiking and Hopfield nets have no dropout
         dropout = 0.0 if network.startswith(("snn-", "hopfield-")) else 0.1
     cols = variants(rule_names, targets or ["dense"])
+    _check_fits(network, input_shape, num_classes, dropout, batch_size, len(cols), dev)
     g = torch.Generator().manual_seed(seed + 1)
     pool = [(torch.randn(batch_size, *input_shape, generator=g).to(dev),
              torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
-            for _ in range(4)]
+            for _ in range(POOL)]
     rules: dict[str, LearningRule] = {}
     for v in cols:
         torch.manual_seed(seed)  # the same initial weights for every rule

@@ -8,7 +8,8 @@
     [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
              stage_threads, replicas
 
-Precedence: defaults < ``--config FILE.toml`` < command-line flags.
+Precedence: defaults < ``--config FILE.toml`` < command-line flags. What ``--resume`` may
+change: :mod:`.resumable`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..options import Option, Options
 from ..registry import NETWORKS, RULES, SIGNALS
+from ..resources import check_processes, check_threads
 from ..rules.config import SHARED, RuleConfig, declared_options
-from .stagespec import parse_split
+from .stagespec import parse_split, stage_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,12 +167,16 @@ class Config:
         _positive("train.stages", t.stages)
         _positive("train.replicas", t.replicas)
         if t.stage_threads is not None:
-            _positive("train.stage_threads", t.stage_threads)
+            check_threads(t.stage_threads, "train.stage_threads (--stage-threads)")
         if t.split is not None:
             sizes = parse_split(t.split)
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "
                                   f"train.stages is {t.stages}; give one of them, or agree")
+        stages = stage_count(t.stages, t.split)
+        if stages * t.replicas > 1:
+            check_processes(stages * t.replicas, f"{stages} stages x {t.replicas} replicas",
+                            "give fewer --stages (--split) or --replicas")
         self.rule.validate()
 
 
@@ -178,10 +184,15 @@ class Config:
 MAX_SEED = 2**63 - 2
 
 
+# no real run counts beyond this (samples, epochs, steps, stages); larger ones overflow
+MAX_COUNT = 10**12
+
+
 def _positive(key: str, value: int, minimum: int = 1, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
         need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key} must be {need}{f' ({why})' if why else ''}, got {value!r}")
+        raise ConfigError(f"{key} must be {need} (at most {MAX_COUNT:.0e}){f' ({why})' if why else ''}, "
+                          f"got {value!r}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -203,7 +214,8 @@ def _coerce(key: str, value: Any, tp: Any, text: bool) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
     what = _MEANING.get(key, key)
-    return Option(key.replace(".", "_"), tp, None, what, max_length=MAX_PATH).check(value, key, text)
+    return Option(key.replace(".", "_"), tp, None, what, max_length=MAX_PATH,
+                  magnitude=2.0**63).check(value, key, text)
 
 
 MAX_PATH = 4096  # characters of a path or name in a config (Linux PATH_MAX)
@@ -258,22 +270,39 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], text: boo
     return cfg
 
 
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+MAX_TOML = 2**20  # bytes of a config or experiment file: far more than any needs
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The table of the TOML file ``path``; every failure (missing, a folder, too large,
+    not UTF-8, not TOML, nested too deeply) one ConfigError naming ``what`` and the path."""
     path = Path(path)
     try:
         if path.is_dir():
-            raise ConfigError(f"config file {path} is a directory; give a .toml file")
+            raise ConfigError(f"{what} {path} is a directory; give a .toml file")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_bytes().decode("utf-8")
-        return tomllib.loads(text)
+            raise ConfigError(f"{what} {path} does not exist")
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOML + 1)
+        if len(data) > MAX_TOML:
+            raise ConfigError(f"{what} {path} is larger than {MAX_TOML // 2**20} MiB; no "
+                              "sigprop file is: give the right file")
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it "
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it "
                           "as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to be a sigprop file; give "
+                          "the right file") from None
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path} ({err.strerror or err})") from None
+        raise ConfigError(f"cannot read {what} {path} ({err.strerror or err})") from None
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A ``--config`` file's tables."""
+    return read_toml(path, "config file")
 
 
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
@@ -420,50 +449,3 @@ def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:
         elif value != o.default or f"rule.{key}" in always:
             words += [o.flag, str(value).lower() if o.type is bool else str(value)]
     return shlex.join(words)
-
-
-# What ``--resume`` may change: where and how the run computes, never what it computes
-# (and the rule options declared ``resumable``). Everything else is the run's identity;
-# changing it needs a new run folder.
-RESUMABLE_SECTIONS = (
-    "train.epochs",  # a longer run: the schedule follows the new total from the next epoch
-    "train.device", "train.progress", "train.check_every", "train.run_dir",
-    "data.data_dir",  # the same files elsewhere (their checksums are compared)
-    "data.eval_batch_size",  # evaluation is per sample
-    # where the blocks run: the same updates (sigprop.parallel)
-    "train.stages", "train.split", "train.stage_threads",
-)
-
-
-def resumable() -> tuple[str, ...]:
-    """Every ``section.key`` that ``--resume`` may change."""
-    return RESUMABLE_SECTIONS + tuple(f"rule.{o.name}" for o in declared_options().values()
-                                      if o.resumable)
-
-
-def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """``{"section.key": (old, new)}`` for every value that differs."""
-    a, b = old.to_dict(), new.to_dict()
-    keys = {s: list(dict.fromkeys([*a[s], *b[s]])) for s in a}
-    return {f"{s}.{k}": (a[s].get(k), b[s].get(k)) for s in a for k in keys[s]
-            if a[s].get(k) != b[s].get(k)}
-
-
-def resume_changes(recorded: Config, requested: Config, epochs_done: int
-                   ) -> dict[str, tuple[Any, Any]]:
-    """The changes a resume makes to a run that finished ``epochs_done`` epochs; a
-    ConfigError if any of them is not one resume may make (:func:`resumable`)."""
-    changes = config_changes(recorded, requested)
-    allowed = resumable()
-    fixed = {k: v for k, v in changes.items() if k not in allowed}
-    if fixed:
-        listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in fixed.items())
-        raise ConfigError(
-            f"--resume continues a run as it was configured, but these settings differ from "
-            f"the run's: {listed}; drop them, or start a new run in another --run-dir "
-            f"(resume may change only {', '.join(allowed)})")
-    if requested.train.epochs < epochs_done:
-        raise ConfigError(
-            f"train.epochs {requested.train.epochs} is fewer than the {epochs_done} epochs this "
-            f"run has trained; resume can only extend a run (evaluate it with `sigprop eval`)")
-    return changes

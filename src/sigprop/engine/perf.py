@@ -1,19 +1,14 @@
 """Process-level performance settings for training on the CPU.
 
 glibc's malloc serves blocks above a (dynamic) threshold with fresh mmap'ed pages and
-trims the heap top back to the OS when it frees; a sigprop step, whose per-block
-tensors come and go at several sizes ((n + m) x d activations, d x d gradients),
-then page-faults ~400 times per step on fc-3x1000 (measured with getrusage; backprop:
-~0). Keeping freed memory in the process removes those faults. Applied by the CLI and
-the benchmarks, to every rule alike; a no-op where glibc is not the allocator.
-
-glibc caps the mmap threshold at 32 MiB, and larger blocks are mmap'ed afresh at every
-allocation whatever the threshold: a spiking net's step allocates and frees tensors of
-~200 MiB (snn-conv's first block: 4 steps x 138 x 128 x 28 x 28 float32), and faulted
-in ~500,000 fresh pages a step, half of its time (bp-surrogate 1.60 -> 0.74 s a step,
-sp-surrogate 1.55 -> 0.96 s, measured with getrusage). So mmap is turned off
-(M_MMAP_MAX = 0: every block comes from the heap, freed ones are reused) and up to
-1 GiB of free memory at the heap's top is kept.
+trims the heap top back to the OS when it frees, so a step whose tensors come and go at
+several sizes ((n + m) x d activations, d x d gradients) page-faults every time; blocks
+above glibc's 32 MiB cap on that threshold (a spiking net's ~200 MiB tensors) are
+mmap'ed afresh at every allocation whatever the threshold. So mmap is turned off
+(M_MMAP_MAX = 0: every block comes from the heap, freed ones are reused) and up to 1 GiB
+of free memory at the heap's top is kept. Applied by the CLI and the benchmarks, to
+every rule alike; a no-op where glibc is not the allocator. Measured (page faults, step
+times): docs/studies/allocator.md.
 """
 
 from __future__ import annotations

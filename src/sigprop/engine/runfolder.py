@@ -80,6 +80,16 @@ class RunFolder:
         _remove_created(self._created)
         self._created = []
 
+    def discard(self, names: tuple[str, ...]) -> None:
+        """Remove the files ``names`` this run wrote, then the folders it created if
+        nothing else is left in them (a fresh run that could not keep anything)."""
+        for name in names:
+            try:
+                (self.path / name).unlink(missing_ok=True)
+            except OSError:
+                return  # the folder cannot be changed: leave it as it is
+        self.discard_if_unused()
+
     def __enter__(self) -> RunFolder:
         return self
 

@@ -9,8 +9,11 @@ they always agree with the checkpoint even after a crash).
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -23,18 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageError
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CHECKPOINT_FORMAT = 1
+RUN_FILES = (CONFIG, METRICS_JSONL, METRICS_CSV, CHECKPOINT)  # what a one-process run writes
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one,
-    never a partial one: write a temp file in the same folder, fsync, rename."""
+    never a partial one: write a temp file in the same folder, fsync, rename. A write
+    the system refuses (a full disk, no permission) is a StorageError naming the file;
+    the old file, if any, is left as it was."""
     path = Path(path)
     # the name is known before the file exists, so a signal (Ctrl-C, SIGTERM raised as an
     # exception) arriving anywhere after its creation still finds it to remove
@@ -47,9 +53,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself is gone or unusable: nothing was left there
+        if isinstance(err, OSError):
+            raise StorageError(f"cannot write {path} ({write_failure(err)})") from None
         raise
+
+
+def write_failure(err: OSError) -> str:
+    """Why a write failed, in a few words a user can act on."""
+    reason = err.strerror or type(err).__name__
+    hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EACCES: "no permission to write there", errno.EPERM: "no permission to "
+            "write there", errno.EROFS: "the disk is read-only", errno.ENOENT: "its folder "
+            "does not exist", errno.ENOTDIR: "a part of its path is a file",
+            errno.EISDIR: "it is a folder", errno.ENAMETOOLONG: "the name is too long"}
+    extra = hint.get(err.errno)
+    return f"{reason}: {extra}" if extra and extra.lower() != reason.lower() else reason
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -57,9 +80,39 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically, with the digest of its content (:func:`state_digest`),
+    which :func:`load_checkpoint` checks."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    state["digest"] = state_digest(state)
     buf = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
+    torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's content: every key, plain value and tensor (dtype,
+    shape, bytes), in a fixed order; the ``digest`` entry itself aside. A flipped bit
+    in a weight or a number changes it."""
+    h = hashlib.sha256()
+
+    def walk(where: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k in sorted(v, key=repr):
+                if not (where == "" and k == "digest"):
+                    walk(f"{where}/{k!r}", v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{where}:{type(v).__name__}{len(v)}".encode())
+            for i, x in enumerate(v):
+                walk(f"{where}[{i}]", x)
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{where}:{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{where}={v!r}".encode())
+
+    walk("", state)
+    return h.hexdigest()
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
@@ -98,6 +151,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
             "by sigprop or is damaged: delete it to start the run afresh"
         ) from None
     check_checkpoint(state, path, stage=stage)
+    digest = state.get("digest")  # absent in checkpoints written before it was recorded
+    if digest is not None and digest != state_digest(state):
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its content does not match the digest written "
+            "with it; restore it from a copy, or delete it to start the run afresh")
     return state
 
 
@@ -156,7 +214,7 @@ def versions() -> dict[str, str]:
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl and metrics.csv (flat columns) from the full history."""
-    atomic_write_text(run_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(run_dir / METRICS_JSONL, "".join(strict_dumps(r) + "\n" for r in history))
     rows = [_flatten(r) for r in history]
     columns: list[str] = []
     for r in rows:
@@ -170,26 +228,94 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch records of ``run_dir/metrics.jsonl`` (empty if it does not exist
-    yet); a damaged file is a CheckpointError naming it and the line."""
+    yet); a damaged file (a line that is not JSON, a record out of order, a loss or
+    accuracy that is not a finite number, an accuracy outside [0, 1]) is a
+    CheckpointError naming it and the line."""
     path = Path(run_dir) / METRICS_JSONL
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_bounded(path).decode("utf-8")
     except FileNotFoundError:
         return []
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is damaged (not UTF-8 text)") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
     history = []
     for i, line in enumerate(text.splitlines(), 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = strict_json(line)
+        except ValueError:
             record = None
-        if not isinstance(record, dict) or record.get("epoch") != i:
+        if not isinstance(record, dict) or record.get("epoch") != i or not _sane(record):
             raise CheckpointError(f"{path} is damaged at line {i} (not epoch {i}'s record)")
         history.append(record)
     return history
+
+
+# the record's own numbers: finite, and accuracies in [0, 1] (a rule's extra metrics, such
+# as an angle that is undefined for a zero matrix, may be NaN)
+_CORE = ("lr", "train_loss", "train_acc", "test_acc", "test_error", "epoch_time_s",
+         "samples_per_s")
+_EXITS = ("train_loss_exits", "train_acc_exits", "test_acc_exits")
+
+
+def _sane(record: dict[str, Any]) -> bool:
+    values = [(k, record[k]) for k in _CORE if k in record]
+    for key in _EXITS:
+        exits = record.get(key, {})
+        if not isinstance(exits, dict):
+            return False
+        values += [(key, v) for v in exits.values()]
+    for key, v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if "acc" in key and not 0.0 <= v <= 1.0:
+            return False
+    return True
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_dumps(value: Any, **kw: Any) -> str:
+    """JSON any reader accepts: non-finite numbers written as null."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kw)
+
+
+MAX_READ = 256 * 2**20  # bytes of a record file we read back (config, metrics, manifests)
+
+
+def read_bounded(path: Path, limit: int = MAX_READ) -> bytes:
+    """The bytes of ``path``; a file larger than ``limit`` or one that cannot be read is
+    a CheckpointError (FileNotFoundError passes through for callers that allow it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a file") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is larger than the {limit // 2**20} MiB such a file "
+                              "ever is: it is damaged or not sigprop's; restore or remove it")
+    return data
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` with nesting too deep to parse raised as ValueError (as are
+    integers too long to convert), not RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -203,22 +329,20 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file we wrote earlier (a run's config.json), each failure one clear line."""
+    """A JSON file we wrote earlier (a run's config.json, a manifest), each failure one
+    clear line."""
     path = Path(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return strict_json(read_bounded(path).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a file") from None
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is damaged (not UTF-8 text); restore it or delete the "
                               "run folder to start afresh") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); restore it or delete the "
+    except ValueError as err:  # JSONDecodeError, NaN, nesting, a 5,000-digit integer
+        why = " ".join(str(err).split())[:120]
+        raise CheckpointError(f"{path} is not valid JSON ({why}); restore it or delete the "
                               "run folder to start afresh") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
 
 
 def recorded_config(config: Any, path: Path | str):

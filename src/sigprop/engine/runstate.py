@@ -23,7 +23,6 @@ single-process checkpoint dict (``sigprop eval``, ``--resume`` in one process);
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any
 from ..data import split_file_records
 from ..errors import CheckpointError, ConfigError
 from . import runio
-from .config import Config, resume_changes
+from .config import Config
+from .resumable import resume_changes
 
 STAGES_FILE = "stages.json"  # which stage files make the newest epoch
 STAGES_DIR = "stages"
@@ -107,7 +107,7 @@ def merge_states(parts: list[dict]) -> dict:
 
 def write_stages(run_dir: Path, epoch: int, sizes: list[int]) -> None:
     stages = len(sizes)
-    runio.atomic_write_text(run_dir / STAGES_FILE, json.dumps({
+    runio.atomic_write_text(run_dir / STAGES_FILE, runio.strict_dumps({
         "epoch": epoch, "split": sizes,
         "files": [stage_file(epoch, r, stages) for r in range(stages)]}, indent=2))
 
@@ -173,6 +173,23 @@ def load_run_state(run_dir: Path) -> dict | None:
     run_dir = Path(run_dir)
     kind, _, single = latest_kind(run_dir)
     return _merged(run_dir, read_stages(run_dir)) if kind == "staged" else single
+
+
+def recorded_run_config(run_dir: Path) -> Config | None:
+    """The configuration of the run in ``run_dir`` (config.json, else the checkpoint's),
+    or None when the folder holds no run yet."""
+    try:
+        if (run_dir / runio.CONFIG).exists():
+            path = run_dir / runio.CONFIG
+            config = runio.read_run_config(path)["config"]
+        elif (run_dir / runio.CHECKPOINT).exists():
+            path = run_dir / runio.CHECKPOINT
+            config = runio.load_checkpoint(path)["config"]
+        else:
+            return None
+    except OSError as err:  # a name too long to look up, ...
+        raise CheckpointError(f"cannot read run folder {run_dir} ({err.strerror or err})") from None
+    return runio.recorded_config(config, path)
 
 
 def _merged(run_dir: Path, index: dict) -> dict:
@@ -249,9 +266,14 @@ class RunStart:
             self.changes = resume_changes(recorded, cfg, self.epoch)
 
     def begin(self, log: Callable[[str], None]) -> list[dict[str, Any]]:
-        """Check that a resumed run reads the data it was trained on, bring its metrics
-        files up to its checkpoint, and write config.json (a resumed run keeps its first
-        record and notes what each resume changed); the history so far."""
+        """:meth:`prepare`, then :meth:`write`; the history so far."""
+        history = self.prepare(log)
+        self.write()
+        return history
+
+    def prepare(self, log: Callable[[str], None]) -> list[dict[str, Any]]:
+        """Check that a resumed run reads the data it was trained on and settle the
+        folder's records (nothing is written yet); the history so far."""
         cfg, run_dir = self.cfg, self.run_dir
         files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
                  for split, name in (("train", cfg.data.train_split), ("test", "test"))}
@@ -263,14 +285,21 @@ class RunStart:
             old = runio.read_run_config(config_path) if config_path.exists() else {}
             check_same_data(old.get("data_files"), files)
             history = list(self.state["history"])
-            # a run killed between its checkpoint and its metrics files: make them agree
-            runio.write_metrics(run_dir, history)
             record = resumed_record(old, record, self.changes, self.epoch, cfg.train.epochs)
         elif self.resume:
             log(f"no checkpoint in {run_dir}: starting the run from the beginning")
-        if self.state is None or self.changes or self.epoch < cfg.train.epochs:
-            runio.atomic_write_text(config_path, json.dumps(record, indent=2))
+        self._history, self._record = history, record
         return history
+
+    def write(self) -> None:
+        """Bring the metrics files up to the checkpoint (a run killed between the two
+        leaves them behind) and write config.json (a resumed run keeps its first record
+        and notes what each resume changed). Call it once every check has passed."""
+        if self.state is not None:
+            runio.write_metrics(self.run_dir, self._history)
+        if self.state is None or self.changes or self.epoch < self.cfg.train.epochs:
+            runio.atomic_write_text(self.run_dir / runio.CONFIG,
+                                    runio.strict_dumps(self._record, indent=2))
 
 
 def resumed_record(old: dict[str, Any], record: dict[str, Any],

@@ -11,6 +11,7 @@ trained run for evaluation.
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
 from ..networks import build_network
-from ..resources import check_fits
+from ..resources import check_fits, step_bytes
 from ..rules import LearningRule, build_rule
 from . import runio
 from .config import Config, apply_overrides
@@ -108,6 +109,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
     if cfg.data.test_limit is not None:
         t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
+    _check_eval_batch_fits(network, min(cfg.data.eval_batch_size, len(t_labels)), device)
     test = DeviceLoader(
         t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
         std=spec.std, device=device, shuffle=False, num_classes=spec.num_classes,
@@ -115,22 +117,22 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     return Experiment(rule, train, test, device)
 
 
-# float32 tensors a training step keeps per block output value: the output and its
-# input, BatchNorm's pre- and post-activation, gradients of each, slack (an upper bound
-# for backprop, which keeps every block's; sigprop keeps one block's at a time)
-_ACTIVATION_COPIES = 8
-
-
 def _check_batch_fits(network, batch: int, augment, device: torch.device) -> None:
-    """Refuse a batch whose activations cannot fit, before any is allocated."""
+    """Refuse a training batch whose activations cannot fit, before any is allocated."""
     shape = network.input_shape
-    values = math.prod(shape) + sum(math.prod(s) for s in network.block_shapes)
     pad = 2 * augment.crop_padding
     # crop pads (C, H, W) images as uint8, plus its index arithmetic (int64 per row/col)
     padded = shape[0] * (shape[1] + pad) * (shape[2] + pad) if len(shape) == 3 else 0
-    need = batch * (values * 4 * _ACTIVATION_COPIES + padded * 2)
+    need = step_bytes(batch, shape, network.block_shapes) + batch * padded * 2
     check_fits(need, f"a training batch of {batch} samples through this network would",
                "lower --batch-size (or choose a smaller --network)", device)
+
+
+def _check_eval_batch_fits(network, batch: int, device: torch.device) -> None:
+    """Evaluation keeps no gradients: about a quarter of a training step's tensors."""
+    need = step_bytes(batch, network.input_shape, network.block_shapes) // 4
+    check_fits(need, f"an evaluation batch of {batch} samples through this network would",
+               "lower --eval-batch-size", device)
 
 
 def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
@@ -224,6 +226,8 @@ class Trainer:
         folder = self.folder or RunFolder.acquire(self.run_dir)
         try:
             return self._run(folder)
+        except StorageError as err:  # a full disk, a folder made read-only, ...
+            raise StorageError(f"{err}; {self._kept(folder)}") from None
         except BaseException:
             folder.discard_if_unused()  # a fresh run that failed before its first file
             raise
@@ -231,11 +235,25 @@ class Trainer:
             if self.folder is None:
                 folder.release()
 
+    def _kept(self, folder: RunFolder) -> str:
+        """What a run stopped by a failed write keeps, and how to go on: its newest
+        checkpoint; a fresh run without one leaves nothing (its files are removed)."""
+        again = f"sigprop train --resume --run-dir {shlex.quote(str(self.run_dir))}"
+        if self.epochs_done:
+            return (f"the checkpoint after epoch {self.epochs_done} is intact; make room (or "
+                    f"fix the folder's permissions), then continue with: {again}")
+        if not self.resume:
+            folder.discard(runio.RUN_FILES)
+            return ("nothing of this run was kept (its files were removed); make room or "
+                    "choose another --run-dir, then start it again")
+        return f"no epoch was kept; make room, then start it again with: {again}"
+
     def _run(self, folder: RunFolder) -> list[dict[str, Any]]:
         cfg = self.cfg
         # the newest checkpoint, this one's or a staged run's (sigprop.parallel) merged;
         # what this resume changes is settled before any data is read
         start = RunStart(self.run_dir, cfg, self.resume)
+        self.epochs_done = start.epoch  # the checkpoint it continues from is kept
         exp = build_experiment(cfg)
         rule = exp.rule
         state = start.state
@@ -246,7 +264,6 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
         history = start.begin(self._log)
         if state is not None:
-            self.epochs_done = start.epoch
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
                       + (f" (changed: {said})" if said else ""))

@@ -9,7 +9,6 @@ Written by :mod:`.reproduce`, read by it and by :mod:`.report`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,4 +81,4 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    runio.atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    runio.atomic_write_text(Path(out) / MANIFEST, runio.strict_dumps(manifest, indent=2) + "\n")

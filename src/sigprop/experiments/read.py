@@ -45,11 +45,10 @@ import copy
 import math
 import numbers
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..engine.config import MAX_SEED, SECTIONS, Config, apply_overrides
+from ..engine.config import MAX_SEED, SECTIONS, Config, apply_overrides, read_toml
 from ..errors import ConfigError
 from .spec import (
     BUDGETS,
@@ -63,14 +62,18 @@ from .spec import (
     Row,
 )
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 BUILTIN_DIR = Path(__file__).parent / "paper"
 
 _KEY = re.compile(r"[a-z0-9][a-z0-9.-]*")
+MAX_TEXT = 300  # characters of a title, label, source or description: one line
+MAX_NOTE = 5000  # characters of a note: a paragraph or two
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 _TOP_KEYS = {"name", "title", "source", "note", "metric", "select", "paper_dataset", "gaps",
              "row_heading",
              "defaults", "columns", "rows", "budgets"}
@@ -96,21 +99,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         if not path.is_file():
             raise ConfigError(f"unknown experiment {name_or_path!r}; choose one of: "
                               f"{', '.join(builtin_names())} (or give an experiment .toml file)")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"experiment file {path} is a directory; give a .toml file") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"experiment file {path} is not UTF-8 text (byte {err.start}); "
-                          "save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read experiment file {path} ({err.strerror or err})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"experiment file {path} is not valid TOML: {err}") from None
+    raw = read_toml(path, "experiment file")
     return parse_experiment(raw, str(path), expected_name=path.stem)
 
 
@@ -274,7 +263,12 @@ class _Place:
             raise self.error(f"{where} lacks {key!r}")
         value = table[key]
         if not isinstance(value, str) or (default is None and not value.strip()):
-            raise self.error(f"{key} in {where} must be a non-empty string, got {value!r}")
+            raise self.error(f"{key} in {where} must be a non-empty string, got "
+                             f"{_short(value)}")
+        limit = MAX_NOTE if key == "note" else MAX_TEXT
+        if len(value) > limit:
+            raise self.error(f"{key} in {where} is {len(value):,} characters long, more than "
+                             f"the {limit:,} it may have; shorten it")
         return value
 
     def key(self, table: dict, where: str) -> str:

@@ -9,7 +9,6 @@ cell whose runs are missing, unfinished or failed is marked, never guessed.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import runio
-from ..engine.config import train_command
+from ..engine.config import MAX_SEED, train_command
 from ..errors import CheckpointError, ConfigError
 from . import plots
 from .manifest import MANIFEST, planned_config, read_manifest, run_dir, run_state
@@ -35,7 +34,7 @@ _ALWAYS = ("data.dataset", "model.network", "rule.name", "train.epochs", "train.
 @dataclass
 class RunResult:
     plan: RunPlan
-    status: str  # finished | partial | absent | failed | unreadable
+    status: str  # finished | partial | absent | failed | unreadable | damaged
     epochs: int  # epochs in its metrics
     planned: int  # epochs it is to train
     value: float | None  # the metric (finished runs only)
@@ -49,7 +48,7 @@ class RunResult:
         """Short status for a table cell: '' when finished."""
         return {"finished": "", "partial": f"running {self.epochs}/{self.planned} epochs",
                 "absent": "not run", "failed": "failed",
-                "unreadable": "unreadable"}[self.status]
+                "unreadable": "unreadable", "damaged": "damaged"}[self.status]
 
 
 @dataclass
@@ -94,6 +93,11 @@ class Cell:
         return text
 
 
+def _seed_text(text: str) -> bool:
+    """A run id's seed part: ASCII digits of a seed sigprop accepts."""
+    return text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= MAX_SEED
+
+
 def _metric(record: dict[str, Any], metric: str) -> float | None:
     acc = record.get("test_acc")
     if not isinstance(acc, (int, float)):
@@ -133,7 +137,7 @@ def collect(out: Path) -> tuple[Experiment, dict[str, Any], list[Cell]]:
         raise CheckpointError(f"{out / MANIFEST} is damaged: unknown budget {budget!r}")
     listed = set(manifest["runs"])
     seeds = sorted({int(r.rsplit("_s", 1)[1]) for r in listed
-                    if r.rsplit("_s", 1)[-1].isdigit()} | set(exp.budgets[budget].seeds))
+                    if _seed_text(r.rsplit("_s", 1)[-1])} | set(exp.budgets[budget].seeds))
     options = manifest["options"]
     by_cell: dict[tuple[str, str], list[RunResult]] = {}
     for plan in exp.runs(budget, tuple(seeds)):
@@ -152,6 +156,8 @@ def collect(out: Path) -> tuple[Experiment, dict[str, Any], list[Cell]]:
         value = epoch = None
         if status == "finished":
             value, epoch = _select(history, planned, exp.metric, exp.select)
+            if value is None:
+                status, detail = "damaged", "its metrics hold no test accuracy"
         cmd = train_command(cfg, always=_ALWAYS)
         by_cell.setdefault((plan.row.key, plan.column.key), []).append(RunResult(
             plan, status, len(history), planned, value, epoch, history, cmd, detail))
@@ -318,7 +324,7 @@ def write_report(out: Path) -> Path:
     md += ["", (f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %z')} from the run "
                 f"folders (`sigprop report {out}`), code at commit {source_commit()}."), ""]
     runio.atomic_write_text(out / REPORT_MD, "\n".join(md))
-    runio.atomic_write_text(out / REPORT_JSON, json.dumps(_as_json(exp, manifest, cells, made),
+    runio.atomic_write_text(out / REPORT_JSON, runio.strict_dumps(_as_json(exp, manifest, cells, made),
                                                           indent=2) + "\n")
     return out / REPORT_MD
 

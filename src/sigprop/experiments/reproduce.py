@@ -18,16 +18,21 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 
 from ..data import dataset_spec, split_paths
 from ..engine import runio
-from ..engine.config import Config, config_changes, resumable
+from ..engine.config import Config
+from ..engine.outputs import check_output_folder
+from ..engine.resumable import config_changes, resumable
+from ..engine.runstate import STAGES_FILE
+from ..engine.stagespec import stage_count
 from ..engine.runfolder import RunFolder
 from ..engine.trainer import Trainer, resolve_device
 from ..errors import ConfigError, DataError, SigpropError
 from ..networks import build_network
+from ..rules import build_rule
 from .manifest import (
+    MANIFEST,
     MANIFEST_FORMAT,
     planned_config,
     read_manifest,
@@ -41,36 +46,69 @@ from .spec import Experiment, RunPlan
 
 
 
-def check_data(exp: Experiment, budget: str, data_dir: str | None) -> None:
-    """Every split the runs read is where they will look, else one DataError line."""
-    for name, split in exp.splits(budget):
+def check_data(exp: Experiment, budget: str, configs: dict[str, Config]) -> None:
+    """Every split the runs read is where each run will look, else one DataError line."""
+    seen = set()
+    for cfg in configs.values():
+        d = cfg.data
+        key = (d.dataset, d.train_split, d.data_dir)
+        if key in seen:
+            continue
+        seen.add(key)
         try:
-            split_paths(name, split, data_dir)
-            split_paths(name, "test", data_dir)
+            split_paths(d.dataset, d.train_split, d.data_dir)
+            split_paths(d.dataset, "test", d.data_dir)
         except DataError as err:
-            hint = dataset_spec(name).install_hint
+            hint = dataset_spec(d.dataset).install_hint
             how = f"`{hint}` or " if hint else ""
             raise DataError(
-                f"{exp.name} needs dataset {name!r}, which is not here: {err} (get it with "
-                f"{how}`sigprop data download {name}`, or point --data-dir at it)") from None
+                f"{exp.name} needs dataset {d.dataset!r}, which is not here: {err} (get it "
+                f"with {how}`sigprop data download {d.dataset}`, or point --data-dir at it)"
+            ) from None
 
 
-def check_networks(plans: list[RunPlan]) -> None:
-    """Each network builds for its data (shapes only, nothing allocated)."""
+def check_runs(plans: list[RunPlan], configs: dict[str, Config]) -> None:
+    """What ``sigprop train`` checks before a run starts, for every run planned: one
+    process each (stages and replicas are ``sigprop train``'s), a device that exists,
+    and a rule that trains its network on its data (each distinct one built once, on
+    the CPU, and dropped)."""
     seen = set()
     for plan in plans:
-        m, d = plan.config.model, plan.config.data
-        key = (m.network, m.dropout, d.dataset)
+        cfg = configs[plan.id]
+        t, m, d = cfg.train, cfg.model, cfg.data
+        where = f"run {plan.id}"
+        if stage_count(t.stages, t.split) > 1 or t.replicas > 1:
+            raise ConfigError(
+                f"{where}: stages, split and replicas are settings of `sigprop train` (its "
+                "processes); a reproduction trains each run in one process: drop them from "
+                "the experiment")
+        try:
+            resolve_device(t.device)
+        except SigpropError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        key = (m.network, m.dropout, d.dataset, repr(cfg.rule.to_dict()))
         if key in seen:
             continue
         seen.add(key)
         spec = dataset_spec(d.dataset)
         try:
-            with torch.device("meta"):
-                build_network(m.network, spec.shape, spec.num_classes, m.dropout)
+            network = build_network(m.network, spec.shape, spec.num_classes, m.dropout)
+            build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule)
         except ConfigError as err:
-            raise ConfigError(f"run {plan.id}: network {m.network} on {d.dataset}: {err}") \
-                from None
+            raise ConfigError(f"{where}: rule {cfg.rule.name} on {m.network} ({d.dataset}): "
+                              f"{err}") from None
+
+
+def check_out(out: Path) -> None:
+    """``out`` is a reproduction's folder or a new one: not a training run's, whose files
+    a report would be written among."""
+    check_output_folder(str(out), "--out")
+    if (out / MANIFEST).exists():
+        return
+    found = [n for n in (*runio.RUN_FILES, STAGES_FILE) if (out / n).exists()]
+    if found:
+        raise ConfigError(f"--out {out} is a training run's folder (it holds {found[0]}), not "
+                          "a reproduction's; give another --out")
 
 
 def check_existing(plans: list[RunPlan], out: Path, configs: dict[str, Config]) -> None:
@@ -114,8 +152,9 @@ def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...]
         cfg.validate()
     if device is not None:
         resolve_device(device)  # no GPU here: one line now, not one failure per run
-    check_data(exp, budget, data_dir)
-    check_networks(plans)
+    check_data(exp, budget, configs)
+    check_runs(plans, configs)
+    check_out(out)
     previous = read_manifest(out)
     if previous is not None and (previous["experiment"].get("name") != exp.name
                                  or previous["budget"] != budget):

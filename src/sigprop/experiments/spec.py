@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data import find_dataset_dir
 from ..engine.config import Config, apply_overrides, foreign_options, without_options
 from ..errors import ConfigError, SigpropError
 from ..registry import NETWORKS, RULES
@@ -168,3 +169,25 @@ class Experiment:
             if plan.config.data.dataset not in names:
                 names.append(plan.config.data.dataset)
         return names
+
+    def describe(self, data_dir: str | None) -> str:
+        """What ``sigprop reproduce --list`` says of it: the paper's source, where its
+        datasets were found (in ``data_dir`` or the usual places), its rows and columns,
+        and each budget's runs."""
+        lines = [f"{self.name}: {self.title}", f"  paper: {self.source}"]
+        for name in self.datasets("full"):
+            try:
+                where = f"found in {find_dataset_dir(name, data_dir)}"
+            except SigpropError:
+                where = f"not found (sigprop data download {name}; sigprop data check {name})"
+            lines.append(f"  data: {name}, {where}")
+        lines.append("  rows: " + ", ".join(r.label for r in self.rows))
+        lines.append("  columns: " + ", ".join(c.label for c in self.columns))
+        for budget in BUDGETS:
+            plans = self.runs(budget)
+            epochs = sum(p.config.train.epochs for p in plans)
+            b = self.budgets[budget]
+            lines.append(f"  {budget}: {len(plans)} runs (seeds {', '.join(map(str, b.seeds))}; "
+                         f"{epochs} epochs in all)"
+                         + (f": {b.description}" if b.description else ""))
+        return "\n".join(lines)

@@ -153,8 +153,8 @@ def dropout_spared_from() -> int | None:
 class _MaskedScale(torch.autograd.Function):
     """x * keep * scale, saving only the 1-byte mask for backward (not a float copy).
 
-    The mask multiplies as uint8: on this CPU a float x bool product took 0.27 ms on a
-    (138, 1000) batch, float x uint8 0.06 ms (the bool path converts element by element).
+    The mask multiplies as uint8: a float x bool product converts element by element and
+    is several times slower (measured: docs/studies/fast-path.md).
     """
 
     @staticmethod
@@ -173,11 +173,10 @@ class Dropout(nn.Module):
     """Inverted dropout with a mask from 16-bit random draws.
 
     Same contract as ``nn.Dropout`` (zero each element with probability ``p``, scale
-    the rest by 1/(1-p); identity in eval mode), but ``nn.Dropout``'s per-element
-    ``bernoulli_`` cost 1.9 ms on a (138, 1000) batch on this CPU, more than the
-    layer's matmul (1.3 ms). Here one full-range 64-bit draw feeds four 16-bit lanes,
-    each compared with a threshold: about 0.3 ms with the multiply. ``p`` is rounded
-    to a multiple of 1/65536.
+    the rest by 1/(1-p); identity in eval mode). One full-range 64-bit draw feeds four
+    16-bit lanes, each compared with a threshold: ``nn.Dropout``'s per-element
+    ``bernoulli_`` cost more than the layer's matmul on a CPU (measured:
+    docs/studies/fast-path.md). ``p`` is rounded to a multiple of 1/65536.
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -203,8 +202,8 @@ class Dropout(nn.Module):
         # from = int64 min, to = None: all 64 bits uniform (ATen's full-range kernel)
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-2^15, 2^15)
-        # compared into uint8, then viewed as bool: 19 us against 100 us for a bool
-        # result on a (138, 1000) batch on this CPU (one thread)
+        # compared into uint8, then viewed as bool: ~5x faster than a bool result
+        # (docs/studies/fast-path.md)
         keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         return torch.ge(lanes, self._cut - 32768, out=keep).view(torch.bool)
 

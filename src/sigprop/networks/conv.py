@@ -7,7 +7,7 @@ and the pooling after it as one unit, and the block's output is what the next bl
 reads. The conv has no bias: BatchNorm subtracts the batch mean right after it (as in
 the fc blocks). Dropout is elementwise (sigprop's 16-bit-lane Dropout), where
 anokland/local-loss drops whole channels (Dropout2d): with channel dropout sigprop's
-blocks past the first did not learn on CONV (docs/ARCHITECTURE.md).
+blocks past the first did not learn on CONV (measured: docs/studies/target-dropout.md).
 
 * ``vgg8b`` (Nøkland & Eidnes 2019, anokland/local-loss ``cfg['vgg8b']``):
   conv 3x3 (stride 1, padding 1) 128, 256, M, 256, 512, M, 512, M, 512, M ('M' a 2x2

@@ -1,6 +1,6 @@
 """Layered continuous Hopfield networks (Sec. V): ``hopfield-<D>x<W>``, D hidden layers of
 W units and an output layer of one unit per class, for the equilibrium-propagation
-rules (``ep-loopback``, ``ep-symmetric``, :mod:`sigprop.continuous`).
+rules (``ep-loopback``, ``ep-symmetric``, :mod:`sigprop.rules.equilibrium`).
 
 The network holds the weights as plain Linear layers: ``blocks[l]`` maps layer l's
 source to layer l (its weight's transpose is the (in, out) matrix of the dynamics, its

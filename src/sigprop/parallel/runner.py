@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ from ..engine.stagespec import stage_count
 from ..engine.trainer import (
     build_config_rule, build_experiment, check_finite, epoch_line, epoch_record,
     resolve_device, set_epoch_lr)
-from ..errors import ConfigError, SigpropError
+from ..engine.interrupt import one_line
+from ..errors import ConfigError, SigpropError, StorageError
 from . import replicas
 from .split import check_devices, plan_split, stage_ranges
 from .stage import StageEnv, release_unowned, timeout_s
@@ -217,10 +219,11 @@ class StageRun:
     # --- resume ---------------------------------------------------------------------
     def _restore(self) -> tuple[list[dict[str, Any]], int]:
         """Load the run's newest checkpoint into this stage; (history, epochs done).
-        Rank 0 checks the folder and writes config.json (:class:`.runstate.RunStart`),
-        then tells the others what to load: kind 0 nothing, 1 the whole single-process
+        Rank 0 checks the folder (:class:`.runstate.RunStart`), then tells the others
+        what to load: kind 0 nothing, 1 the whole single-process
         checkpoint, 2 this stage's own file (same split), 3 every stage file merged
-        (another split). Rank 0 reuses what it read to decide."""
+        (another split). Rank 0 reuses what it read to decide, and writes config.json once
+        every stage has loaded its part."""
         decision = torch.zeros(2, dtype=torch.int64)
         err = None
         history: list[dict[str, Any]] = []
@@ -228,7 +231,7 @@ class StageRun:
         if self.rank == 0:
             try:
                 start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
-                history = start.begin(self._log)
+                history = start.prepare(self._log)  # written once every stage has loaded
                 if start.kind == "staged":
                     kind = 2 if start.split == self.sizes else 3
                 else:
@@ -257,8 +260,10 @@ class StageRun:
         except SigpropError as e:
             err = e
         self._agree(err)
-        if kind and self.rank == 0:
-            self._log(f"resuming {self.run_dir} after epoch {epoch}")
+        if self.rank == 0:
+            start.write()
+            if kind:
+                self._log(f"resuming {self.run_dir} after epoch {epoch}")
         return history, epoch
 
     def _set_rng(self, saved: torch.Tensor, epoch: int, own: bool) -> None:
@@ -421,9 +426,14 @@ def run_stage(cfg: Config, run_dir: Path, resume: bool) -> list[dict[str, Any]]:
         else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)  # each machine's own stage files
         return StageRun(cfg, run_dir, resume, env).run()
+    except StorageError as err:  # a full disk, a read-only folder, ...
+        again = f"sigprop train --resume --run-dir {shlex.quote(str(run_dir))}"
+        raise StorageError(
+            f"{who}: {one_line(err)}; the last checkpoint every stage finished, if any, is "
+            f"intact (stages.json points at it); make room, then continue with: {again}"
+        ) from None
     except SigpropError as err:
-        text = " ".join(str(err).split())
-        raise type(err)(f"{who}: {text}") from None
+        raise type(err)(f"{who}: {one_line(err)}") from None
     except RuntimeError as err:  # a collective (barrier, all-reduce) lost a peer
         cause = peer_lost(err)
         if cause is None:

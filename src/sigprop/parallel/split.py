@@ -21,9 +21,9 @@ from ..engine.stagespec import parse_split, stage_count
 from ..errors import ConfigError
 from .replicas import check_shards
 
-# FLOPs one byte of memory traffic costs as much time as: ~100 GFLOP/s of float32
-# matmul per core against ~12 GB/s of streaming per core on the 2-core machine the
-# benchmarks ran on (docs/RESULTS.md, section 10)
+# FLOPs one byte of memory traffic costs as much time as: the benchmark machine's float32
+# matmul rate over its streaming bandwidth per core (~100 GFLOP/s / ~12 GB/s;
+# docs/studies/layer-parallel.md)
 BYTE_FLOPS = 8.0
 ADAM_BYTES = 32
 

@@ -29,19 +29,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..networks import Network
 from ..options import Option, Options, resolve
 from ..registry import RULES
-from .checks import check_batch_statistics, check_head_outputs, check_num_classes, check_x, check_y
+from .checks import (
+    check_batch_statistics,
+    check_finite_x,
+    check_head_outputs,
+    check_num_classes,
+    check_x,
+    check_y,
+)
 from .config import RuleConfig, foreign_option
 
 
 def make_adam(params: Iterable[nn.Parameter], cfg: RuleConfig) -> torch.optim.Optimizer | None:
     """Adam over the trainable ``params``; None when there are none.
 
-    ``fused=True``: one kernel for the whole update, ~10x faster than the default
-    per-tensor loop on this CPU for a 3x1000 net (measured, see docs/RESULTS.md).
+    ``fused=True``: one kernel for the whole update, much faster than the default
+    per-tensor loop on a CPU (measured: docs/studies/speed-memory.md).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -57,9 +64,7 @@ def make_grouped_adam(groups: dict[str, Iterable[nn.Parameter]], cfg: RuleConfig
     group's update reads nothing but its own gradients: the same arithmetic as one
     optimizer per part. Parts without trainable parameters get no group; None when
     nothing is trainable. One ``step()`` saves the per-call Python of one optimizer per
-    part (profiled on this CPU: 0.55 ms a step for three ``Adam.step`` calls against
-    0.34 ms for one); end to end the difference was within this machine's noise
-    (benchmarks/overhead_ablation.py, sigprop-adam-per-block).
+    part (measured: docs/studies/speed-memory.md).
     """
     param_groups = []
     for name, params in groups.items():
@@ -95,6 +100,10 @@ class LearningRule:
     spike_threshold: ClassVar[float] = 1.0
     # whether the rule runs its forward passes under 16-bit autocast when cfg.amp asks
     supports_amp: ClassVar[bool] = False
+    # a NaN or inf in x raises InputError before anything changes, on a CPU (one pass
+    # over x); elsewhere that read would sync with the host every step, so it is not
+    # checked there (DeviceLoader's data is finite by construction). False skips it.
+    check_finite: bool = True
 
     @classmethod
     def option_scope(cls, given: Mapping[str, Any]) -> tuple[Option, ...]:
@@ -169,6 +178,10 @@ class LearningRule:
         (k,)) on the device. A malformed batch raises InputError before anything
         changes; on a CPU that includes labels outside [0, num_classes) (elsewhere the
         loader checks them once)."""
+        if not self.modules.training:
+            raise InputError("the rule is in evaluation mode (set_training(False)), where "
+                             "nothing may learn; call rule.set_training(True) before "
+                             "train_step")
         self._check_batch(x, y)
         return self._train_step(x, y)
 
@@ -227,10 +240,13 @@ class LearningRule:
 
     # --- input checks --------------------------------------------------------------
     def _check_inputs(self, x: Tensor) -> int:
-        """Check ``x`` against the network; its batch size."""
+        """Check ``x`` against the network (on a CPU, with ``check_finite``, also that
+        every value is finite); its batch size."""
         n = check_x(x, self.network)
         if n < 2:
             check_batch_statistics(self.network, n)
+        if self.check_finite and x.device.type == "cpu":
+            check_finite_x(x)
         return n
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
@@ -257,28 +273,36 @@ class LearningRule:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a state from :meth:`state_dict`; a mismatch raises CheckpointError."""
+        """Load a state from :meth:`state_dict`; a mismatch raises CheckpointError before
+        anything is loaded (the rule is unchanged)."""
         self.sync()
         hint = "the checkpoint was made with another network, rule or signal"
-        try:
-            self.modules.load_state_dict(state["modules"])
-        except (RuntimeError, KeyError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if _dropped_biases(self.modules, state.get("modules", {})):
+        if not isinstance(state, dict) or not isinstance(state.get("modules"), dict) \
+                or not isinstance(state.get("optimizers"), list):
+            raise CheckpointError(f"{hint} (not a rule state: no 'modules' and 'optimizers')")
+        why = _module_mismatch(self.modules, state["modules"])
+        if why is not None:
+            if _dropped_biases(self.modules, state["modules"]):
                 hint += (" (it holds the Linear bias in front of BatchNorm that fc blocks "
                          "no longer have: BatchNorm cancels it; retrain with this version)")
-            raise CheckpointError(f"{hint} ({first})") from None
+            raise CheckpointError(f"{hint} ({why})")
         if len(state["optimizers"]) != len(self.optimizers):
             raise CheckpointError(
                 f"{hint} (it holds {len(state['optimizers'])} optimizer states, this rule "
                 f"has {len(self.optimizers)}; sigprop checkpoints from before one grouped "
                 "Adam per rule held one per block)"
             )
-        try:
-            for opt, s in zip(self.optimizers, state["optimizers"]):
-                opt.load_state_dict(s)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{hint} ({err})") from None
+        for opt, saved in zip(self.optimizers, state["optimizers"]):
+            why = _optimizer_mismatch(opt, saved)
+            if why is not None:
+                raise CheckpointError(f"{hint} ({why})")
+        try:  # checked above: what could fail here would be a bug, not the file
+            self.modules.load_state_dict(state["modules"])
+            for opt, saved in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{hint} ({first})") from None
         if "scaler" in state and self.amp:
             # a CUDA fp16 run's loss scale; a CPU (bf16) run needs none
             if self.scaler is None and torch.cuda.is_available():
@@ -306,7 +330,7 @@ class LearningRule:
     @staticmethod
     def _zero_grad(opt: torch.optim.Optimizer) -> None:
         # zero_grad(set_to_none=True) by hand: the method's profiling wrapper and
-        # foreach bookkeeping cost ~0.1 ms a call
+        # foreach bookkeeping cost ~0.1 ms a call (docs/studies/fast-path.md)
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -342,6 +366,44 @@ def build_rule(name: str, network: Network, num_classes: int, cfg: RuleConfig | 
 def _full(t: Tensor) -> Tensor:
     """A 16-bit result (from autocast) as float32; other dtypes as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _module_mismatch(modules: nn.Module, saved: dict) -> str | None:
+    """Why ``saved`` cannot load into ``modules`` as it is (keys, shapes, dtypes), or
+    None."""
+    own = modules.state_dict()
+    missing = [k for k in own if k not in saved]
+    extra = [k for k in saved if k not in own]
+    if missing:
+        return f"it lacks {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else "")
+    if extra:
+        return f"it holds {extra[0]!r}, which this rule does not have"
+    for key, mine in own.items():
+        theirs = saved[key]
+        if not isinstance(theirs, Tensor):
+            return f"{key!r} is not a tensor"
+        if theirs.shape != mine.shape:
+            return (f"{key!r} has shape {tuple(theirs.shape)}, this rule's "
+                    f"{tuple(mine.shape)}")
+        if theirs.dtype != mine.dtype and not (theirs.is_floating_point()
+                                               and mine.is_floating_point()):
+            return f"{key!r} holds {theirs.dtype}, this rule's {mine.dtype}"
+    return None
+
+
+def _optimizer_mismatch(opt: torch.optim.Optimizer, saved: object) -> str | None:
+    """Why ``saved`` cannot load into ``opt`` (its groups and their sizes), or None."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) \
+            or not isinstance(saved.get("state"), dict):
+        return "an optimizer state is damaged"
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        return (f"its optimizer has {len(groups)} parameter groups, this rule's "
+                f"{len(opt.param_groups)}")
+    for mine, theirs in zip(opt.param_groups, groups):
+        if not isinstance(theirs, dict) or len(theirs.get("params", ())) != len(mine["params"]):
+            return f"an optimizer group differs from this rule's ({mine.get('name', '?')})"
+    return None
 
 
 def _dropped_biases(modules: nn.Module, saved: dict) -> bool:

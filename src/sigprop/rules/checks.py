@@ -82,6 +82,14 @@ def check_x(x: object, network: Network) -> int:
     return x.shape[0]
 
 
+def check_finite_x(x: Tensor) -> None:
+    """Raise InputError if ``x`` holds a NaN or an infinity (one reduction over it)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "an infinity"
+        raise InputError(f"x holds {bad}; give finite inputs (check the data and its "
+                         "normalisation), or set rule.check_finite = False to skip this check")
+
+
 def _reshape_hint(x: Tensor, shape: tuple[int, ...]) -> str:
     """How to turn ``x`` into a batch of samples shaped ``shape``, if it can be."""
     if tuple(x.shape) == shape:

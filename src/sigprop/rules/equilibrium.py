@@ -50,24 +50,12 @@ from .base import LearningRule, RuleConfig
 
 CHECK_EVERY = 10  # free-phase steps between residual checks (each one host sync)
 
-# Each rule's defaults where the config leaves them unset (None / ""), measured on the
-# first 5,000 Fashion-MNIST images, hopfield-1x256, 2 epochs, batch 20 (docs/RESULTS.md):
-# * ep-symmetric, one hidden layer: Scellier & Bengio's beta 0.5, 4 nudged steps and
-#   rates (0.1, 0.05), but 60 free steps instead of their 20: they
-#   start every free phase from the sample's last fixed point (persistent particles),
-#   we start from zero, and 20 steps gave 0.47 test accuracy where 60 gave 0.71;
-# * ep-loopback: beta 2, 8 nudged steps, 20 free steps (the loop settles within them:
-#   residual ~3e-4), rates 0.2 for the input's matrix and 0.1 for the rest (0.74; with
-#   beta 1 and rates 0.1/0.05, 0.70; beta 4, 0.71).
-# * ep-symmetric deeper than one hidden layer: Scellier & Bengio's recipe for that depth
-#   (2 hidden: 150 free steps, 6 nudged, beta 1; 3 hidden: 500, 8, 1), and their rates,
-#   which are for 500-unit layers; wider layers sum more changed weights into each unit's
-#   drive, so above 500 units the rates are scaled by 500 / width. hopfield-2x1500, first
-#   10,000 images, 2 epochs: with their rates unscaled the net stayed at chance; scaled
-#   (a third) it ended at 0.74, 0.73 and 0.58 test accuracy for seeds 0-2 (learns, but
-#   varies from run to run; 0.81 in a run with rates 0.133); the one-hidden-layer
-#   settings (60 free, 4 nudged, beta 0.5) with scaled rates gave 0.648 after one epoch
-#   of the full training set. The 3-hidden-layer recipe is theirs, not measured here.
+# Each rule's defaults where the config leaves them unset (None / ""). ep-symmetric:
+# Scellier & Bengio's recipe for the net's depth (3 hidden layers: theirs, not measured
+# here), but 60 free steps at one hidden layer (we start every free phase from zero, not
+# from the sample's last fixed point), and their rates, which are for 500-unit layers,
+# scaled by 500 / width above 500 units. ep-loopback: tuned here. Measured:
+# docs/studies/equilibrium-propagation.md.
 DEFAULTS = {
     "ep-symmetric": {"free": 60, "nudge": 4, "beta": 0.5, "width": 500,
                      "lrs": {1: [0.1, 0.05], 2: [0.4, 0.1, 0.01],

@@ -23,15 +23,13 @@ Targets (our choice; the paper does not say how they enter an SNN): the label
 projection of Eq. 1 makes one target per class shaped like the *network input* (an
 image, ``t0 = f(S c + d)``), which enters the first block beside the inputs, so every
 block, the first included, sees targets that went through the spiking dynamics the
-inputs go through. (Targets made as block 1's *currents*, Eq. 1 at block 1 into its IF
-neurons, were measured too: block 1's exit 0.69 against 0.37, the head 0.8659 against
-0.8601, 10k Fashion-MNIST images x 5 epochs, one seed; docs/RESULTS.md section 9, where
-the conv blocks' loss of class information is traced to comparing g(u - theta).) The
-projection learns with block 1 from block 1's loss; it starts with weights of std 1, so
-that the targets have the inputs' scale (see ``__init__``). BatchNorm statistics come
-from the inputs only (Sec. III-D).
+inputs go through (targets made as block 1's *currents* instead, and why the conv blocks
+lose class information: docs/studies/spiking-local-loss.md). The projection learns with
+block 1 from block 1's loss; it starts with weights of std 1, so that the targets have
+the inputs' scale (see ``__init__``). BatchNorm statistics come from the inputs only
+(Sec. III-D).
 Logit scale ``c/sqrt(d)``, d the values of one step of a block, c = 1 for sp-surrogate
-and 1/32 for sp-voltage (``scale_c``; docs/RESULTS.md).
+and 1/32 for sp-voltage (``scale_c``; measured: docs/studies/spiking.md).
 """
 
 from __future__ import annotations
@@ -66,9 +64,8 @@ class SpikingSigprop(LearningRule):
     """Signal propagation on a spiking network (module docstring)."""
 
     compare_on: ClassVar[str] = "surrogate"  # surrogate | voltage
-    # c of the logit scale c/sqrt(d) (3,000 Fashion-MNIST images, 1 epoch: sp-surrogate,
-    # one run each, c = 0.25, 1, 4, 16 gave 0.616, 0.651, 0.674, 0.552 before the targets'
-    # init below; sp-voltage in SPVoltage)
+    # c of the logit scale c/sqrt(d) (sp-voltage's in SPVoltage; swept:
+    # docs/studies/spiking.md)
     scale_c: ClassVar[float] = 1.0
     trains_spiking = only_spiking = True
     supports_amp = True
@@ -93,8 +90,8 @@ class SpikingSigprop(LearningRule):
         # Targets at the input start on the inputs' scale (standardised images, std ~1):
         # with nn.Linear's init (+-1/sqrt(classes)) every class's target is a faint image
         # that block 1's BatchNorm (inputs' statistics) maps to nearly the same current,
-        # and Adam's 5e-4 steps take hundreds of steps to set them apart (3,000 images,
-        # 1 epoch: sp-surrogate 0.651 -> 0.707 test accuracy; docs/RESULTS.md).
+        # and Adam's 5e-4 steps take hundreds of steps to set them apart
+        # (docs/studies/spiking.md)
         with torch.no_grad():
             self.signal.proj.weight.normal_(0.0, 1.0)
             self.signal.proj.bias.zero_()
@@ -229,7 +226,6 @@ class SPVoltage(SpikingSigprop):
 
     compare_on = "voltage"
     # The voltages are unbounded (an aligned pair's dot product grows like d, sqrt(d) =
-    # 317 on block 1), so the softmax saturates unless c is small. Head test accuracy,
-    # 3,000 Fashion-MNIST images, 1 epoch, mean of seeds 0-2 (docs/RESULTS.md, section
-    # 9): c = 1/4 0.655, 1/8 0.691, 1/16 0.701, 1/32 0.723, 1/64 0.690; shallow 0.685.
+    # 317 on block 1), so the softmax saturates unless c is small (swept over three
+    # seeds: docs/studies/spiking.md)
     scale_c = 1 / 32

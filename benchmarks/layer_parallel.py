@@ -10,7 +10,7 @@ this machine's speed drifts by +-20% between segments):
 
 * ``single_1thread``: the single-process sigprop rule, one intra-op thread;
 * ``single_2thread``: the same with two threads (today's default: the update thread of
-  sigprop.pipeline where it applies);
+  sigprop.rules.sigprop.pipeline where it applies);
 * ``stages<S>``: the blocks split into S stages (balanced by counted cost, or
   ``--split``), one process and ``--stage-threads`` thread(s) each, over gloo on the
   loopback address, with the transport of a real staged run (sigprop.parallel);

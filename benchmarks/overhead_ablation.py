@@ -10,7 +10,7 @@ here, to bound what removing a cost could buy; none of them is a training option
 
   backprop                reference
   sigprop                 the sequential fast path (pipeline='off'), one Adam step
-  sigprop-pipelined       the rule as a user gets it on this CPU (sigprop.pipeline)
+  sigprop-pipelined       the rule as a user gets it on this CPU (sigprop.rules.sigprop.pipeline)
   sigprop-autograd        the same updates through autograd (fast_path='off')
   sigprop-adam-per-block  one Adam.step() call per block instead of one for all (same math)
   sigprop-no-adam         optimizer step skipped (gradients still computed)

@@ -1,6 +1,6 @@
 """What a comparison with constant fields can ask of one conv block: an upper bound.
 
-Sparse targets through conv blocks (Sec. III-E, ``sigprop.sparse``) are constant fields
+Sparse targets through conv blocks (Sec. III-E, ``sigprop.rules.sigprop.sparse``) are constant fields
 after block 1, so L_pred compares a block's output map with a class's field through the
 map's spatial sum: a linear classifier on the globally average-pooled map. Dense
 targets are compared with the whole map: a linear classifier on the flattened map.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sigprop.batchnorm import InputStatsBatchNorm, convert_batchnorm, stats_from_first
+from sigprop.networks.batchnorm import InputStatsBatchNorm, convert_batchnorm, stats_from_first
 
 
 def make_bn(kind: str, c: int, momentum=0.1, seed=0) -> nn.Module:
@@ -138,7 +138,7 @@ def test_convert_keeps_state_dict_and_shares_parameters():
 def test_input_stats_bn_backward_passes_gradcheck(shape, affine):
     """The hand-written backward (stats from rows [:n], applied to all rows) vs finite
     differences, in float64, for 2D and 4D inputs, with and without affine parameters."""
-    from sigprop.batchnorm import _InputStatsBN
+    from sigprop.networks.batchnorm import _InputStatsBN
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
@@ -160,7 +160,7 @@ def test_input_stats_norm_over_step_major_groups(shape, steps):
     """A spiking net's [T * B, ...] batch: statistics from the first n samples of every
     step, against the same normalisation written with autograd ops (values, gradients,
     running mean), and gradcheck."""
-    from sigprop.batchnorm import _InputStatsBN, input_stats_norm
+    from sigprop.networks.batchnorm import _InputStatsBN, input_stats_norm
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)

@@ -15,13 +15,14 @@ from torch import nn
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
 import sigprop.functional as SF
-from sigprop import sparse as SP
 from sigprop.cli import main
 from sigprop.errors import ConfigError
 from sigprop.networks import Network, build_network
 from sigprop.networks.conv import Pool, conv_block
 from sigprop.networks.fc import fc_block
 from sigprop.rules import build_rule
+from sigprop.rules.sigprop import sparse
+from sigprop.rules.sigprop import travel as SP
 
 CLASSES = 10
 
@@ -136,7 +137,7 @@ def ref_dense_targets(net, t1):
 def walked_targets(rule, x):
     rule.set_training(False)
     with torch.no_grad():
-        return [(h, t, mode) for _, h, t, mode in rule._walk(x)]
+        return [(h, t, mode) for _, h, t, mode in rule.exits.walk(x)]
 
 
 @pytest.mark.parametrize("name,shape", [("small", (1, 6, 6)), ("vgg8b", (1, 16, 16)),
@@ -271,7 +272,7 @@ def test_a_field_through_a_conv_is_the_cell_mean_of_the_conv_of_its_map(hw, grid
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, k, stride=stride, padding=pad)
     t = torch.randn(2, 4, grid, grid)
-    out = SP.conv_field(conv, t, hw)
+    out = sparse.conv_field(conv, t, hw)
     full = F.conv2d(SF.lay_out(t, hw), conv.weight, conv.bias, stride, pad)
     g = tuple(out.shape[2:])
     want = SF.cell_sums(full, g) / SF.cell_counts(tuple(full.shape[2:]), g, full)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import blobs, small_config
 
-from sigprop.batchnorm import _InputStatsBN
+from sigprop.networks.batchnorm import _InputStatsBN
 from sigprop.cli import main
 from sigprop.data import DeviceLoader, parse_augment
 from sigprop.engine import runio
@@ -60,7 +60,7 @@ def _bias_before_bn(root):
 
 
 @pytest.mark.parametrize("name, kw", [
-    ("sigprop", {}),  # label signal: the fast path (sigprop.fastpath)
+    ("sigprop", {}),  # label signal: the fast path (sigprop.rules.sigprop.fastpath)
     ("sigprop", {"fast_path": "off"}),  # the same through autograd
     ("sigprop", {"fast_path": "on", "head": "classifier"}),
     ("sigprop", {"loss": "l2"}),

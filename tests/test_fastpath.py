@@ -1,4 +1,4 @@
-"""The written-out sigprop step (sigprop.fastpath) against the autograd path.
+"""The written-out sigprop step (sigprop.rules.sigprop.fastpath) against the autograd path.
 
 Both paths must produce the same updates: parameters, BatchNorm running statistics,
 optimizer state, losses and correct counts after several steps, in float64 (a Linear
@@ -17,8 +17,8 @@ from conftest import random_batches, run_steps, sigprop_rule
 from torch import nn
 
 import sigprop.functional as SF
-from sigprop import fastpath
-from sigprop.batchnorm import convert_batchnorm, stats_from_first
+from sigprop.rules.sigprop import fastpath
+from sigprop.networks.batchnorm import convert_batchnorm, stats_from_first
 from sigprop.errors import ConfigError
 from sigprop.networks import Dropout, Network, build_network, fc_block
 from sigprop.rules import build_rule
@@ -342,7 +342,7 @@ CONV_CASES = [
     {"signal": "loop-error", "head": "classifier", "loss": "l2"},
     {"pool_first": False},
     {"bias": True},
-    {"targets": "sparse"},  # windows at block 1, then constant fields (sigprop.sparse)
+    {"targets": "sparse"},  # windows at block 1, then constant fields (sigprop.rules.sigprop.sparse)
     {"targets": "sparse", "dropout": 0.2, "loss": "l2"},
     {"targets": "sparse", "head": "classifier", "pool_first": False},
     {"targets": "sparse", "signal_learned": False, "bias": True},

@@ -28,10 +28,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("cli.py", "__main__.py")),
     ("runs", ("parallel/", "experiments/")),
     ("engine", ("engine/",)),
-    ("rules", ("rules/", "continuous/", "fastpath.py", "pipeline.py", "sparse.py",
-               "__init__.py")),
+    ("rules", ("rules/", "__init__.py")),
     ("signals", ("signals/",)),
-    ("networks and data", ("networks/", "batchnorm.py", "data/")),
+    ("networks and data", ("networks/", "data/")),
     ("functional", ("functional/",)),
     ("base", ("errors.py", "registry.py", "resources.py", "options.py")),
 )
@@ -43,8 +42,8 @@ entry ending in "/" holds every module under that folder.
   and reported (experiments/).
 - engine: one training: its config, the trainer, run folders, checkpoints, bench, meters.
 - rules: the learning rules and the machinery only they use (sigprop's fast path,
-  pipeline, sparse travel; equilibrium propagation in continuous/), and the package's
-  face (``sigprop/__init__.py``: what a rule's author imports).
+  pipeline, sparse travel: rules/sigprop/), and the package's face
+  (``sigprop/__init__.py``: what a rule's author imports).
 - signals: sigprop's target generators.
 - networks and data: the networks and their layers (input-statistics BatchNorm), the
   datasets and their loading.

@@ -1,4 +1,4 @@
-"""The pipelined sigprop step (sigprop.pipeline): block updates on an update thread.
+"""The pipelined sigprop step (sigprop.rules.sigprop.pipeline): block updates on an update thread.
 
 It must make the same updates as the sequential step: bit for bit when every op
 runs single-threaded either way, and up to float rounding otherwise; every path that
@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import random_batches, run_steps, sigprop_rule
 
-from sigprop import fastpath
+from sigprop.rules.sigprop import fastpath
 from sigprop.errors import ConfigError, InputError, TrainingError
 from sigprop.networks import build_network
-from sigprop.pipeline import UpdateWorker, adam_group_step
+from sigprop.rules.sigprop.pipeline import UpdateWorker, adam_group_step
 from sigprop.rules import build_rule
 
 CLASSES = 5

@@ -12,7 +12,7 @@ from conftest import blobs
 from torch import nn
 
 import sigprop.functional as SF
-from sigprop.batchnorm import stats_from_first
+from sigprop.networks.batchnorm import stats_from_first
 from sigprop.errors import CheckpointError, ConfigError
 from sigprop.networks import build_network
 from sigprop.rules import build_rule

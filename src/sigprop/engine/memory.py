@@ -2,7 +2,7 @@
 
 Within :meth:`SavedTensorMeter.counting` the meter sees every tensor autograd saves for
 backward (``torch.autograd.graph.saved_tensors_hooks``) and every tensor sigprop's fast
-path keeps for a block's update (:func:`sigprop.fastpath.track_saved`). A storage counts
+path keeps for a block's update (:func:`sigprop.rules.sigprop.fastpath.track_saved`). A storage counts
 once, from its first save until its last holder is released; storages of the tensors in
 ``skip`` (the parameters: not activations) and empty ones are not counted. It counts on
 any device, so it is the CPU's peak memory, where no allocator statistics exist. Used by
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .. import fastpath
+from ..rules.sigprop import fastpath
 
 
 def storage_key(t: Tensor) -> tuple[int, int]:

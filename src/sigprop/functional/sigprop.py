@@ -30,6 +30,7 @@ __all__ = [
     "default_scale",
     "pred_loss",
     "class_targets",
+    "pred_loss_grad",
     "label_projection",
     "label_input_modulation",
     "loop_back_prediction",
@@ -109,6 +110,17 @@ def class_targets(t: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tenso
     means = sums / counts.clamp_min(1).unsqueeze(1)
     return means.view(num_classes, *t.shape[1:]), counts > 0
 
+
+def pred_loss_grad(logits: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """CE(logits, y) of logits that are ``scale`` times a comparison, and the gradient
+    of that loss by the comparison: scale (softmax(logits) - onehot(y)) / n, (n, m).
+    The written-out steps' L_pred backward; ``logits`` is left as it was."""
+    n = logits.shape[0]
+    logp = torch.log_softmax(logits, 1)
+    loss = F.nll_loss(logp, y)
+    g = logp.exp_()  # softmax
+    g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
+    return loss, g.mul_(scale / n)
 
 # --- target generators (Sec. III-D), as functions of their weights ---------------
 
@@ -202,7 +214,7 @@ def cell_counts(hw: tuple[int, int], grid: tuple[int, int], like: Tensor) -> Ten
 
 
 def field_compare(h: Tensor, t: Tensor, kind: str = "dot", scale: float = 1.0) -> Tensor:
-    """Compare maps with fields (sparse targets, Sec. III-E; sigprop.sparse): h (n, C, H,
+    """Compare maps with fields (sparse targets, Sec. III-E; rules.sigprop.sparse): h (n, C, H,
     W) against t (m, C, gh, gw), each t standing for the map whose every position has
     its cell's value (:func:`lay_out`; a 1x1 field is one value per channel over the
     whole map). The same logits as :func:`compare` of h with the laid-out t, without

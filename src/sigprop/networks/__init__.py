@@ -2,6 +2,7 @@
 registered name (``build_network("vgg8b", (3, 32, 32), 10, dropout=0.1)``).
 
     base.py   Network, build_network, Dropout (shared pieces)
+    batchnorm.py  BatchNorm with statistics from the inputs only (Sec. III-D)
     fc.py     fc-<layers>x<width> (Table VI)
     conv.py   conv (Table VI's CONV), vgg8b, vgg8b-2x (Tables I-IV)
     hopfield.py  hopfield-<D>x<W> (Sec. V)

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..batchnorm import input_stats_norm
 from ..errors import ConfigError
 from ..functional import spiking as SNN
 from ..registry import register_network
 from .base import Network, check_parameter_memory
+from .batchnorm import input_stats_norm
 from .conv import _image_shape
 
 TIME_STEPS = 4  # Sec. VI-A: "All models is simulated for 4 time-steps"

@@ -6,7 +6,7 @@ layer's weights allow, for the *input* of the first block.
   input columns see a target ("the layer is no longer fully connected").
 * Convolutional first block: one kernel window of the block's input per class,
   ``(C_in, k, k)`` (the paper's 10x32x3x3 for a 32->16 3x3 conv); the conv takes it once,
-  at one position (sigprop.sparse says how it travels on from there).
+  at one position (sigprop.rules.sigprop.sparse says how it travels on from there).
 
 The rule sends these targets through block 1 with the inputs (``at_input``): the
 generator learns from block 1's loss through block 1's weights.

@@ -40,7 +40,7 @@ from snn_probe import probe as linear_probe  # noqa: E402
 from sigprop.data.datasets import dataset_spec, load_dataset
 from sigprop.networks.spiking import SpikingBlock
 from sigprop.functional.spiking import surrogate_activity, step_similarity, if_run
-from sigprop.batchnorm import input_stats_norm
+from sigprop.networks.batchnorm import input_stats_norm
 
 torch.manual_seed(0)
 WORDS = {"random", "input", "current", "volt", "relu", "center", "l2", "noaffine", "ann",

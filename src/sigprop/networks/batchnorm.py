@@ -118,7 +118,7 @@ def input_stats_backward_pair(g: torch.Tensor, x: torch.Tensor, g_t: torch.Tenso
                               t: torch.Tensor, weight, mean, var, eps: float):
     """Gradients (dx, dt, dw, db) when the statistics come from all of ``x`` and are
     also applied to ``t``, a separate tensor of other spatial size (sparse targets'
-    fields, sigprop.sparse): as :func:`input_stats_backward` with x's rows making the
+    fields, rules/sigprop/sparse.py): as :func:`input_stats_backward` with x's rows making the
     statistics and t's rows only using them, their sums taken over both."""
     w = weight if weight is not None else torch.ones_like(mean)
     invstd = torch.rsqrt(var + eps)
@@ -176,8 +176,7 @@ class InputStatsBatchNorm(_BatchNorm):
         if not self.training or n is None or n >= x.shape[0]:
             return super().forward(x)
         # The statistics stay differentiable for the target rows too: holding them
-        # constant there (BN "in inference mode" for targets) cost 10-15 points of
-        # deep-layer accuracy in a 3x1000 net (docs/ARCHITECTURE.md).
+        # constant there cost deep layers accuracy (docs/studies/fc-accuracy.md).
         return _InputStatsBN.apply(x, self.weight, self.bias, n, self.eps, self.count_batch())
 
     def count_batch(self) -> tuple | None:

@@ -20,8 +20,7 @@ pooling. Our choice, exact at every module:
       (:func:`conv_field`: per axis, the share of a cell's positions whose tap reads
       each input cell, :func:`field_patches`, an im2col of G² positions). Away from
       borders this is the summed kernel ``sum_{a,b} W[:, :, a, b] @ t``; on a 3x3 map
-      with padding 1 a corner tap counts 4/9 (the summed kernel, our first version,
-      ignored borders and overstated small maps' targets);
+      with padding 1 a corner tap counts 4/9 (docs/studies/sparse-targets.md);
     - BatchNorm: the inputs' batch statistics (running statistics in eval mode), as
       for dense targets (Sec. III-D);
     - LeakyReLU and other elementwise modules, Dropout (one draw per value of the
@@ -42,8 +41,9 @@ H x W. Where a field differs from the dense target of its laid-out map: after th
 BatchNorm, the nonlinearity and pooling act on the cell means, not position by
 position.
 
-:func:`forward_pair` runs one block on the inputs ``h`` and the targets ``t``
-(autograd); modules it does not know are a ConfigError naming them.
+The travel objects (:mod:`.travel`: ``WINDOW``, ``FIELD``) take blocks through these
+functions; :func:`pair_forward` and :func:`pair_backward` are a standard conv block's
+written-out step on inputs and such targets.
 """
 
 from __future__ import annotations
@@ -51,25 +51,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional as SF
-from .batchnorm import input_stats_backward_pair
-from .errors import ConfigError
+from ... import functional as SF
+from ...errors import ConfigError
+from ...networks.batchnorm import input_stats_backward_pair
 from .fastpath import BlockParts, BlockState, activation_backward, block_forward, op_backward
-from .networks import Dropout
-
-# modes of a target on its way through the network
-WINDOW = "window"  # block 1's input: one kernel window per class, (m, C_in, k, k)
-FIELD = "field"  # a constant field, (m, C, 1, 1)
-ROWS = "rows"  # ordinary dense rows, shaped like the inputs' rows
-
-_ELEMENTWISE = (nn.LeakyReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, Dropout)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
 def conv_window(conv: nn.Conv2d, window: Tensor) -> Tensor:
@@ -172,56 +164,26 @@ def bn_target(bn: _BatchNorm, h: Tensor, t: Tensor) -> Tensor:
     return out
 
 
-def forward_pair(block: nn.Module, h: Tensor, t: Tensor, mode: str,
-                 drop_targets: bool = True) -> tuple[Tensor, Tensor, str]:
-    """The block on the inputs ``h`` (as its own forward would run them) and on the
-    targets ``t`` in ``mode`` (:data:`WINDOW` or :data:`FIELD`; module docstring);
-    sigprop's Dropout passes the targets undropped unless ``drop_targets``.
-    Returns (h out, t out, the targets' mode after the block)."""
-    if not isinstance(block, nn.Sequential):
-        raise ConfigError(f"sparse targets through convolutions need blocks that are "
-                          f"nn.Sequential, got a {type(block).__name__}; use dense targets")
-    for mod in block:
-        if isinstance(mod, nn.Conv2d):
-            if mode == ROWS:
-                raise ConfigError("a Conv2d after a Flatten cannot take sparse targets")
-            t = (conv_window(mod, t) if mode == WINDOW
-                 else conv_field(mod, t, tuple(h.shape[2:])))
-            h = mod(h)
-            mode = FIELD
-        elif isinstance(mod, _BatchNorm):
-            t = bn_target(mod, h, t)
-            h = mod(h)
-        elif isinstance(mod, Dropout) and not drop_targets:
-            # target_dropout off: the targets pass undropped (their mask is drawn and
-            # discarded, so the inputs' masks are the same either way)
-            h, _ = mod(h), mod(t)
-        elif isinstance(mod, _ELEMENTWISE):
-            h, t = mod(h), mod(t)
-        elif isinstance(mod, _POOLS):
-            h = mod(h)  # a field is unchanged by pooling
-        elif isinstance(mod, nn.Flatten):
-            if mode == FIELD and h.dim() == 4:
-                t = SF.lay_out(t, tuple(h.shape[2:]))  # the field laid out over the map
-            h, t = mod(h), mod(t)
-            mode = ROWS
-        elif isinstance(mod, nn.Linear) and mode == ROWS:
-            h, t = mod(h), mod(t)
-        else:
-            raise ConfigError(
-                f"sparse targets cannot pass a {type(mod).__name__} (known: Conv2d, "
-                "BatchNorm, LeakyReLU and other elementwise modules, Dropout, MaxPool2d, "
-                "AvgPool2d, Flatten, Linear after a Flatten); use dense targets")
-    return h, t, mode
+# --- the written-out step (fastpath.py) for a conv block with window or field targets
 
 
-# --- the written-out step (sigprop.fastpath) for a conv block with window or field targets
+class TargetConv(Protocol):
+    """How a conv takes targets that travel apart from the inputs, written out
+    (travel.WINDOW, travel.FIELD)."""
+
+    def conv_fast(self, conv: nn.Conv2d, t: Tensor, hw: tuple[int, int]
+                  ) -> tuple[Tensor, Tensor]:
+        """(what the weight gradient reads, the conv of ``t`` without bias (m, C, G, G))."""
+
+    def conv_fast_backward(self, conv: nn.Conv2d, da_t: Tensor, kept: Tensor,
+                           input_grad: bool) -> tuple[Tensor | None, Tensor]:
+        """(dL/dt if ``input_grad`` else None, dL/dW) from dL/d(conv of t)."""
 
 
 @dataclass
 class PairState:
     """What a conv block's forward on inputs and sparse targets keeps for its update:
-    the inputs' :class:`~sigprop.fastpath.BlockState` and the targets' own small
+    the inputs' :class:`~.fastpath.BlockState` and the targets' own small
     tensors (m rows of 1x1 fields)."""
 
     x: BlockState  # the inputs' part (its ``o`` is the block's output for the inputs)
@@ -229,25 +191,19 @@ class PairState:
     a_t: Tensor  # their pre-BatchNorm values (m, C, G, G)
     keep_t: Tensor | None  # their dropout mask
     o_t: Tensor  # their output field (m, C, G, G)
-    mode: str
+    travel: TargetConv
     t_scale: float = 1.0  # undoes dropout's scale on targets it spares (target_dropout off)
 
 
-def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
+def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, travel: TargetConv,
                  out: Tensor | None = None,
                  after_matmul: Callable[[], None] | None = None,
                  drop_targets: bool = True) -> PairState:
     """A standard conv block (fastpath.BlockParts) on inputs ``x`` (its own training
     forward, statistics from x) and on targets ``t`` (windows or fields, module
-    docstring), written out; dropout drops the targets too unless ``drop_targets`` is
-    False. Call under no_grad."""
-    conv = parts.op
-    w = conv.weight
-    if mode == WINDOW:
-        a_t = torch.conv2d(t, w, None, conv.kernel_size, 0)  # (m, C, G, G)
-    else:  # the field's im2col, kept for the weight gradient
-        t, grid = field_patches(conv, t, tuple(x.shape[2:]))
-        a_t = patches_conv(conv, t, grid)
+    docstring; ``travel`` says which), written out; dropout drops the targets too
+    unless ``drop_targets`` is False. Call under no_grad."""
+    t, a_t = travel.conv_fast(parts.op, t, tuple(x.shape[2:]))
     st = block_forward(parts, x, x.shape[0], out=out, after_matmul=after_matmul)
     # the same affine map and statistics as the inputs' (BatchNorm, dropout's scale)
     u_t = torch.native_batch_norm(a_t, st.weight, st.bias, st.mean, st.var, False, 0.0,
@@ -262,7 +218,7 @@ def pair_forward(parts: BlockParts, x: Tensor, t: Tensor, mode: str,
         o_t.mul_(keep_t)
     if t_scale != 1.0:
         o_t.mul_(t_scale)
-    return PairState(st, t, a_t, keep_t, o_t, mode, t_scale)
+    return PairState(st, t, a_t, keep_t, o_t, travel, t_scale)
 
 
 def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
@@ -287,21 +243,34 @@ def pair_backward(parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
     st.a = st.o = st.keep = st.weight = st.bias = st.pool_code = None  # type: ignore[assignment]
     conv = parts.op
     op_backward(conv, st.x, da)  # the inputs' part
-    m, c_out = da_t.shape[:2]
-    if ps.mode == WINDOW:  # one application of the kernel to each window
-        dx_t, dw_t, _ = torch.ops.aten.convolution_backward(
-            da_t, ps.t_in, conv.weight, None, list(conv.kernel_size), [0, 0], [1, 1], False,
-            [0, 0], 1, [input_grad, True, False])
-    else:  # the field's im2col (m, cells, C_in k k) against dL/da per cell
-        dx_t = None
-        dw_t = (da_t.flatten(2).transpose(0, 1).reshape(c_out, -1)
-                @ ps.t_in.reshape(-1, ps.t_in.shape[2])).view_as(conv.weight)
+    dx_t, dw_t = ps.travel.conv_fast_backward(conv, da_t, ps.t_in, input_grad)
     conv.weight.grad += dw_t
     if conv.bias is not None:  # BatchNorm cancels it: the sum is zero up to rounding
         conv.bias.grad += da_t.sum((0, 2, 3))
     st.held = None
     return dx_t
 
+
+class PairBackward:
+    """A conv block's written-out backward on inputs and sparse targets
+    (:func:`pair_backward`), then the generator's from dL/d(window targets) when
+    ``t_backward`` is given (block 1); all in :meth:`first` (the stage the next
+    block's BatchNorm forward waits for), :meth:`second` does nothing."""
+
+    def __init__(self, parts: BlockParts, ps: PairState, do_x: Tensor, do_t: Tensor,
+                 t_backward: Callable[[Tensor, Tensor | None], None] | None = None) -> None:
+        self.parts, self.ps, self.do_x, self.do_t = parts, ps, do_x, do_t
+        self.t_backward = t_backward
+
+    def first(self) -> None:
+        dt_in = pair_backward(self.parts, self.ps, self.do_x, self.do_t,
+                              input_grad=self.t_backward is not None)
+        self.ps = self.do_x = self.do_t = None  # what the forward kept goes with the update
+        if self.t_backward is not None:
+            self.t_backward(dt_in, None)
+
+    def second(self) -> None:
+        pass
 
 def field_pred_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor
                      ) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,11 +287,7 @@ def field_pred_grads(kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, d
         logits.mul_(2).sub_((tf * tf * counts).sum(1)).sub_(
             (h * h).flatten(1).sum(1, keepdim=True))
     logits.mul_(scale)
-    logp = torch.log_softmax(logits, 1)
-    loss = F.nll_loss(logp, y)
-    g = logp.exp_()
-    g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
-    g.mul_(scale / n)
+    loss, g = SF.pred_loss_grad(logits, y, scale)
     ds = g @ tf  # (n, C G G): every position of a cell gets its cell's value
     dt = g.T @ s
     if kind == "l2":

@@ -12,7 +12,8 @@ update finishes: after ``train_step`` returns, updates may still be running, and
 set_training and the trainer's epoch end call it).
 
 Backprop cannot do this: its first layer's gradient exists only after the whole
-backward pass (backward locking, Sec. I of the paper).
+backward pass (backward locking, Sec. I of the paper). :func:`queue_update` queues one
+block's update: its written-out backward in two stages, then its Adam step.
 
 On a CPU each thread gets half of the intra-op threads while updates are in flight
 (restored by ``sync``); results are reproducible run to run, and equal the
@@ -27,14 +28,16 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optimizer
 from torch.optim.adam import adam as _adam
 
-from .errors import TrainingError
+from ...errors import TrainingError
 
 
 def adam_group_step(optimizer: torch.optim.Adam, group: dict, lr: float) -> None:
@@ -67,13 +70,48 @@ def group_stepping_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
         return f"the optimizer is a {type(optimizer).__name__}, not torch.optim.Adam"
     if not hasattr(optimizer, "_init_group"):
         return "this PyTorch's Adam has no per-group step"
-    from torch.optim import optimizer as _o
-
     if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-            or getattr(_o, "_global_optimizer_pre_hooks", None)
-            or getattr(_o, "_global_optimizer_post_hooks", None)):
+            or getattr(_optimizer, "_global_optimizer_pre_hooks", None)
+            or getattr(_optimizer, "_global_optimizer_post_hooks", None)):
         return "the optimizer has step hooks, which only Optimizer.step runs"
     return None
+
+
+class GroupSteps:
+    """Each slot's parameter group of one Adam (``names[slot]``: the group's name, None
+    or absent: no group), stepped apart on the update thread."""
+
+    def __init__(self, optimizer: torch.optim.Adam, names: Sequence[str | None]) -> None:
+        self.optimizer = optimizer
+        # indices, not the group dicts: load_state_dict replaces those
+        index = {g["name"]: k for k, g in enumerate(optimizer.param_groups)}
+        self._index = [index.get(name) for name in names]
+
+    def queued(self, slot: int) -> Callable[[], None] | None:
+        """The slot's Adam step with the learning rate of now (when the update is
+        queued), gradients dropped after; None if the slot has no group."""
+        k = self._index[slot]
+        if k is None:
+            return None
+        optimizer = self.optimizer
+        group = optimizer.param_groups[k]
+        lr = group["lr"]
+
+        def step() -> None:
+            adam_group_step(optimizer, group, lr)
+            for p in group["params"]:
+                p.grad = None
+
+        return step
+
+
+class Backward(Protocol):
+    """A block's written-out backward in two stages; the next block's BatchNorm
+    forward waits for the first (:meth:`UpdateWorker.staged`)."""
+
+    def first(self) -> None: ...
+
+    def second(self) -> None: ...
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # workers with a running thread
@@ -288,3 +326,20 @@ class UpdateWorker:
         with suppress(Exception):
             if self._thread is not None:
                 self._s.jobs.put(None)
+
+
+def queue_update(worker: UpdateWorker, slot: int, backward: Backward | None,
+                 step: Callable[[], None] | None) -> None:
+    """Queue slot's update on ``worker``: ``backward``'s first stage (then the stage is
+    done), its second, then ``step`` (:meth:`GroupSteps.queued`)."""
+    def update() -> None:
+        nonlocal backward
+        if backward is not None:
+            backward.first()
+            worker.stage_done()
+            backward.second()
+            backward = None
+        if step is not None:
+            step()
+
+    worker.submit(slot, update)

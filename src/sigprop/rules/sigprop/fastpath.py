@@ -20,9 +20,7 @@ directly (:func:`block_step` chains them for one target per class):
 
 The autograd path (``fast_path="off"``) computes the same numbers, op for op up to
 rounding; tests/test_fastpath.py checks one against the other. What this saves is
-not arithmetic but overhead, measured on this CPU (docs/RESULTS.md): a sigprop step
-of a 3-block net evaluated 50 autograd nodes in 3 backward calls, and its fixed cost
-was twice backprop's.
+not arithmetic but autograd's overhead (docs/studies/fast-path.md).
 
 Generators write out their own targets and gradients
 (:meth:`sigprop.signals.TargetGenerator.fast_targets`); per-sample targets are compared
@@ -43,12 +41,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
-from . import functional as SF
-from .batchnorm import InputStatsBatchNorm, input_stats_backward, input_stats_forward
-from .networks import Dropout
+from ... import functional as SF
+from ...networks import Dropout
+from ...networks.batchnorm import InputStatsBatchNorm, input_stats_backward, input_stats_forward
 
 _PACK: ContextVar[Callable[[Tensor], object] | None] = ContextVar("sigprop_fast_pack", default=None)
 
@@ -135,11 +133,9 @@ def _pair(v) -> tuple[int, int]:
 def hooked(modules: tuple[nn.Module, ...]) -> bool:
     """True if any module (or the global registry) has forward or backward hooks,
     which only a real module call honours."""
-    from torch.nn.modules import module as _m
-
     global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks",
                     "_global_backward_hooks", "_global_backward_pre_hooks")
-    if any(getattr(_m, name, None) for name in global_hooks):
+    if any(getattr(_module, name, None) for name in global_hooks):
         return True
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
@@ -155,7 +151,7 @@ def pred_grads(
 
     ``t`` holds one target per class, or, with ``num_classes``, one per sample: then
     L_pred compares with the class means of the targets and absent classes get no
-    logit (as ``Sigprop._layer_logits``). dL/dh is written into ``dh``, dL/dt into
+    logit (as in the autograd step). dL/dh is written into ``dh``, dL/dt into
     ``dt`` (a new tensor when None). Returns (loss, logits, dL/dt, (means, present) of
     per-sample targets or None).
     """
@@ -174,11 +170,7 @@ def pred_grads(
     logits.mul_(scale)
     if classes is not None:
         logits.masked_fill_(~classes[1], float("-inf"))
-    logp = torch.log_softmax(logits, 1)
-    loss = F.nll_loss(logp, y)
-    g = logp.exp_()  # softmax; then - onehot(y), times scale / n
-    g.index_put_((torch.arange(n, device=g.device), y), g.new_full((), -1.0), accumulate=True)
-    g.mul_(scale / n)
+    loss, g = SF.pred_loss_grad(logits, y, scale)
     torch.mm(g, t, out=dh)
     # dL/d(rows of t): the targets themselves, or the class means
     dt_rows = torch.mm(g.T, h, out=dt) if dt is not None and classes is None else g.T @ h
@@ -400,11 +392,37 @@ def op_backward(op: nn.Linear | nn.Conv2d, x: Tensor, da: Tensor) -> None:
         op.bias.grad = da.sum(0)
 
 
+class BlockBackward:
+    """A block's written-out backward from dL/do (overwritten), in two stages:
+    :meth:`first`, BatchNorm's (what the next block's BatchNorm forward waits for when
+    pipelined), then :meth:`second`, the Linear's (or conv's) gradients and
+    ``input_grad(dL/da)`` if given (sparse fc targets: the generator's). Releases what
+    the forward kept as it goes."""
+
+    def __init__(self, parts: BlockParts, st: BlockState, do: Tensor,
+                 input_grad: Callable[[Tensor], None] | None = None) -> None:
+        self.parts, self.st, self.do, self.input_grad = parts, st, do, input_grad
+        self.da: Tensor | None = None
+
+    def first(self) -> None:
+        self.da = bn_backward(self.parts, self.st, self.do)  # releases a, o and the mask
+        self.do = None
+
+    def second(self) -> None:
+        st, da = self.st, self.da
+        op_backward(self.parts.op, st.x, da)
+        if self.input_grad is not None:
+            self.input_grad(da)
+        st.held = None  # x released (and uncounted) once the gradient exists
+        self.st = self.da = None
+
+
 def block_backward(parts: BlockParts, st: BlockState, do: Tensor) -> None:
     """Gradients of the block's parameters from dL/do (overwritten), into ``.grad``;
     releases what the forward kept."""
-    op_backward(parts.op, st.x, bn_backward(parts, st, do))
-    st.held = None
+    backward = BlockBackward(parts, st, do)
+    backward.first()
+    backward.second()
 
 
 def block_step(

@@ -87,6 +87,9 @@ class LearningRule:
     exit_names: list[str]
     # the rule's own options (sigprop.options), beside the shared lr, weight_decay, amp
     options: ClassVar[tuple[Option, ...]] = ()
+    # engine settings the rule chooses for itself ({"data.batch_size": 20, ...}): a new
+    # run starts from them; what a user gives wins (engine.config.compose)
+    engine_defaults: ClassVar[dict[str, Any]] = {}
     # measurement (sigprop bench): called with "block<i>", "head" or "step" when the rule
     # starts that part of a training step; None (the default) costs one attribute test
     marker: Callable[[str], None] | None = None

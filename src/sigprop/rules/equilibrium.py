@@ -93,6 +93,9 @@ class EquilibriumPropagation(LearningRule):
     """What both EP rules share: relaxation, phases, SGD per layer, no autograd."""
 
     options = EP_OPTIONS
+    # the continuous model's settings (Scellier & Bengio; Sec. V): mini-batches of 20,
+    # constant rates, and the pixels as the energy sees them, in [0, 1]
+    engine_defaults = {"data.batch_size": 20, "train.schedule": "none", "data.inputs": "unit"}
 
     exit_names: ClassVar[list[str]] = ["output"]
     random_sign: ClassVar[bool] = False

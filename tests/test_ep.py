@@ -107,6 +107,71 @@ def test_rule_step_applies_eq14_to_every_weight_and_bias_and_the_loop(float64):
     torch.testing.assert_close(rule.extra.linear.weight, loop0 + 0.1 * dW.T)
 
 
+def test_symmetric_dynamics_descend_the_energy(float64):
+    """ep-symmetric: one Euler step is minus the energy's gradient with respect to the
+    states (inside [0, 1], where the clip does nothing), free and nudged, with inputs of
+    either sign (as the dynamics take them, unclipped)."""
+    rule = tiny("ep-symmetric", arch="2x6")
+    weights, biases = rule._weights()
+    x = torch.randn(5, 4)  # standardised inputs: negative values reach the drive as they are
+    target = torch.eye(CLASSES)[torch.tensor([0, 1, 2, 0, 1])]
+    for beta in (0.0, 0.8):
+        states = [torch.empty(5, lin.out_features).uniform_(0.2, 0.8) for lin in rule.linears]
+        leaves = [s.clone().requires_grad_(True) for s in states]
+        EP.energy(leaves, x, weights, biases, beta, target).sum().backward()
+        dt = 1e-3  # small enough that no unit leaves [0, 1]
+        drives = rule._drives(states, x)
+        new, _ = EP.euler_step(states, drives, dt, beta, target)
+        for s, s2, leaf in zip(states, new, leaves):
+            torch.testing.assert_close((s2 - s) / dt, -leaf.grad)
+
+
+def test_symmetric_update_is_the_energy_gradient_difference(float64):
+    """ep-symmetric's update is minus the difference, over beta, of the energy's
+    gradients with respect to each weight and bias between the nudged and the free
+    states (the input entering as the dynamics take it)."""
+    rule = tiny("ep-symmetric", arch="2x6")
+    x = torch.randn(5, 4)
+    beta = 0.6
+    free = [torch.rand(5, lin.out_features) for lin in rule.linears]
+    nudged = [torch.rand(5, lin.out_features) for lin in rule.linears]
+    grads = []
+    for states in (free, nudged):
+        ws = [lin.weight.T.detach().clone().requires_grad_(True) for lin in rule.linears]
+        bs = [lin.bias.detach().clone().requires_grad_(True) for lin in rule.linears]
+        EP.energy(states, x, ws, bs).mean().backward()
+        grads.append(([w.grad for w in ws], [b.grad for b in bs]))
+    for i in range(len(rule.linears)):
+        dW, db = EP.contrastive_update(EP.activity(free, x, i), free[i],
+                                       EP.activity(nudged, x, i), nudged[i], beta)
+        torch.testing.assert_close(dW, -(grads[1][0][i] - grads[0][0][i]) / beta)
+        torch.testing.assert_close(db, -(grads[1][1][i] - grads[0][1][i]) / beta)
+
+
+@pytest.mark.parametrize("rule_name", ["ep-loopback", "ep-symmetric"])
+def test_each_update_reads_the_activity_its_drive_read(rule_name, float64):
+    """Every Hebbian term uses the presynaptic values that produced the states: the input
+    as it enters the first layer's drive (negative standardised pixels included), rho of
+    the layer below elsewhere, rho of the output for the loop-back."""
+    rule = tiny(rule_name, ep_lrs=",".join(["0.1"] * (4 if rule_name == "ep-loopback" else 3)))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = [lin.weight.clone() for lin in rule.linears]
+    torch.manual_seed(3)
+    free, _ = rule.relax(x, rule.free_steps)
+    sign = rule.beta
+    if rule.sign == "random" and bool(torch.randint(0, 2, ()).item()):
+        sign = -sign
+    nudged, _ = rule.relax(x, rule.nudge_steps, list(free), sign, torch.eye(CLASSES)[y])
+    rule.set_training(True)
+    torch.manual_seed(3)
+    rule.train_step(x, y)
+    first = before[0] + 0.1 * (
+        EP.hebbian_update(x, free[0], nudged[0], sign)[0] if rule_name == "ep-loopback"
+        else EP.contrastive_update(x, free[0], x, nudged[0], sign)[0]).T
+    torch.testing.assert_close(rule.linears[0].weight, first)
+    assert (x < 0).any()  # the clip would have changed these
+
+
 def test_fixed_loopback_never_moves():
     rule = tiny(loopback="fixed")
     w = rule.extra.linear.weight.clone()

@@ -312,6 +312,9 @@ class Trainer:
             self.epochs_done = epoch + 1
             runio.write_metrics(self.run_dir, history)
             self._log(epoch_line(record, cfg.train.epochs))
+            for text in rule.warnings(record):
+                print(f"sigprop: warning: epoch {epoch + 1}: {text}", file=sys.stderr,
+                      flush=True)
         return history
 
     def _epoch(self, exp: Experiment, epoch: int) -> dict[str, Any]:

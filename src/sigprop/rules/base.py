@@ -318,6 +318,10 @@ class LearningRule:
         asks once at each epoch's end; the rule starts counting afresh)."""
         return {}
 
+    def warnings(self, record: dict) -> list[str]:
+        """One-line warnings about an epoch's record (its metrics), printed by the trainer."""
+        return []
+
     def _mark(self, part: str) -> None:
         """Tell a measuring caller (``marker``) that ``part`` of the step starts."""
         if self.marker is not None:

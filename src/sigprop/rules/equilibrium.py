@@ -125,6 +125,7 @@ class EquilibriumPropagation(LearningRule):
         self.sign = {"auto": "random" if self.random_sign else "positive"}.get(
             self.opts.ep_beta_sign, self.opts.ep_beta_sign)
         self.residual = float("nan")  # mean free-phase residual of the last batch
+        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0  # dead outputs
 
     # --- what the two rules set differently -------------------------------------------
     def _default_lrs(self, count: int) -> list[float]:
@@ -176,6 +177,10 @@ class EquilibriumPropagation(LearningRule):
             out = free[-1]
             cost = (out - target).square().sum(1).mean()
             self.residual = residual.mean()
+            # samples whose output units are all at zero: rho has no slope there, so
+            # nothing they see moves the weights (a dying output layer, docs/studies)
+            self._dead += (out <= 0).all(1).sum()
+            self._seen += out.shape[0]
         return cost.view(1), (out.argmax(1) == y).sum().view(1)
 
     def _exit_scores(self, x: Tensor) -> list[Tensor]:
@@ -190,7 +195,19 @@ class EquilibriumPropagation(LearningRule):
         lin.bias.grad = -db
 
     def epoch_metrics(self) -> dict[str, Any]:
-        return {"free_residual": float(self.residual)}
+        """The last batch's mean free-phase residual and the share of the epoch's
+        training samples whose outputs were all zero (``dead_outputs``)."""
+        dead = float(self._dead) / self._seen if self._seen else 0.0
+        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0
+        return {"free_residual": float(self.residual), "dead_outputs": dead}
+
+    def warnings(self, record: dict) -> list[str]:
+        dead = record.get("dead_outputs") or 0.0
+        if dead <= 0.5:
+            return []
+        return [f"{100 * dead:.0f}% of the training samples ended the free phase with every "
+                "output unit at zero, where the updates vanish: the output layer is dying; "
+                "lower the rates (--ep-lrs) or --ep-beta"]
 
 
 def _parse_lrs(text: str, count: int) -> list[float]:
@@ -227,9 +244,8 @@ class EPSymmetric(EquilibriumPropagation):
 
     def _gradients(self, x, free, nudged, beta) -> None:
         for i, lin in enumerate(self.linears):
-            pre0 = x if i == 0 else free[i - 1]
-            preb = x if i == 0 else nudged[i - 1]
-            self._set(lin, *EP.contrastive_update(pre0, free[i], preb, nudged[i], beta))
+            self._set(lin, *EP.contrastive_update(EP.activity(free, x, i), free[i],
+                                                  EP.activity(nudged, x, i), nudged[i], beta))
 
 
 class _Loop(nn.Module):
@@ -270,10 +286,10 @@ class EPLoopback(EquilibriumPropagation):
 
     def _gradients(self, x, free, nudged, beta) -> None:
         for i, lin in enumerate(self.linears):
-            pre0 = x if i == 0 else free[i - 1]
-            self._set(lin, *EP.hebbian_update(pre0, free[i], nudged[i], beta))
-        if self.extra.learned:
-            dW, _ = EP.hebbian_update(free[-1], free[0], nudged[0], beta)
+            self._set(lin, *EP.hebbian_update(EP.activity(free, x, i), free[i], nudged[i],
+                                              beta))
+        if self.extra.learned:  # the loop-back's pre-synaptic activity: the output's
+            dW, _ = EP.hebbian_update(EP.rho(free[-1]), free[0], nudged[0], beta)
             self.extra.linear.weight.grad = -dW.T
         self._record_alignment(free, nudged)
 

@@ -332,8 +332,9 @@ class Trainer:
         # a context: the bar is cleared on an error too, so the error gets its own line
         with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
                   disable=not cfg.train.progress, leave=False, file=sys.stderr) as bar:
-            for step, (x, y) in enumerate(loader.epoch(epoch)):
-                losses, correct = rule.train_step(x, y)
+            for step, (x, y, *index) in enumerate(
+                    loader.epoch(epoch, with_index=rule.uses_sample_index)):
+                losses, correct = rule.train_step(x, y, *index)
                 window[step % every] = losses
                 loss_sum += losses * x.shape[0]
                 correct_sum += correct

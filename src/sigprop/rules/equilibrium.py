@@ -324,7 +324,11 @@ class EPLoopback(EquilibriumPropagation):
 
     def _default_lrs(self, count: int) -> list[float]:
         own = DEFAULTS[self.name]
-        return [own["first"]] + [own["rest"]] * (count - 1)
+        # wider layers sum more changed weights into each unit's drive: above 500 units the
+        # rates shrink as ep-symmetric's (constant rates at 1500 units diverged after one
+        # epoch of full Fashion-MNIST: docs/studies/equilibrium-propagation.md)
+        scale = min(1.0, DEFAULTS["ep-symmetric"]["width"] / self.linears[0].out_features)
+        return [lr * scale for lr in [own["first"]] + [own["rest"]] * (count - 1)]
 
     def _extra_parameters(self, cfg: RuleConfig) -> nn.Module:
         return _Loop(self.num_classes, self.linears[0].out_features,

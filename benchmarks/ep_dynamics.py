@@ -5,6 +5,7 @@ by side in one process, and how close a relaxation step comes to the CPU's matmu
 
     python benchmarks/ep_dynamics.py                              # hopfield-1x500, batch 20
     python benchmarks/ep_dynamics.py --network hopfield-2x1500 --batch-size 128 --json ep.json
+    python benchmarks/ep_dynamics.py --network hopfield-2x1500 --particles 2   # + particles
 
 Per rule and mode, ``--repeats`` interleaved segments of ``--steps`` training steps on
 synthetic 1x28x28 batches (the order alternates); the per-sample mode runs the same
@@ -12,6 +13,12 @@ number of samples one at a time (batch 1, so BatchNorm-free EP can), which is wh
 loop over samples costs. FLOPs: 2 per multiply-add of one Euler step's matmuls (each
 layer's input, the loop-back or the symmetric feedback), counted from the shapes; the
 matmul rate is a plain ``addmm`` of the first layer's shape, timed the same way.
+
+``--particles E``: each rule trained for E epochs over ``--pool`` batches of synthetic
+images (their positions passed as ``index``), twice, interleaved epoch by epoch: from
+zero for the rule's fixed free steps (the default), and with persistent particles,
+stopping the free phase at ``--tol``; per epoch the samples/s and the free steps a batch
+took. The second epoch on is where particles save steps.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")
+    p.add_argument("--particles", type=int, default=0, metavar="E",
+                   help="also compare persistent particles over E epochs (0: skip)")
+    p.add_argument("--pool", type=int, default=20, help="batches in an epoch (--particles)")
+    p.add_argument("--tol", type=float, default=1e-3, help="free-phase residual tolerance")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +110,7 @@ def main(argv=None) -> int:
           f"{n}x{lin.in_features}x{lin.out_features}: {mm_rate / 1e9:.1f} GFLOP/s")
     for r in rules:
         rule = rules[r]
-        steps = rule.free_steps + rule.nudge_steps
+        steps = rule.free_steps + rule.nudge_steps * (2 if rule.sign == "centered" else 1)
         flop = 2 * step_macs(r, rule.network, n)
         b_med = statistics.median(rates[f"{r} batched"])
         s_med = statistics.median(rates[f"{r} per-sample"])
@@ -120,10 +131,50 @@ def main(argv=None) -> int:
         out["rules"]["ep-symmetric"]["batched_samples_per_s"]
     out["loopback_over_symmetric"] = ratio
     print(f"ep-loopback / ep-symmetric samples/s: {ratio:.2f} (their default step counts)")
+    if args.particles:
+        out["particles"] = particles(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
+
+
+def particles(args) -> dict:
+    """Per rule and epoch: samples/s and free steps a batch took, from zero (fixed steps)
+    against persistent particles stopping at --tol, interleaved epoch by epoch."""
+    n, pool = args.batch_size, args.pool
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.rand(n, *INPUT, generator=g), torch.randint(0, CLASSES, (n,), generator=g),
+             torch.arange(k * n, (k + 1) * n)) for k in range(pool)]
+    out = {}
+    for name in ("ep-loopback", "ep-symmetric"):
+        variants = {}
+        for label, kw in (("from zero", {}),
+                          ("particles", {"ep_persistent": "on", "ep_tol": args.tol})):
+            torch.manual_seed(0)
+            rule = sigprop.build_rule(name, build_network(args.network, INPUT, CLASSES),
+                                      CLASSES, **kw)
+            rule.set_training(True)
+            variants[label] = rule
+        rows = {label: [] for label in variants}
+        for epoch in range(args.particles):
+            for label in (list(variants) if epoch % 2 == 0 else list(variants)[::-1]):
+                rule = variants[label]
+                t0 = time.perf_counter()
+                for x, y, index in data:
+                    rule.train_step(x, y, index if rule.uses_sample_index else None)
+                rate = n * pool / (time.perf_counter() - t0)
+                rows[label].append({"epoch": epoch + 1, "samples_per_s": rate,
+                                    "free_steps": rule.epoch_metrics()["free_steps"]})
+        for label, rs in rows.items():
+            print(f"{name:13} {label:10} " + "  ".join(
+                f"epoch {r['epoch']}: {r['samples_per_s']:6.0f} samples/s, "
+                f"{r['free_steps']:5.1f} free steps" for r in rs))
+        last = {label: rs[-1]["samples_per_s"] for label, rs in rows.items()}
+        print(f"{name:13} particles / from zero, last epoch: "
+              f"{last['particles'] / last['from zero']:.2f}x")
+        out[name] = rows
+    return out
 
 
 if __name__ == "__main__":

@@ -145,20 +145,21 @@ OLD_RULE_TABLE = {
     "spike_threshold": None, "amp": "auto"}
 
 
-@pytest.mark.parametrize("name,kept", [
-    ("backprop", {"spike_threshold"}),
-    ("ll-fa", {"ll_beta", "ll_features"}),
-    ("ep-loopback", {"loopback", "ep_free_steps", "ep_nudge_steps", "ep_dt", "ep_beta",
-                     "ep_beta_sign", "ep_lrs", "ep_tol"}),
-])
-def test_runs_recorded_with_every_rules_options_still_load(name, kept):
-    """Options the recorded rule does not take had no effect on it: they are dropped."""
+@pytest.mark.parametrize("name", ["backprop", "ll-fa", "ep-loopback", "sigprop"])
+def test_runs_recorded_with_every_rules_options_still_load(name):
+    """Options the recorded rule does not take had no effect on it: they are dropped; its
+    own are kept (and any it declares since, at their defaults)."""
+    from sigprop.registry import RULES
+
     d = Config().to_dict()
     d["rule"] = {**OLD_RULE_TABLE, "name": name}
     cfg = config_from_dict(d)
     cfg.validate()
     shared = {"name", "lr", "weight_decay", "amp"}
-    assert set(cfg.to_dict()["rule"]) == shared | kept
+    scope = {o.name for o in RULES.get(name).option_scope(OLD_RULE_TABLE)}
+    assert set(cfg.to_dict()["rule"]) == shared | scope
+    for key in scope & set(OLD_RULE_TABLE):
+        assert cfg.to_dict()["rule"][key] == OLD_RULE_TABLE[key]
 
 
 def test_a_rule_refuses_options_that_are_not_its_own():

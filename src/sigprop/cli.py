@@ -192,8 +192,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .engine.config import (
-        Config,
         apply_overrides,
+        compose,
         foreign_options,
         load_toml,
         without_options,
@@ -211,15 +211,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     # resume: the run's own settings, then the file's and the flags' (checked against
     # what resume may change when the checkpoint is read)
     recorded = recorded_run_config(Path(run_dir)) if resume else None
-    cfg = recorded or Config()
-    if hasattr(ns, "config"):
-        cfg = apply_overrides(cfg, load_toml(ns.config))
-    cfg = apply_overrides(cfg, overrides, text=True)
+    layers = [(load_toml(ns.config), False)] if hasattr(ns, "config") else []
+    layers.append((overrides, True))
+    if recorded is None:  # a new run: the defaults, the rule's own, the file, the flags
+        cfg = compose(*layers)
+    else:
+        cfg = recorded
+        for given, text in layers:
+            cfg = apply_overrides(cfg, given, text=text)
     if recorded is not None and cfg.rule.name != recorded.rule.name:
         # the run's own options do not fit another rule: leave them out, so that the
         # resume check names the change of rule itself
-        mine = set(load_toml(ns.config).get("rule", {})) if hasattr(ns, "config") else set()
-        mine |= set(overrides.get("rule", {}))
+        mine = {k for given, _ in layers for k in given.get("rule", {})}
         cfg = without_options(cfg, foreign_options(cfg.rule.name, cfg.rule.options) - mine)
     cfg.validate()
     if cfg.train.run_dir is None:

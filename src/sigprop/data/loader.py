@@ -80,9 +80,10 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def epoch(
-        self, epoch: int, start_batch: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of ``epoch``, from batch ``start_batch`` on (for mid-epoch resume)."""
+        self, epoch: int, start_batch: int = 0, with_index: bool = False
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The batches of ``epoch``, from batch ``start_batch`` on (for mid-epoch resume):
+        (x, y), and with ``with_index`` each sample's position in the data set (B,)."""
         if start_batch < 0:
             raise ConfigError(f"start_batch must be >= 0, got {start_batch}")
         order = self._permutation(epoch) if self.shuffle else None
@@ -97,7 +98,12 @@ class DeviceLoader:
                 # true black (0) pixel, as with torchvision's RandomCrop on PIL images, and
                 # the gathers move 1 byte per value instead of 4.
                 x = apply_augment(x, self.augment, self._generator)
-            yield self._normalise(x), y
+            if with_index:
+                where = torch.arange(i * b, i * b + len(y), device=y.device) \
+                    if order is None else idx
+                yield self._normalise(x), y, where
+            else:
+                yield self._normalise(x), y
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         self._generator.manual_seed(derive_seed(self.seed, epoch, _PERM_STREAM))

@@ -49,6 +49,8 @@ class DataConfig:
     augment: str = "auto"  # auto (the dataset's default) | none | crop | flip | crop+flip
     batch_size: int = 128
     eval_batch_size: int = 1000
+    # what the network sees: standard (the dataset's mean and std) | unit (pixels in [0, 1])
+    inputs: str = "standard"
 
 
 @dataclass
@@ -147,6 +149,10 @@ class Config:
             raise ConfigError("data.data_dir is empty; give the dataset's folder or leave it out")
         spec = dataset_spec(d.dataset)
         parse_augment(d.augment, spec)
+        if d.inputs not in INPUTS:
+            raise ConfigError(f"data.inputs must be one of: {', '.join(INPUTS)}, got "
+                              f"{d.inputs!r}; standard: the dataset's mean and std, unit: "
+                              "pixels in [0, 1]")
         trainable = [s for s in spec.splits if s != "test"]
         if d.train_split not in trainable:
             raise ConfigError(f"data.train_split must be a training split of {d.dataset} "
@@ -183,6 +189,8 @@ class Config:
 # the dropout stream is seeded with seed + 1, which must fit torch's 64-bit seed
 MAX_SEED = 2**63 - 2
 
+
+INPUTS = ("standard", "unit")  # data.inputs
 
 # no real run counts beyond this (samples, epochs, steps, stages); larger ones overflow
 MAX_COUNT = 10**12
@@ -305,6 +313,32 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     return read_toml(path, "config file")
 
 
+def rule_defaults(name: object) -> dict[str, dict[str, Any]]:
+    """The engine settings rule ``name`` chooses for itself (``engine_defaults``), as
+    overrides ({} for an unknown name: said when the config is checked)."""
+    cls = RULES.get(name) if isinstance(name, str) and name in RULES else None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in (cls.engine_defaults if cls is not None else {}).items():
+        section, _, field_ = key.partition(".")
+        out.setdefault(section, {})[field_] = value
+    return out
+
+
+def compose(*layers: tuple[dict[str, dict[str, Any]], bool]) -> Config:
+    """A new run's config: the defaults, then the chosen rule's own (batch size, schedule,
+    inputs, ...), then each ``(overrides, text)`` layer in order (``text``: flags). The
+    rule is the one the layers name (the last one that does)."""
+    name = Config().rule.name
+    for overrides, _ in layers:
+        rule = overrides.get("rule") if isinstance(overrides, dict) else None
+        if isinstance(rule, dict) and "name" in rule:
+            name = rule["name"]
+    cfg = apply_overrides(Config(), rule_defaults(name))
+    for overrides, text in layers:
+        cfg = apply_overrides(cfg, overrides, text=text)
+    return cfg
+
+
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
     """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder).
 
@@ -358,12 +392,13 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--test-limit", "data", "test_limit", {"metavar": "N", "help": "evaluate on the first N test samples only (quick checks)"}),
     ("--train-split", "data", "train_split", {"help": "the split to train on (default train; SVHN: train+extra, as the paper)"}),
     ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
-    ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128)"}),
+    ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128; a rule may set its own)"}),
+    ("--inputs", "data", "inputs", {"help": "what the network sees: standard (the dataset's mean and std; default) | unit (pixels in [0, 1]; the EP rules' default)"}),
     ("--eval-batch-size", "data", "eval_batch_size", {"help": "evaluation batch size (default 1000)"}),
     ("--network", "model", "network", {"help": "the network"}),
     ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),
     ("--epochs", "train", "epochs", {"help": "epochs to train (default 10)"}),
-    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs) | cosine | none"}),
+    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs; default) | cosine | none (a rule may set its own)"}),
     ("--seed", "train", "seed", {"help": "random seed (default 0)"}),
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
@@ -428,7 +463,9 @@ def network_help() -> str:
 def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:
     """The `sigprop train` command line that runs ``cfg``: a flag for every value that
     differs from the defaults, and for the ``always`` keys (``"section.key"``)."""
-    base, now = Config().to_dict(), cfg.to_dict()
+    # against the defaults of its rule (its own batch size, schedule, ...)
+    base = compose(({"rule": {"name": cfg.rule.name}}, False)).to_dict()
+    now = cfg.to_dict()
     words = ["sigprop", "train"]
     for flag, section, key, _ in SECTION_FLAGS:
         value = now[section][key]

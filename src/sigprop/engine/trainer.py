@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
 from ..errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
 from ..networks import build_network
+from ..registry import RULES
 from ..resources import check_fits, step_bytes
 from ..rules import LearningRule, build_rule
 from . import runio
@@ -87,6 +88,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     rule = build_config_rule(cfg, device)
     network = rule.network
     augment = parse_augment(cfg.data.augment, spec)
+    mean, std = input_scaling(cfg.data.inputs, spec)
     if with_train:
         images, labels = load_dataset(spec.name, cfg.data.train_split, cfg.data.data_dir)
         if cfg.data.train_limit is not None:
@@ -102,7 +104,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     if with_train:
         _check_batch_fits(network, min(cfg.data.batch_size, len(labels)), augment, device)
     train = DeviceLoader(
-        images, labels, batch_size=cfg.data.batch_size, mean=spec.mean, std=spec.std,
+        images, labels, batch_size=cfg.data.batch_size, mean=mean, std=std,
         device=device, shuffle=True, augment=augment, seed=cfg.train.seed, drop_last=drop_last,
         num_classes=spec.num_classes,
     ) if len(labels) else None
@@ -111,10 +113,33 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
         t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
     _check_eval_batch_fits(network, min(cfg.data.eval_batch_size, len(t_labels)), device)
     test = DeviceLoader(
-        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=spec.mean,
-        std=spec.std, device=device, shuffle=False, num_classes=spec.num_classes,
+        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=mean, std=std, device=device, shuffle=False, num_classes=spec.num_classes,
     )
     return Experiment(rule, train, test, device)
+
+
+def rule_defaults_line(cfg: Config) -> str:
+    """What the run's rule chose for the engine, and what of it is in effect ('' when
+    it chooses nothing)."""
+    chosen = RULES.get(cfg.rule.name).engine_defaults
+    if not chosen:
+        return ""
+    now = cfg.to_dict()
+    parts = []
+    for key, value in chosen.items():
+        section, _, name = key.partition(".")
+        actual = now[section][name]
+        parts.append(f"{key} {actual}" + ("" if actual == value else f" (the rule's: {value})"))
+    return f"{cfg.rule.name} settings: " + ", ".join(parts)
+
+
+def input_scaling(inputs: str, spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the loader normalises pixels in [0, 1] with: the dataset's (standard),
+    or none (unit: the network sees [0, 1])."""
+    if inputs == "unit":
+        channels = len(spec.mean)
+        return (0.0,) * channels, (1.0,) * channels
+    return tuple(spec.mean), tuple(spec.std)
 
 
 def _check_batch_fits(network, batch: int, augment, device: torch.device) -> None:
@@ -269,6 +294,9 @@ class Trainer:
                       + (f" (changed: {said})" if said else ""))
         if hasattr(rule, "step_kind"):
             self._log(f"{cfg.rule.name} step: {rule.step_kind}")
+        said = rule_defaults_line(cfg)
+        if said:
+            self._log(said)
         if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
         ckpt_path = self.run_dir / runio.CHECKPOINT
@@ -284,6 +312,9 @@ class Trainer:
             self.epochs_done = epoch + 1
             runio.write_metrics(self.run_dir, history)
             self._log(epoch_line(record, cfg.train.epochs))
+            for text in rule.warnings(record):
+                print(f"sigprop: warning: epoch {epoch + 1}: {text}", file=sys.stderr,
+                      flush=True)
         return history
 
     def _epoch(self, exp: Experiment, epoch: int) -> dict[str, Any]:
@@ -301,8 +332,9 @@ class Trainer:
         # a context: the bar is cleared on an error too, so the error gets its own line
         with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
                   disable=not cfg.train.progress, leave=False, file=sys.stderr) as bar:
-            for step, (x, y) in enumerate(loader.epoch(epoch)):
-                losses, correct = rule.train_step(x, y)
+            for step, (x, y, *index) in enumerate(
+                    loader.epoch(epoch, with_index=rule.uses_sample_index)):
+                losses, correct = rule.train_step(x, y, *index)
                 window[step % every] = losses
                 loss_sum += losses * x.shape[0]
                 correct_sum += correct

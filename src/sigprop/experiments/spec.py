@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import find_dataset_dir
-from ..engine.config import Config, apply_overrides, foreign_options, without_options
+from ..engine.config import (
+    Config,
+    apply_overrides,
+    compose,
+    foreign_options,
+    without_options,
+)
 from ..errors import ConfigError, SigpropError
 from ..registry import NETWORKS, RULES
 
@@ -126,12 +132,13 @@ class Experiment:
             (f"row {row.key!r} budgets.{budget}", row.budgets.get(budget, {})),
             ("the seed", {"train": {"seed": seed}}),
         ]
-        cfg = Config()
-        for what, overrides in layers:
+        for what, overrides in layers:  # each layer checked alone, to name it
             try:
-                cfg = apply_overrides(cfg, overrides)
+                apply_overrides(Config(), overrides)
             except ConfigError as err:
                 raise ConfigError(f"{self.origin}: {what}: {err}") from None
+        # the defaults, the rule's own (batch size, schedule, ...), then the layers
+        cfg = compose(*((overrides, False) for _, overrides in layers))
         # [rule] options of the defaults, rows and budgets apply to the columns whose rule
         # takes them; a column's own must be its rule's (checked below)
         own = {k for what, o in layers if what.startswith("column") for k in o.get("rule", {})}

@@ -11,10 +11,11 @@ one matmul per layer per step, no Python per sample.
   Fig. 2c: feedforward, plus the output fed back to the first hidden layer) or
   ``symmetric_drives`` (EP: each layer gets its neighbours both ways through the same
   matrix).
-* Eq. 14, sigprop's update: ``dW = rho(pre^0)^T (rho(post^beta) - rho(post^0)) / (beta n)``
+* Eq. 14, sigprop's update: ``dW = a(pre^0)^T (rho(post^beta) - rho(post^0)) / (beta n)``
   (pre-synaptic free activity times the post-synaptic change); Scellier & Bengio's
-  contrastive update for symmetric weights: ``(rho(pre^b)^T rho(post^b) - rho(pre^0)^T
-  rho(post^0)) / (beta n)``. Both averaged over the batch.
+  contrastive update for symmetric weights: ``(a(pre^b)^T rho(post^b) - a(pre^0)^T
+  rho(post^0)) / (beta n)``. Both averaged over the batch. ``a`` is the activity the
+  drives use: ``rho(s)`` of a layer, the input ``x`` as it is (one input, one energy).
 """
 
 from __future__ import annotations
@@ -77,22 +78,46 @@ def euler_step(states: list[Tensor], drives: list[Tensor], dt: float, beta: floa
     return new, sq.sqrt() / dt
 
 
+def activity(states: list[Tensor], x: Tensor, i: int) -> Tensor:
+    """The pre-synaptic activity of layer ``i``'s forward weights, as the drives use it:
+    the input ``x`` itself for the first layer, ``rho`` of the layer below otherwise."""
+    return x if i == 0 else rho(states[i - 1])
+
+
 def hebbian_update(pre0: Tensor, post0: Tensor, postb: Tensor, beta: float
                    ) -> tuple[Tensor, Tensor]:
-    """Eq. 14: (dW (in, out), db (out,)) = (rho(pre^0)ᵀ (rho(post^b) - rho(post^0)),
-    sum of the change) / (beta n)."""
+    """Eq. 14: (dW (in, out), db (out,)) = (pre0ᵀ (rho(post^b) - rho(post^0)), sum of the
+    change) / (beta n); ``pre0`` is the free phase's pre-synaptic activity, as the drive
+    took it (:func:`activity`)."""
     change = rho(postb) - rho(post0)
     scale = 1.0 / (beta * pre0.shape[0])
-    return rho(pre0).T @ change * scale, change.sum(0) * scale
+    return pre0.T @ change * scale, change.sum(0) * scale
 
 
 def contrastive_update(pre0: Tensor, post0: Tensor, preb: Tensor, postb: Tensor,
                        beta: float) -> tuple[Tensor, Tensor]:
-    """Scellier & Bengio's update: (rho(pre^b)ᵀ rho(post^b) - rho(pre^0)ᵀ rho(post^0)) /
-    (beta n), and the bias's (rho(post^b) - rho(post^0)) summed / (beta n)."""
+    """Scellier & Bengio's update: (preᵇᵀ rho(post^b) - pre⁰ᵀ rho(post^0)) / (beta n), and
+    the bias's (rho(post^b) - rho(post^0)) summed / (beta n); ``pre`` as the drives take
+    it (:func:`activity`). Minus the difference of the energy's weight gradients between
+    the nudged and the free state, over beta."""
     scale = 1.0 / (beta * pre0.shape[0])
-    dW = (rho(preb).T @ rho(postb) - rho(pre0).T @ rho(post0)) * scale
+    dW = (preb.T @ rho(postb) - pre0.T @ rho(post0)) * scale
     return dW, (rho(postb) - rho(post0)).sum(0) * scale
+
+
+def energy(states: list[Tensor], x: Tensor, weights: list[Tensor], biases: list[Tensor],
+           beta: float = 0.0, target: Tensor | None = None) -> Tensor:
+    """Per sample (n,): the Hopfield energy of the layered net with symmetric weights,
+    ``1/2 sum |s|^2 - sum a(pre) W rho(post) - sum b rho(s)``, plus ``beta/2 |s_out - d|^2``
+    when nudged; its gradient with respect to the states is minus the dynamics of
+    :func:`symmetric_drives` and :func:`euler_step` (within [0, 1])."""
+    e = sum(0.5 * s.square().sum(1) for s in states)
+    for i, (W, b) in enumerate(zip(weights, biases)):
+        post = rho(states[i])
+        e = e - ((activity(states, x, i) @ W) * post).sum(1) - (post * b).sum(1)
+    if beta:
+        e = e + 0.5 * beta * (states[-1] - target).square().sum(1)
+    return e
 
 
 def matrix_angle(a: Tensor, b: Tensor) -> float:

@@ -37,6 +37,7 @@ from .checks import (
     check_batch_statistics,
     check_finite_x,
     check_head_outputs,
+    check_index,
     check_num_classes,
     check_x,
     check_y,
@@ -87,6 +88,12 @@ class LearningRule:
     exit_names: list[str]
     # the rule's own options (sigprop.options), beside the shared lr, weight_decay, amp
     options: ClassVar[tuple[Option, ...]] = ()
+    # whether the rule keeps state per training sample and wants train_step's ``index``
+    uses_sample_index: ClassVar[bool] = False
+    sample_index: Tensor | None = None  # this step's, for the rule's own _train_step
+    # engine settings the rule chooses for itself ({"data.batch_size": 20, ...}): a new
+    # run starts from them; what a user gives wins (engine.config.compose)
+    engine_defaults: ClassVar[dict[str, Any]] = {}
     # measurement (sigprop bench): called with "block<i>", "head" or "step" when the rule
     # starts that part of a training step; None (the default) costs one attribute test
     marker: Callable[[str], None] | None = None
@@ -172,17 +179,23 @@ class LearningRule:
         self.modules = nn.ModuleDict({"network": network})
 
     # --- the interface: checks, then the rule's own step ------------------------
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
         """One training step on ``x`` (B, *input_shape), float like the parameters, on
         their device, and ``y`` (B,) int64 class indices; returns (losses (k,), correct
         (k,)) on the device. A malformed batch raises InputError before anything
         changes; on a CPU that includes labels outside [0, num_classes) (elsewhere the
-        loader checks them once)."""
+        loader checks them once). ``index`` (B,): the samples' positions in the training
+        set, for a rule that keeps state per sample (``uses_sample_index``); the trainer
+        passes it to those."""
         if not self.modules.training:
             raise InputError("the rule is in evaluation mode (set_training(False)), where "
                              "nothing may learn; call rule.set_training(True) before "
                              "train_step")
         self._check_batch(x, y)
+        if index is not None:
+            check_index(index, x.shape[0], x.device)
+        self.sample_index = index
         return self._train_step(x, y)
 
     def autocast(self, x: Tensor):
@@ -314,6 +327,10 @@ class LearningRule:
         """Numbers the rule measured over the epoch, for the metrics log (the trainer
         asks once at each epoch's end; the rule starts counting afresh)."""
         return {}
+
+    def warnings(self, record: dict) -> list[str]:
+        """One-line warnings about an epoch's record (its metrics), printed by the trainer."""
+        return []
 
     def _mark(self, part: str) -> None:
         """Tell a measuring caller (``marker``) that ``part`` of the step starts."""

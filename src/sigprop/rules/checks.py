@@ -136,6 +136,18 @@ def check_y(y: object, n: int, num_classes: int, device: torch.device) -> None:
                 "classes; labels must be class indices (check the dataset or num_classes)")
 
 
+def check_index(index: object, n: int, device: torch.device) -> None:
+    """``index`` must be (n,) int64 sample positions (>= 0) on ``device``."""
+    if not isinstance(index, Tensor) or index.dtype != torch.int64 or index.dim() != 1 \
+            or len(index) != n or index.device != device:
+        raise InputError(f"index must be an int64 tensor of the {n} samples' positions in the "
+                         f"training set, on {device}; got "
+                         f"{getattr(index, 'shape', type(index).__name__)}")
+    if device.type == "cpu" and n and int(index.min()) < 0:
+        raise InputError("index holds a negative position; give each sample's position "
+                         "in the training set")
+
+
 def check_batch_statistics(network: nn.Module, n: int) -> None:
     """Raise InputError if a batch of ``n`` < 2 samples meets a BatchNorm in training
     mode: its batch variance is zero, so it would normalise every value to its bias

@@ -57,7 +57,7 @@ CHECK_EVERY = 10  # free-phase steps between residual checks (each one host sync
 # scaled by 500 / width above 500 units. ep-loopback: tuned here. Measured:
 # docs/studies/equilibrium-propagation.md.
 DEFAULTS = {
-    "ep-symmetric": {"free": 60, "nudge": 4, "beta": 0.5, "width": 500,
+    "ep-symmetric": {"free": 60, "nudge": 4, "beta": 1.0, "width": 500,
                      "lrs": {1: [0.1, 0.05], 2: [0.4, 0.1, 0.01],
                              3: [0.128, 0.032, 0.008, 0.002]},
                      "depth": {2: {"free": 150, "nudge": 6, "beta": 1.0},
@@ -75,16 +75,27 @@ EP_NUDGE_STEPS = Option(
     "8; ep-symmetric 4, 6 or 8 by depth)", low=1, high=1_000_000, optional=True)
 EP_DT = Option("ep_dt", float, 0.5, "EP: the Euler step", low=0.0, low_open=True, high=100.0)
 EP_BETA = Option("ep_beta", float, None, "EP: the nudge (default: ep-loopback 2; ep-symmetric "
-                 "0.5, or 1 with 2+ hidden layers)", low=0.0, low_open=True, high=1e6,
+                 "1)", low=0.0, low_open=True, high=1e6,
                  optional=True)
-EP_BETA_SIGN = Option("ep_beta_sign", str, "auto", "EP: the nudge's sign: auto (random per "
-                      "batch for ep-symmetric, positive for ep-loopback) | positive | random",
-                      choices=("auto", "positive", "random"))
+EP_BETA_SIGN = Option("ep_beta_sign", str, "auto", "EP: the nudge's sign: auto (centered "
+                      "for ep-symmetric, positive for ep-loopback) | positive | random "
+                      "| centered (a nudge of each sign, their difference over 2 beta: "
+                      "Laborieux et al. 2021's symmetric estimate)",
+                      choices=("auto", "positive", "random", "centered"))
 EP_LRS = Option("ep_lrs", str, "", "EP: learning rates per matrix, input's first, e.g. "
                 "0.1,0.05 (empty: the rule's)")
 EP_TOL = Option("ep_tol", float, 0.0, "EP: end the free phase once every residual is below "
                 "this (0: never)", low=0.0)
-EP_OPTIONS = (EP_FREE_STEPS, EP_NUDGE_STEPS, EP_DT, EP_BETA, EP_BETA_SIGN, EP_LRS, EP_TOL)
+EP_STEP = Option("ep_step", str, "plain", "EP: how a layer's update becomes a step: plain "
+                 "(SGD, lr x update) | normalized (lr x update / (1 + the batch's mean "
+                 "squared pre-synaptic activity): the same step at any width) | adam",
+                 choices=("plain", "normalized", "adam"))
+EP_PERSISTENT = Option(
+    "ep_persistent", str, "off", "EP: persistent particles: on (each training sample's free "
+    "phase starts from its last fixed point, which with --ep-tol saves steps from the second "
+    "epoch on; held in memory, not in checkpoints) | off (from zero)", choices=("on", "off"))
+EP_OPTIONS = (EP_FREE_STEPS, EP_NUDGE_STEPS, EP_DT, EP_BETA, EP_BETA_SIGN, EP_LRS, EP_TOL,
+              EP_STEP, EP_PERSISTENT)
 LOOPBACK = Option("loopback", str, "learned", "ep-loopback: learned | fixed loop-back weights",
                   choices=("learned", "fixed"))
 
@@ -93,9 +104,12 @@ class EquilibriumPropagation(LearningRule):
     """What both EP rules share: relaxation, phases, SGD per layer, no autograd."""
 
     options = EP_OPTIONS
+    # the continuous model's settings (Scellier & Bengio; Sec. V): mini-batches of 20,
+    # constant rates, and the pixels as the energy sees them, in [0, 1]
+    engine_defaults = {"data.batch_size": 20, "train.schedule": "none", "data.inputs": "unit"}
 
     exit_names: ClassVar[list[str]] = ["output"]
-    random_sign: ClassVar[bool] = False
+    auto_sign: ClassVar[str] = "positive"  # the nudge's sign under ep_beta_sign="auto"
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         if not isinstance(network, HopfieldNetwork):
@@ -115,13 +129,18 @@ class EquilibriumPropagation(LearningRule):
         self.beta = self.opts.ep_beta or own["beta"]
         lrs = (_parse_lrs(self.opts.ep_lrs, len(layers)) if self.opts.ep_lrs
                else self._default_lrs(len(layers)))
-        self.optimizer = torch.optim.SGD(
-            [{"params": ps, "lr": lr, "base_lr": lr, "name": name}
-             for (name, ps), lr in zip(layers, lrs)], lr=cfg.lr)
+        groups = [{"params": ps, "lr": lr, "base_lr": lr, "name": name}
+                  for (name, ps), lr in zip(layers, lrs)]
+        self.optimizer = (torch.optim.Adam(groups, lr=cfg.lr) if self.opts.ep_step == "adam"
+                          else torch.optim.SGD(groups, lr=cfg.lr))
         self.optimizers = [self.optimizer]
-        self.sign = {"auto": "random" if self.random_sign else "positive"}.get(
-            self.opts.ep_beta_sign, self.opts.ep_beta_sign)
+        self.sign = {"auto": self.auto_sign}.get(self.opts.ep_beta_sign,
+                                                  self.opts.ep_beta_sign)
+        self.uses_sample_index = self.opts.ep_persistent == "on"
+        self.particles: list[Tensor] = []  # per layer, (training samples, units)
+        self._steps, self._batches = 0, 0  # free-phase steps taken, this epoch
         self.residual = float("nan")  # mean free-phase residual of the last batch
+        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0  # dead outputs
 
     # --- what the two rules set differently -------------------------------------------
     def _default_lrs(self, count: int) -> list[float]:
@@ -147,47 +166,101 @@ class EquilibriumPropagation(LearningRule):
     def relax(self, x: Tensor, steps: int, states: list[Tensor] | None = None,
               beta: float = 0.0, target: Tensor | None = None, tol: float = 0.0
               ) -> tuple[list[Tensor], Tensor]:
-        """``steps`` Euler steps from ``states`` (zeros if None); the states and the last
-        step's residual per sample."""
+        """At most ``steps`` Euler steps from ``states`` (zeros if None), fewer when every
+        residual falls below ``tol``; the states and the last step's residual per sample
+        (``self.last_steps``: the steps taken)."""
         x = x.flatten(1)
         if states is None:
             states = [x.new_zeros(x.shape[0], lin.out_features) for lin in self.linears]
         residual = x.new_full((x.shape[0],), float("inf"))
+        self.last_steps = steps
         for k in range(steps):
             states, residual = EP.euler_step(states, self._drives(states, x), self.opts.ep_dt,
                                              beta, target)
             if tol > 0 and (k + 1) % CHECK_EVERY == 0 and float(residual.max()) < tol:
+                self.last_steps = k + 1
                 break
         return states, residual
+
+    def _start(self, x: Tensor) -> list[Tensor] | None:
+        """The free phase's starting states: the samples' particles (persistent), else
+        None (zeros)."""
+        index = self.sample_index
+        if not self.uses_sample_index or index is None:
+            return None
+        need = int(index.max()) + 1
+        if not self.particles or self.particles[0].shape[0] < need:
+            grown = [x.new_zeros(max(need, 2 * len(p) if self.particles else need),
+                                 lin.out_features) for p, lin in
+                     zip(self.particles or [None] * len(self.linears), self.linears)]
+            for old, new in zip(self.particles, grown):
+                new[: len(old)] = old
+            self.particles = grown
+        return [p[index] for p in self.particles]
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         target = F.one_hot(y, self.num_classes).to(x.dtype)
         with torch.no_grad():
-            free, residual = self.relax(x, self.free_steps, tol=self.opts.ep_tol)
+            free, residual = self.relax(x, self.free_steps, self._start(x), tol=self.opts.ep_tol)
+            self.last_free_steps = self.last_steps
+            self._steps += self.last_steps
+            self._batches += 1
+            if self.uses_sample_index and self.sample_index is not None:
+                for p, s in zip(self.particles, free):
+                    p[self.sample_index] = s
             beta = self.beta
             if self.sign == "random" and bool(torch.randint(0, 2, ()).item()):
                 beta = -beta
             nudged, _ = self.relax(x, self.nudge_steps, list(free), beta, target)
-            self._gradients(x.flatten(1), free, nudged, beta)
+            if self.sign == "centered":  # the other side's state stands in for the free one
+                free_side, _ = self.relax(x, self.nudge_steps, list(free), -beta, target)
+                self._gradients(x.flatten(1), free_side, nudged, 2 * beta)
+            else:
+                self._gradients(x.flatten(1), free, nudged, beta)
             self.optimizer.step()
             out = free[-1]
             cost = (out - target).square().sum(1).mean()
             self.residual = residual.mean()
+            # samples whose output units are all at zero: rho has no slope there, so
+            # nothing they see moves the weights (a dying output layer, docs/studies)
+            self._dead += (out <= 0).all(1).sum()
+            self._seen += out.shape[0]
         return cost.view(1), (out.argmax(1) == y).sum().view(1)
 
     def _exit_scores(self, x: Tensor) -> list[Tensor]:
         states, _ = self.relax(x, self.free_steps, tol=self.opts.ep_tol)
         return [states[-1]]
 
-    @staticmethod
-    def _set(lin: nn.Linear, dW: Tensor, db: Tensor) -> None:
-        """SGD descends: the Hebbian change (in, out) is an ascent direction of the weight
-        (out, in)."""
+    def _set(self, lin: nn.Linear, dW: Tensor, db: Tensor | None, pre: Tensor) -> None:
+        """The optimizer descends: the Hebbian change (in, out) is an ascent direction of
+        the weight (out, in). ``normalized``: divided by 1 + the batch's mean squared
+        pre-synaptic activity ``pre`` (the bias's input is 1)."""
+        if self.opts.ep_step == "normalized":
+            k = 1.0 / (1.0 + pre.square().sum(1).mean())
+            dW = dW * k
+            db = db * k if db is not None else None
         lin.weight.grad = -dW.T
-        lin.bias.grad = -db
+        if db is not None:
+            lin.bias.grad = -db
 
     def epoch_metrics(self) -> dict[str, Any]:
-        return {"free_residual": float(self.residual)}
+        """The last batch's mean free-phase residual, the share of the epoch's training
+        samples whose outputs were all zero (``dead_outputs``) and the free-phase steps a
+        batch took, on average (``free_steps``: fewer than --ep-free-steps with --ep-tol)."""
+        dead = float(self._dead) / self._seen if self._seen else 0.0
+        steps = self._steps / self._batches if self._batches else 0.0
+        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0
+        self._steps, self._batches = 0, 0
+        return {"free_residual": float(self.residual), "dead_outputs": dead,
+                "free_steps": steps}
+
+    def warnings(self, record: dict) -> list[str]:
+        dead = record.get("dead_outputs") or 0.0
+        if dead <= 0.5:
+            return []
+        return [f"{100 * dead:.0f}% of the training samples ended the free phase with every "
+                "output unit at zero, where the updates vanish: the output layer is dying; "
+                "lower the rates (--ep-lrs) or --ep-beta"]
 
 
 def _parse_lrs(text: str, count: int) -> list[float]:
@@ -208,7 +281,9 @@ class EPSymmetric(EquilibriumPropagation):
     """Scellier & Bengio 2017: symmetric feedback, contrastive Hebbian update."""
 
     name = "ep-symmetric"
-    random_sign = True
+    # a nudge of each sign: the one-sided (random-sign) estimate let the output layer die
+    # on some seeds (docs/studies/equilibrium-propagation.md)
+    auto_sign = "centered"
 
     def _default_lrs(self, count: int) -> list[float]:
         own = DEFAULTS[self.name]
@@ -224,9 +299,9 @@ class EPSymmetric(EquilibriumPropagation):
 
     def _gradients(self, x, free, nudged, beta) -> None:
         for i, lin in enumerate(self.linears):
-            pre0 = x if i == 0 else free[i - 1]
-            preb = x if i == 0 else nudged[i - 1]
-            self._set(lin, *EP.contrastive_update(pre0, free[i], preb, nudged[i], beta))
+            pre = EP.activity(free, x, i)
+            self._set(lin, *EP.contrastive_update(pre, free[i], EP.activity(nudged, x, i),
+                                                  nudged[i], beta), pre)
 
 
 class _Loop(nn.Module):
@@ -249,7 +324,11 @@ class EPLoopback(EquilibriumPropagation):
 
     def _default_lrs(self, count: int) -> list[float]:
         own = DEFAULTS[self.name]
-        return [own["first"]] + [own["rest"]] * (count - 1)
+        # wider layers sum more changed weights into each unit's drive: above 500 units the
+        # rates shrink as ep-symmetric's (constant rates at 1500 units diverged after one
+        # epoch of full Fashion-MNIST: docs/studies/equilibrium-propagation.md)
+        scale = min(1.0, DEFAULTS["ep-symmetric"]["width"] / self.linears[0].out_features)
+        return [lr * scale for lr in [own["first"]] + [own["rest"]] * (count - 1)]
 
     def _extra_parameters(self, cfg: RuleConfig) -> nn.Module:
         return _Loop(self.num_classes, self.linears[0].out_features,
@@ -267,11 +346,12 @@ class EPLoopback(EquilibriumPropagation):
 
     def _gradients(self, x, free, nudged, beta) -> None:
         for i, lin in enumerate(self.linears):
-            pre0 = x if i == 0 else free[i - 1]
-            self._set(lin, *EP.hebbian_update(pre0, free[i], nudged[i], beta))
-        if self.extra.learned:
-            dW, _ = EP.hebbian_update(free[-1], free[0], nudged[0], beta)
-            self.extra.linear.weight.grad = -dW.T
+            pre = EP.activity(free, x, i)
+            self._set(lin, *EP.hebbian_update(pre, free[i], nudged[i], beta), pre)
+        if self.extra.learned:  # the loop-back's pre-synaptic activity: the output's
+            pre = EP.rho(free[-1])
+            dW, _ = EP.hebbian_update(pre, free[0], nudged[0], beta)
+            self._set(self.extra.linear, dW, None, pre)
         self._record_alignment(free, nudged)
 
     # --- Fig. 4 ------------------------------------------------------------------------

@@ -224,14 +224,42 @@ def test_sigprop_block_gradient_is_its_own_loss_only():
 
 
 def test_amp_bf16_on_cpu_and_off():
-    r = snn("sp-surrogate")  # auto: on for spiking networks
-    assert r.amp
+    r = snn("sp-surrogate", amp="on")
+    assert r.amp_on(torch.device("cpu"))
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
     losses, _ = r.train_step(x, y)
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
     assert r.predict(x).dtype == torch.float32
-    assert not snn("sp-surrogate", amp="off").amp
-    assert not build_rule("backprop", build_network("fc-1x8", (4,), 3), 3).amp
+    assert not snn("sp-surrogate", amp="off").amp_on(torch.device("cpu"))
+    assert not build_rule("backprop", build_network("fc-1x8", (4,), 3), 3).amp_on(
+        torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native,faster,want", [
+    (False, None, "float32 (amp auto: this CPU (AVX2) has no native bf16"),
+    (True, 1.4, "bf16 autocast (amp auto: this CPU (AVX512) has native bf16; a timed conv "
+                "ran 1.40x as fast"),
+    (True, 1.02, "float32 (amp auto: this CPU (AVX512) has native bf16; a timed conv ran "
+                 "1.02x as fast under bf16 autocast, not enough to pay"),
+])
+def test_amp_auto_chooses_16_bit_only_where_it_pays(monkeypatch, native, faster, want):
+    """amp auto on a CPU: bf16 only with native bf16 arithmetic and a faster timed conv
+    (on an AVX2 CPU emulated bf16 convolutions ran 33x slower); the timing is skipped
+    where the capability is missing."""
+    from sigprop import resources
+
+    monkeypatch.setattr(resources, "_HALF", {})
+    monkeypatch.setattr(resources, "cpu_bf16", lambda: native)
+    monkeypatch.setattr(resources.torch.backends.cpu, "get_cpu_capability",
+                        lambda: "AVX512" if native else "AVX2")
+    timed = []
+    monkeypatch.setattr(resources, "_bf16_speedup", lambda: timed.append(1) or faster)
+    r = snn("sp-surrogate")
+    assert r.precision("cpu").startswith(want)
+    assert r.amp_on(torch.device("cpu")) == (want.startswith("bf16"))
+    assert timed == ([1] if native else [])
+    assert snn("sp-surrogate", amp="on").precision("cpu") == "bf16 autocast (amp on)"
+    assert snn("sp-surrogate", amp="off").precision("cpu") == "float32 (amp off)"
 
 
 def test_spike_rates_in_epoch_metrics():

@@ -262,13 +262,16 @@ class Trainer:
             torch.set_rng_state(state["rng"].cpu())
             if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
-        history = start.begin(self._log)
+        # what the run chose on this machine (16-bit or not), in its log and config.json
+        precision = rule.precision(exp.device)
+        history = start.begin(self._log, {"precision": precision})
         if state is not None:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
                       + (f" (changed: {said})" if said else ""))
         if hasattr(rule, "step_kind"):
             self._log(f"{cfg.rule.name} step: {rule.step_kind}")
+        self._log(f"precision: {precision}")
         if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
         ckpt_path = self.run_dir / runio.CHECKPOINT

@@ -29,6 +29,7 @@ import torch
 import sigprop
 from sigprop.engine.perf import tune_allocator
 from sigprop.networks import build_network
+from sigprop.resources import cpu_capability, half_precision_pays
 
 MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage")
 CLASSES = 10
@@ -104,9 +105,12 @@ def main(argv=None) -> int:
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
 
     rows = {}
+    capability = cpu_capability()
+    auto = half_precision_pays(args.device)
     print(f"snn-conv, input {args.input}, batch {args.batch_size}, {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; forward "
-          f"{macs / 1e6:.0f} M multiply-adds a sample\n")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; CPU: {capability}; "
+          f"forward {macs / 1e6:.0f} M multiply-adds a sample\n"
+          f"amp auto would choose: {'16-bit' if auto[0] else 'float32'} ({auto[1]})\n")
     print("| model | amp | samples/s (median, range) | / bp-surrogate (same amp) |")
     print("|---|---|---|---|")
     for (model, amp), v in rates.items():
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"input": args.input, "batch_size": args.batch_size,
                        "threads": torch.get_num_threads(), "forward_macs": macs,
+                       "cpu_capability": capability, "amp_auto": {"half": auto[0],
+                                                                  "why": auto[1]},
                        "models": rows}, f, indent=2)
     return 0
 

@@ -210,7 +210,7 @@ def test_snn_fp16_autocast_with_grad_scaler_on_cuda(rule):
 
     torch.manual_seed(0)
     r = build_rule(rule, build_network("snn-conv", (1, 28, 28), 10), 10).to(CUDA)
-    assert r.amp
+    assert r.amp_on(CUDA)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 28, 28, generator=g).to(CUDA), (torch.arange(16) % 10).to(CUDA)
     first = r.train_step(x, y)[0].sum().item()

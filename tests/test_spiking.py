@@ -206,13 +206,19 @@ def test_sigprop_models_are_local(rule):
     assert not out.requires_grad and charged.requires_grad
 
 
-def test_sigprop_block_gradient_is_its_own_loss_only():
-    r = snn("sp-surrogate", amp="off")
+SETTINGS = [("sp-surrogate", "surrogate", "input"), ("sp-surrogate", "surrogate-above", "input"),
+            ("sp-surrogate", "surrogate", "current"), ("sp-voltage", "voltage", "input"),
+            ("sp-voltage", "voltage-above", "current")]
+
+
+@pytest.mark.parametrize("rule,loss,targets", SETTINGS)
+def test_sigprop_block_gradient_is_its_own_loss_only(rule, loss, targets):
+    r = snn(rule, amp="off", snn_loss=loss, snn_targets=targets)
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     block = r.network.blocks[1]
     with torch.no_grad():
-        h = torch.cat([x, r.signal.targets(x)])
-        h1, _ = r.network.blocks[0].run(h, 8, detach_carry=True)
+        h, extra = r._inputs_and_targets(x)
+        h1, _ = r.network.blocks[0].run(h, 8, detach_carry=True, extra=extra)
     _, charged = block.run(h1, 8, detach_carry=True)
     scores = r._scores(r._activity(charged, block), 8, 1)
     loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), y.repeat(4))
@@ -223,15 +229,112 @@ def test_sigprop_block_gradient_is_its_own_loss_only():
     assert torch.allclose(captured["g"], want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("rule,loss", [("sp-surrogate", "surrogate-above"),
+                                       ("sp-voltage", "voltage-above")])
+def test_above_threshold_losses_move_only_neurons_at_or_above_it(rule, loss):
+    """Hand-built voltages on both sides of the threshold: the comparison's gradient is
+    zero wherever u < theta and reaches every neuron above it."""
+    r = snn(rule, amp="off", snn_loss=loss)
+    block = r.network.blocks[0]
+    theta = float(block.node.threshold)
+    u = (theta + torch.linspace(-2.0, 2.0, 4 * 6 * 10).view(4, 6, 10)).requires_grad_(True)
+    r._activity(u, block).sum().backward()
+    below, above = u.detach() < theta, u.detach() > theta
+    assert below.any() and above.any()
+    assert (u.grad[below] == 0).all() and (u.grad[above] != 0).all()
+    # the paper's comparisons reach the neurons below threshold too
+    literal = snn(rule, amp="off")
+    u.grad = None
+    literal._activity(u, block).sum().backward()
+    assert (u.grad[below] != 0).all()
+
+
+@pytest.mark.parametrize("loss,targets", [("voltage", "input"), ("voltage-above", "input"),
+                                          ("voltage-above", "current")])
+def test_sp_voltage_has_no_surrogate_anywhere(loss, targets):
+    """Every node of sp-voltage's loss graphs: no arctan surrogate (forward or backward)."""
+    r = snn("sp-voltage", amp="off", snn_loss=loss, snn_targets=targets)
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    names = set()
+    for i, block in enumerate(r.network.blocks):
+        with torch.no_grad():
+            h, extra = r._inputs_and_targets(x)
+            for b in r.network.blocks[:i]:
+                h, _ = b.run(h, 6, detach_carry=True, extra=extra if b is r.network.blocks[0]
+                             else None)
+        _, charged = block.run(h, 6, detach_carry=True, extra=extra if i == 0 else None)
+        loss_ = r._local_loss(r._scores(r._activity(charged, block), 6, i), y)
+        names |= graph_names(loss_)
+    assert names and not [n for n in names if "Surrogate" in n or "Atan" in n], names
+    assert [n for n in snn_graph_names("sp-surrogate") if "Surrogate" in n]  # the check bites
+
+
+def snn_graph_names(rule: str) -> set[str]:
+    r = snn(rule, amp="off")
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    h, extra = r._inputs_and_targets(x)
+    block = r.network.blocks[0]
+    _, charged = block.run(h, 6, detach_carry=True, extra=extra)
+    return graph_names(r._local_loss(r._scores(r._activity(charged, block), 6, 0), y))
+
+
+def graph_names(loss: torch.Tensor) -> set[str]:
+    """The class names of every node of ``loss``'s autograd graph."""
+    seen, stack = {}, [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = type(fn).__name__
+            stack += [f for f, _ in fn.next_functions]
+    return set(seen.values())
+
+
+def test_snn_options_are_checked_per_model():
+    with pytest.raises(ConfigError, match="sp-voltage stays surrogate-free"):
+        snn("sp-voltage", snn_loss="surrogate")
+    with pytest.raises(ConfigError, match="arctan surrogate"):
+        snn("sp-surrogate", snn_loss="voltage-above")
+    with pytest.raises(ConfigError, match="snn_targets"):
+        snn("sp-surrogate", snn_targets="output")
+
+
 def test_amp_bf16_on_cpu_and_off():
-    r = snn("sp-surrogate")  # auto: on for spiking networks
-    assert r.amp
+    r = snn("sp-surrogate", amp="on")
+    assert r.amp_on(torch.device("cpu"))
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
     losses, _ = r.train_step(x, y)
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
     assert r.predict(x).dtype == torch.float32
-    assert not snn("sp-surrogate", amp="off").amp
-    assert not build_rule("backprop", build_network("fc-1x8", (4,), 3), 3).amp
+    assert not snn("sp-surrogate", amp="off").amp_on(torch.device("cpu"))
+    assert not build_rule("backprop", build_network("fc-1x8", (4,), 3), 3).amp_on(
+        torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native,faster,want", [
+    (False, None, "float32 (amp auto: this CPU (AVX2) has no native bf16"),
+    (True, 1.4, "bf16 autocast (amp auto: this CPU (AVX512) has native bf16; a timed conv "
+                "ran 1.40x as fast"),
+    (True, 1.02, "float32 (amp auto: this CPU (AVX512) has native bf16; a timed conv ran "
+                 "1.02x as fast under bf16 autocast, not enough to pay"),
+])
+def test_amp_auto_chooses_16_bit_only_where_it_pays(monkeypatch, native, faster, want):
+    """amp auto on a CPU: bf16 only with native bf16 arithmetic and a faster timed conv
+    (on an AVX2 CPU emulated bf16 convolutions ran 33x slower); the timing is skipped
+    where the capability is missing."""
+    from sigprop import resources
+
+    monkeypatch.setattr(resources, "_HALF", {})
+    monkeypatch.setattr(resources, "cpu_bf16", lambda: native)
+    monkeypatch.setattr(resources.torch.backends.cpu, "get_cpu_capability",
+                        lambda: "AVX512" if native else "AVX2")
+    timed = []
+    monkeypatch.setattr(resources, "_bf16_speedup", lambda: timed.append(1) or faster)
+    r = snn("sp-surrogate")
+    assert r.precision("cpu").startswith(want)
+    assert r.amp_on(torch.device("cpu")) == (want.startswith("bf16"))
+    assert timed == ([1] if native else [])
+    assert snn("sp-surrogate", amp="on").precision("cpu") == "bf16 autocast (amp on)"
+    assert snn("sp-surrogate", amp="off").precision("cpu") == "float32 (amp off)"
 
 
 def test_spike_rates_in_epoch_metrics():

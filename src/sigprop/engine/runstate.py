@@ -265,19 +265,22 @@ class RunStart:
             recorded = runio.recorded_config(self.state["config"], path)
             self.changes = resume_changes(recorded, cfg, self.epoch)
 
-    def begin(self, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    def begin(self, log: Callable[[str], None], facts: dict[str, Any] | None = None
+              ) -> list[dict[str, Any]]:
         """:meth:`prepare`, then :meth:`write`; the history so far."""
-        history = self.prepare(log)
+        history = self.prepare(log, facts)
         self.write()
         return history
 
-    def prepare(self, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    def prepare(self, log: Callable[[str], None], facts: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
         """Check that a resumed run reads the data it was trained on and settle the
         folder's records (nothing is written yet); the history so far."""
         cfg, run_dir = self.cfg, self.run_dir
         files = {split: split_file_records(cfg.data.dataset, name, cfg.data.data_dir)
                  for split, name in (("train", cfg.data.train_split), ("test", "test"))}
-        record = {"config": cfg.to_dict(), "seed": cfg.train.seed, "versions": runio.versions(),
+        record = {"config": cfg.to_dict(), "seed": cfg.train.seed, **(facts or {}),
+                  "versions": runio.versions(),
                   "data_files": files}
         config_path = run_dir / runio.CONFIG
         history: list[dict[str, Any]] = []

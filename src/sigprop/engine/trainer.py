@@ -287,7 +287,9 @@ class Trainer:
             torch.set_rng_state(state["rng"].cpu())
             if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
-        history = start.begin(self._log)
+        # what the run chose on this machine (16-bit or not), in its log and config.json
+        precision = rule.precision(exp.device)
+        history = start.begin(self._log, {"precision": precision})
         if state is not None:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
@@ -297,6 +299,7 @@ class Trainer:
         said = rule_defaults_line(cfg)
         if said:
             self._log(said)
+        self._log(f"precision: {precision}")
         if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
         ckpt_path = self.run_dir / runio.CHECKPOINT

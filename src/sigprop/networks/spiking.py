@@ -126,11 +126,14 @@ class SpikingBlock(nn.Module):
         # batch they are the first n samples of every step
         return input_stats_norm(self.norm, z, n, steps=t).unflatten(0, (t, b))
 
-    def run(self, x: Tensor, n: int | None = None, detach_carry: bool = False
-            ) -> tuple[Tensor, Tensor]:
+    def run(self, x: Tensor, n: int | None = None, detach_carry: bool = False,
+            extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(output spikes ``[T, B, ...]`` after pooling, charged voltages ``[T, B, ...]``
-        before firing)."""
+        before firing). ``extra``: currents of more rows, appended to ``x``'s after its
+        synapse and BatchNorm (a first block's targets made as currents)."""
         h = self.charge(x, n)
+        if extra is not None:
+            h = torch.cat([h, extra.to(h.dtype)])
         spikes, charged = self.node.run(h, self.steps if self.first else None, detach_carry)
         if spikes.dtype == torch.bool:  # no gradient: pool as a logical or, 1 byte a value
             if self.pool is not None:

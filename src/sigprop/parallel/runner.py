@@ -231,7 +231,8 @@ class StageRun:
         if self.rank == 0:
             try:
                 start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
-                history = start.prepare(self._log)  # written once every stage has loaded
+                history = start.prepare(self._log, {"precision": self.rule.precision(
+                    next(self.rule.modules.parameters()).device)})  # written once all loaded
                 if start.kind == "staged":
                     kind = 2 if start.split == self.sizes else 3
                 else:

@@ -33,6 +33,7 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..networks import Network
 from ..options import Option, Options, resolve
 from ..registry import RULES
+from ..resources import half_precision_pays
 from .checks import (
     check_batch_statistics,
     check_finite_x,
@@ -165,10 +166,13 @@ class LearningRule:
         if not spiking and threshold is not None:
             raise ConfigError("spike_threshold sets the IF neurons' threshold of a spiking "
                               "network (snn-conv); drop it for this network")
-        self.amp = cfg.amp == "on" or (cfg.amp == "auto" and spiking)
-        if self.amp and not self.supports_amp:
+        # amp: "on", "off", or "auto": 16-bit for spiking networks (the paper's setting,
+        # Sec. VI-A) where the device computes it natively and faster (precision())
+        self.amp_wanted = cfg.amp == "on" or (cfg.amp == "auto" and spiking)
+        if cfg.amp == "on" and not self.supports_amp:
             raise ConfigError(f"rule {self.name!r} has no 16-bit mixed-precision mode; drop "
                               "amp='on' (--amp on)")
+        self.amp_wanted = self.amp_wanted and self.supports_amp
         if spiking:
             network.set_threshold(threshold or self.spike_threshold)
         self.scaler: torch.amp.GradScaler | None = None
@@ -203,7 +207,7 @@ class LearningRule:
         rule's amp is on (bf16 on a CPU, fp16 elsewhere, with a GradScaler that
         :meth:`_backward` and :meth:`_step` use), else a no-op. Backward passes run
         outside it."""
-        if not self.amp:
+        if not self.amp_on(x.device):
             return contextlib.nullcontext()
         kind = x.device.type
         if kind == "cpu":
@@ -211,6 +215,25 @@ class LearningRule:
         if self.scaler is None:
             self.scaler = torch.amp.GradScaler(kind)
         return torch.autocast(kind, dtype=torch.float16)
+
+    def amp_on(self, device: torch.device) -> bool:
+        """Whether forward passes on ``device`` run under 16-bit autocast."""
+        if not self.amp_wanted:
+            return False
+        return self.cfg.amp == "on" or half_precision_pays(device)[0]
+
+    def precision(self, device: torch.device | str) -> str:
+        """The arithmetic of forward passes on ``device`` and why, for the run's log and
+        record: ``bf16 autocast (auto: ...)``, ``float32 (amp off)``, ..."""
+        device = torch.device(device)
+        half = "bf16" if device.type == "cpu" else "fp16"
+        if self.cfg.amp == "on" and self.amp_wanted:
+            return f"{half} autocast (amp on)"
+        if not self.amp_wanted:
+            return "float32 (amp " + ("off)" if self.cfg.amp == "off" else "auto: only "
+                                      "spiking networks train in 16 bits)")
+        pays, why = half_precision_pays(device)
+        return f"{half} autocast (amp auto: {why})" if pays else f"float32 (amp auto: {why})"
 
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
         """(k,) correct counts of every exit on the batch (checked as in train_step)."""
@@ -316,7 +339,7 @@ class LearningRule:
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"{hint} ({first})") from None
-        if "scaler" in state and self.amp:
+        if "scaler" in state and self.amp_wanted:
             # a CUDA fp16 run's loss scale; a CPU (bf16) run needs none
             if self.scaler is None and torch.cuda.is_available():
                 self.scaler = torch.amp.GradScaler("cuda")

@@ -18,7 +18,9 @@ LR = Option("lr", float, 5e-4, "the Adam learning rate", low=0.0, low_open=True)
 WEIGHT_DECAY = Option("weight_decay", float, 0.0, "Adam's weight decay", low=0.0)
 AMP = Option("amp", str, "auto",
              "16-bit mixed precision (bf16 autocast on a CPU, fp16 + GradScaler on CUDA): auto "
-             "(on for spiking networks) | on | off", choices=("auto", "on", "off"))
+             "(spiking networks, where the device computes 16 bits natively and faster: CUDA, "
+             "a CPU with native bf16 that a timed conv confirms) | on | off",
+             choices=("auto", "on", "off"))
 SHARED = (LR, WEIGHT_DECAY, AMP)
 # the IF neurons' threshold, for every rule that trains spiking networks (Sec. VI-A)
 SPIKE_THRESHOLD = Option(

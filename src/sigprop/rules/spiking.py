@@ -44,7 +44,9 @@ from torch import Tensor
 from .. import functional as SF
 from ..functional.spiking import step_similarity, surrogate_activity
 from ..networks import Network
+from ..errors import ConfigError
 from ..networks.spiking import SP_THRESHOLD, SpikingNetwork
+from ..options import Option
 from ..registry import register_rule
 from ..signals.label import LabelProjection
 from .backprop import Backprop
@@ -60,10 +62,27 @@ class BPSurrogate(Backprop):
     only_spiking = True
 
 
+SNN_LOSS = Option(
+    "snn_loss", str, None,
+    "sp-surrogate / sp-voltage: what a block's local loss compares, per step: surrogate "
+    "(g(u - theta), Eq. 16) | surrogate-above (g(relu(u - theta)): only neurons at or above "
+    "threshold move) | voltage (u) | voltage-above (relu(u - theta)); sp-surrogate takes "
+    "the surrogate ones, sp-voltage the voltage ones (default: the model's own)",
+    choices=("surrogate", "surrogate-above", "voltage", "voltage-above"), optional=True)
+SNN_TARGETS = Option(
+    "snn_targets", str, None,
+    "sp-surrogate / sp-voltage: where the class targets enter: input (images at the "
+    "network's input, through block 1's synapse) | current (block 1's currents, beside the "
+    "inputs') (default: the model's own)", choices=("input", "current"), optional=True)
+
+
 class SpikingSigprop(LearningRule):
     """Signal propagation on a spiking network (module docstring)."""
 
-    compare_on: ClassVar[str] = "surrogate"  # surrogate | voltage
+    # the model's own snn_loss and snn_targets; the surrogate family or the voltage one
+    compare_on: ClassVar[str] = "surrogate"
+    targets_at: ClassVar[str] = "input"
+    family: ClassVar[tuple[str, ...]] = ("surrogate", "surrogate-above")
     # c of the logit scale c/sqrt(d) (sp-voltage's in SPVoltage; swept:
     # docs/studies/spiking.md)
     scale_c: ClassVar[float] = 1.0
@@ -71,7 +90,15 @@ class SpikingSigprop(LearningRule):
     supports_amp = True
     spike_threshold = SP_THRESHOLD
 
-    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD)
+    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS)
+
+    @classmethod
+    def check_options(cls, opts) -> None:
+        if opts.snn_loss is not None and opts.snn_loss not in cls.family:
+            why = ("sp-voltage stays surrogate-free" if cls.compare_on == "voltage"
+                   else "sp-surrogate compares through the arctan surrogate (Eq. 16-17)")
+            raise ConfigError(f"snn_loss {opts.snn_loss!r} is not one of {cls.name}'s: {why}; "
+                              f"choose {' or '.join(cls.family)}")
 
     @classmethod
     def option_scope(cls, given) -> tuple:
@@ -85,13 +112,15 @@ class SpikingSigprop(LearningRule):
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(network, num_classes, cfg)
-        self.signal = LabelProjection(num_classes, network.input_shape,
-                                      learned=self.opts.signal_learned)
-        # Targets at the input start on the inputs' scale (standardised images, std ~1):
-        # with nn.Linear's init (+-1/sqrt(classes)) every class's target is a faint image
-        # that block 1's BatchNorm (inputs' statistics) maps to nearly the same current,
-        # and Adam's 5e-4 steps take hundreds of steps to set them apart
-        # (docs/studies/spiking.md)
+        self.compare = self.opts.snn_loss or self.compare_on
+        self.targets_in = self.opts.snn_targets or self.targets_at
+        charged = self._charged_shapes(network)
+        shape = network.input_shape if self.targets_in == "input" else charged[0]
+        self.signal = LabelProjection(num_classes, shape, learned=self.opts.signal_learned)
+        # Targets start on the scale of what they stand beside (standardised images, or
+        # currents after BatchNorm, std ~1): with nn.Linear's init (+-1/sqrt(classes)) every
+        # class's target is faint and Adam's 5e-4 steps take hundreds of steps to set them
+        # apart (docs/studies/spiking.md)
         with torch.no_grad():
             self.signal.proj.weight.normal_(0.0, 1.0)
             self.signal.proj.bias.zero_()
@@ -99,7 +128,7 @@ class SpikingSigprop(LearningRule):
         # one step of block i: block_shapes[i] = (T, ...) after pooling; the loss compares
         # the charged voltages before pooling
         self.scales = []
-        for shape in self._charged_shapes(network):
+        for shape in charged:
             d = math.prod(shape)
             self.scales.append(self.opts.logit_scale
                                or self.scale_c * SF.default_scale(self.opts.loss, d, conv=True))
@@ -138,9 +167,15 @@ class SpikingSigprop(LearningRule):
         return shapes
 
     def _activity(self, charged: Tensor, block) -> Tensor:
-        """What the local loss compares: the surrogate of the voltage or the voltage."""
-        if self.compare_on == "surrogate":
-            return surrogate_activity(charged, block.node.threshold)
+        """What the local loss compares (``snn_loss``): g(u - theta), g(relu(u - theta)),
+        u or relu(u - theta) of the charged voltage u."""
+        theta = block.node.threshold
+        if self.compare == "surrogate":
+            return surrogate_activity(charged, theta)
+        if self.compare == "surrogate-above":
+            return surrogate_activity(F.relu(charged - theta) + theta, theta)
+        if self.compare == "voltage-above":
+            return F.relu(charged - theta)
         return charged
 
     def _scores(self, a: Tensor, n: int, i: int) -> Tensor:
@@ -153,9 +188,14 @@ class SpikingSigprop(LearningRule):
         """L_pred (Eq. 9) at every time step, averaged over the steps."""
         return F.cross_entropy(scores.flatten(0, 1), y.repeat(scores.shape[0]))
 
-    def _inputs_and_targets(self, x: Tensor) -> Tensor:
+    def _inputs_and_targets(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Block 1's input and the target currents it adds to its own: the targets as
+        images beside the inputs (``input``), or the inputs alone and the targets as
+        currents (``current``, (m, C, H, W))."""
+        if self.targets_in == "current":
+            return x, self.signal.targets(x)
         t0 = self.signal.targets(x)  # (m, *input_shape)
-        return torch.cat([x, t0.to(x.dtype)])
+        return torch.cat([x, t0.to(x.dtype)]), None
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
@@ -165,11 +205,12 @@ class SpikingSigprop(LearningRule):
         self._zero_grad(self.optimizer)
         losses, correct = [], []
         with self.autocast(x):
-            h = self._inputs_and_targets(x)
+            h, extra = self._inputs_and_targets(x)
         for i, block in enumerate(self.network.blocks):
             self._mark(f"block{i + 1}")
             with self.autocast(x):
-                out, charged = block.run(h, n, detach_carry=True)
+                out, charged = block.run(h, n, detach_carry=True,
+                                         extra=extra if i == 0 else None)
             scores = self._scores(self._activity(charged, block), n, i)
             loss = self._local_loss(scores, y)
             self._backward(loss)
@@ -200,10 +241,10 @@ class SpikingSigprop(LearningRule):
 
     def _exit_scores(self, x: Tensor) -> list[Tensor]:
         n = x.shape[0]
-        h = self._inputs_and_targets(x)
+        h, extra = self._inputs_and_targets(x)
         out = []
         for i, block in enumerate(self.network.blocks):
-            h, charged = block.run(h)
+            h, charged = block.run(h, extra=extra if i == 0 else None)
             with torch.autocast(x.device.type, enabled=False):
                 out.append(self._scores(self._activity(charged, block), n, i).mean(0))
         out.append(self.network.head(h[:, :n]))
@@ -225,6 +266,7 @@ class SPVoltage(SpikingSigprop):
     """Table V, SP voltage: local losses on the voltage u itself, no surrogate."""
 
     compare_on = "voltage"
+    family = ("voltage", "voltage-above")
     # The voltages are unbounded (an aligned pair's dot product grows like d, sqrt(d) =
     # 317 on block 1), so the softmax saturates unless c is small (swept over three
     # seeds: docs/studies/spiking.md)

@@ -200,7 +200,6 @@ class Rows(Travel):
 
     def fast(self, parts, pair, shape, scale, ctx, make=None):
         n = ctx.n
-        input_grad = None
         if make is not None:  # block 1's input (sparse, fc): [x, t] rows in one buffer
             x = pair.h
             z = x.new_empty((n + ctx.classes, *x.shape[1:]))
@@ -210,7 +209,7 @@ class Rows(Travel):
             def input_grad(da: Tensor) -> None:  # dL/dt = dL/da[n:] W, to the generator
                 t_backward(da[n:] @ parts.op.weight, None)
         else:
-            z = pair.rows()
+            z, input_grad = pair.rows(), None
         st = fastpath.block_forward(parts, z, ctx.stats_rows or z.shape[0],
                                     after_matmul=ctx.after_matmul, spare_from=ctx.spare_from)
         z = st.o

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine.config import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
+from .engine.flags import SECTION_FLAGS, SWITCH_FLAGS, network_help, rule_flags, rule_switches
 from .engine.interrupt import Terminated, one_line, sigterm_raises
 from .engine.outputs import check_output_file, check_output_folder, checked_text
 from .engine.runio import write_failure

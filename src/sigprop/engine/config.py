@@ -28,9 +28,10 @@ from ..data import dataset_spec, parse_augment
 from ..errors import ConfigError
 from ..networks import DROPOUT_LEVELS  # Dropout's p is a multiple of 1/65536
 from ..options import Option, Options
-from ..registry import NETWORKS, RULES, SIGNALS
+from ..registry import RULES
 from ..resources import check_processes, check_threads
 from ..rules.config import SHARED, RuleConfig, declared_options
+from .flags import SECTION_FLAGS, SWITCH_FLAGS
 from .stagespec import parse_split, stage_count
 
 if sys.version_info >= (3, 11):
@@ -227,7 +228,8 @@ def _coerce(key: str, value: Any, tp: Any, text: bool) -> Any:
 
 
 MAX_PATH = 4096  # characters of a path or name in a config (Linux PATH_MAX)
-_MEANING: dict[str, str] = {}  # section.key -> what it is, for messages (help of the flag)
+# section.key -> what it is, for messages (the help of its flag)
+_MEANING: dict[str, str] = {f"{s}.{k}": kw["help"] for _, s, k, kw in SECTION_FLAGS if "help" in kw}
 
 
 def rule_keys() -> list[str]:
@@ -380,84 +382,6 @@ def without_options(cfg: Config, names: set[str]) -> Config:
     """``cfg`` without the [rule] options ``names``."""
     options = {k: v for k, v in cfg.rule.options.items() if k not in names}
     return dataclasses.replace(cfg, rule=cfg.rule.replace_options(options))
-
-
-# `sigprop train` flags of the data, model and train sections: (flag, section, key,
-# argparse keywords); argparse stores each under "section.key", and only what was given.
-# The [rule] flags come from the declarations (:func:`rule_flags`).
-SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
-    ("--dataset", "data", "dataset", {"help": "dataset name (sigprop data list)"}),
-    ("--data-dir", "data", "data_dir", {"help": "folder holding the dataset files"}),
-    ("--train-limit", "data", "train_limit", {"metavar": "N", "help": "use the first N training samples"}),
-    ("--test-limit", "data", "test_limit", {"metavar": "N", "help": "evaluate on the first N test samples only (quick checks)"}),
-    ("--train-split", "data", "train_split", {"help": "the split to train on (default train; SVHN: train+extra, as the paper)"}),
-    ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
-    ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128; a rule may set its own)"}),
-    ("--inputs", "data", "inputs", {"help": "what the network sees: standard (the dataset's mean and std; default) | unit (pixels in [0, 1]; the EP rules' default)"}),
-    ("--eval-batch-size", "data", "eval_batch_size", {"help": "evaluation batch size (default 1000)"}),
-    ("--network", "model", "network", {"help": "the network"}),
-    ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),
-    ("--epochs", "train", "epochs", {"help": "epochs to train (default 10)"}),
-    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs; default) | cosine | none (a rule may set its own)"}),
-    ("--seed", "train", "seed", {"help": "random seed (default 0)"}),
-    ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
-    ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
-    ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
-    ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by counted cost)"}),
-    ("--split", "train", "split", {"metavar": "K,K,...", "help": "blocks per stage, first stage first (e.g. 2,1); sets the stages by hand"}),
-    ("--stage-threads", "train", "stage_threads", {"metavar": "N", "help": "intra-op threads of each stage process (default: the machine's cores / its processes)"}),
-    ("--replicas", "train", "replicas", {"metavar": "R", "help": "sigprop: R data-parallel replicas of every stage (S x R processes): each batch is shared out among them and each stage's gradients are all-reduced before its update"}),
-]
-
-# boolean keys set by a flag without a value: (flag, section, key, the value it sets, help)
-SWITCH_FLAGS: list[tuple[str, str, str, Any, str]] = [
-    ("--no-progress", "train", "progress", False, "no progress bar"),
-]
-
-_MEANING.update({f"{s}.{k}": kw["help"] for _, s, k, kw in SECTION_FLAGS if "help" in kw})
-
-
-def rule_flags() -> list[tuple[str, str, dict[str, Any], str]]:
-    """``(flag, key, argparse keywords, who takes it)`` for ``--rule``, the shared
-    options and every option a registered rule or target generator declares."""
-    out = [("--rule", "name", {"help": "the learning rule, one of: " + ", ".join(RULES.names()),
-                               "metavar": "RULE"}, "every rule")]
-    out += [(o.flag, o.name, _flag_kw(o), "every rule") for o in SHARED]
-    groups: dict[str, list[str]] = {}
-    for name, cls in RULES.items():
-        for o in cls.options:
-            groups.setdefault(o.name, []).append(name)
-    for name, cls in SIGNALS.items():
-        for o in cls.options:
-            every = all(o in c.options for _, c in SIGNALS.items())
-            label = "every target generator (--signal)" if every else f"signal {name}"
-            who = groups.setdefault(o.name, [])
-            if label not in who:
-                who.append(label)
-    declared = declared_options()
-    for key, who in groups.items():
-        if key not in RuleConfig.SHARED_NAMES:
-            out.append((declared[key].flag, key, _flag_kw(declared[key]), ", ".join(who)))
-    return out
-
-
-def _flag_kw(o: Option) -> dict[str, Any]:
-    allowed = o.allowed()
-    listed = allowed is not None and all(a in o.help for a in allowed)
-    text = o.help if listed else f"{o.help}; {o.describe()}"
-    if o.default is not None and o.default != "":
-        text += f" (default {o.default})"
-    return {"help": text, "metavar": o.metavar or o.name.upper()}
-
-
-def rule_switches() -> list[tuple[str, str, Any, str]]:
-    """``(flag, key, the value it sets, help)`` of options with a valueless flag."""
-    return [(o.switch[0], o.name, o.switch[1], f"sets {o.name} to {o.switch[1]}: {o.help}")
-            for o in declared_options().values() if o.switch]
-
-
-def network_help() -> str:
-    return "the network, one of: " + ", ".join(NETWORKS.usages())
 
 
 def train_command(cfg: Config, always: tuple[str, ...] = ()) -> str:

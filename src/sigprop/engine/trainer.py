@@ -231,7 +231,7 @@ class Trainer:
 
     ``run_dir`` is a path, or a :class:`RunFolder` the caller already acquired. With
     ``resume``, the run continues from the folder's checkpoint; ``cfg`` may differ from
-    the run's configuration only where :data:`.config.RESUMABLE` allows.
+    the run's configuration only where :func:`.resumable.resumable` allows.
     """
 
     def __init__(self, cfg: Config, run_dir: Path | RunFolder, *, resume: bool = False,

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from sigprop.engine.memory import SavedTensorMeter
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("network,shape,rules", [

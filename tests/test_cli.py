@@ -1,13 +1,22 @@
-"""The command line, in process: exit codes, one-line errors, run folders, eval, data."""
+"""The command line, in process: exit codes, one-line errors, run folders, eval, data;
+bad values stop before anything is changed; interrupts and errors are one line on
+stderr that says how to go on."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
-from conftest import FAKE_TEST, FAKE_TRAIN, one_error_line
+import torch
+from helpers import FAKE_TEST, FAKE_TRAIN, FAST, SRC, one_error_line
 
 import sigprop.engine.trainer  # noqa: F401  (see below)
 from sigprop.cli import main
@@ -17,16 +26,7 @@ from sigprop.cli import main
 # that first import happened inside a test (cmd_train imports lazily), every later
 # in-process run would print its epoch lines to that test's closed capture stream.
 
-FAST = ["--network", "fc-2x32", "--batch-size", "64", "--no-progress", "--lr", "5e-3"]
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch, isolated_data):
-    """Run every CLI test from an empty folder, with no real dataset visible."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
+pytestmark = pytest.mark.usefixtures("in_tmp")  # from an empty folder, no real dataset visible
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -181,16 +181,21 @@ def test_default_run_dir_and_other_rules(fake_fashion, in_tmp, capsys):
     assert re.search(r"exit output\s+test accuracy", out)
 
 
-def test_training_error_is_one_line(fake_fashion, in_tmp, capsys, monkeypatch):
-    from sigprop.rules.backprop import Backprop
-
-    orig = Backprop.train_step
+def nan_losses(monkeypatch, rule_class) -> None:
+    """Every training step of ``rule_class`` returns nan losses."""
+    orig = rule_class.train_step
 
     def nan_step(self, x, y):
         losses, correct = orig(self, x, y)
         return losses * float("nan"), correct
 
-    monkeypatch.setattr(Backprop, "train_step", nan_step)
+    monkeypatch.setattr(rule_class, "train_step", nan_step)
+
+
+def test_training_error_is_one_line(fake_fashion, in_tmp, capsys, monkeypatch):
+    from sigprop.rules.backprop import Backprop
+
+    nan_losses(monkeypatch, Backprop)
     line = one_error_line(capsys, main([
         "train", "--data-dir", str(fake_fashion), "--rule", "backprop", "--epochs", "1",
         "--run-dir", "r", *FAST]))
@@ -283,3 +288,145 @@ def test_interrupt_exits_130_with_hint(fake_fashion, capsys, monkeypatch):
     rc = main(["train", "--data-dir", str(fake_fashion), "--run-dir", "r", *FAST])
     err = capsys.readouterr().err.splitlines()
     assert rc == 130 and len(err) == 1 and "--resume" in err[0]
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag`` and its value."""
+    if flag not in argv:
+        return argv
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dropout", "0.9999999"], "model.dropout"),
+    (["--seed", "18446744073709551615"], "train.seed"),
+    (["--seed", "-1"], "train.seed"),
+    (["--weight-decay", "nan"], "rule.weight_decay must be a finite number"),
+    (["--weight-decay", "inf"], "rule.weight_decay must be a finite number"),
+    (["--lr", "inf"], "rule.lr must be a finite number"),
+    (["--lr", "abc"], "rule.lr: expected float"),
+    (["--logit-scale", "inf"], "rule.logit_scale must be a finite number"),
+    (["--eta", "nan"], "rule.eta must be a finite number"),
+    (["--epochs", "٣"], "train.epochs: expected int"),
+    (["--lr", "５e-4"], "rule.lr: expected float"),
+    (["--network", "fc-3x1000000000"], "fc-3x1000000000"),
+    (["--network", "fc-99999999999999999999x2"], "fc-99999999999999999999x2"),
+    (["--network", "fc-٣x32"], "fc-٣x32"),
+    (["--augment", "crop100000"], "crop padding 100000"),
+    (["--batch-size", "1"], "data.batch_size"),
+    (["--run-dir", ""], "run_dir is empty"),
+    (["--data-dir", ""], "data_dir is empty"),
+])
+def test_bad_values_stop_before_anything(in_tmp, capsys, argv, match, fake_fashion):
+    t0 = time.perf_counter()
+    line = one_error_line(capsys, main(["train", "--data-dir", str(fake_fashion),
+                                        *_without(FAST, argv[0]), *argv]))
+    assert match in line
+    assert time.perf_counter() - t0 < 20  # refused, not allocated or looped
+    assert not (in_tmp / "runs").exists() and not list(in_tmp.iterdir())
+
+
+def test_huge_check_every_trains(fake_fashion, in_tmp, capsys):
+    assert main(["train", "--data-dir", str(fake_fashion), "--check-every", "1000000000",
+                 "--epochs", "1", "--train-limit", "256", "--run-dir", "r", *FAST]) == 0
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe[train]\n", "not UTF-8"),
+    (b"[train\n", "not valid TOML"),
+    (b"epochs = 3\n", "unknown config section [epochs]"),
+])
+def test_bad_config_files(in_tmp, capsys, content, match):
+    (in_tmp / "c.toml").write_bytes(content)
+    assert match in one_error_line(capsys, main(["train", "--config", "c.toml"]))
+
+
+def test_config_at_a_directory(in_tmp, capsys):
+    (in_tmp / "conf").mkdir()
+    assert "is a directory" in one_error_line(capsys, main(["train", "--config", "conf"]))
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_interrupt_names_the_run_folder(fake_fashion, in_tmp, capsys, monkeypatch):
+    from sigprop.engine.trainer import Trainer
+
+    def interrupted(self, exp, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_epoch", interrupted)
+    rc = main(["train", "--data-dir", str(fake_fashion), "--run-dir", "my run", *FAST])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 130 and len(err) == 1
+    assert "--resume --run-dir 'my run'" in err[0] and "DIR" not in err[0]
+
+
+def test_interrupted_download_gives_no_training_advice(in_tmp, capsys, monkeypatch):
+    import sigprop.data.download as ds
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds, "URL_OPENER", interrupted)
+    rc = main(["data", "download", "mnist", "--dest", "dl"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 130 and len(err) == 1
+    assert "--resume" not in err[0] and "download" in err[0]
+    assert not list((in_tmp / "dl").rglob("*.part"))
+
+
+def test_error_with_progress_bar_gets_its_own_line(fake_fashion, in_tmp, capsys, monkeypatch):
+    from sigprop.rules.sigprop import Sigprop
+
+    nan_losses(monkeypatch, Sigprop)
+    args = [a for a in FAST if a != "--no-progress"]
+    rc = main(["train", "--data-dir", str(fake_fashion), "--run-dir", "r", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    before, _, after = err.rpartition("sigprop: error: ")
+    assert "became nan" in after and after.count("\n") == 1
+    # the bar was cleared: the error starts a line (after a newline or carriage return)
+    assert before.endswith("\r") and before.split("\r")[-2].strip() == ""
+
+
+TRAIN_AND_WAIT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {src!r})
+    import sigprop.data.datasets as ds
+    from sigprop.cli import main
+    ds.SYSTEM_ROOT = ds.CACHE_ROOT = {nowhere!r}
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_stops_cleanly_and_resumes(fake_fashion, in_tmp):
+    run = in_tmp / "run"
+    code = TRAIN_AND_WAIT.format(src=SRC, nowhere=str(in_tmp / "none"))
+    argv = [sys.executable, "-c", code, "train", "--data-dir", str(fake_fashion),
+            "--run-dir", str(run), "--epochs", "500"]
+    child = subprocess.Popen(argv + FAST, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 90
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (run / "checkpoint.pt").exists()
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "terminated" in lines[0]
+    assert f"--resume --run-dir {run}" in lines[0]
+    assert not [p for p in run.iterdir() if p.suffix == ".tmp"]  # no half-written file
+    done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    assert done >= 1
+    # the lock went with the process: resume takes the folder at once
+    out = subprocess.run([sys.executable, "-c", code, "train", "--resume", "--run-dir",
+                          str(run), "--epochs", str(done + 1), "--no-progress"],
+                         capture_output=True, text=True, timeout=90, check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming {run} after epoch {done}" in out.stdout

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lowers_loss
+from helpers import lowers_loss
 from torch import nn
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)

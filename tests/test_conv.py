@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lowers_loss, make_cifar, make_svhn_mat
+from helpers import lowers_loss, make_cifar, make_svhn_mat
 from torch import nn
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)

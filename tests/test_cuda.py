@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import blobs, small_config
+from helpers import blobs, small_config
 
 from sigprop.networks.batchnorm import _InputStatsBN
 from sigprop.cli import main

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import loader, tiny, to_pixels
+from helpers import loader, tiny, to_pixels
 
 from sigprop.data import Augment, dataset_spec, parse_augment
 from sigprop.data.augment import crop_with_offsets, flip_with_mask

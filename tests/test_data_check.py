@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_cifar, make_idx_dataset
+from helpers import make_cifar, make_idx_dataset
 
 from sigprop.data import check_dataset
 

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_idx_dataset, md5, one_line, use_spec
+from helpers import make_idx_dataset, md5, one_error_line, one_line, use_spec
 
 import sigprop.data.download as dl
+from sigprop.cli import main
 from sigprop.data import dataset_spec, download_dataset, download_file, load_dataset
 from sigprop.errors import ConfigError, DataError
 
@@ -538,3 +539,25 @@ def test_download_dest_checked_before_the_network(tmp_path):
             dl.download_dataset("mnist", dest, progress=False,
                                 opener=lambda url, timeout: calls.append(url))
     assert calls == []
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("dest", ["a-file", "a-file/below"])
+def test_download_dest_at_a_file(in_tmp, capsys, dest, monkeypatch):
+    import sigprop.data.download as ds
+
+    (in_tmp / "a-file").write_text("x")
+    calls = []
+    monkeypatch.setattr(ds, "URL_OPENER", lambda *a, **k: calls.append(a) or 1 / 0)
+    one_error_line(capsys, main(["data", "download", "mnist", "--dest", dest]))
+    assert calls == []  # refused before any network access
+
+
+@pytest.mark.usefixtures("in_tmp")
+@pytest.mark.parametrize("flag", ["--stall-timeout", "--deadline"])
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "soon"])
+def test_download_limits_validated(capsys, flag, value):
+    line = one_error_line(capsys, main(["data", "download", "mnist", flag, value]))
+    assert flag in line

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from conftest import (
+from helpers import (
     IDX_NAMES,
     cifar_batch,
     idx_bytes,

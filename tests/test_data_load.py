@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    FAST,
     IDX,
-    _idx,
     idx_bytes,
     make_cifar10,
     make_idx_dataset,
     make_mnist,
     make_svhn,
+    one_error_line,
     one_line,
+    write_fake_fashion,
 )
 
+from sigprop.cli import main
 from sigprop.data import check_dataset, load_dataset
 from sigprop.errors import ConfigError, DataError
 
@@ -93,11 +97,24 @@ def test_empty_svhn(tmp_path):
 
 def test_empty_split_is_refused_at_load(roots):
     (roots / "t10k-images-idx3-ubyte.gz").write_bytes(
-        gzip.compress(_idx(np.zeros((0, 28, 28), np.uint8), 0x803)))
+        gzip.compress(idx_bytes(np.zeros((0, 28, 28), np.uint8))))
     (roots / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(_idx(np.zeros(0, np.uint8), 0x801)))
+        gzip.compress(idx_bytes(np.zeros(0, np.uint8))))
     with pytest.raises(DataError, match="no images"):
         load_dataset("fashion-mnist", "test", roots)
+
+
+def test_empty_test_split_fails_before_training(in_tmp, capsys):
+    folder = write_fake_fashion(in_tmp / "d")
+    empty = idx_bytes(torch.zeros(0, 28, 28, dtype=torch.uint8).numpy())
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(empty))
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(torch.zeros(0, dtype=torch.uint8).numpy())))
+    t0 = time.perf_counter()
+    line = one_error_line(capsys, main(["train", "--data-dir", str(folder), "--run-dir", "r",
+                                        *FAST]))
+    assert "no images" in line and time.perf_counter() - t0 < 10
+    assert not (in_tmp / "r").exists()
 
 
 # --------------------------------------------------------------------------- real data

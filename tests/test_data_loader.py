@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import loader, tiny, to_pixels
+from helpers import loader, tiny, to_pixels
 
 from sigprop.data import Augment, DeviceLoader
 from sigprop.errors import ConfigError

@@ -8,9 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_cifar10, make_idx_dataset, make_mnist, make_svhn, one_line
+from helpers import (
+    FAST,
+    make_cifar10,
+    make_idx_dataset,
+    make_mnist,
+    make_svhn,
+    one_error_line,
+    one_line,
+)
 
 import sigprop.data.datasets as ds
+from sigprop.cli import main
 from sigprop.data import find_dataset_dir, load_dataset, split_file_records
 from sigprop.errors import ConfigError, DataError
 from sigprop.registry import DATASETS
@@ -283,3 +292,43 @@ def test_svhn_required_file_is_directory(tmp_path):
     with pytest.raises(DataError, match=r"test_32x32\.mat is a directory, not a file") as err:
         load_dataset("svhn", "train", tmp_path)
     one_line(err)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("case", ["nonexistent", "empty folder", "a file", "missing one file",
+                                  "data file is a folder"])
+def test_explicit_data_dir_is_used_or_fails(in_tmp, capsys, fake_fashion, case):
+    import shutil
+
+    where = in_tmp / "data"
+    if case == "empty folder":
+        where.mkdir()
+    elif case == "a file":
+        where.write_text("x")
+    elif case in ("missing one file", "data file is a folder"):
+        shutil.copytree(fake_fashion, where)
+        (where / "train-labels-idx1-ubyte.gz").unlink()
+        if case == "data file is a folder":
+            (where / "train-labels-idx1-ubyte.gz").mkdir()
+    line = one_error_line(capsys, main(["train", "--data-dir", str(where), "--run-dir", "r",
+                                        *FAST]))
+    assert str(where) in line
+    if case.startswith(("missing", "data file")):
+        assert "train-labels-idx1-ubyte" in line
+    assert not (in_tmp / "r").exists()  # nothing left behind
+
+
+def test_eval_with_explicit_missing_data_dir_fails(finished, capsys):
+    line = one_error_line(capsys, main(["eval", str(finished), "--data-dir", "/nonexistent"]))
+    assert "/nonexistent" in line
+
+
+def test_sigprop_data_env_is_used_or_fails(in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("SIGPROP_DATA", str(in_tmp / "nowhere"))
+    line = one_error_line(capsys, main(["train", "--run-dir", "r", *FAST]))
+    assert "SIGPROP_DATA" in line and "nowhere" in line
+    monkeypatch.setenv("SIGPROP_DATA", "d" * 5000)
+    one_error_line(capsys, main(["train", "--run-dir", "r", *FAST]))
+    assert not (in_tmp / "r").exists()

@@ -1,16 +1,17 @@
 """Provenance records of the files a split reads: path, size, md5, whether official;
-the same files load_dataset reads."""
+the same files load_dataset reads, and those a training run records in config.json."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
-from conftest import IDX, make_cifar10, make_mnist, make_svhn, md5, use_spec
+from helpers import IDX, make_cifar10, make_mnist, make_svhn, md5, use_spec
 
 import sigprop.data.datasets as ds
 from sigprop.data import dataset_spec, load_dataset, split_file_records
@@ -118,3 +119,15 @@ def test_split_file_records_are_the_files_read(roots):
     rec = {Path(r["path"]).name: r for r in split_file_records("fashion-mnist", "test", roots)}
     assert rec["t10k-images-idx3-ubyte"]["official_md5"] is None
     assert load_dataset("fashion-mnist", "test", roots)[0].shape[0] == 200
+
+
+def test_config_records_the_files_read(finished, fake_fashion):
+    files = json.loads((finished / "config.json").read_text())["data_files"]
+    assert set(files) == {"train", "test"}
+    for rec in files["train"] + files["test"]:
+        path = Path(rec["path"])
+        assert path.parent == fake_fashion.resolve() or path.parent == fake_fashion
+        assert rec["bytes"] == path.stat().st_size
+        assert rec["md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    assert {Path(r["path"]).name for r in files["test"]} == {
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}

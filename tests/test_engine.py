@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAKE_TRAIN, small_config
+from helpers import FAKE_TRAIN, small_config
 
 from sigprop.engine import runio
 from sigprop.engine.config import (

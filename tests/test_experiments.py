@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import one_error_line
+from helpers import one_error_line
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
 from sigprop.cli import _overrides, _parser, main
@@ -24,6 +24,8 @@ from sigprop.engine.config import Config, apply_overrides
 from sigprop.errors import ConfigError, TrainingError
 from sigprop.experiments import builtin_names, load_experiment, plots, reproduce, write_report
 from sigprop.experiments.report import collect
+
+pytestmark = pytest.mark.usefixtures("in_tmp")  # from an empty folder, no real dataset visible
 
 # A small experiment on the fake Fashion-MNIST: two rows, two rules, seconds per run.
 SMALL = """\
@@ -83,14 +85,6 @@ def small_file(folder: Path, name: str = "small", quick_epochs: int = 2, edit=No
     path = folder / f"{name}.toml"
     path.write_text(text)
     return path
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch, isolated_data):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 
 
 def run_quietly(exp, budget, out, data_dir, **kw):

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_batches, run_steps, sigprop_rule
+from helpers import random_batches, run_steps, sigprop_rule
 from torch import nn
 
 import sigprop.functional as SF

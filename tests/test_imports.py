@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 PACKAGE = ROOT / "src" / "sigprop"
 CLIENTS = ("scripts/", "benchmarks/")  # code outside the library that uses it
 

@@ -5,8 +5,8 @@ before anything is allocated, started or written (one line, exit 2)."""
 from __future__ import annotations
 
 import pytest
+from helpers import one_error_line
 
-from conftest import one_error_line
 from sigprop import resources
 from sigprop.cli import main
 from sigprop.engine import bench
@@ -15,10 +15,7 @@ BENCH = ["bench", "--network", "fc-2x16", "--input", "1x8x8", "--rules", "backpr
          "--steps", "1", "--repeats", "1", "--warmup", "0"]
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch, isolated_data):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("in_tmp")  # from an empty folder, no real dataset visible
 
 
 def _nothing_made(folder) -> None:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST, one_error_line
 
-from conftest import one_error_line
 from sigprop.cli import main
 from sigprop.engine import runio
 from sigprop.errors import CheckpointError
 
-FAST = ["--network", "fc-2x32", "--batch-size", "64", "--no-progress", "--lr", "5e-3"]
 # a reproduction of one short run
 ONE_RUN = """\
 name = "one"
@@ -53,10 +52,7 @@ BENCH = ["bench", "--network", "fc-2x16", "--input", "1x8x8", "--rules", "backpr
          "--steps", "1", "--repeats", "1", "--warmup", "0", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch, isolated_data):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("in_tmp")  # from an empty folder, no real dataset visible
 
 
 def _train(data: Path, run: Path, *extra: str) -> int:

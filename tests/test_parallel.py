@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_batches, sigprop_rule
+from helpers import random_batches, sigprop_rule
 from sigprop.engine import runstate as ck
 from sigprop.engine.stagespec import parse_split
 from sigprop.errors import ConfigError, InputError

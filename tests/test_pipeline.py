@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_batches, run_steps, sigprop_rule
+from helpers import random_batches, run_steps, sigprop_rule
 
 from sigprop.rules.sigprop import fastpath
 from sigprop.errors import ConfigError, InputError, TrainingError

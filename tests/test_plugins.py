@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, SRC
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sigprop-plugin-example"
-SRC = ROOT / "src"
 
 
 @pytest.fixture(scope="module")

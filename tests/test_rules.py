@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blobs
+from helpers import blobs
 from torch import nn
 
 import sigprop.functional as SF
@@ -103,16 +103,6 @@ def reference_sigprop(net, gen, data, lr, signal, kind, logit_scale=None, joint=
                 o.zero_grad()
                 loss.backward()
                 o.step()
-
-
-@pytest.fixture
-def float64():
-    """float64 throughout: a Linear bias before BatchNorm has an analytically zero
-    gradient, and Adam turns float32 rounding noise there into full-size steps."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("signal,kind,logit_scale", [

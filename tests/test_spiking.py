@@ -17,7 +17,7 @@ import torch
 
 import sigprop  # noqa: F401  (registers the rules)
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
-from conftest import lowers_loss
+from helpers import lowers_loss
 from sigprop.cli import main
 from sigprop.errors import ConfigError
 from sigprop.functional import spiking as SNN

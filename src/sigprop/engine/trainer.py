@@ -113,7 +113,8 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
         t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
     _check_eval_batch_fits(network, min(cfg.data.eval_batch_size, len(t_labels)), device)
     test = DeviceLoader(
-        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=mean, std=std, device=device, shuffle=False, num_classes=spec.num_classes,
+        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=mean, std=std,
+        device=device, shuffle=False, num_classes=spec.num_classes,
     )
     return Experiment(rule, train, test, device)
 

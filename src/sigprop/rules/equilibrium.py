@@ -140,7 +140,9 @@ class EquilibriumPropagation(LearningRule):
         self.particles: list[Tensor] = []  # per layer, (training samples, units)
         self._steps, self._batches = 0, 0  # free-phase steps taken, this epoch
         self.residual = float("nan")  # mean free-phase residual of the last batch
-        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0  # dead outputs
+        # dead outputs this epoch: a count on the batches' device (no sync per batch)
+        self._dead: Tensor | None = None
+        self._seen = 0
 
     # --- what the two rules set differently -------------------------------------------
     def _default_lrs(self, count: int) -> list[float]:
@@ -223,7 +225,8 @@ class EquilibriumPropagation(LearningRule):
             self.residual = residual.mean()
             # samples whose output units are all at zero: rho has no slope there, so
             # nothing they see moves the weights (a dying output layer, docs/studies)
-            self._dead += (out <= 0).all(1).sum()
+            dead = (out <= 0).all(1).sum()
+            self._dead = dead if self._dead is None else self._dead + dead
             self._seen += out.shape[0]
         return cost.view(1), (out.argmax(1) == y).sum().view(1)
 
@@ -247,9 +250,9 @@ class EquilibriumPropagation(LearningRule):
         """The last batch's mean free-phase residual, the share of the epoch's training
         samples whose outputs were all zero (``dead_outputs``) and the free-phase steps a
         batch took, on average (``free_steps``: fewer than --ep-free-steps with --ep-tol)."""
-        dead = float(self._dead) / self._seen if self._seen else 0.0
+        dead = float(self._dead) / self._seen if self._seen and self._dead is not None else 0.0
         steps = self._steps / self._batches if self._batches else 0.0
-        self._dead, self._seen = torch.zeros((), dtype=torch.int64), 0
+        self._dead, self._seen = None, 0
         self._steps, self._batches = 0, 0
         return {"free_residual": float(self.residual), "dead_outputs": dead,
                 "free_steps": steps}

@@ -208,7 +208,8 @@ def test_sigprop_models_are_local(rule):
 
 SETTINGS = [("sp-surrogate", "surrogate", "input"), ("sp-surrogate", "surrogate-above", "input"),
             ("sp-surrogate", "surrogate", "current"), ("sp-voltage", "voltage", "input"),
-            ("sp-voltage", "voltage-above", "current")]
+            ("sp-voltage", "voltage-above", "current"), ("sp-surrogate", "surrogate-leaky", "current"),
+            ("sp-voltage", "voltage-leaky", "current")]
 
 
 @pytest.mark.parametrize("rule,loss,targets", SETTINGS)
@@ -249,8 +250,34 @@ def test_above_threshold_losses_move_only_neurons_at_or_above_it(rule, loss):
     assert (u.grad[below] != 0).all()
 
 
+@pytest.mark.parametrize("rule,loss", [("sp-surrogate", "surrogate-leaky"),
+                                       ("sp-voltage", "voltage-leaky")])
+def test_leaky_losses_move_neurons_below_threshold_at_a_hundredth(rule, loss):
+    """Hand-built voltages: below the threshold the comparison's gradient is LEAKY_SLOPE
+    times the slope of its function there (1 for the voltage, g' for the surrogate); above
+    it, the same as the plain comparison's."""
+    from sigprop.rules.spiking import LEAKY_SLOPE
+    r = snn(rule, amp="off", snn_loss=loss)
+    block = r.network.blocks[0]
+    theta = float(block.node.threshold)
+    u = (theta + torch.linspace(-2.0, 2.0, 4 * 6 * 10, dtype=torch.float64)
+         .view(4, 6, 10)).requires_grad_(True)
+    r._activity(u, block).sum().backward()
+    below, above = u.detach() < theta, u.detach() > theta
+    if loss == "voltage-leaky":
+        assert torch.allclose(u.grad[below], torch.full_like(u.grad[below], LEAKY_SLOPE))
+        assert torch.allclose(u.grad[above], torch.ones_like(u.grad[above]))
+    else:  # g'(x) = 1 / (1 + (pi x)^2) (Eq. 17 with alpha = 2), at x = slope * (u - theta)
+        x = LEAKY_SLOPE * (u.detach()[below] - theta)
+        assert torch.allclose(u.grad[below], LEAKY_SLOPE / (1 + (math.pi * x) ** 2))
+        x = u.detach()[above] - theta
+        assert torch.allclose(u.grad[above], 1 / (1 + (math.pi * x) ** 2))
+    assert r.scales[0] > 0
+
+
 @pytest.mark.parametrize("loss,targets", [("voltage", "input"), ("voltage-above", "input"),
-                                          ("voltage-above", "current")])
+                                          ("voltage-above", "current"),
+                                          ("voltage-leaky", "current")])
 def test_sp_voltage_has_no_surrogate_anywhere(loss, targets):
     """Every node of sp-voltage's loss graphs: no arctan surrogate (forward or backward)."""
     r = snn("sp-voltage", amp="off", snn_loss=loss, snn_targets=targets)

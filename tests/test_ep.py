@@ -321,8 +321,8 @@ def test_rule_defaults_apply_to_new_runs_and_yield_to_the_user():
     from sigprop.engine.config import compose
 
     ep = compose(({"rule": {"name": "ep-loopback"}}, True))
-    assert (ep.data.batch_size, ep.train.schedule, ep.data.inputs) == (20, "none", "unit")
-    mine = compose(({"data": {"batch_size": 64}}, False),
+    assert (ep.data.batch_size, ep.train.schedule, ep.data.inputs) == (20, "none", "standard")
+    mine = compose(({"data": {"batch_size": 64, "inputs": "unit"}}, False),
                    ({"rule": {"name": "ep-symmetric"}, "train": {"schedule": "step"}}, True))
     assert (mine.data.batch_size, mine.train.schedule, mine.data.inputs) == (64, "step", "unit")
     sp = compose(({"rule": {"name": "sigprop"}}, True))
@@ -330,32 +330,37 @@ def test_rule_defaults_apply_to_new_runs_and_yield_to_the_user():
 
 
 def test_inputs_reach_the_network_as_chosen(fake_fashion):
-    """unit: pixels in [0, 1] (the EP rules' default); standard: the dataset's mean and
-    std (the discrete rules')."""
+    """standard: the dataset's mean and std (every rule's default, the EP rules' included);
+    unit: pixels in [0, 1], when asked for."""
     from sigprop.engine.config import compose
     from sigprop.engine.trainer import build_experiment
 
-    for rule, lo, hi in (("ep-loopback", 0.0, 1.0), ("backprop", -1.0, 3.0)):
+    for rule, inputs in (("ep-loopback", None), ("ep-symmetric", "unit"), ("backprop", None)):
         net = "hopfield-1x16" if rule.startswith("ep") else "fc-1x16"
-        cfg = compose(({"rule": {"name": rule}, "model": {"network": net},
-                        "data": {"data_dir": str(fake_fashion), "train_limit": 64}}, False))
+        data = {"data_dir": str(fake_fashion), "train_limit": 64}
+        if inputs:
+            data["inputs"] = inputs
+        cfg = compose(({"rule": {"name": rule}, "model": {"network": net}, "data": data},
+                       False))
         x, _ = next(iter(build_experiment(cfg).train.epoch(0)))
-        assert float(x.min()) >= lo and float(x.max()) <= hi
-        if rule == "backprop":
-            assert float(x.min()) < 0  # standardised: the dark pixels below zero
+        if inputs == "unit":
+            assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        else:  # standardised: the dark pixels below zero, the bright ones above 1
+            assert float(x.min()) < 0 and float(x.max()) > 1.0
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("network", ["hopfield-1x1500", "hopfield-2x500"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_symmetric_output_layer_stays_alive_on_a_wide_net(seed, tmp_path):
-    """hopfield-1x1500 on 1,000 Fashion-MNIST images, its defaults: the samples whose
-    outputs are all zero stay a minority (with the one-sided nudge they took over some
-    seeds) and the net learns."""
+def test_symmetric_output_layer_stays_alive_on_a_wide_net(network, seed, tmp_path):
+    """A wide net and a deep one on 1,000 Fashion-MNIST images, the rule's defaults: the
+    samples whose outputs are all zero stay a minority (with the one-sided nudge, or pixels
+    in [0, 1] on the deep net, they took over) and the net learns."""
     fashion_or_skip()
     run = tmp_path / "run"
-    assert main(["train", "--rule", "ep-symmetric", "--network", "hopfield-1x1500",
-                 "--train-limit", "1000", "--epochs", "1", "--seed", str(seed),
-                 "--run-dir", str(run), "--no-progress"]) == 0
+    assert main(["train", "--rule", "ep-symmetric", "--network", network,
+                 "--train-limit", "1000", "--test-limit", "2000", "--epochs", "1",
+                 "--seed", str(seed), "--run-dir", str(run), "--no-progress"]) == 0
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["dead_outputs"] < 0.5 and record["test_acc"] > 0.4, record
 

@@ -21,7 +21,7 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--train-split", "data", "train_split", {"help": "the split to train on (default train; SVHN: train+extra, as the paper)"}),
     ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
     ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128; a rule may set its own)"}),
-    ("--inputs", "data", "inputs", {"help": "what the network sees: standard (the dataset's mean and std; default) | unit (pixels in [0, 1]; the EP rules' default)"}),
+    ("--inputs", "data", "inputs", {"help": "what the network sees: standard (the dataset's mean and std; default) | unit (pixels in [0, 1])"}),
     ("--eval-batch-size", "data", "eval_batch_size", {"help": "evaluation batch size (default 1000)"}),
     ("--network", "model", "network", {"help": "the network"}),
     ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),

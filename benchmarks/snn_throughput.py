@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Spiking networks on this CPU: training samples/s of the four models of Table V
-(bp-surrogate, shallow, sp-surrogate, sp-voltage) side by side in one process, with
-16-bit autocast on and off, and where a step's time goes.
+(bp-surrogate, shallow, sp-surrogate, sp-voltage) and the sigprop models' other settings
+(``RULE:SNN_LOSS:SNN_TARGETS``) side by side in one process, with 16-bit autocast on and
+off, and where a step's time goes.
 
     python benchmarks/snn_throughput.py                         # snn-conv, 1x28x28, batch 128
     python benchmarks/snn_throughput.py --amp on,off --steps 2 --repeats 5 --json snn.json
+    python benchmarks/snn_throughput.py --models bp-surrogate,sp-voltage:voltage-leaky:current
 
 Per model and amp setting, ``--repeats`` interleaved segments of ``--steps`` training
 steps on one synthetic batch (the order rotates every repeat); the figure is the median
@@ -31,7 +33,8 @@ from sigprop.engine.perf import tune_allocator
 from sigprop.networks import build_network
 from sigprop.resources import cpu_capability, half_precision_pays
 
-MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage")
+MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage",
+          "sp-surrogate:surrogate-leaky:current", "sp-voltage:voltage-leaky:current")
 CLASSES = 10
 
 
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", default="1x28x28", help="CxHxW")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="RULE or RULE:SNN_LOSS[:SNN_TARGETS], comma-separated")
     p.add_argument("--amp", default="on,off", help="on, off or both (on,off)")
     p.add_argument("--steps", type=int, default=2, help="training steps per segment")
     p.add_argument("--repeats", type=int, default=5)
@@ -80,8 +84,10 @@ def main(argv=None) -> int:
     for model in models:
         for amp in amps:
             torch.manual_seed(0)
-            rule = sigprop.build_rule(model, build_network("snn-conv", shape, CLASSES),
-                                      CLASSES, amp=amp).to(device)
+            name, *setting = model.split(":")
+            extra = dict(zip(("snn_loss", "snn_targets"), setting))
+            rule = sigprop.build_rule(name, build_network("snn-conv", shape, CLASSES),
+                                      CLASSES, amp=amp, **extra).to(device)
             rule.set_training(True)
             for _ in range(args.warmup):
                 rule.train_step(x, y)

@@ -48,7 +48,7 @@ rule = {{ name = "backprop" }}
 [[columns]]
 key = "sigprop"
 label = "SP"
-rule = {{ name = "sigprop" }}
+rule = {{ name = "sigprop", loss = "dot" }}
 
 [[rows]]
 key = "fc-2x32"
@@ -142,7 +142,7 @@ BAD_FILES = [
      "unknown key 'colour' in the file"),
     (lambda t: t.replace('model = { network = "fc-2x32" }', 'model = { netwrk = "fc-2x32" }'),
      "unknown key model.netwrk"),
-    (lambda t: t.replace('rule = { name = "sigprop" }', 'rule = { name = "sigprp" }'),
+    (lambda t: t.replace('rule = { name = "sigprop",', 'rule = { name = "sigprp",'),
      "unknown rule 'sigprp'"),
     (lambda t: t.replace('model = { network = "fc-1x16" }', 'model = { network = "mlp-1x16" }'),
      "unknown network 'mlp'"),
@@ -190,7 +190,7 @@ BAD_PLANS = [
      "cuda"),
     (lambda t: t.replace('eval_batch_size = 100 }', 'eval_batch_size = 100, data_dir = "/nowhere" }'),
      "needs dataset 'fashion-mnist', which is not here"),
-    (lambda t: t.replace('rule = { name = "sigprop" }', 'rule = { name = "ep-loopback" }'),
+    (lambda t: t.replace('rule = { name = "sigprop", loss = "dot" }', 'rule = { name = "ep-loopback" }'),
      "rule ep-loopback on fc-2x32"),
     (lambda t: t.replace('train = { epochs = 1 }', 'train = { epochs = "1" }'),
      "train.epochs: expected int"),
@@ -261,6 +261,7 @@ def test_reproduce_then_report_equals_the_runs_metrics(in_tmp, fake_fashion):
     assert result["ran"] == 8 and result["skipped"] == 0 and not result["failed"]
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    assert "- SP: rule.name = sigprop, rule.loss = dot" in md  # which variant each ran
     assert len(report["cells"]) == 4
     for cell in report["cells"]:
         errors = [final_error(out / "runs" / r["run"]) for r in cell["runs"]]

@@ -283,6 +283,7 @@ def write_report(out: Path) -> Path:
               "not compared" + ("; compare the gaps between columns below." if exp.gaps
                                 else ".") if other else ""), ""]
     md += _table(exp, cells) + [""]
+    md += _column_settings(exp) + [""]
     if exp.gaps:
         md += ["### Gaps between columns (what carries over between data sets)", ""]
         md += _gap_table(exp, cells) + [""]
@@ -327,6 +328,18 @@ def write_report(out: Path) -> Path:
     runio.atomic_write_text(out / REPORT_JSON, runio.strict_dumps(_as_json(exp, manifest, cells, made),
                                                           indent=2) + "\n")
     return out / REPORT_MD
+
+
+def _column_settings(exp: Experiment) -> list[str]:
+    """One line per column: the settings it gives beside the experiment's defaults (what a
+    reader needs to know which variant of a rule each column ran)."""
+    lines = ["Columns: the settings each gives (the rest: the defaults of the experiment and "
+             "of each rule).", ""]
+    for col in exp.columns:
+        given = [f"{section}.{k} = {v}" for section, values in col.overrides.items()
+                 for k, v in values.items()]
+        lines.append(f"- {col.label}: " + (", ".join(given) if given else "the defaults"))
+    return lines
 
 
 def _options(manifest: dict[str, Any]) -> str:

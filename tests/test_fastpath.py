@@ -425,3 +425,20 @@ def test_conv_block_keeps_its_input_preactivation_mask_and_output():
     assert packed[5:9] == [(n + m, 4, 3, 3), (n + m, 5, 3, 3), (n + m, 5, 3, 3),
                            (n + m, 5, 3, 3)]
     assert live[0] == 0
+
+
+@pytest.mark.parametrize("kernel,stride,padding,shape", [
+    (2, 2, 0, (3, 5, 32, 32)), (3, 2, 1, (2, 4, 15, 15)), (2, 2, 0, (2, 3, 7, 9)),
+    (3, 3, 0, (2, 3, 9, 9)), ((2, 3), (1, 2), (1, 1), (2, 3, 6, 7))])
+def test_pool_codes_rebuild_the_poolings_indices(kernel, stride, padding, shape):
+    """The one-byte window codes and the indices rebuilt from them (by comparisons, not
+    division) equal max_pool2d_with_indices' own, ties and padding included."""
+    from sigprop.rules.sigprop import fastpath as fp
+
+    pool = torch.nn.MaxPool2d(kernel, stride, padding)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[x < -0.5] = 0.0  # ties inside windows
+    p, code = fp._pool(pool, x, None)
+    want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *fp._pool_geometry(pool))
+    assert code.dtype == torch.uint8 and torch.equal(p, want_p)
+    assert torch.equal(fp._window_index(pool, code, shape[3]), want_i)

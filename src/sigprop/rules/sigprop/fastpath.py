@@ -284,12 +284,22 @@ def _pool_geometry(pool: nn.MaxPool2d) -> tuple:
             _pair(pool.padding), _pair(pool.dilation), pool.ceil_mode)
 
 
-def _window_grid(pool: nn.MaxPool2d, pooled: Tensor) -> tuple[Tensor, Tensor]:
-    """Row and column of each pooled position's window corner in the input map."""
+def _window_corner(pool: nn.MaxPool2d, pooled: Tensor, width: int) -> Tensor:
+    """(H_out, W_out) flat index, in an input plane ``width`` wide, of each pooled
+    position's window corner (negative where the window starts in the padding)."""
     (_, _), (sh, sw), (ph, pw), _, _ = _pool_geometry(pool)
-    rows = torch.arange(pooled.shape[2], device=pooled.device, dtype=torch.int32) * sh - ph
-    cols = torch.arange(pooled.shape[3], device=pooled.device, dtype=torch.int32) * sw - pw
-    return rows.view(-1, 1), cols.view(1, -1)
+    rows = torch.arange(pooled.shape[2], device=pooled.device) * sh - ph
+    cols = torch.arange(pooled.shape[3], device=pooled.device) * sw - pw
+    return rows.view(-1, 1) * width + cols.view(1, -1)
+
+
+def _rows_down(offset: Tensor, step: int, rows: int) -> Tensor:
+    """How many whole ``step``s fit in each ``offset`` (0 <= offset < rows * step), by
+    comparisons: integer division has no vector instruction on a CPU."""
+    down = (offset >= step).to(offset.dtype)
+    for k in range(2, rows):
+        down += offset >= k * step
+    return down
 
 
 def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -298,30 +308,25 @@ def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Te
     the pooling returns, which the update rebuilds from it (:func:`_window_index`)."""
     geometry = _pool_geometry(pool)
     (kh, kw) = geometry[0]
-    if kh * kw > 256 or geometry[3] != (1, 1):
-        raise ValueError("the fast path pools with windows of at most 256 values, no dilation")
+    if kh * kw > 256 or geometry[3] != (1, 1) or kw > x.shape[3]:
+        raise ValueError("the fast path pools with windows of at most 256 values, no "
+                         "dilation, no wider than the map")
     if out is None:
         p, idx = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
     else:
         idx = torch.empty(out.shape, dtype=torch.int64, device=out.device)
         p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *geometry, out=out, indices=idx)
-    rows, cols = _window_grid(pool, p)
     width = x.shape[3]
-    i = idx.to(torch.int32)  # int32 arithmetic: about half the time of int64's here
-    del idx
-    code = (torch.div(i, width, rounding_mode="floor") - rows).mul_(kw)
-    code += torch.remainder(i, width) - cols
+    offset = idx.sub_(_window_corner(pool, p, width))  # row * width + column in the window
+    code = offset.sub_(_rows_down(offset, width, kh).mul_(width - kw))
     return p, code.to(torch.uint8)
 
 
 def _window_index(pool: nn.MaxPool2d, code: Tensor, width: int) -> Tensor:
     """The pooling's int64 indices (into each H x W plane) from :func:`_pool`'s codes."""
-    kw = _pool_geometry(pool)[0][1]
-    rows, cols = _window_grid(pool, code)
-    c = code.to(torch.int32)
-    flat = (torch.div(c, kw, rounding_mode="floor") + rows).mul_(width)
-    flat += torch.remainder(c, kw) + cols
-    return flat.to(torch.int64)
+    kh, kw = _pool_geometry(pool)[0]
+    c = code.to(torch.int64)
+    return c.add_(_rows_down(c, kw, kh).mul_(width - kw)).add_(_window_corner(pool, code, width))
 
 
 def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ A rule is one class in one file with ``@register_rule("name")`` and its own opti
 
 from . import (  # noqa: F401  (registration)
     backprop,
+    drtp,
     equilibrium,
     feedback_alignment,
     local_learning,

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registration)
     drtp,
     equilibrium,
     feedback_alignment,
+    ff,
     local_learning,
     sigprop,
     spiking,

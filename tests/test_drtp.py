@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, lowers_loss, one_error_line
+from helpers import FAST, lowers_loss, make_mnist, one_error_line
 from torch import nn
 
 from sigprop.cli import main
 from sigprop.errors import ConfigError
+from sigprop.experiments import load_experiment
 from sigprop.networks import Network, build_network
 from sigprop.rules import build_rule
 
@@ -217,3 +218,27 @@ def test_bad_values_are_one_line_before_any_folder(flags, match, fake_fashion, i
                str(run), "--no-progress", *flags])
     assert match in one_error_line(capsys, rc)
     assert not run.exists()
+
+
+# --------------------------------------------------------------------------- named config
+
+
+def test_named_config_is_the_references_setting():
+    exp = load_experiment("drtp-mnist")
+    runs = exp.runs("full")
+    assert {p.config.model.network for p in runs} == {"fc-1x1000", "fc-2x800", "conv"}
+    for p in runs:
+        assert p.config.data.dataset == "mnist" and p.config.data.batch_size == 100
+        assert p.config.data.inputs == "unit" and p.config.train.epochs == 100
+        assert p.config.train.schedule == "none"
+        if p.config.rule.name == "drtp":
+            assert p.config.rule.resolved().drtp_output == "sigmoid"
+    assert exp.runs("smoke") and exp.runs("quick")
+
+
+@pytest.mark.slow
+def test_named_config_smoke_runs_on_a_fake_mnist(in_tmp):
+    folder = make_mnist(in_tmp / "data" / "mnist", n=256)
+    assert main(["reproduce", "drtp-mnist", "--budget", "smoke", "--data-dir",
+                 str(folder.parent), "--out", str(in_tmp / "out"), "--no-progress"]) == 0
+    assert "DRTP" in (in_tmp / "out" / "report.md").read_text()

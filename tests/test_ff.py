@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, lowers_loss, one_error_line
+from helpers import FAST, lowers_loss, make_mnist, one_error_line
 from torch import nn
 
 from sigprop.cli import main
@@ -270,3 +270,11 @@ def test_named_config_is_the_papers_setting():
                 assert p.config.train.epochs == 60
     assert exp.runs("smoke")
     assert math.isclose(exp.rows[0].paper["ff-goodness"].mean, 1.36)
+
+
+@pytest.mark.slow
+def test_named_config_smoke_runs_on_a_fake_mnist(in_tmp):
+    folder = make_mnist(in_tmp / "data" / "mnist", n=256)
+    assert main(["reproduce", "ff-mnist", "--budget", "smoke", "--data-dir",
+                 str(folder.parent), "--out", str(in_tmp / "out"), "--no-progress"]) == 0
+    assert "FF (goodness)" in (in_tmp / "out" / "report.md").read_text()

@@ -44,7 +44,7 @@ from ..networks.hopfield import HopfieldNetwork
 from ..options import Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, make_grouped_adam
-from .local_learning import split_block
+from .local_learning import core_shapes, split_block
 
 DRTP_OUTPUT = Option(
     "drtp_output", str, "sigmoid", "drtp: the output layer's loss: sigmoid (sigmoid outputs "
@@ -69,28 +69,6 @@ class TargetProjections(nn.Module):
         return B.index_select(0, y).view(len(y), *self.shapes[k])
 
 
-def activity_shapes(network: Network, parts: list[tuple[nn.Module, nn.Module]]
-                    ) -> list[tuple[int, ...]]:
-    """Each block's activity shape, before its tail (one dummy pass of two samples in
-    eval mode; every module's training flag is restored after)."""
-    modules = list(network.modules())
-    was = [m.training for m in modules]
-    network.eval()
-    try:
-        ref = next(network.parameters())
-        with torch.no_grad():
-            h = torch.zeros(2, *network.input_shape, device=ref.device, dtype=ref.dtype)
-            shapes = []
-            for core, tail in parts:
-                h = core(h)
-                shapes.append(tuple(h.shape[1:]))
-                h = tail(h)
-        return shapes
-    finally:
-        for m, t in zip(modules, was):
-            m.training = t
-
-
 @register_rule("drtp")
 class DirectRandomTargetProjection(LearningRule):
     """DRTP (module docstring): each block from B_k^T y* alone, the head from its error."""
@@ -106,7 +84,7 @@ class DirectRandomTargetProjection(LearningRule):
                               "ep-symmetric); use --network fc-<layers>x<width>, conv or vgg8b")
         super().__init__(network, num_classes, cfg)
         self.parts = [split_block(b) for b in network.blocks]
-        self.targets = TargetProjections(activity_shapes(network, self.parts), num_classes)
+        self.targets = TargetProjections(core_shapes(network, self.parts), num_classes)
         self.modules["targets"] = self.targets
         groups = {f"block{i + 1}": b.parameters() for i, b in enumerate(network.blocks)}
         groups["head"] = network.head.parameters()

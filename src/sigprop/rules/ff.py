@@ -64,8 +64,7 @@ from ..networks.hopfield import HopfieldNetwork
 from ..options import Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, make_grouped_adam
-from .drtp import activity_shapes
-from .local_learning import split_block
+from .local_learning import core_shapes, split_block
 
 EPS = 1e-8  # loeweX's, in the length normalisation
 PEER_MOMENTUM = 0.9  # loeweX's running-mean momentum of peer normalisation
@@ -175,7 +174,7 @@ class ForwardForward(LearningRule):
         check_fully_connected(network, num_classes)
         super().__init__(network, num_classes, cfg)
         self.parts = [split_block(b) for b in network.blocks]
-        widths = [math.prod(s) for s in activity_shapes(network, self.parts)]
+        widths = [math.prod(s) for s in core_shapes(network, self.parts)]
         # the scoring layers: all but the first (the paper's), or the only one
         self.scored = list(range(1, len(widths))) or [0]
         self.softmax = self.opts.ff_predict == "softmax"

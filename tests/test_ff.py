@@ -226,15 +226,22 @@ def test_learns_fashion_mnist(predict, least, tmp_path):
 
 def test_train_resume_eval_and_bench(fake_fashion, in_tmp, capsys):
     run = in_tmp / "run"
-    base = ["train", "--rule", "ff", "--data-dir", str(fake_fashion), "--run-dir", str(run),
-            "--train-limit", "256", *FAST]
-    assert main([*base, "--epochs", "1"]) == 0
+    base = ["train", "--rule", "ff", "--data-dir", str(fake_fashion), "--train-limit", "256",
+            *FAST]
+    assert main([*base, "--run-dir", str(run), "--epochs", "1"]) == 0
     assert "data.inputs unit" in capsys.readouterr().out  # the rule's own default, said
     assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2",
                  "--no-progress"]) == 0
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2]
     assert len(history[-1]["ff_separation_layers"]) == 2
+    # resumed equals uninterrupted: the negatives' draws and the peer means carry over
+    straight = in_tmp / "straight"
+    assert main([*base, "--run-dir", str(straight), "--epochs", "2"]) == 0
+    again = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(history, again):
+        assert (a["train_loss"], a["test_acc"], a["ff_loss_layers"]) == \
+            (b["train_loss"], b["test_acc"], b["ff_loss_layers"])
     recorded = json.loads((run / "config.json").read_text())["config"]
     assert recorded["rule"]["ff_threshold"] == 0.5 and recorded["data"]["inputs"] == "unit"
     assert main(["eval", str(run)]) == 0

@@ -84,7 +84,9 @@ class DirectRandomTargetProjection(LearningRule):
                               "ep-symmetric); use --network fc-<layers>x<width>, conv or vgg8b")
         super().__init__(network, num_classes, cfg)
         self.parts = [split_block(b) for b in network.blocks]
-        self.targets = TargetProjections(core_shapes(network, self.parts), num_classes)
+        ref = next(network.parameters())
+        self.targets = TargetProjections(core_shapes(network, self.parts), num_classes).to(
+            device=ref.device, dtype=ref.dtype)
         self.modules["targets"] = self.targets
         groups = {f"block{i + 1}": b.parameters() for i, b in enumerate(network.blocks)}
         groups["head"] = network.head.parameters()

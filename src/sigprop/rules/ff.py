@@ -179,15 +179,14 @@ class ForwardForward(LearningRule):
         self.scored = list(range(1, len(widths))) or [0]
         self.softmax = self.opts.ff_predict == "softmax"
         self.exit_names = ["softmax" if self.softmax else "goodness"]
-        self.peer = PeerNorm(widths)
+        ref = next(network.parameters())
+        self.peer = PeerNorm(widths).to(device=ref.device, dtype=ref.dtype)
         self.modules["peer"] = self.peer
         groups = {f"block{i + 1}": b.parameters() for i, b in enumerate(network.blocks)}
         if self.softmax:
             self.readout = nn.Linear(sum(widths[k] for k in self.scored), num_classes,
-                                     bias=False)
+                                     bias=False, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(self.readout.weight)  # loeweX starts its classifier at zero
-            ref = next(network.parameters())
-            self.readout.to(device=ref.device, dtype=ref.dtype)
             self.modules["readout"] = self.readout
             groups["readout"] = self.readout.parameters()
         self.optimizer = make_grouped_adam(groups, cfg)

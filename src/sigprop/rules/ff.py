@@ -73,7 +73,7 @@ PEER_START = 0.5  # and the running means' start
 # BatchNorm sets each unit's scale: LeakyReLU of a unit normal has mean square 0.5, so
 # 0.5 per unit starts every layer at its threshold. loeweX's 1 per unit (its layers have
 # no BatchNorm) leaves BatchNorm's gain to climb by Adam steps to cross it: test accuracy
-# 0.67 against 0.79 after 3 epochs on 5,000 images (docs/studies/forward-forward.md)
+# 0.63 against 0.76 after 3 epochs on 5,000 images (docs/studies/forward-forward.md)
 FF_THRESHOLD = Option(
     "ff_threshold", float, 0.5, "ff: goodness threshold per unit: a layer's logit is "
     "sum(h^2) - threshold x units (0.5: the mean square of the BatchNorm blocks' "

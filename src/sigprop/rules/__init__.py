@@ -6,8 +6,10 @@ A rule is one class in one file with ``@register_rule("name")`` and its own opti
 
 from . import (  # noqa: F401  (registration)
     backprop,
+    drtp,
     equilibrium,
     feedback_alignment,
+    ff,
     local_learning,
     sigprop,
     spiking,

@@ -62,6 +62,28 @@ def split_block(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return block, nn.Identity()
 
 
+@torch.no_grad()
+def core_shapes(network: Network, parts: list[tuple[nn.Module, nn.Module]]
+                ) -> list[tuple[int, ...]]:
+    """Each block's output before its tail (``parts`` from :func:`split_block`): one
+    dummy pass of two samples in eval mode, every module's training flag restored."""
+    modules = list(network.modules())
+    was = [m.training for m in modules]
+    network.eval()
+    try:
+        ref = next(network.parameters())
+        h = torch.zeros(2, *network.input_shape, device=ref.device, dtype=ref.dtype)
+        shapes = []
+        for core, tail in parts:
+            h = core(h)
+            shapes.append(tuple(h.shape[1:]))
+            h = tail(h)
+        return shapes
+    finally:
+        for m, t in zip(modules, was):
+            m.training = t
+
+
 class Auxiliary(nn.Module):
     """One block's auxiliary networks and its predsim loss."""
 
@@ -139,7 +161,7 @@ class LocalLearning(LearningRule):
         super().__init__(network, num_classes, cfg)
         self.beta = self.default_beta if self.opts.ll_beta is None else self.opts.ll_beta
         self.parts = [split_block(b) for b in network.blocks]
-        shapes = self._core_shapes()
+        shapes = core_shapes(network, self.parts)
         self.aux = nn.ModuleList(Auxiliary(s, num_classes, self.bio, self.opts.ll_features)
                                  for s in shapes)
         self.modules["aux"] = self.aux
@@ -150,25 +172,6 @@ class LocalLearning(LearningRule):
         self.optimizers = [self.optimizer] if self.optimizer is not None else []
         self._trainable = [p for p in self.modules.parameters() if p.requires_grad]
         self.exit_names = [f"layer{i + 1}" for i in range(len(network.blocks))] + ["head"]
-
-    @torch.no_grad()
-    def _core_shapes(self) -> list[tuple[int, ...]]:
-        """Each block's output before its tail (one dummy pass in eval mode)."""
-        modules = list(self.network.modules())
-        was = [m.training for m in modules]
-        self.network.eval()
-        try:
-            ref = next(self.network.parameters())
-            h = torch.zeros(2, *self.network.input_shape, device=ref.device, dtype=ref.dtype)
-            shapes = []
-            for core, tail in self.parts:
-                h = core(h)
-                shapes.append(tuple(h.shape[1:]))
-                h = tail(h)
-            return shapes
-        finally:
-            for m, t in zip(modules, was):
-                m.training = t
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         for p in self._trainable:

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registration)
     equilibrium,
     feedback_alignment,
     local_learning,
+    pepita,
     sigprop,
     spiking,
 )

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import (
+    one_error_line,
+    real_fashion_accuracy,
+    resume_eval_and_bench,
+    smoke_as_mnist,
+)
 
 import sigprop.engine.trainer  # noqa: F401  (bind Trainer before tests capture stdout)
 from sigprop.cli import main
@@ -168,17 +172,9 @@ def test_conv_networks_and_bad_options_are_refused():
 def test_pepita_learns_fashion_mnist(tmp_path):
     """fc-2x800, two epochs of 5,000 real Fashion-MNIST images with the rule's defaults:
     above 75% on 2,000 test images (measured 81.0%; 10 epochs: docs/studies/pepita.md)."""
-    from sigprop.data import find_dataset_dir
-
-    try:
-        find_dataset_dir("fashion-mnist")
-    except Exception:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    run = tmp_path / "run"
-    assert main(["train", "--rule", "pepita", "--network", "fc-2x800", "--train-limit",
-                 "5000", "--test-limit", "2000", "--epochs", "2", "--run-dir", str(run),
-                 "--no-progress"]) == 0
-    acc = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    acc = real_fashion_accuracy(tmp_path / "run", [
+        "--rule", "pepita", "--network", "fc-2x800", "--train-limit", "5000", "--test-limit",
+        "2000", "--epochs", "2"])
     assert acc > 0.75, acc
 
 
@@ -194,16 +190,7 @@ def test_cli_train_resume_eval_and_bench(fake_fashion, in_tmp, capsys):
     assert "pepita settings: rule.lr 0.1, data.batch_size 64, train.schedule step10" in out
     cfg = json.loads((run / "config.json").read_text())["config"]
     assert cfg["rule"]["name"] == "pepita" and cfg["model"]["dropout"] == 0.1
-    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2",
-                 "--no-progress"]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
-    assert main(["eval", str(run)]) == 0
-    capsys.readouterr()
-    assert main(["bench", "--network", "fc-2x32", "--input", "1x8x8", "--rules",
-                 "backprop,pepita", "--batch-size", "16", "--steps", "1", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "pepita" in out and "backprop" in out
+    resume_eval_and_bench(run, "pepita", "fc-2x32", "1x8x8", capsys)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -221,14 +208,8 @@ def test_cli_refusals_are_one_line_and_write_nothing(argv, match, fake_fashion, 
 
 
 def test_paper_config_smoke(fake_fashion, in_tmp, capsys):
-    """pepita-mnist's smoke budget runs (the fake Fashion-MNIST files standing in for
-    MNIST: the same format)."""
-    mnist = in_tmp / "data" / "mnist"
-    shutil.copytree(fake_fashion, mnist)
-    rc = main(["reproduce", "pepita-mnist", "--budget", "smoke", "--out", "out",
-               "--data-dir", str(mnist), "--no-progress"])
+    rc = smoke_as_mnist("pepita-mnist", fake_fashion, in_tmp)
     assert rc == 0, capsys.readouterr().err
-    assert (in_tmp / "out").exists()
 
 
 def test_step10_schedule_is_the_references_decay():

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     backprop,
     equilibrium,
     feedback_alignment,
+    forward_grad,
     local_learning,
     pepita,
     sigprop,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +142,9 @@ class Pepita(LearningRule):
     layered = True
     options = (PEPITA_F_SCALE, PEPITA_MOMENTUM, PEPITA_LAST_ERROR, PEPITA_INIT)
     # the reference's fully connected MNIST setting (module docstring)
-    engine_defaults = {"rule.lr": 0.1, "data.batch_size": 64, "train.schedule": "step10",
-                       "data.inputs": "unit", "model.dropout": 0.1}
+    engine_defaults: ClassVar[dict[str, Any]] = {
+        "rule.lr": 0.1, "data.batch_size": 64, "train.schedule": "step10",
+        "data.inputs": "unit", "model.dropout": 0.1}
 
     def __init__(self, network: Network, num_classes: int, cfg: RuleConfig) -> None:
         linears = [_block_linear(b) for b in network.blocks]

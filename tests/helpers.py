@@ -311,3 +311,55 @@ def loader(images, labels, **kw) -> DeviceLoader:
 
 def to_pixels(x: torch.Tensor, mean=0.5, std=0.25) -> torch.Tensor:
     return ((x * std + mean) * 255).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def real_fashion_accuracy(run: Path, args: list[str]) -> float:
+    """``sigprop train`` with ``args`` on the installed Fashion-MNIST into ``run`` (the
+    test is skipped without the data); the last epoch's test accuracy."""
+    import json
+
+    from sigprop.cli import main
+    from sigprop.data import find_dataset_dir
+
+    try:
+        find_dataset_dir("fashion-mnist")
+    except SigpropError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    assert main(["train", *args, "--run-dir", str(run), "--no-progress"]) == 0
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+
+
+def smoke_as_mnist(name: str, fake_fashion: Path, root: Path) -> int:
+    """Experiment ``name``'s smoke budget on MNIST played by the fake Fashion-MNIST files
+    (the same format), into ``root/out``; the exit code."""
+    import shutil
+
+    from sigprop.cli import main
+
+    mnist = root / "data" / "mnist"
+    shutil.copytree(fake_fashion, mnist)
+    return main(["reproduce", name, "--budget", "smoke", "--out", str(root / "out"),
+                 "--data-dir", str(mnist), "--no-progress"])
+
+
+def resume_eval_and_bench(run: Path, rule: str, network: str, shape: str, capsys) -> str:
+    """Resume the 1-epoch CLI run ``run`` to 2 epochs, evaluate it, then bench ``rule``
+    beside backprop on ``network`` (samples ``shape``, e.g. 1x8x8); the bench's output."""
+    import json
+
+    from sigprop.cli import main
+
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2",
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert main(["eval", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--network", network, "--input", shape, "--rules",
+                 f"backprop,{rule}", "--batch-size", "8", "--steps", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert rule in out and "backprop" in out
+    return out

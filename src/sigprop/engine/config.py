@@ -107,7 +107,7 @@ class RuleSection(RuleConfig):
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    schedule: str = "step"  # step (x0.25 at 50/75/89/94% of epochs) | cosine | none
+    schedule: str = "step"  # step (x0.25 at 50/75/89/94% of epochs) | step10 | cosine | none
     seed: int = 0
     device: str = "cpu"
     run_dir: str | None = None
@@ -167,8 +167,9 @@ class Config:
         if not isinstance(t.seed, int) or not 0 <= t.seed <= MAX_SEED:
             raise ConfigError(f"train.seed must be an integer in 0..{MAX_SEED} (2^63 - 2), "
                               f"got {t.seed!r}")
-        if t.schedule not in ("step", "cosine", "none"):
-            raise ConfigError(f"train.schedule must be step, cosine or none, got {t.schedule!r}")
+        if t.schedule not in ("step", "step10", "cosine", "none"):
+            raise ConfigError(f"train.schedule must be step, step10, cosine or none, got "
+                              f"{t.schedule!r}")
         if t.run_dir is not None and not t.run_dir.strip():
             raise ConfigError("train.run_dir is empty; give a folder name or leave it out")
         _positive("train.stages", t.stages)

@@ -26,7 +26,7 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--network", "model", "network", {"help": "the network"}),
     ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),
     ("--epochs", "train", "epochs", {"help": "epochs to train (default 10)"}),
-    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs; default) | cosine | none (a rule may set its own)"}),
+    ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs; default) | step10 (x0.1 at 60/90%) | cosine | none (a rule may set its own)"}),
     ("--seed", "train", "seed", {"help": "random seed (default 0)"}),
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),

@@ -34,6 +34,7 @@ from .runstate import STAGES_FILE, RunStart, load_run_state
 
 STEP_MILESTONES = (0.50, 0.75, 0.89, 0.94)  # Sec. IV: lr x0.25 at these fractions
 STEP_FACTOR = 0.25
+STEP10_MILESTONES = (0.60, 0.90)  # step10: lr x0.1 here (PEPITA's epochs 60 and 90 of 100)
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -42,6 +43,8 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
         # the epoch nearest each fraction, never the first (a 1-epoch run keeps its lr)
         passed = sum(epoch >= max(1, round(f * epochs)) for f in STEP_MILESTONES)
         return STEP_FACTOR**passed
+    if schedule == "step10":
+        return 0.1 ** sum(epoch >= max(1, round(f * epochs)) for f in STEP10_MILESTONES)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     return 1.0

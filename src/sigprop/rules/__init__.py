@@ -10,7 +10,9 @@ from . import (  # noqa: F401  (registration)
     equilibrium,
     feedback_alignment,
     ff,
+    forward_grad,
     local_learning,
+    pepita,
     sigprop,
     spiking,
 )

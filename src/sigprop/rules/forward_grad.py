@@ -65,6 +65,7 @@ from ..networks import Dropout, Network
 from ..options import Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, make_grouped_adam
+from .local_learning import core_shapes
 from .pepita import rng_state, set_rng_state
 
 _ACTIVATIONS = (nn.LeakyReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.GELU)
@@ -282,24 +283,10 @@ class ForwardGradient(LearningRule):
 
     @torch.no_grad()
     def _site_shapes(self) -> list[tuple[int, ...]]:
-        """Each block's per-sample shape where an activity perturbation enters (one
-        dummy pass in eval mode)."""
-        modules = list(self.network.modules())
-        was = [m.training for m in modules]
-        self.network.eval()
-        try:
-            ref = next(self.network.parameters())
-            h = torch.zeros(2, *self.network.input_shape, device=ref.device, dtype=ref.dtype)
-            shapes = []
-            for plan in self.plans:
-                for j, m in enumerate(plan.mods):
-                    h = m(h)
-                    if j == plan.site:
-                        shapes.append(tuple(h.shape[1:]))
-            return shapes
-        finally:
-            for m, t in zip(modules, was):
-                m.training = t
+        """Each block's per-sample shape where an activity perturbation enters."""
+        return core_shapes(self.network, [(nn.Sequential(*p.mods[:p.site + 1]),
+                                           nn.Sequential(*p.mods[p.site + 1:]))
+                                          for p in self.plans])
 
     # --- the step -------------------------------------------------------------------------
     @torch.no_grad()

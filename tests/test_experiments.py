@@ -532,3 +532,17 @@ def test_collect_reads_what_reproduce_planned(in_tmp, fake_fashion):
         ("fc-2x32", "backprop", 1), ("fc-2x32", "sigprop", 1), ("fc-1x16", "backprop", 1),
         ("fc-1x16", "sigprop", 1)]
     assert manifest["invocations"][0]["machine"]["cores"] == os.cpu_count()
+
+
+def test_forward_only_experiment_puts_every_peer_on_one_budget():
+    exp = load_experiment("forward-only-fmnist")
+    rules = {c.overrides["rule"]["name"] for c in exp.columns}
+    assert {"backprop", "sigprop", "fa", "dfa", "ff", "pepita", "drtp", "forward-grad"} <= rules
+    full = exp.runs("full")
+    assert {p.seed for p in full} == {0, 1}
+    assert all(p.config.train.epochs >= 10 and p.config.data.train_limit is None for p in full)
+    conv = {p.config.rule.name for p in full if p.config.model.network == "conv"}
+    assert "ff" not in conv and "pepita" not in conv and "drtp" in conv  # fc-only rules skip it
+    # each rule keeps its own settings (its engine defaults): PEPITA's batch of 64
+    pep = [p for p in full if p.config.rule.name == "pepita"]
+    assert pep and all(p.config.data.batch_size == 64 for p in pep)

@@ -374,6 +374,7 @@ def test_a_staged_checkpoint_evaluates_and_resumes_in_one_process_and_back(
     (["--stages", 4], "4 stages but the network has 3 blocks"),
     (["--stages", 2, "--signal", "loop-pred", "--head", "classifier"], "Eq. 11/12"),
     (["--stages", 2, "--rule", "backprop"], "not split into stages"),
+    (["--stages", 2, "--split-by", "timed"], "train.split_by must be measured or counted"),
 ])
 def test_bad_stage_settings_stop_before_anything_starts(fake_fashion, tmp_path, flags, match):
     run = tmp_path / "run"

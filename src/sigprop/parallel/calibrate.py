@@ -41,12 +41,23 @@ def _wait(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def default_clock(device: torch.device) -> tuple[Callable[[], float], str]:
+    """The clock a calibration on ``device`` reads, and its name for the records: on a
+    CPU this process's CPU time (every thread's; what other jobs on a loaded machine
+    take from it between two reads is not counted), on CUDA the wall clock (the
+    device awaited at every read)."""
+    if device.type == "cuda":
+        return time.perf_counter, "wall"
+    return time.process_time, "process cpu"
+
+
 def time_blocks(rule, batch: int, device: torch.device, *, max_repeats: int = MAX_REPEATS,
                 budget_s: float = BUDGET_S,
-                clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], int]:
+                clock: Callable[[], float] | None = None) -> tuple[list[float], int]:
     """(Each block's median step time in seconds, the timed passes) of ``rule``'s staged
     step on a synthetic batch of ``batch`` samples (module docstring). The rule trains
     on it: pass one that is thrown away afterwards."""
+    clock = clock or default_clock(device)[0]
     net = rule.network
     blocks = len(net.blocks)
     dtype = next(net.parameters()).dtype
@@ -102,4 +113,5 @@ def measure_split_costs(cfg: Config, threads: int, device: torch.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return [1e3 * s for s in seconds], {"batch": batch, "threads": threads,
-                                        "device": str(device), "repeats": repeats}
+                                        "device": str(device), "repeats": repeats,
+                                        "clock": default_clock(device)[1]}

@@ -245,13 +245,14 @@ def describe_plan(plan: dict) -> list[str]:
     """The lines a staged run prints at its start: the split, how it was chosen, each
     stage's share of the step and the balance (a fallback's own line first)."""
     split = ",".join(map(str, plan["split"]))
-    costs = " / ".join(f"{c:.3g}" for c in plan["block_costs"])
+    costs = " / ".join(f"{c:.0f}" if c >= 100 else f"{c:.3g}" for c in plan["block_costs"])
     shares = " / ".join(f"{v:.2f}" for v in plan["shares"])
     how = plan.get("calibration")
     if plan["by"] == "hand":
         why = "given by hand (no calibration); by counted cost"
     elif plan["by"] == "measured":
-        runs = (f"; median of {how['repeats']} passes, batch {how['batch']}, "
+        clock = f" ({how['clock']} time)" if how and "clock" in how else ""
+        runs = (f"; median of {how['repeats']} passes{clock}, batch {how['batch']}, "
                 f"{how['threads']} thread(s), {how['device']}" if how else "")
         why = f"by measured step time (blocks {costs} ms{runs})"
     else:

@@ -178,6 +178,10 @@ def test_a_resume_keeps_its_recorded_split(monkeypatch):
                    recorded=recorded)["split"] == [1, 1, 1]
     assert _settle(_staged_cfg(stages=2, split_by="counted"), monkeypatch,
                    recorded=recorded)["by"] == "counted"
+    # a damaged record: settled afresh (here: timed again)
+    damaged = {k: v for k, v in recorded.items() if k != "block_costs"}
+    again = _settle(cfg, monkeypatch, [10.0, 1.0, 1.0], recorded=damaged)
+    assert again["split"] == [1, 2] and "kept" not in again
 
 
 def test_every_stage_runs_the_launchers_one_split_and_a_resume_keeps_it(

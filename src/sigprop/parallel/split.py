@@ -190,13 +190,24 @@ def _plan(sizes: list[int], costs: list[float], unit: str, by: str, split_by: st
 
 def _keeps(recorded, cfg, stages: int, blocks: int) -> bool:
     """Whether a resumed run's recorded plan still holds: the same number of stages and
-    the same --split-by, blocks per stage that fit the network."""
+    the same --split-by, blocks per stage that fit the network (and a plan as
+    :func:`settle_plan` writes it: one that does not is settled afresh)."""
     if not isinstance(recorded, dict):
         return False
+
+    def numbers(key: str, n: int) -> bool:
+        v = recorded.get(key)
+        return isinstance(v, list) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
     split = recorded.get("split")
-    return (recorded.get("split_by") == cfg.train.split_by and isinstance(split, list)
-            and len(split) == stages and all(isinstance(k, int) and k >= 1 for k in split)
-            and sum(split) == blocks and isinstance(recorded.get("shares"), list))
+    return (recorded.get("split_by") == cfg.train.split_by
+            and recorded.get("by") in ("measured", "counted", "hand")
+            and numbers("split", stages) and all(isinstance(k, int) and k >= 1 for k in split)
+            and sum(split) == blocks and numbers("block_costs", blocks)
+            and numbers("shares", stages) and isinstance(recorded.get("balance"), (int, float))
+            and (recorded["by"] != "measured" or isinstance(recorded.get("calibration"), dict)
+                 and {"repeats", "batch", "threads", "device"} <= set(recorded["calibration"])))
 
 
 def settle_plan(rule, cfg, threads: int, device, recorded: dict | None = None) -> dict:

@@ -20,7 +20,7 @@ from helpers import random_batches, sigprop_rule
 from sigprop.engine import runstate as ck
 from sigprop.engine.stagespec import parse_split
 from sigprop.errors import ConfigError, InputError
-from sigprop.parallel.split import balanced_split, resolve_split, stage_ranges
+from sigprop.parallel.split import balanced_split, describe_plan, resolve_split, stage_ranges
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 TIMEOUT = 240  # no staged run in this file may take longer (s)
@@ -81,6 +81,152 @@ def test_split_must_fit_the_network():
         resolve_split(net, 2, "2,2", 10, 64)
     with pytest.raises(ConfigError, match="4 stages but the network has 3 blocks"):
         resolve_split(net, 4, None, 10, 64)
+
+
+# --- the split by measured cost: decided once, recorded, kept -------------------------
+def test_time_blocks_takes_the_median_of_passes_in_rotating_order():
+    """Each block's one-block staged step is timed (a mocked clock: no real timing);
+    the passes visit the blocks in a rotating order, and one slow pass does not move
+    a block's cost (the median)."""
+    from sigprop.parallel.calibrate import MIN_REPEATS, time_blocks
+
+    rule = sigprop_rule(head="classifier", pipeline="off")
+    cost, now, calls = [3.0, 1.0, 2.0], [0.0], []
+    real = rule.stage_step
+
+    def step(z, y, a, b):
+        assert b == a + 1 and y.shape == (16,)
+        out = real(z, y, a, b)
+        calls.append(a)
+        now[0] += cost[a] * (50.0 if len(calls) == 5 else 1.0)  # one slow step
+        return out
+
+    rule.stage_step = step
+    seconds, repeats = time_blocks(rule, 16, torch.device("cpu"), clock=lambda: now[0])
+    assert repeats == MIN_REPEATS  # the first pass (6 s) leaves no budget for more
+    assert seconds == cost
+    assert calls == [0, 1, 2, 0, 1, 2, 1, 2, 0, 2, 0, 1]
+    now[0], calls[:] = 0.0, []
+    cost[:] = [1e-4, 1e-4, 1e-4]
+    assert time_blocks(rule, 16, torch.device("cpu"), clock=lambda: now[0])[1] == 9
+
+
+def _staged_cfg(**train):
+    from sigprop.engine.config import Config, apply_overrides
+
+    return apply_overrides(Config(), {"model": {"network": "fc-3x32"},
+                                      "data": {"batch_size": 64}, "train": train})
+
+
+def _settle(cfg, monkeypatch, measured=None, recorded=None):
+    """settle_plan with the calibration replaced: ``measured`` (ms per block), an
+    exception to raise, or None (the calibration must not run)."""
+    from sigprop.engine.trainer import build_config_rule
+    from sigprop.parallel import calibrate
+    from sigprop.parallel.split import settle_plan
+
+    def measure(cfg, threads, device):
+        if measured is None:
+            raise AssertionError("the calibration ran")
+        if isinstance(measured, BaseException):
+            raise measured
+        return list(measured), {"batch": 64, "threads": threads, "device": str(device),
+                                "repeats": 5}
+
+    monkeypatch.setattr(calibrate, "measure_split_costs", measure)
+    rule = build_config_rule(cfg, torch.device("cpu"))
+    return settle_plan(rule, cfg, 1, torch.device("cpu"), recorded)
+
+
+def test_uneven_measured_costs_move_the_split_and_the_plan_says_so(monkeypatch):
+    cfg = _staged_cfg(stages=2)
+    heavy_last = _settle(cfg, monkeypatch, [1.0, 1.0, 10.0])
+    heavy_first = _settle(cfg, monkeypatch, [10.0, 1.0, 1.0])
+    assert heavy_last["split"] == [2, 1] and heavy_first["split"] == [1, 2]
+    assert heavy_last["by"] == "measured" and heavy_last["unit"] == "ms"
+    assert heavy_last["block_costs"] == [1.0, 1.0, 10.0]
+    assert heavy_last["shares"] == pytest.approx([2 / 12, 10 / 12], abs=1e-4)
+    assert heavy_last["balance"] == max(heavy_last["shares"])
+    assert heavy_last["calibration"]["repeats"] == 5
+    line, = describe_plan(heavy_last)
+    assert line.startswith("split 2,1 by measured step time") and "balance 0.83" in line
+    # the counted cost, asked for: no calibration, the counted split
+    counted = _settle(_staged_cfg(stages=2, split_by="counted"), monkeypatch)
+    assert counted["by"] == "counted" and counted["split"] == [1, 2] and "fallback" not in counted
+    # where timing cannot run: the counted cost, and one line that says so
+    failed = _settle(cfg, monkeypatch, RuntimeError("out of memory\nwhile timing"))
+    assert failed["by"] == "counted" and failed["split"] == counted["split"]
+    note, line = describe_plan(failed)
+    assert note == ("note: timing the blocks failed (out of memory while timing); the split "
+                    "falls back to the counted cost")
+    assert line.startswith("split 1,2 by counted cost")
+    # by hand: that split, never timed
+    hand = _settle(_staged_cfg(split="2,1"), monkeypatch)
+    assert hand["split"] == [2, 1] and hand["by"] == "hand"
+    assert describe_plan(hand)[0].startswith("split 2,1 given by hand (no calibration)")
+    json.dumps([heavy_last, failed, hand])  # what config.json and the stages receive
+
+
+def test_a_resume_keeps_its_recorded_split(monkeypatch):
+    cfg = _staged_cfg(stages=2)
+    recorded = _settle(cfg, monkeypatch, [1.0, 1.0, 10.0])
+    kept = _settle(cfg, monkeypatch, None, recorded=recorded)  # timing would move it
+    assert kept == {**recorded, "kept": True}
+    assert "kept from the run's record" in describe_plan(kept)[0]
+    # another number of stages, or the other --split-by: settled afresh
+    assert _settle(_staged_cfg(stages=3), monkeypatch, [1.0, 1.0, 10.0],
+                   recorded=recorded)["split"] == [1, 1, 1]
+    assert _settle(_staged_cfg(stages=2, split_by="counted"), monkeypatch,
+                   recorded=recorded)["by"] == "counted"
+    # a damaged record: settled afresh (here: timed again)
+    damaged = {k: v for k, v in recorded.items() if k != "block_costs"}
+    again = _settle(cfg, monkeypatch, [10.0, 1.0, 1.0], recorded=damaged)
+    assert again["split"] == [1, 2] and "kept" not in again
+
+
+def test_every_stage_runs_the_launchers_one_split_and_a_resume_keeps_it(
+        fake_fashion, tmp_path, monkeypatch, capfd):
+    """The launcher calibrates (here: injected costs that the counted cost and the
+    stages' own view would not give), prints and records the plan; every stage
+    process trains the split it was handed; a resume keeps it without timing again;
+    --split by hand never times."""
+    from sigprop.cli import main
+    from sigprop.parallel import calibrate
+
+    run = tmp_path / "run"
+    common = ["--data-dir", str(fake_fashion), "--run-dir", str(run), "--network", "fc-3x32",
+              "--batch-size", "64", "--eval-batch-size", "100", "--no-progress",
+              "--pipeline", "off", "--stage-threads", "1"]
+    _settle(_staged_cfg(stages=2), monkeypatch, [1.0, 1.0, 10.0])  # installs the mock
+    assert main(["train", *common, "--stages", "2", "--epochs", "1"]) == 0
+    out = capfd.readouterr().out
+    assert "split 2,1 by measured step time (blocks 1 / 1 / 10 ms" in out
+    assert "stage 1: blocks 1-2, stage 2: block 3" in out
+
+    def splits():
+        index = ck.read_stages(run)
+        parts = [ck.load_stage_file(run, index, r)["split"] for r in range(2)]
+        plan = json.loads((run / "config.json").read_text())["stage_plan"]
+        return index["split"], parts, plan
+
+    index, parts, plan = splits()
+    assert index == [2, 1] and parts == [[2, 1], [2, 1]] and plan["split"] == [2, 1]
+    assert plan["by"] == "measured" and plan["balance"] == pytest.approx(10 / 12, abs=1e-4)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(s["share"] for s in record["stages"].values()) == pytest.approx(1, abs=1e-3)
+    # resumed: the recorded split, no calibration (the mock now refuses to run)
+    monkeypatch.setattr(calibrate, "measure_split_costs", lambda *a: pytest.fail("timed"))
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2",
+                 "--no-progress"]) == 0
+    assert "split 2,1 kept from the run's record" in capfd.readouterr().out
+    index, parts, plan = splits()
+    assert index == [2, 1] and parts == [[2, 1], [2, 1]] and plan["kept"]
+    # by hand: never timed
+    hand = tmp_path / "hand"
+    common[common.index(str(run))] = str(hand)
+    assert main(["train", *common, "--split", "1,2", "--epochs", "1"]) == 0
+    assert "split 1,2 given by hand" in capfd.readouterr().out
+    assert json.loads((hand / "config.json").read_text())["stage_plan"]["by"] == "hand"
 
 
 # --- stage steps in one process: the same updates ---------------------------------------
@@ -232,6 +378,7 @@ def test_a_staged_checkpoint_evaluates_and_resumes_in_one_process_and_back(
     (["--stages", 4], "4 stages but the network has 3 blocks"),
     (["--stages", 2, "--signal", "loop-pred", "--head", "classifier"], "Eq. 11/12"),
     (["--stages", 2, "--rule", "backprop"], "not split into stages"),
+    (["--stages", 2, "--split-by", "timed"], "train.split_by must be measured or counted"),
 ])
 def test_bad_stage_settings_stop_before_anything_starts(fake_fashion, tmp_path, flags, match):
     run = tmp_path / "run"
@@ -332,6 +479,13 @@ def test_torchrun_runs_the_same_program(fake_fashion, tmp_path):
     a, b = _final_state(tmp_path / "ours"), _final_state(tmp_path / "tr")
     for key, v in a["rule"]["modules"].items():
         assert torch.equal(b["rule"]["modules"][key], v), key
+    # rank 0 settled the split (timed), printed it, and both stages trained it
+    plan = json.loads((tmp_path / "tr" / "config.json").read_text())["stage_plan"]
+    assert plan["by"] == "measured" and f"split {plan['split'][0]}," in res.stdout
+    index = ck.read_stages(tmp_path / "tr")
+    assert index["split"] == plan["split"]
+    assert [ck.load_stage_file(tmp_path / "tr", index, r)["split"] for r in range(2)] == [
+        plan["split"]] * 2
 
 
 @pytest.mark.slow

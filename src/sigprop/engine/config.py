@@ -6,7 +6,7 @@
     [rule]   name, lr, weight_decay, amp, and the rule's own options (each rule declares
              them in its own file: sigprop.options)
     [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
-             stage_threads, replicas
+             split_by, stage_threads, replicas
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags. What ``--resume`` may
 change: :mod:`.resumable`.
@@ -117,6 +117,9 @@ class TrainConfig:
     # process each; split the blocks per stage by hand ("2,1"), else balanced by cost
     stages: int = 1
     split: str | None = None
+    # what the balanced split balances: each block's measured step time (a short
+    # calibration at the start, recorded) or its counted cost (sigprop.parallel.split)
+    split_by: str = "measured"
     stage_threads: int | None = None  # intra-op threads per stage (default: cores / processes)
     # data-parallel replicas of every stage: each batch is shared out among them and each
     # stage's gradients are all-reduced within its replicas before its optimizer step
@@ -181,6 +184,8 @@ class Config:
             if t.stages not in (1, len(sizes)):
                 raise ConfigError(f"train.split {t.split!r} names {len(sizes)} stages but "
                                   f"train.stages is {t.stages}; give one of them, or agree")
+        if t.split_by not in ("measured", "counted"):
+            raise ConfigError(f"train.split_by must be measured or counted, got {t.split_by!r}")
         stages = stage_count(t.stages, t.split)
         if stages * t.replicas > 1:
             check_processes(stages * t.replicas, f"{stages} stages x {t.replicas} replicas",

@@ -31,8 +31,9 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
     ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
-    ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by counted cost)"}),
+    ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by --split-by)"}),
     ("--split", "train", "split", {"metavar": "K,K,...", "help": "blocks per stage, first stage first (e.g. 2,1); sets the stages by hand"}),
+    ("--split-by", "train", "split_by", {"help": "what the stages balance: measured (each block's step time in a short calibration at the start; default) | counted (counted FLOPs and memory traffic)"}),
     ("--stage-threads", "train", "stage_threads", {"metavar": "N", "help": "intra-op threads of each stage process (default: the machine's cores / its processes)"}),
     ("--replicas", "train", "replicas", {"metavar": "R", "help": "sigprop: R data-parallel replicas of every stage (S x R processes): each batch is shared out among them and each stage's gradients are all-reduced before its update"}),
 ]

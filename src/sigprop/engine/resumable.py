@@ -20,7 +20,7 @@ RESUMABLE_SECTIONS = (
     "data.data_dir",  # the same files elsewhere (their checksums are compared)
     "data.eval_batch_size",  # evaluation is per sample
     # where the blocks run: the same updates (sigprop.parallel)
-    "train.stages", "train.split", "train.stage_threads",
+    "train.stages", "train.split", "train.split_by", "train.stage_threads",
 )
 
 

@@ -3,7 +3,11 @@ replica with ``--replicas R``) and watch them.
 
 The launcher checks everything it can first (config, network, split; one line and exit
 2 on a bad one, before any process starts or any file is written), holds the run folder
-(:class:`RunFolder`), picks a free port on the loopback address, and starts
+(:class:`RunFolder`), settles the split once (:func:`.split.settle_plan`: by default a
+short calibration of each block's step, or the split a resumed run recorded), prints
+it with each stage's share of the step and the balance, hands it to every stage in
+``SIGPROP_STAGE_PLAN`` (no stage times anything itself), picks a free port on the
+loopback address, and starts
 ``python -m sigprop.parallel.worker`` S times with the environment torchrun would give
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
 ``MASTER_PORT``), so a stage runs the same code under both.
@@ -32,8 +36,9 @@ from ..engine.interrupt import Terminated
 from ..engine.runfolder import RunFolder
 from ..engine.runstate import latest_kind, refuse_existing_run
 from ..engine.trainer import build_config_rule, resolve_device
-from .split import check_devices, plan_split, stage_ranges
-from .stage import timeout_s
+from .split import (
+    check_devices, check_staging, describe_plan, recorded_plan, settle_plan, stage_ranges)
+from .stage import stage_threads, timeout_s
 
 GRACE_S = 30.0  # how long the other stages get to end on their own after one fails
 KILL_S = 5.0  # after SIGTERM, before SIGKILL
@@ -46,14 +51,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_stages(cfg: Config) -> list[int]:
+def check_stages(cfg: Config):
     """Everything about the stages that can be checked before any process starts: the
     rule splits, the generator allows it, the split fits the network, the stage timeout
-    is a number. Blocks per stage."""
+    is a number, the device exists. (The rule, built on the CPU; the processes.)"""
     timeout_s()
-    sizes = plan_split(build_config_rule(cfg, resolve_device("cpu")), cfg)
-    check_devices(cfg, len(sizes) * cfg.train.replicas)
-    return sizes
+    rule = build_config_rule(cfg, resolve_device("cpu"))
+    world = check_staging(rule, cfg) * cfg.train.replicas
+    check_devices(cfg, world)
+    resolve_device(cfg.train.device)
+    return rule, world
 
 
 def _describe(code: int) -> str:
@@ -69,25 +76,30 @@ def _describe(code: int) -> str:
 def launch(cfg: Config, resume: bool, out=None) -> int:
     """Run ``cfg`` in its stages on this machine; the exit code (0, 2, 130, 143)."""
     err_out = sys.stderr
-    sizes = check_stages(cfg)
-    ranges = stage_ranges(sizes)
-    stages = len(sizes)
+    rule, world = check_stages(cfg)  # rank = replica * stages + stage
     replicas = cfg.train.replicas
-    world = stages * replicas  # rank = replica * stages + stage
     run_dir = Path(cfg.train.run_dir)
     folder = RunFolder.acquire(run_dir)
     procs: list[subprocess.Popen] = []
+    ranges: list[tuple[int, int]] = []
     try:
         if not resume:
             refuse_existing_run(run_dir)
         before = _newest_epoch(run_dir)
+        threads = stage_threads(cfg, world)
+        plan = settle_plan(rule, cfg, threads, resolve_device(cfg.train.device),
+                           recorded_plan(run_dir) if resume else None)
+        del rule
+        ranges = stage_ranges(plan["split"])
+        for line in describe_plan(plan):
+            print(line, file=out or sys.stdout, flush=True)
         env = dict(os.environ)
-        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // world)
         env.update({
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "SIGPROP_LAUNCHER": "1", "SIGPROP_STAGE_CONFIG": json.dumps(cfg.to_dict()),
             "SIGPROP_STAGE_RESUME": "1" if resume else "0",
+            "SIGPROP_STAGE_PLAN": json.dumps(plan),
             "OMP_NUM_THREADS": str(threads),
         })
         for r in range(world):
@@ -112,6 +124,7 @@ def launch(cfg: Config, resume: bool, out=None) -> int:
     if code == 2 and after == before:
         return 2  # an error before any epoch of this launch ended: the stage's line says it all
     hint = _resume_hint(run_dir, after)
+    stages = len(ranges)
     a, b = ranges[failed % stages]
     blocks = f"block {a + 1}" if b - a == 1 else f"blocks {a + 1}-{b}"
     copy = f", replica {failed // stages + 1}/{replicas}" if replicas > 1 else ""

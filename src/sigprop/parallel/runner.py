@@ -35,6 +35,7 @@ shares the test batches out the same way.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -58,8 +59,10 @@ from ..engine.trainer import (
 from ..engine.interrupt import one_line
 from ..errors import ConfigError, SigpropError, StorageError
 from . import replicas
-from .split import check_devices, plan_split, stage_ranges
-from .stage import StageEnv, release_unowned, timeout_s
+from .split import (
+    check_devices, check_staging, describe_plan, fit_split, recorded_plan, settle_plan,
+    stage_ranges)
+from .stage import StageEnv, release_unowned, stage_threads, timeout_s
 from .transport import Receiver, Sender, StageFailure, batch_sizes, peer_lost, shard
 
 DEPTH = 2  # batches in flight between two stages (and receive buffers per stage)
@@ -104,6 +107,16 @@ class StageRun:
             raise StageFailure(f"{self.name(int(flag) - 1)} failed while setting up (its "
                                "message says why)")
 
+    def _together(self, step, *args) -> None:
+        """``step(*args)`` in every process; then every stage learns whether any failed
+        (:meth:`_agree`)."""
+        err = None
+        try:
+            step(*args)
+        except SigpropError as e:
+            err = e
+        self._agree(err)
+
     def run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         want = self.stages * self.replicas
@@ -136,7 +149,7 @@ class StageRun:
 
     def _setup(self, device: torch.device) -> None:
         cfg = self.cfg
-        threads = cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // self.env.local_world)
+        threads = stage_threads(cfg, self.env.local_world)
         torch.set_num_threads(threads)
         self.threads = threads
         if self.stage == 0:  # the first stage of every replica reads the data
@@ -145,8 +158,41 @@ class StageRun:
         else:
             self.exp = None
             self.rule = build_config_rule(cfg, device)
+        check_staging(self.rule, cfg)
+
+    def _settle(self, device: torch.device) -> None:
+        """The job's one plan (:func:`.split.settle_plan`): sigprop's launcher hands it
+        over in ``SIGPROP_STAGE_PLAN``; under torchrun rank 0 settles it (and prints it)
+        and broadcasts it. No other process times or balances anything."""
+        plan, err = None, None
+        if self.env.ours:
+            try:
+                plan = json.loads(os.environ["SIGPROP_STAGE_PLAN"])
+            except (KeyError, ValueError):
+                err = ConfigError("a stage started by sigprop's launcher needs the job's "
+                                  "split in SIGPROP_STAGE_PLAN (a JSON object)")
+        elif self.rank == 0:
+            try:
+                recorded = recorded_plan(self.run_dir) if self.resume else None
+                plan = settle_plan(self.rule, self.cfg, self.threads, device, recorded)
+                for line in describe_plan(plan):
+                    self._log(line)
+            except SigpropError as e:
+                err = e
+        self._agree(err)
+        if not self.env.ours:
+            box = [plan]
+            dist.broadcast_object_list(box, 0)
+            plan = box[0]
+        self.plan = plan
+
+    def _place(self) -> None:
+        """This stage's blocks, from the plan; the others' parameters released."""
         rule = self.rule
-        self.sizes = plan_split(rule, cfg)
+        self.sizes = fit_split(self.plan["split"], rule.network)
+        if len(self.sizes) != self.stages:
+            raise ConfigError(f"the job's split {self.sizes} has {len(self.sizes)} stages, "
+                              f"but {self.stages} were started")
         self.ranges = stage_ranges(self.sizes)
         self.start, self.stop = self.ranges[self.stage]
         release_unowned(rule, self.start, self.stop)
@@ -158,12 +204,9 @@ class StageRun:
 
     def _run(self, device: torch.device) -> list[dict[str, Any]]:
         cfg = self.cfg
-        err = None
-        try:
-            self._setup(device)
-        except SigpropError as e:
-            err = e
-        self._agree(err)
+        self._together(self._setup, device)
+        self._settle(device)
+        self._together(self._place)
         rule = self.rule
         if self.replicas > 1:
             # every process creates every stage's group, in the same order
@@ -202,6 +245,11 @@ class StageRun:
                 history.append(record)
             self._checkpoint(epoch + 1, history)
             self._log(epoch_line(record, cfg.train.epochs))
+            if self.rank == 0:
+                shares = [v["share"] for v in record["stages"].values()]
+                self._log(f"  stages' shares of this epoch's compute: "
+                          f"{' / '.join(f'{v:.2f}' for v in shares)}, balance "
+                          f"{max(shares):.2f} (planned {self.plan['balance']:.2f})")
         return history
 
     def _shares(self, sizes: list[int]) -> list[tuple[int, int]]:
@@ -232,7 +280,8 @@ class StageRun:
             try:
                 start = rs.RunStart(self.run_dir, self.cfg, self.resume, merged=False)
                 history = start.prepare(self._log, {"precision": self.rule.precision(
-                    next(self.rule.modules.parameters()).device)})  # written once all loaded
+                    next(self.rule.modules.parameters()).device),
+                    "stage_plan": self.plan})  # written once all loaded
                 if start.kind == "staged":
                     kind = 2 if start.split == self.sizes else 3
                 else:
@@ -357,8 +406,10 @@ class StageRun:
         test_acc = (sums[2 * n_exits:3 * n_exits] / sum(self.test_sizes)).tolist()
         # per stage, the slowest of its replicas
         per = timing.view(self.replicas, self.stages, 4).amax(0)
+        total = float(per[:, 1].sum()) or 1.0
         stages = {f"stage{r + 1}": {
             "blocks": f"{a + 1}-{b}" if b - a > 1 else f"{b}", "compute_s": float(per[r, 1]),
+            "share": round(float(per[r, 1]) / total, 4),
             "wait_recv_s": float(per[r, 2]), "wait_send_s": float(per[r, 3])}
             for r, (a, b) in enumerate(self.ranges)}
         if self.replicas > 1:

@@ -39,6 +39,12 @@ class StageEnv:
         self.ours = os.environ.get("SIGPROP_LAUNCHER") == "1"  # started by launch.py
 
 
+def stage_threads(cfg, processes: int) -> int:
+    """Intra-op threads of each stage process: ``--stage-threads``, else this machine's
+    cores shared among its ``processes``."""
+    return cfg.train.stage_threads or max(1, (os.cpu_count() or 1) // processes)
+
+
 def in_distributed_env() -> bool:
     """Whether this process was started as one rank of a job (torchrun, our launcher)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

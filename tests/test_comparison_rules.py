@@ -188,7 +188,7 @@ def test_auxiliary_pooling_brings_features_under_the_limit(shape, limit, feature
 # --------------------------------------------------------------------------- rules
 
 
-@pytest.mark.parametrize("rule_name", ["dfa", "ll-bp", "ll-fa"])
+@pytest.mark.parametrize("rule_name", ["dfa", "ll-bp", "ll-fa", "drtp"])
 def test_no_gradient_crosses_a_block_boundary(rule_name):
     """Every block's first module sees an input outside any autograd graph."""
     torch.manual_seed(0)

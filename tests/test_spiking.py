@@ -323,6 +323,19 @@ def test_snn_options_are_checked_per_model():
         snn("sp-surrogate", snn_loss="voltage-above")
     with pytest.raises(ConfigError, match="snn_targets"):
         snn("sp-surrogate", snn_targets="output")
+    with pytest.raises(ConfigError, match="snn_logit_c and logit_scale"):
+        snn("sp-surrogate", snn_logit_c=4.0, logit_scale=0.01)
+    with pytest.raises(ConfigError, match="snn_logit_c"):
+        snn("sp-voltage", snn_logit_c=0.0)
+
+
+def test_snn_logit_c_scales_every_block_by_its_size():
+    base = snn("sp-surrogate", snn_loss="surrogate-leaky")
+    four = snn("sp-surrogate", snn_loss="surrogate-leaky", snn_logit_c=4.0)
+    assert len(base.scales) == len(four.scales) == 3
+    for a, b in zip(base.scales, four.scales):
+        assert b == pytest.approx(a * 4.0 / base.scale_c_by_compare.get("surrogate-leaky", 1.0))
+    assert len(set(four.scales)) == 3  # each block its own d
 
 
 def test_amp_bf16_on_cpu_and_off():

@@ -80,6 +80,12 @@ SNN_TARGETS = Option(
     "sp-surrogate / sp-voltage: where the class targets enter: input (images at the "
     "network's input, through block 1's synapse) | current (block 1's currents, beside the "
     "inputs') (default: the model's own)", choices=("input", "current"), optional=True)
+SNN_LOGIT_C = Option(
+    "snn_logit_c", float, None,
+    "sp-surrogate / sp-voltage: c of each block's logit scale c/sqrt(d), d one step's "
+    "values of the block (default: the setting's own, docs/studies/spiking-local-loss.md); "
+    "--logit-scale instead sets one scale for every block", low=0.0, low_open=True,
+    optional=True)
 
 
 class SpikingSigprop(LearningRule):
@@ -97,7 +103,7 @@ class SpikingSigprop(LearningRule):
     supports_amp = True
     spike_threshold = SP_THRESHOLD
 
-    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS)
+    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS, SNN_LOGIT_C)
 
     @classmethod
     def check_options(cls, opts) -> None:
@@ -106,6 +112,10 @@ class SpikingSigprop(LearningRule):
                    else "sp-surrogate compares through the arctan surrogate (Eq. 16-17)")
             raise ConfigError(f"snn_loss {opts.snn_loss!r} is not one of {cls.name}'s: {why}; "
                               f"choose {' or '.join(cls.family)}")
+        if opts.snn_logit_c is not None and opts.logit_scale is not None:
+            raise ConfigError("snn_logit_c and logit_scale both set the logit scale; give "
+                              "one (snn_logit_c scales each block by its size, logit_scale "
+                              "is one value for all)")
 
     @classmethod
     def option_scope(cls, given) -> tuple:
@@ -135,7 +145,7 @@ class SpikingSigprop(LearningRule):
         # one step of block i: block_shapes[i] = (T, ...) after pooling; the loss compares
         # the charged voltages before pooling
         self.scales = []
-        c = self.scale_c_by_compare.get(self.compare, self.scale_c)
+        c = self.opts.snn_logit_c or self.scale_c_by_compare.get(self.compare, self.scale_c)
         for shape in charged:
             d = math.prod(shape)
             self.scales.append(self.opts.logit_scale

@@ -11,8 +11,9 @@ this machine's speed drifts by +-20% between segments):
 * ``single_1thread``: the single-process sigprop rule, one intra-op thread;
 * ``single_2thread``: the same with two threads (today's default: the update thread of
   sigprop.rules.sigprop.pipeline where it applies);
-* ``stages<S>``: the blocks split into S stages (balanced by counted cost, or
-  ``--split``), one process and ``--stage-threads`` thread(s) each, over gloo on the
+* ``stages<S>``: the blocks split into S stages (balanced by each block's measured step
+  time, as ``sigprop train --stages`` does by default; ``--split-by counted`` or
+  ``--split`` otherwise), one process and ``--stage-threads`` thread(s) each, over gloo on the
   loopback address, with the transport of a real staged run (sigprop.parallel);
 * ``gpipe_backprop``: backprop split the same way with torch.distributed.pipelining's
   GPipe schedule (``--microbatches``), one thread per stage (benchmarks/_gpipe_backprop.py);
@@ -83,6 +84,33 @@ def time_single(rule, x, y, threads: int, steps: int, warmup: int) -> float:
         return x.shape[0] * steps / (time.perf_counter() - t)
     finally:
         torch.set_num_threads(saved)
+
+
+def choose_split(args, single, n: int) -> dict:
+    """Blocks per stage and how they were chosen: ``--split`` as given, else balanced by
+    each block's measured step time (a one-block staged step of a throwaway copy of the
+    rule, ``--stage-threads`` threads, as a staged run's calibration) or counted cost."""
+    from sigprop.parallel.calibrate import time_blocks
+    from sigprop.parallel.split import balanced_split, counted_costs, fit_split, stage_ranges
+
+    if args.split is not None:
+        sizes, costs, unit, by = fit_split(args.split, single.network), counted_costs(single, n), "GFLOP", "hand"
+    elif args.split_by == "counted":
+        costs, unit, by = counted_costs(single, n), "GFLOP", "counted"
+        sizes = balanced_split(costs, args.stages)
+    else:
+        saved = torch.get_num_threads()
+        try:
+            with torch.random.fork_rng():
+                torch.set_num_threads(args.stage_threads)
+                seconds, _ = time_blocks(_build(args), n, torch.device("cpu"))
+        finally:
+            torch.set_num_threads(saved)
+        costs, unit, by = [1e3 * t for t in seconds], "ms", "measured"
+        sizes = balanced_split(costs, args.stages)
+    loads = [sum(costs[a:b]) for a, b in stage_ranges(sizes)]
+    return {"split": sizes, "by": by, "unit": unit, "block_costs": costs,
+            "shares": [v / (sum(loads) or 1.0) for v in loads]}
 
 
 # --- one stage of the staged segment (run as a child process) -------------------------
@@ -188,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--split", default=None, help="blocks per stage (default: balanced)")
+    p.add_argument("--split-by", default="measured", choices=("measured", "counted"),
+                   help="what the balanced split balances: each block's measured step time "
+                   "(default, as `sigprop train`) or its counted cost")
     p.add_argument("--stage-threads", type=int, default=1)
     p.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches")
     p.add_argument("--steps", type=int, default=20, help="timed steps per segment")
@@ -212,17 +243,28 @@ def main(argv: list[str] | None = None) -> int:
             del args.child_argv[i:i + 2]
 
     from sigprop.engine.perf import tune_allocator
-    from sigprop.parallel.split import resolve_split
+    from sigprop.resources import cpu_capability
 
     tune_allocator()  # every variant as `sigprop train` runs it (engine/perf.py)
     single = _build(args)
     x, y = _batch(args)
     n = x.shape[0]
-    split = resolve_split(single.network, args.stages, args.split, single.stage_rows(n, True), n)
+    plan = choose_split(args, single, n)
+    split = plan["split"]
+    # every stage process takes the split decided here
+    if "--split" in args.child_argv:
+        i = args.child_argv.index("--split")
+        del args.child_argv[i:i + 2]
+    args.child_argv += ["--split", ",".join(map(str, split))]
     backprop = _build(args, "backprop")
+    print(f"CPU kernels: {cpu_capability()}", flush=True)
     print(f"{args.network} on {args.input}, batch {n}, {args.stages} stages {split} "
           f"({args.stage_threads} thread each), {args.steps} steps x {args.repeats} repeats",
           flush=True)
+    print(f"  split by {plan['by']}: block costs "
+          + ", ".join(f"{c:.3g}" for c in plan["block_costs"]) + f" {plan['unit']}; "
+          f"stage shares " + ", ".join(f"{v:.1%}" for v in plan["shares"])
+          + f" (even: {1 / args.stages:.1%})", flush=True)
     names = ["single_1thread", "single_2thread", f"stages{args.stages}", "backprop_2thread"]
     if not args.no_gpipe:
         from _gpipe_backprop import gpipe_backprop_samples_per_s
@@ -282,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['wait_send_ms_per_batch']:.2f}; sends {s['bytes_sent_per_batch'] / 1e3:.0f} kB/batch")
     out = {
         "network": args.network, "input": args.input, "batch_size": n, "stages": args.stages,
-        "split": split, "stage_threads": args.stage_threads, "steps": args.steps,
+        "split": split, "split_plan": plan, "stage_threads": args.stage_threads, "steps": args.steps,
         "repeats": args.repeats, "microbatches": args.microbatches,
         f"{staged}_per_s": summary[staged],
         "single_1thread_per_s": summary["single_1thread"],
@@ -291,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpipe_backprop_per_s": summary.get("gpipe_backprop"),
         "ratios": ratios, "per_stage": per_stage, "runs": runs,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__},
+                    "cpu_capability": cpu_capability(), "torch": torch.__version__},
         "date": _dt.date.today().isoformat(),
     }
     if args.json:

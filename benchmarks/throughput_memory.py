@@ -48,6 +48,7 @@ from torch import nn
 import sigprop
 from sigprop.engine.memory import SavedTensorMeter
 from sigprop.engine.perf import tune_allocator
+from sigprop.resources import cpu_capability
 
 NUM_CLASSES = 10
 MIB = 1024 * 1024
@@ -161,6 +162,7 @@ def machine_facts(device: torch.device) -> dict:
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "load_average": load_average(),
         "device": str(device),
     }

@@ -105,3 +105,33 @@ def test_saved_tensor_meter_segments_start_when_nothing_is_held():
     assert meter.region == "block2" and dict(meter.region_bytes) == {"block1": 40, "block2": 20}
     del held
     assert meter.live_bytes == 0 and meter.peak == 40 and meter.segments == 2
+
+
+def test_layer_parallel_splits_by_measured_time_counted_cost_or_hand():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "layer_parallel_bench", ROOT / "benchmarks" / "layer_parallel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(network="fc-4x64", input="1x8x8", classes=10, batch_size=16,
+                              seed=0, stages=2, split=None, split_by="measured",
+                              stage_threads=1)
+    rule = bench._build(args)
+    before = [p.detach().clone() for p in rule.network.parameters()]
+    state = torch.random.get_rng_state()
+    plan = bench.choose_split(args, rule, 16)
+    assert plan["by"] == "measured" and plan["unit"] == "ms"
+    assert sum(plan["split"]) == 4 and len(plan["split"]) == 2 and min(plan["split"]) >= 1
+    assert len(plan["block_costs"]) == 4 and all(c > 0 for c in plan["block_costs"])
+    assert sum(plan["shares"]) == pytest.approx(1.0)
+    # the calibration trains a throwaway copy: the benchmarked rule and the random stream
+    # are as they were
+    assert all(torch.equal(a, b) for a, b in zip(before, rule.network.parameters()))
+    assert torch.equal(state, torch.random.get_rng_state())
+    args.split_by = "counted"
+    assert bench.choose_split(args, rule, 16)["by"] == "counted"
+    args.split = "3,1"
+    hand = bench.choose_split(args, rule, 16)
+    assert hand["by"] == "hand" and hand["split"] == [3, 1]

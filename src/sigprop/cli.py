@@ -385,6 +385,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                         warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
                         head=ns.head, pipeline=ns.pipeline,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    from .resources import cpu_capability
+
+    print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads\n")
     print(markdown(results))
     if json_path is not None:
         facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),

@@ -16,9 +16,13 @@ _SOURCE = Path(__file__).resolve().parents[1]  # the sigprop package folder
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, intra-op threads and GPU of this machine."""
+    """CPU model, its kernels' capability (AVX2, AVX512, ...; native bf16 or not), cores,
+    memory, intra-op threads and GPU of this machine."""
+    from ..resources import cpu_capability
+
     return {
         "cpu": _cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "torch_threads": torch.get_num_threads(),
@@ -29,7 +33,10 @@ def machine() -> dict[str, Any]:
 def describe_machine(m: dict[str, Any]) -> str:
     """One line: ``Intel Xeon ..., 2 cores, 24 GiB, 2 torch threads, no GPU``."""
     mem = m.get("memory_gib")
-    parts = [str(m.get("cpu") or "unknown CPU"), f"{m.get('cores')} cores",
+    cpu = str(m.get("cpu") or "unknown CPU")
+    if m.get("cpu_capability"):
+        cpu += f" ({m['cpu_capability']})"
+    parts = [cpu, f"{m.get('cores')} cores",
              f"{mem:.0f} GiB" if isinstance(mem, (int, float)) else "memory unknown",
              f"{m.get('torch_threads')} torch threads", f"GPU {m['gpu']}" if m.get("gpu")
              else "no GPU"]

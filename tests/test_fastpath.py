@@ -442,3 +442,28 @@ def test_pool_codes_rebuild_the_poolings_indices(kernel, stride, padding, shape)
     want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *fp._pool_geometry(pool))
     assert code.dtype == torch.uint8 and torch.equal(p, want_p)
     assert torch.equal(fp._window_index(pool, code, shape[3]), want_i)
+    # many ties at the maximum: small integers
+    x = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(1)).float()
+    p, code = fp._pool(pool, x, None)
+    want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *fp._pool_geometry(pool))
+    assert torch.equal(p, want_p)
+    assert torch.equal(fp._window_index(pool, code, shape[3]), want_i)
+
+
+def test_halving_pool_and_its_gradient_equal_atens():
+    """VGG8b's 2 x 2, stride 2 pooling by elementwise maxima: the pooled map (also into
+    a given output) and the indices rebuilt from its codes equal ATen's, ties included."""
+    from sigprop.rules.sigprop import fastpath as fp
+
+    pool = torch.nn.MaxPool2d(2, 2)
+    geometry = fp._pool_geometry(pool)
+    g = torch.Generator().manual_seed(2)
+    for x in (torch.randn(3, 4, 8, 6, generator=g),
+              torch.randint(-1, 2, (3, 4, 8, 6), generator=g).float()):
+        assert fp._halving(geometry, x)
+        want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
+        out = torch.empty_like(want_p)
+        p, code = fp._pool_2x2(x, out)
+        assert p.data_ptr() == out.data_ptr() and torch.equal(p, want_p)
+        assert torch.equal(fp._window_index(pool, code, x.shape[3]), want_i)
+    assert not fp._halving(geometry, torch.zeros(1, 1, 7, 8))

@@ -135,3 +135,22 @@ def test_layer_parallel_splits_by_measured_time_counted_cost_or_hand():
     args.split = "3,1"
     hand = bench.choose_split(args, rule, 16)
     assert hand["by"] == "hand" and hand["split"] == [3, 1]
+
+
+def test_pooling_and_step_profile_run_tiny(tmp_path):
+    pool = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pooling.py"), "--rows",
+                           "2", "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert pool.returncode == 0, pool.stderr[-2000:]
+    assert "forward, ATen / fast" in pool.stdout
+    out = tmp_path / "profile.json"
+    prof = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"),
+                           "--network", "conv", "--input", "1x16x16", "--batch-size", "4",
+                           "--rules", "sigprop,backprop", "--steps", "1", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for rule in ("sigprop", "backprop"):
+        r = result["rules"][rule]
+        conv = [o for o in r["ops"] if o["op"].startswith("convolution")]
+        assert conv and all(o["gflop_per_step"] > 0 for o in conv)
+        assert sum(o["share"] for o in r["ops"]) == pytest.approx(1.0)

@@ -181,12 +181,14 @@ def test_each_model_lowers_its_loss(rule):
     lowers_loss(snn(rule, amp="off"), (1, 28, 28), steps=6)
 
 
-@pytest.mark.parametrize("rule", ["sp-surrogate", "sp-voltage"])
-def test_sigprop_models_are_local(rule):
+@pytest.mark.parametrize("rule,targets", [("sp-surrogate", "current"),
+                                          ("sp-voltage", "current"),
+                                          ("sp-surrogate", "input"), ("sp-voltage", "input")])
+def test_sigprop_models_are_local(rule, targets):
     """No gradient crosses a block boundary or passes through a spike: every block's
     input is detached spikes (hooks), and a block's gradient equals the one of its own
     loss alone, computed on a copy."""
-    r = snn(rule, amp="off")
+    r = snn(rule, amp="off", snn_targets=targets)
     seen = []
 
     def check_input(block, args):
@@ -198,8 +200,9 @@ def test_sigprop_models_are_local(rule):
     r.train_step(x, y)
     for hk in hooks:
         hk.remove()
-    # block 1's input is [x, targets]: the targets carry the generator's gradient
-    assert seen == [True, False, False]
+    # targets at the input: block 1's input is [x, targets], the targets carrying the
+    # generator's gradient; as currents they join after block 1's synapse
+    assert seen == [targets == "input", False, False]
     # the spikes a block emits during training carry no gradient
     out, charged = r.network.blocks[1].run(torch.rand(4, 5, 128, 14, 14).round(), 3,
                                            detach_carry=True)
@@ -423,34 +426,39 @@ def test_snn_probe_script_probes_every_block(tmp_path, fake_fashion):
 # ------------------------------------------------------------------ real data
 
 
-def _slice_accuracy(tmp_path, rule: str) -> float:
+def _slice_accuracy(tmp_path, rule: str, images: int, seed: int = 0) -> float:
+    """Test accuracy (first 2,000 test images) after one epoch on the first ``images``
+    real Fashion-MNIST images, the rule's defaults otherwise."""
     from sigprop.data import find_dataset_dir
 
     try:
         find_dataset_dir("fashion-mnist")
     except Exception:
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    run = tmp_path / rule
-    assert main(["train", "--network", "snn-conv", "--rule", rule, "--train-limit", "3000",
-                 "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
+    run = tmp_path / f"{rule}-{images}-s{seed}"
+    assert main(["train", "--network", "snn-conv", "--rule", rule, "--train-limit", str(images),
+                 "--test-limit", "2000", "--epochs", "1", "--seed", str(seed), "--run-dir",
+                 str(run), "--no-progress"]) == 0
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
 
 
 @pytest.mark.slow
 def test_sp_surrogate_learns_on_a_fashion_mnist_slice(tmp_path):
-    """sp-surrogate, one epoch of 3,000 real Fashion-MNIST images (24 steps of 128):
-    beats 60% test accuracy and the shallow model on the same budget."""
-    shallow = _slice_accuracy(tmp_path, "shallow")
-    acc = _slice_accuracy(tmp_path, "sp-surrogate")
-    assert acc > 0.60 and acc > shallow, (acc, shallow)
+    """sp-surrogate with its defaults, one epoch of 10,000 real images (79 steps): past
+    65% (0.7275 measured on seed 0). It starts slower than Shallow (0.7640 there) and
+    passes it on longer budgets (10k x 5, full data: docs/studies/spiking-local-loss.md)."""
+    acc = _slice_accuracy(tmp_path, "sp-surrogate", 10_000)
+    assert acc > 0.65, acc
 
 
 @pytest.mark.slow
-def test_sp_voltage_learns_on_a_fashion_mnist_slice(tmp_path):
-    """sp-voltage, the same budget: beats 60% test accuracy and the shallow model."""
-    shallow = _slice_accuracy(tmp_path, "shallow")
-    acc = _slice_accuracy(tmp_path, "sp-voltage")
-    assert acc > 0.60 and acc > shallow, (acc, shallow)
+def test_sp_voltage_beats_shallow_on_a_fashion_mnist_slice_every_seed(tmp_path):
+    """sp-voltage with its defaults beats Shallow after one epoch of 10,000 real images,
+    seeds 0-2 (measured 0.7925 / 0.8030 / 0.8205 against 0.7640 / 0.7465 / 0.7700)."""
+    for seed in (0, 1, 2):
+        shallow = _slice_accuracy(tmp_path, "shallow", 10_000, seed)
+        acc = _slice_accuracy(tmp_path, "sp-voltage", 10_000, seed)
+        assert acc > shallow, (seed, acc, shallow)
 
 
 def test_table5_named_configs():
@@ -465,6 +473,17 @@ def test_table5_named_configs():
             assert (c.model.network, c.data.dataset, c.data.batch_size) == ("snn-conv", dataset, 128)
             assert (c.train.epochs, c.train.schedule, c.rule.lr) == (64, "cosine", 5e-4)
             assert c.rule.amp == "auto"
+        # the defaults and the literal readings, each column's settings stated
+        settings = {p.column.key: (p.config.rule.options["snn_loss"],
+                                   p.config.rule.options["snn_targets"])
+                    for p in full if p.config.rule.name.startswith("sp-")}
+        assert settings == {"sp-surrogate": ("surrogate-leaky", "current"),
+                            "sp-voltage": ("voltage-leaky", "current"),
+                            "sp-surrogate-literal": ("surrogate", "input"),
+                            "sp-voltage-literal": ("voltage", "input")}
+        defaults = {r: snn(r, amp="off") for r in ("sp-surrogate", "sp-voltage")}
+        assert {r: (d.compare, d.targets_in) for r, d in defaults.items()} == {
+            "sp-surrogate": settings["sp-surrogate"], "sp-voltage": settings["sp-voltage"]}
 
 
 def test_snn_builds_on_the_meta_device():

@@ -341,6 +341,32 @@ def test_snn_logit_c_scales_every_block_by_its_size():
     assert len(set(four.scales)) == 3  # each block its own d
 
 
+def test_a_runs_settings_are_written_into_its_config_and_old_records_keep_theirs(tmp_path,
+                                                                            fake_fashion,
+                                                                            capsys):
+    """A new run's config holds the settings it ran (printed at its start), so later
+    defaults cannot change it; a record from before (settings unset) reads as the
+    literal reading it ran."""
+    from sigprop.engine.config import config_from_dict
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
+                 "sp-surrogate", "--train-limit", "32", "--test-limit", "32", "--batch-size",
+                 "32", "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
+    assert "rule.snn_loss surrogate-leaky, rule.snn_targets current" in capsys.readouterr().out
+    recorded = json.loads((run / "config.json").read_text())["config"]
+    assert (recorded["rule"]["snn_loss"], recorded["rule"]["snn_targets"]) == (
+        "surrogate-leaky", "current")
+    for name, literal in (("sp-surrogate", "surrogate"), ("sp-voltage", "voltage")):
+        old = {**recorded, "rule": {**recorded["rule"], "name": name, "snn_loss": None,
+                                    "snn_targets": None}}
+        opts = config_from_dict(old).rule.options
+        assert (opts["snn_loss"], opts["snn_targets"]) == (literal, "input")
+    # a resume keeps them; a later default change would not reach this run
+    assert main(["train", "--data-dir", str(fake_fashion), "--run-dir", str(run), "--resume",
+                 "--epochs", "2", "--no-progress"]) == 0
+
+
 def test_amp_bf16_on_cpu_and_off():
     r = snn("sp-surrogate", amp="on")
     assert r.amp_on(torch.device("cpu"))

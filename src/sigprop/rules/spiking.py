@@ -291,6 +291,10 @@ class SPSurrogate(SpikingSigprop):
 
     compare_on = "surrogate-leaky"
     targets_at = "current"
+    # written into a run's config (and printed at its start), so that a run keeps its
+    # settings whatever later defaults become
+    engine_defaults: ClassVar[dict] = {"rule.snn_loss": compare_on,
+                                       "rule.snn_targets": targets_at}
     # g(leaky_relu(u - theta)) spans little (0.5 below threshold), so its logits do not
     # separate at c = 1: the softmax stays near uniform and every sample keeps pulling
     # the maps towards the class targets (docs/studies/spiking-local-loss.md)
@@ -303,6 +307,8 @@ class SPVoltage(SpikingSigprop):
 
     compare_on = "voltage-leaky"
     targets_at = "current"
+    engine_defaults: ClassVar[dict] = {"rule.snn_loss": compare_on,
+                                       "rule.snn_targets": targets_at}
     family = ("voltage", "voltage-above", "voltage-leaky")
     # The voltages are unbounded (an aligned pair's dot product grows like d, sqrt(d) =
     # 317 on block 1), so the softmax saturates unless c is small (swept over three

@@ -115,7 +115,7 @@ def profile(rule, x, y, steps: int, warmup: int) -> tuple[OpMeter, float]:
     return meter, (time.perf_counter() - t) / steps
 
 
-def table(meter: OpMeter, step_s: float, steps: int, top: int) -> list[dict]:
+def table(meter: OpMeter, steps: int) -> list[dict]:
     total = sum(meter.time.values()) or 1.0
     rows = []
     for name in sorted(meter.time, key=meter.time.get, reverse=True):
@@ -126,7 +126,7 @@ def table(meter: OpMeter, step_s: float, steps: int, top: int) -> list[dict]:
                      "mb_per_step": meter.bytes[name] / steps / 1e6,
                      "gflop_per_s": meter.flops[name] / max(meter.time[name], 1e-12) / 1e9,
                      "gb_per_s": meter.bytes[name] / max(meter.time[name], 1e-12) / 1e9})
-    return rows if top <= 0 else rows[:top]
+    return rows
 
 
 def main(argv=None) -> int:
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "date": _dt.date.today().isoformat(), "rules": {}}
     for name in args.rules.split(","):
         meter, step_s = profile(build(name, args), x, y, args.steps, args.warmup)
-        rows = table(meter, step_s, args.steps, 0)
+        rows = table(meter, args.steps)
         flops = sum(r["gflop_per_step"] for r in rows)
         mb = sum(r["mb_per_step"] for r in rows)
         ops = sum(r["calls_per_step"] for r in rows)

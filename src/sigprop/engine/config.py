@@ -347,34 +347,23 @@ def compose(*layers: tuple[dict[str, dict[str, Any]], bool]) -> Config:
     return cfg
 
 
-# what sp-surrogate and sp-voltage ran when snn_loss / snn_targets were left unset, before
-# their measured defaults were written into each run's config (docs/studies/spiking-local-loss.md)
-SPIKING_DEFAULTS_BEFORE = {
-    "sp-surrogate": {"snn_loss": "surrogate", "snn_targets": "input"},
-    "sp-voltage": {"snn_loss": "voltage", "snn_targets": "input"},
-}
-
-
 def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
     """Inverse of :meth:`Config.to_dict` (used to rebuild a run from its folder).
 
     Records written before rules declared their own options hold every rule's options;
     those the recorded rule does not take are dropped (they had no effect on it). A run
     recorded before ``rule.target_dropout`` existed (its rule table lacks the key)
-    dropped its targets' units, the option's ``on``; with dropout it resumes so. A spiking
-    sigprop run recorded before its settings were written into the config (2026-12-05)
-    ran the defaults of then, the literal reading (:data:`SPIKING_DEFAULTS_BEFORE`)."""
+    dropped its targets' units, the option's ``on``; with dropout it resumes so. A rule
+    whose defaults changed reads older records itself (``recorded_options``)."""
     rule, model = d.get("rule"), d.get("model")
     if isinstance(rule, dict):
         if (rule.get("name", "sigprop") == "sigprop" and "target_dropout" not in rule
                 and isinstance(model, dict)
                 and isinstance(model.get("dropout"), (int, float)) and model["dropout"] > 0):
             rule = {**rule, "target_dropout": "on"}
-        before = SPIKING_DEFAULTS_BEFORE.get(rule.get("name"))
-        if before is not None:
-            if rule.get("snn_loss") == "surrogate-leaky" and "snn_logit_c" not in rule:
-                rule = {**rule, "snn_logit_c": 1.0}  # recorded before c = 4 became its own
-            rule = {**rule, **{k: v for k, v in before.items() if rule.get(k) is None}}
+        name = rule.get("name", "sigprop")
+        if isinstance(name, str) and name in RULES:
+            rule = RULES.get(name).recorded_options(rule)
         d = {**d, "rule": _own_options(rule)}
     return apply_overrides(Config(), d)
 

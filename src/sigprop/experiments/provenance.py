@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..engine.runio import versions
+from ..resources import cpu_capability
 
 _SOURCE = Path(__file__).resolve().parents[1]  # the sigprop package folder
 
@@ -18,8 +19,6 @@ _SOURCE = Path(__file__).resolve().parents[1]  # the sigprop package folder
 def machine() -> dict[str, Any]:
     """CPU model, its kernels' capability (AVX2, AVX512, ...; native bf16 or not), cores,
     memory, intra-op threads and GPU of this machine."""
-    from ..resources import cpu_capability
-
     return {
         "cpu": _cpu_model(),
         "cpu_capability": cpu_capability(),

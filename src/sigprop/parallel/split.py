@@ -23,12 +23,15 @@ cutting the blocks into contiguous, non-empty stages.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from torch import nn
 
+from ..engine import runio
 from ..engine.interrupt import one_line
 from ..engine.stagespec import parse_split, stage_count
 from ..errors import ConfigError
+from . import calibrate
 from .replicas import check_shards
 
 # FLOPs one byte of memory traffic costs as much time as: the benchmark machine's float32
@@ -228,8 +231,6 @@ def settle_plan(rule, cfg, threads: int, device, recorded: dict | None = None) -
     ``balance`` (the largest share: the pipeline's pace; 1/S is even), with
     ``calibration`` (batch, threads, device, repeats) when measured, ``kept`` when a
     resume kept it, ``fallback`` when the timing failed."""
-    from . import calibrate
-
     stages = check_staging(rule, cfg)
     blocks = len(rule.network.blocks)
     split_by = cfg.train.split_by
@@ -280,10 +281,6 @@ def describe_plan(plan: dict) -> list[str]:
 
 def recorded_plan(run_dir) -> dict | None:
     """The ``stage_plan`` a run folder's config.json records, if any."""
-    from pathlib import Path
-
-    from ..engine import runio
-
     path = Path(run_dir) / runio.CONFIG
     if not path.is_file():
         return None

@@ -137,6 +137,12 @@ class LearningRule:
         return opts
 
     @classmethod
+    def recorded_options(cls, table: dict[str, Any]) -> dict[str, Any]:
+        """A run record's ``[rule]`` table as this version reads it: a rule whose defaults
+        changed fills what an older record left unset with what that run used."""
+        return table
+
+    @classmethod
     def _scope_note(cls, given: Mapping[str, Any]) -> str:
         """Said after the rule's name when an option is not in its scope."""
         return ""

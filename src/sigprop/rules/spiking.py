@@ -112,6 +112,24 @@ class SpikingSigprop(LearningRule):
     spike_threshold = SP_THRESHOLD
 
     options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS, SNN_LOGIT_C)
+    # what the model ran with snn_loss / snn_targets unset before its measured defaults
+    # (2026-12-05): the literal reading
+    literal: ClassVar[dict[str, str]] = {"snn_loss": "surrogate", "snn_targets": "input"}
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        # the model's settings are written into a run's config (and printed at its start),
+        # so that a run keeps them whatever later defaults become
+        cls.engine_defaults = {"rule.snn_loss": cls.compare_on,
+                               "rule.snn_targets": cls.targets_at}
+
+    @classmethod
+    def recorded_options(cls, table: dict) -> dict:
+        """A record from before the settings were written into the config ran the literal
+        reading (and surrogate-leaky then had c = 1)."""
+        if table.get("snn_loss") == "surrogate-leaky" and "snn_logit_c" not in table:
+            table = {**table, "snn_logit_c": 1.0}
+        return {**table, **{k: v for k, v in cls.literal.items() if table.get(k) is None}}
 
     @classmethod
     def check_options(cls, opts) -> None:
@@ -291,10 +309,6 @@ class SPSurrogate(SpikingSigprop):
 
     compare_on = "surrogate-leaky"
     targets_at = "current"
-    # written into a run's config (and printed at its start), so that a run keeps its
-    # settings whatever later defaults become
-    engine_defaults: ClassVar[dict] = {"rule.snn_loss": compare_on,
-                                       "rule.snn_targets": targets_at}
     # g(leaky_relu(u - theta)) spans little (0.5 below threshold), so its logits do not
     # separate at c = 1: the softmax stays near uniform and every sample keeps pulling
     # the maps towards the class targets (docs/studies/spiking-local-loss.md)
@@ -307,8 +321,7 @@ class SPVoltage(SpikingSigprop):
 
     compare_on = "voltage-leaky"
     targets_at = "current"
-    engine_defaults: ClassVar[dict] = {"rule.snn_loss": compare_on,
-                                       "rule.snn_targets": targets_at}
+    literal = {"snn_loss": "voltage", "snn_targets": "input"}
     family = ("voltage", "voltage-above", "voltage-leaky")
     # The voltages are unbounded (an aligned pair's dot product grows like d, sqrt(d) =
     # 317 on block 1), so the softmax saturates unless c is small (swept over three

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.rows < 1 or args.repeats < 1 or args.threads < 1:
+        p.error("--rows, --repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     pool = nn.MaxPool2d(2, 2)
     geometry = fp._pool_geometry(pool)

@@ -145,6 +145,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
+    for flag in ("batch_size", "steps", "classes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        p.error("--warmup must be >= 0 and --threads >= 1")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json {args.json}: its folder does not exist")
+    from sigprop.registry import RULES
+
+    for name in args.rules.split(","):
+        if name not in RULES:
+            p.error(f"unknown rule {name!r}; choose from {', '.join(RULES.names())}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from sigprop.engine.perf import tune_allocator
@@ -182,4 +194,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sigprop.errors import SigpropError
+
+    try:
+        sys.exit(main())
+    except SigpropError as err:  # a bad network or input shape: one line
+        print(f"step_profile.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -427,7 +427,14 @@ def test_report_marks_missing_partial_and_unreadable_runs(in_tmp, fake_fashion, 
     assert [r["status"] for r in by["fc-2x32", "sigprop"]["runs"]] == ["finished", "partial"]
     assert by["fc-1x16", "sigprop"]["runs"][0]["status"] == "unreadable"
     assert by["fc-1x16", "backprop"]["n"] == 0 and by["fc-1x16", "backprop"]["mean"] is None
-    assert "[1 of 2: not run]" in md and "[1 of 2: running 1/2 epochs]" in md
+    assert "[1 of 2: not run]" in md
+    # a partial run shows its value so far beside it, never in the mean
+    partial = by["fc-2x32", "sigprop"]["runs"][1]
+    so_far = partial["so_far"]
+    assert so_far["epoch"] == 1 and so_far["value"] == pytest.approx(
+        100 * (1 - json.loads(lines[0])["test_acc"]))
+    assert by["fc-2x32", "sigprop"]["n"] == 1 and partial["value"] is None
+    assert f"[1 of 2: running 1/2 epochs, so far {so_far['value']:.2f} (epoch 1)]" in md
     assert "| FC 1x16 | MNIST | not run |" in md
     assert "unreadable: " in md and "damaged at line 1" in md
     # the report's plots still draw what there is

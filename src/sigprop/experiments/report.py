@@ -42,11 +42,18 @@ class RunResult:
     history: list[dict[str, Any]]
     command: str
     detail: str = ""  # why it failed / is unreadable
+    # a partial run's metric over the epochs it has (best so far, or its last epoch), shown
+    # beside it and never averaged with finished runs
+    so_far: tuple[float, int | None] | None = None
 
     @property
     def mark(self) -> str:
         """Short status for a table cell: '' when finished."""
-        return {"finished": "", "partial": f"running {self.epochs}/{self.planned} epochs",
+        running = f"running {self.epochs}/{self.planned} epochs"
+        if self.so_far is not None:
+            v, e = self.so_far
+            running += f", so far {v:.2f} (epoch {e})"
+        return {"finished": "", "partial": running,
                 "absent": "not run", "failed": "failed",
                 "unreadable": "unreadable", "damaged": "damaged"}[self.status]
 
@@ -153,14 +160,17 @@ def collect(out: Path) -> tuple[Experiment, dict[str, Any], list[Cell]]:
         status, detail = state.status, state.detail
         if plan.id in manifest["failed"] and status != "finished":
             status, detail = "failed", str(manifest["failed"][plan.id])
-        value = epoch = None
+        value = epoch = so_far = None
         if status == "finished":
             value, epoch = _select(history, planned, exp.metric, exp.select)
             if value is None:
                 status, detail = "damaged", "its metrics hold no test accuracy"
+        elif status == "partial":
+            v, e = _select(history, planned, exp.metric, exp.select)
+            so_far = None if v is None else (v, e)
         cmd = train_command(cfg, always=_ALWAYS)
         by_cell.setdefault((plan.row.key, plan.column.key), []).append(RunResult(
-            plan, status, len(history), planned, value, epoch, history, cmd, detail))
+            plan, status, len(history), planned, value, epoch, history, cmd, detail, so_far))
     cells = []
     for row, col in exp.cells():
         runs = by_cell.get((row.key, col.key), [])
@@ -309,6 +319,8 @@ def write_report(out: Path) -> Path:
                 if isinstance(h.get("epoch_time_s"), (int, float))]
         status = (r.status + (f": {r.detail}" if r.detail else "")).replace("|", "/")
         value = "-" if r.value is None else f"{r.value:.2f}"
+        if r.so_far is not None:
+            value = f"{r.so_far[0]:.2f} so far (epoch {r.so_far[1]})"
         per_epoch = f"{statistics.fmean(secs):.1f}" if secs else "-"
         md.append(f"| {r.plan.id} | {status} | {r.epochs}/{r.planned} | {value} | "
                   f"{per_epoch} | `{r.command}` |")
@@ -360,7 +372,9 @@ def _as_json(exp: Experiment, manifest: dict[str, Any], cells: list[Cell],
             "paper_dataset": exp.row_paper_dataset(c.row), "diff": c.diff,
             "runs": [{"run": r.plan.id, "seed": r.plan.seed, "status": r.status,
                       "epochs": r.epochs, "planned_epochs": r.planned, "value": r.value,
-                      "epoch": r.epoch, "detail": r.detail, "command": r.command}
+                      "epoch": r.epoch, "detail": r.detail, "command": r.command,
+                      "so_far": None if r.so_far is None else
+                      {"value": r.so_far[0], "epoch": r.so_far[1]}}
                      for r in c.runs],
         } for c in cells],
         "plots": {k: f"{PLOTS}/{v.name}" for k, v in made.items()},

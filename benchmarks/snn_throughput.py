@@ -33,8 +33,11 @@ from sigprop.engine.perf import tune_allocator
 from sigprop.networks import build_network
 from sigprop.resources import cpu_capability, half_precision_pays
 
-MODELS = ("bp-surrogate", "shallow", "sp-surrogate", "sp-voltage",
-          "sp-surrogate:surrogate-leaky:current", "sp-voltage:voltage-leaky:current")
+# each sigprop setting named (a bare rule name runs that rule's current defaults): the
+# literal readings, then the settings measured for the defaults
+MODELS = ("bp-surrogate", "shallow", "sp-surrogate:surrogate:input", "sp-voltage:voltage:input",
+          "sp-surrogate:surrogate:current", "sp-surrogate:surrogate-leaky:current",
+          "sp-voltage:voltage-leaky:current")
 CLASSES = 10
 
 

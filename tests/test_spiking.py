@@ -353,10 +353,10 @@ def test_a_runs_settings_are_written_into_its_config_and_old_records_keep_theirs
     assert main(["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
                  "sp-surrogate", "--train-limit", "32", "--test-limit", "32", "--batch-size",
                  "32", "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
-    assert "rule.snn_loss surrogate-leaky, rule.snn_targets current" in capsys.readouterr().out
+    assert "rule.snn_loss surrogate, rule.snn_targets current" in capsys.readouterr().out
     recorded = json.loads((run / "config.json").read_text())["config"]
     assert (recorded["rule"]["snn_loss"], recorded["rule"]["snn_targets"]) == (
-        "surrogate-leaky", "current")
+        "surrogate", "current")
     for name, literal in (("sp-surrogate", "surrogate"), ("sp-voltage", "voltage")):
         old = {**recorded, "rule": {**recorded["rule"], "name": name, "snn_loss": None,
                                     "snn_targets": None}}
@@ -469,12 +469,14 @@ def _slice_accuracy(tmp_path, rule: str, images: int, seed: int = 0) -> float:
 
 
 @pytest.mark.slow
-def test_sp_surrogate_learns_on_a_fashion_mnist_slice(tmp_path):
-    """sp-surrogate with its defaults, one epoch of 10,000 real images (79 steps): past
-    65% (0.7275 measured on seed 0). It starts slower than Shallow (0.7640 there) and
-    passes it on longer budgets (10k x 5, full data: docs/studies/spiking-local-loss.md)."""
-    acc = _slice_accuracy(tmp_path, "sp-surrogate", 10_000)
-    assert acc > 0.65, acc
+def test_sp_surrogate_beats_shallow_on_a_small_slice_every_seed(tmp_path):
+    """sp-surrogate with its defaults beats Shallow after one epoch of the first 3,000 real
+    images (24 steps), seeds 0-2 (measured 0.7355 / 0.6965 / 0.7500 against 0.6680 /
+    0.6790 / 0.7065; docs/studies/spiking-local-loss.md, "A faster start")."""
+    for seed in (0, 1, 2):
+        shallow = _slice_accuracy(tmp_path, "shallow", 3_000, seed)
+        acc = _slice_accuracy(tmp_path, "sp-surrogate", 3_000, seed)
+        assert acc > shallow, (seed, acc, shallow)
 
 
 @pytest.mark.slow
@@ -503,7 +505,7 @@ def test_table5_named_configs():
         settings = {p.column.key: (p.config.rule.options["snn_loss"],
                                    p.config.rule.options["snn_targets"])
                     for p in full if p.config.rule.name.startswith("sp-")}
-        assert settings == {"sp-surrogate": ("surrogate-leaky", "current"),
+        assert settings == {"sp-surrogate": ("surrogate", "current"),
                             "sp-voltage": ("voltage-leaky", "current"),
                             "sp-surrogate-literal": ("surrogate", "input"),
                             "sp-voltage-literal": ("voltage", "input")}

@@ -11,8 +11,8 @@
   chosen by ``snn_loss``:
 
       sp-surrogate (the arctan surrogate g of Eq. 16-17 in every choice):
-        surrogate-leaky  a_t = g(leaky_relu(u_t - theta))   (default)
-        surrogate        a_t = g(u_t - theta)                (the literal reading)
+        surrogate        a_t = g(u_t - theta)                (default, as in the literal reading)
+        surrogate-leaky  a_t = g(leaky_relu(u_t - theta))
         surrogate-above  a_t = g(relu(u_t - theta))
       sp-voltage (no surrogate anywhere):
         voltage-leaky    a_t = leaky_relu(u_t - theta)       (default)
@@ -75,8 +75,8 @@ SNN_LOSS = Option(
     "(g(u - theta), Eq. 16) | surrogate-above (g(relu(u - theta)): only neurons at or above "
     "threshold move) | surrogate-leaky (g(leaky_relu(u - theta)): those below move 100x "
     "slower) | voltage (u) | voltage-above (relu(u - theta)) | voltage-leaky "
-    "(leaky_relu(u - theta)); sp-surrogate takes the surrogate ones (default surrogate-leaky; "
-    "surrogate is the paper's literal reading), sp-voltage the voltage ones (default "
+    "(leaky_relu(u - theta)); sp-surrogate takes the surrogate ones (default surrogate, the "
+    "paper's literal reading), sp-voltage the voltage ones (default "
     "voltage-leaky; voltage is the literal reading)",
     choices=("surrogate", "surrogate-above", "surrogate-leaky", "voltage", "voltage-above",
              "voltage-leaky"), optional=True)
@@ -307,7 +307,7 @@ class SpikingSigprop(LearningRule):
 class SPSurrogate(SpikingSigprop):
     """Table V, SP surrogate: local losses through the arctan surrogate g (Eq. 16)."""
 
-    compare_on = "surrogate-leaky"
+    compare_on = "surrogate"
     targets_at = "current"
     # g(leaky_relu(u - theta)) spans little (0.5 below threshold), so its logits do not
     # separate at c = 1: the softmax stays near uniform and every sample keeps pulling

@@ -161,13 +161,13 @@ def collect(out: Path) -> tuple[Experiment, dict[str, Any], list[Cell]]:
         if plan.id in manifest["failed"] and status != "finished":
             status, detail = "failed", str(manifest["failed"][plan.id])
         value = epoch = so_far = None
+        picked = _select(history, planned, exp.metric, exp.select)
         if status == "finished":
-            value, epoch = _select(history, planned, exp.metric, exp.select)
+            value, epoch = picked
             if value is None:
                 status, detail = "damaged", "its metrics hold no test accuracy"
-        elif status == "partial":
-            v, e = _select(history, planned, exp.metric, exp.select)
-            so_far = None if v is None else (v, e)
+        elif status == "partial" and picked[0] is not None:
+            so_far = picked
         cmd = train_command(cfg, always=_ALWAYS)
         by_cell.setdefault((plan.row.key, plan.column.key), []).append(RunResult(
             plan, status, len(history), planned, value, epoch, history, cmd, detail, so_far))

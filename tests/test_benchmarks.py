@@ -46,6 +46,7 @@ def test_sigprop_bench_tiny(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| Time (ms) |" in text and "| Mem (MiB) |" in text and "| layer |" in text
+    assert "| Activations (MiB) |" in text and ", act " in text
     result = json.loads(out.read_text())
     names = ["backprop", "ll-bp", "ll-fa", "sigprop", "sigprop-sparse", "sigprop-sparse-g2",
              "dfa"]
@@ -55,11 +56,15 @@ def test_sigprop_bench_tiny(tmp_path, capsys):
         assert isinstance(r["time_per_sample_s"], float) and r["time_per_sample_s"] > 0
         assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0
         assert isinstance(r["layers"], list)
+        # the activations are the peak less the state (parameters, gradients, Adam's)
+        assert 0 < r["activation_memory_bytes"] < r["peak_memory_bytes"]
         if name != "backprop":  # backprop is timed as a whole, as the paper
             assert len(r["layers"]) == 5
             for layer in r["layers"]:
                 assert layer["time_per_sample_s"] > 0 and layer["peak_memory_bytes"] > 0
     assert result["rules"]["backprop"]["layers"] == []
+    act = {n: result["rules"][n]["activation_memory_bytes"] for n in names}
+    assert act["sigprop"] < act["backprop"]  # no input gradients held for a backward pass
     assert "machine" in result and "commit" in result
 
 

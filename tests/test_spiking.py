@@ -255,12 +255,14 @@ def test_above_threshold_losses_move_only_neurons_at_or_above_it(rule, loss):
 
 @pytest.mark.parametrize("rule,loss", [("sp-surrogate", "surrogate-leaky"),
                                        ("sp-voltage", "voltage-leaky")])
-def test_leaky_losses_move_neurons_below_threshold_at_a_hundredth(rule, loss):
-    """Hand-built voltages: below the threshold the comparison's gradient is LEAKY_SLOPE
-    times the slope of its function there (1 for the voltage, g' for the surrogate); above
-    it, the same as the plain comparison's."""
-    from sigprop.rules.spiking import LEAKY_SLOPE
-    r = snn(rule, amp="off", snn_loss=loss)
+@pytest.mark.parametrize("slope", [None, 0.1, 0.0])
+def test_leaky_losses_move_neurons_below_threshold_at_their_slope(rule, loss, slope):
+    """Hand-built voltages: below the threshold the comparison's gradient is the leaky
+    slope (the model's own, or snn_leaky_slope) times the slope of its function there (1
+    for the voltage, g' for the surrogate); above it, the same as the plain comparison's."""
+    r = snn(rule, amp="off", snn_loss=loss, snn_leaky_slope=slope)
+    LEAKY_SLOPE = r.leaky_slope if slope is None else slope
+    assert r.slope == LEAKY_SLOPE
     block = r.network.blocks[0]
     theta = float(block.node.threshold)
     u = (theta + torch.linspace(-2.0, 2.0, 4 * 6 * 10, dtype=torch.float64)
@@ -330,6 +332,9 @@ def test_snn_options_are_checked_per_model():
         snn("sp-surrogate", snn_logit_c=4.0, logit_scale=0.01)
     with pytest.raises(ConfigError, match="snn_logit_c"):
         snn("sp-voltage", snn_logit_c=0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="snn_leaky_slope"):
+            snn("sp-voltage", snn_leaky_slope=bad)
 
 
 def test_snn_logit_c_scales_every_block_by_its_size():
@@ -353,15 +358,22 @@ def test_a_runs_settings_are_written_into_its_config_and_old_records_keep_theirs
     assert main(["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
                  "sp-surrogate", "--train-limit", "32", "--test-limit", "32", "--batch-size",
                  "32", "--epochs", "1", "--run-dir", str(run), "--no-progress"]) == 0
-    assert "rule.snn_loss surrogate, rule.snn_targets current" in capsys.readouterr().out
+    from sigprop.rules.spiking import SPSurrogate
+
+    assert ("rule.snn_loss surrogate, rule.snn_targets current, rule.snn_leaky_slope "
+            f"{SPSurrogate.leaky_slope}") in capsys.readouterr().out
     recorded = json.loads((run / "config.json").read_text())["config"]
-    assert (recorded["rule"]["snn_loss"], recorded["rule"]["snn_targets"]) == (
-        "surrogate", "current")
+    assert (recorded["rule"]["snn_loss"], recorded["rule"]["snn_targets"],
+            recorded["rule"]["snn_leaky_slope"]) == ("surrogate", "current",
+                                                     SPSurrogate.leaky_slope)
     for name, literal in (("sp-surrogate", "surrogate"), ("sp-voltage", "voltage")):
         old = {**recorded, "rule": {**recorded["rule"], "name": name, "snn_loss": None,
                                     "snn_targets": None}}
+        del old["rule"]["snn_leaky_slope"]
         opts = config_from_dict(old).rule.options
-        assert (opts["snn_loss"], opts["snn_targets"]) == (literal, "input")
+        # before the slope was an option the leaky comparisons ran 0.01
+        assert (opts["snn_loss"], opts["snn_targets"], opts["snn_leaky_slope"]) == (
+            literal, "input", 0.01)
     # a resume keeps them; a later default change would not reach this run
     assert main(["train", "--data-dir", str(fake_fashion), "--run-dir", str(run), "--resume",
                  "--epochs", "2", "--no-progress"]) == 0

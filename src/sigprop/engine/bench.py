@@ -20,7 +20,9 @@ storage once), at their peak within the step or within each layer's part of it, 
 the parameters and buffers, their gradients and the optimizer's state (per layer: the
 block's own, with its auxiliaries or generator). On CUDA the allocator's peak
 (``max_memory_allocated`` after ``reset_peak_memory_stats``), for the whole step and
-between the marks.
+between the marks. Beside the peak, the *activation memory* of the whole step: the peak
+less that state (on CUDA: less what was allocated before the step), the memory that
+grows with the batch and that the paper's rules differ in most.
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ class _Timeline:
 class BenchResult:
     variant: Variant
     seconds_per_sample: list[float]  # one per timed segment
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # held activations plus parameters, gradients, optimizer state
+    activation_memory_bytes: int  # held activations only, at their peak
     layers: list[dict[str, Any]]  # per block: time_per_sample_s, peak_memory_bytes, ...
     notes: list[str]
 
@@ -252,7 +255,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
     results = []
     for v in cols:
         rule = rules[v.name]
-        mem, layer_mem = _memory(rule, v, pool[0], dev, sync)
+        mem, act, layer_mem = _memory(rule, v, pool[0], dev, sync)
         layers: list[dict[str, Any]] = []
         notes: list[str] = []
         layered = _layered(v.rule) and not getattr(rule, "pipelines", False)
@@ -262,7 +265,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         if layered:
             layers = _layer_rows(rule, timelines[v.name], layer_mem, repeats * steps
                                  * batch_size)
-        results.append(BenchResult(v, seg[v.name], mem, layers, notes))
+        results.append(BenchResult(v, seg[v.name], mem, act, layers, notes))
     return results
 
 
@@ -282,8 +285,9 @@ def _layer_rows(rule: LearningRule, tl: _Timeline, layer_mem: list[int], samples
 
 
 def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
-            dev: torch.device, sync) -> tuple[int, list[int]]:
-    """Peak memory of one step, for the network and each block (module docstring)."""
+            dev: torch.device, sync) -> tuple[int, int, list[int]]:
+    """Peak memory of one step, the activations' part of it, and each block's peak
+    (module docstring)."""
     owned = layer_modules(rule)
     x, y = batch
     if dev.type == "cuda":
@@ -291,13 +295,15 @@ def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
         rule.marker = tl.mark if _layered(v.rule) else None
         sync()
         torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
         rule.train_step(x, y)
         rule.sync()
         tl.end()
         sync()
         peak = torch.cuda.max_memory_allocated(dev)
         rule.marker = None
-        return peak, [tl.cuda_peaks.get(f"block{i + 1}", 0) for i in range(len(owned))]
+        return peak, max(peak - before, 0), [tl.cuda_peaks.get(f"block{i + 1}", 0)
+                                             for i in range(len(owned))]
     params = [p for p in rule.modules.parameters()] + list(rule.modules.buffers())
     meter = SavedTensorMeter(params)
     tl = _Timeline(meter, dev)
@@ -313,7 +319,7 @@ def _memory(rule: LearningRule, v: Variant, batch: tuple[Tensor, Tensor],
     everything = state_bytes(rule, [rule.modules])
     per_layer = [meter.region_peak.get(f"block{i + 1}", 0) + state_bytes(rule, ms)
                  for i, ms in enumerate(owned)]
-    return meter.peak + everything, per_layer
+    return meter.peak + everything, meter.peak, per_layer
 
 
 # --------------------------------------------------------------------------- output
@@ -327,18 +333,24 @@ def _ms(values: list[float]) -> str:
 def markdown(results: list[BenchResult]) -> str:
     """Tables in the shape of the paper's Tables I and II (III and IV with targets)."""
     names = [r.variant.name for r in results]
-    lines = [("Training time per sample (ms; median and range over the interleaved segments) "
-              "and peak memory per batch (MiB), whole network:"), "",
+    lines = [("Training time per sample (ms; median and range over the interleaved segments), "
+              "peak memory per batch (MiB: held activations plus parameters, gradients and "
+              "optimizer state) and activation memory (MiB: the held activations alone, at "
+              "their peak), whole network:"), "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
              "| Time (ms) | " + " | ".join(_ms(r.seconds_per_sample) for r in results) + " |",
              "| Mem (MiB) | " + " | ".join(f"{r.peak_memory_bytes / MIB:.1f}"
-                                           for r in results) + " |"]
+                                           for r in results) + " |",
+             "| Activations (MiB) | " + " | ".join(f"{r.activation_memory_bytes / MIB:.1f}"
+                                                   for r in results) + " |"]
     base = next((r for r in results if r.variant.rule == "backprop"), None)
     if base is not None:
         bt, bm = statistics.median(base.seconds_per_sample), base.peak_memory_bytes
+        ba = base.activation_memory_bytes or 1
         lines.append("| / backprop | " + " | ".join(
             f"time {statistics.median(r.seconds_per_sample) / bt:.2f}, mem "
-            f"{r.peak_memory_bytes / bm:.3f}" for r in results) + " |")
+            f"{r.peak_memory_bytes / bm:.3f}, act {r.activation_memory_bytes / ba:.3f}"
+            for r in results) + " |")
     layered = [r for r in results if r.layers]
     if layered:
         depth = max(len(r.layers) for r in layered)
@@ -369,6 +381,7 @@ def as_json(results: list[BenchResult], facts: dict[str, Any]) -> dict[str, Any]
             "time_per_sample_range_s": [min(r.seconds_per_sample), max(r.seconds_per_sample)],
             "segments_time_per_sample_s": r.seconds_per_sample,
             "peak_memory_bytes": int(r.peak_memory_bytes),
+            "activation_memory_bytes": int(r.activation_memory_bytes),
             "layers": r.layers, "notes": r.notes,
         } for r in results},
     }

@@ -19,7 +19,8 @@
         voltage          a_t = u_t                           (the literal reading)
         voltage-above    a_t = relu(u_t - theta)
 
-  (leaky slope 0.01: the neurons below threshold move 100x slower). The voltage carried
+  (leaky slope ``snn_leaky_slope``, the model's own by default: how fast the neurons below
+  threshold move against those above). The voltage carried
   from one step to the next is a constant for autograd, so a block's gradient reaches
   its own current only: nothing passes through a spike, a reset, a time step, or into
   the block below (the block's input spikes are detached). L_pred (Eq. 9) is taken at
@@ -73,16 +74,24 @@ SNN_LOSS = Option(
     "snn_loss", str, None,
     "sp-surrogate / sp-voltage: what a block's local loss compares, per step: surrogate "
     "(g(u - theta), Eq. 16) | surrogate-above (g(relu(u - theta)): only neurons at or above "
-    "threshold move) | surrogate-leaky (g(leaky_relu(u - theta)): those below move 100x "
-    "slower) | voltage (u) | voltage-above (relu(u - theta)) | voltage-leaky "
+    "threshold move) | surrogate-leaky (g(leaky_relu(u - theta)): those below move at "
+    "snn_leaky_slope) | voltage (u) | voltage-above (relu(u - theta)) | voltage-leaky "
     "(leaky_relu(u - theta)); sp-surrogate takes the surrogate ones (default surrogate, the "
     "paper's literal reading), sp-voltage the voltage ones (default "
     "voltage-leaky; voltage is the literal reading)",
     choices=("surrogate", "surrogate-above", "surrogate-leaky", "voltage", "voltage-above",
              "voltage-leaky"), optional=True)
-# the slope below threshold of the leaky comparisons (the 3-epoch study's variant:
-# docs/studies/spiking-local-loss.md)
+# the slope below threshold of the leaky comparisons before it was an option (the
+# 3-epoch study's variant: docs/studies/spiking-local-loss.md); a record without
+# snn_leaky_slope ran it
 LEAKY_SLOPE = 0.01
+SNN_LEAKY_SLOPE = Option(
+    "snn_leaky_slope", float, None,
+    "sp-surrogate / sp-voltage: the slope below threshold of the leaky comparisons "
+    "(surrogate-leaky, voltage-leaky): how fast the neurons below threshold move against "
+    "those above; 0 is the above-threshold comparison, 1 the plain one (default: the "
+    "model's own, docs/studies/spiking-local-loss.md); the other comparisons ignore it",
+    low=0.0, high=1.0, optional=True)
 SNN_TARGETS = Option(
     "snn_targets", str, None,
     "sp-surrogate / sp-voltage: where the class targets enter: current (block 1's currents, "
@@ -107,11 +116,14 @@ class SpikingSigprop(LearningRule):
     # docs/studies/spiking.md)
     scale_c: ClassVar[float] = 1.0
     scale_c_by_compare: ClassVar[dict[str, float]] = {}
+    # the slope of the leaky comparisons below threshold (snn_leaky_slope's default)
+    leaky_slope: ClassVar[float] = LEAKY_SLOPE
     trains_spiking = only_spiking = True
     supports_amp = True
     spike_threshold = SP_THRESHOLD
 
-    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS, SNN_LOGIT_C)
+    options = (LOSS, LOGIT_SCALE, SPIKE_THRESHOLD, SNN_LOSS, SNN_TARGETS, SNN_LOGIT_C,
+               SNN_LEAKY_SLOPE)
     # what the model ran with snn_loss / snn_targets unset before its measured defaults
     # (2026-12-05): the literal reading
     literal: ClassVar[dict[str, str]] = {"snn_loss": "surrogate", "snn_targets": "input"}
@@ -121,14 +133,18 @@ class SpikingSigprop(LearningRule):
         # the model's settings are written into a run's config (and printed at its start),
         # so that a run keeps them whatever later defaults become
         cls.engine_defaults = {"rule.snn_loss": cls.compare_on,
-                               "rule.snn_targets": cls.targets_at}
+                               "rule.snn_targets": cls.targets_at,
+                               "rule.snn_leaky_slope": cls.leaky_slope}
 
     @classmethod
     def recorded_options(cls, table: dict) -> dict:
         """A record from before the settings were written into the config ran the literal
-        reading (and surrogate-leaky then had c = 1)."""
+        reading (and surrogate-leaky then had c = 1); one from before the leaky slope was
+        an option ran 0.01."""
         if table.get("snn_loss") == "surrogate-leaky" and "snn_logit_c" not in table:
             table = {**table, "snn_logit_c": 1.0}
+        if table.get("snn_leaky_slope") is None:
+            table = {**table, "snn_leaky_slope": LEAKY_SLOPE}
         return {**table, **{k: v for k, v in cls.literal.items() if table.get(k) is None}}
 
     @classmethod
@@ -157,6 +173,8 @@ class SpikingSigprop(LearningRule):
         super().__init__(network, num_classes, cfg)
         self.compare = self.opts.snn_loss or self.compare_on
         self.targets_in = self.opts.snn_targets or self.targets_at
+        self.slope = (self.leaky_slope if self.opts.snn_leaky_slope is None
+                      else self.opts.snn_leaky_slope)
         charged = self._charged_shapes(network)
         shape = network.input_shape if self.targets_in == "input" else charged[0]
         self.signal = LabelProjection(num_classes, shape, learned=self.opts.signal_learned)
@@ -220,11 +238,11 @@ class SpikingSigprop(LearningRule):
         if self.compare == "surrogate-above":
             return surrogate_activity(F.relu(charged - theta) + theta, theta)
         if self.compare == "surrogate-leaky":
-            return surrogate_activity(F.leaky_relu(charged - theta, LEAKY_SLOPE) + theta, theta)
+            return surrogate_activity(F.leaky_relu(charged - theta, self.slope) + theta, theta)
         if self.compare == "voltage-above":
             return F.relu(charged - theta)
         if self.compare == "voltage-leaky":
-            return F.leaky_relu(charged - theta, LEAKY_SLOPE)
+            return F.leaky_relu(charged - theta, self.slope)
         return charged
 
     def _scores(self, a: Tensor, n: int, i: int) -> Tensor:

@@ -9,6 +9,7 @@ amplified by Adam, would make path-dependent).
 from __future__ import annotations
 
 import copy
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -315,19 +316,19 @@ def test_default_fc_networks_take_the_written_out_step(dropout, signal):
 
 # --- conv blocks (Conv2d, BatchNorm2d, LeakyReLU, Dropout, MaxPool2d) -----------------
 
-def conv_net(dropout=0.0, seed=0, pool_first=True, bias=False):
+def conv_net(dropout=0.0, seed=0, pool_first=True, bias=False, channels=1):
     """A small conv net of the library's conv blocks: conv 3x3 -> 2x2 pool, conv 3x3,
-    then an fc block and the head: (1, 6, 6) -> (4, 3, 3) -> (5, 3, 3) -> (8,)."""
+    then an fc block and the head: (channels, 6, 6) -> (4, 3, 3) -> (5, 3, 3) -> (8,)."""
     from sigprop.networks.conv import Pool, conv_block
 
     torch.manual_seed(seed)
-    first = conv_block(1, 4, 3, 1, dropout, Pool(2, 2) if pool_first else None)
+    first = conv_block(channels, 4, 3, 1, dropout, Pool(2, 2) if pool_first else None)
     if bias:
-        first[0] = nn.Conv2d(1, 4, 3, padding=1, bias=True)
+        first[0] = nn.Conv2d(channels, 4, 3, padding=1, bias=True)
     side = 3 if pool_first else 6
     blocks = [first, conv_block(4, 5, 3, 1, dropout, None),
               fc_block(5 * side * side, 8, dropout, flatten=True)]
-    return Network(blocks, nn.Linear(8, CLASSES), (1, 6, 6))
+    return Network(blocks, nn.Linear(8, CLASSES), (channels, 6, 6))
 
 
 CONV_CASES = [
@@ -375,6 +376,57 @@ def test_conv_fast_path_matches_autograd(case, float64):
     slow.set_training(False)
     for a, b in zip(fast.exit_scores(batches[0][0]), slow.exit_scores(batches[0][0])):
         torch.testing.assert_close(a, b)
+
+
+CHANNELS_LAST_CASES = [{}, {"dropout": 0.2}, {"loss": "l2"}, {"targets": "sparse"},
+                       {"head": "classifier", "dropout": 0.1}, {"pool_first": False}]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_conv_fast_path_on_channels_last_maps(case, float64):
+    """A conv net whose weights and inputs are channels-last (NHWC in memory): the
+    written-out step matches autograd on the same net, and, without dropout (whose masks
+    are drawn in memory order), the step on NCHW maps."""
+    case = dict(case)
+    net_kw = {k: case.pop(k) for k in ("dropout", "pool_first") if k in case}
+    cl = torch.channels_last
+
+    def rule(fast, layout):
+        net = conv_net(channels=2, **net_kw)
+        if layout is cl:
+            net = net.to(memory_format=cl)
+        return build_rule("sigprop", net, CLASSES, fast_path=fast, pipeline="off", **case)
+
+    batches = data(input_shape=(2, 6, 6))
+    cl_batches = [(x.contiguous(memory_format=cl), y) for x, y in batches]
+    fast, slow = rule("on", cl), rule("off", cl)
+    assert fast.fast_path_off is None
+    # every conv's weight gradient is taken on channels-last maps (not merely on maps
+    # that are both layouts at once)
+    from sigprop.rules.sigprop import sparse
+
+    calls = []
+
+    def spy(op, x, da):
+        calls.append((op, x, da))
+        return real(op, x, da)
+
+    real = fastpath.op_backward
+    with patch.object(fastpath, "op_backward", spy), patch.object(sparse, "op_backward", spy):
+        fast.train_step(*cl_batches[0])
+    maps = [t for op, *ts in calls if isinstance(op, nn.Conv2d) for t in ts]
+    assert len(maps) == 4 and all(fastpath.channels_last(t) for t in maps)
+    fast = rule("on", cl)
+    for (lf, cf), (ls, cs) in zip(run(fast, cl_batches), run(slow, cl_batches)):
+        torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
+        assert torch.equal(cf, cs)
+    assert_same_state(fast, slow)
+    if "dropout" not in net_kw:
+        nchw = rule("on", None)
+        for (lf, _), (ln, _) in zip(run(rule("on", cl), cl_batches), run(nchw, batches)):
+            torch.testing.assert_close(lf, ln, atol=1e-10, rtol=1e-9)
+        assert_same_state(fast, nchw)
 
 
 @pytest.mark.parametrize("targets,target_dropout,grid",

@@ -24,13 +24,17 @@ def projection_targets(proj: nn.Linear, u: Tensor | None, slope: float,
         pre = torch.addmm(proj.bias, u, w) if proj.bias is not None else u @ w
     if out is None:
         return F.leaky_relu(pre, slope), pre
+    if not out.is_contiguous():  # channels-last maps: values in (C, H, W) order, copied in
+        t1 = F.leaky_relu(pre, slope)
+        out.copy_(t1.view(out.shape))
+        return t1, pre
     return torch.ops.aten.leaky_relu.out(pre, slope, out=out.view(pre.shape)), pre
 
 
 def projection_backward(proj: nn.Linear, u: Tensor | None, pre: Tensor, slope: float,
                         dt: Tensor) -> None:
     """Gradients of :func:`projection_targets`' ``proj`` from dL/dt1."""
-    dpre = torch.ops.aten.leaky_relu_backward(dt.view(pre.shape), pre, slope, False)
+    dpre = torch.ops.aten.leaky_relu_backward(dt.reshape(pre.shape), pre, slope, False)
     if proj.weight.requires_grad:
         proj.weight.grad = dpre.T.contiguous() if u is None else dpre.T @ u
     if proj.bias is not None and proj.bias.requires_grad:

@@ -143,6 +143,32 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     )
 
 
+def _flat_rows(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` as (rows, values) in the memory order of ``like`` (NCHW, or channels-last:
+    (N, H, W, C) flattened): a view, so writes land in ``x`` (RuntimeError if ``x`` is not
+    laid out as ``like``)."""
+    if x.dim() == 4 and channels_last(like):
+        return x.permute(0, 2, 3, 1).view(x.shape[0], -1)
+    return x.reshape(x.shape[0], -1) if x is like else x.view(x.shape[0], -1)
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether a 4-D ``x`` is laid out channels-last (NHWC in memory) and not also NCHW
+    (a map with one channel or one position is both)."""
+    return x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def new_maps(like: Tensor, shape: tuple[int, ...], weight: Tensor | None = None) -> Tensor:
+    """An empty buffer of ``shape`` with ``like``'s dtype and device, channels-last when
+    ``weight`` (a conv block's) or else ``like`` is, so that writing a block's maps into it
+    keeps the layout its convolution computes in."""
+    ref = weight if weight is not None else like
+    fmt = torch.channels_last if len(shape) == 4 and channels_last(ref) else \
+        torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
 def pred_grads(
     kind: str, scale: float, h: Tensor, t: Tensor, y: Tensor, dh: Tensor,
     dt: Tensor | None = None, num_classes: int | None = None,
@@ -156,10 +182,12 @@ def pred_grads(
     per-sample targets or None).
     """
     n, row_shape = h.shape[0], t.shape[1:]
-    # conv blocks: every (C, H, W) row compared flat (contiguous: views, written in place)
-    h, t, dh = h.flatten(1), t.flatten(1), dh.view(n, -1)
+    # conv blocks: every (C, H, W) row compared flat, in h's memory order (views, written
+    # in place); a dot product or distance does not depend on the order of the values
+    like = h
+    h, t, dh = _flat_rows(h, like), _flat_rows(t, like), _flat_rows(dh, like)
     if dt is not None:
-        dt = dt.view(dt.shape[0], -1)
+        dt = _flat_rows(dt, like)
     classes = None
     if num_classes is not None:  # per-sample targets -> class means, as the autograd path
         classes = SF.class_targets(t, y, num_classes)
@@ -337,6 +365,8 @@ def _pool_2x2(x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
     half the time over VGG8b's four poolings (docs/studies/fast-path.md; the backward
     stays ATen's, which beat the same idea there). Ties go to the first value in
     row-major order, as ATen's pooling picks: the left column, then the top row."""
+    if out is None and channels_last(x):  # elementwise ops on strided views give NCHW
+        out = new_maps(x, (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2))
     left, right = x[..., 0::2], x[..., 1::2]
     right_won = right > left
     cols = torch.maximum(left, right)

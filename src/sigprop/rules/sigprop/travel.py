@@ -169,7 +169,8 @@ class Output(Travel):
 
     def fast(self, parts, pair, shape, scale, ctx, make=None):
         x, n = pair.h, ctx.n
-        z = x.new_empty((n + ctx.target_rows, *shape))  # [h1, t1] in one buffer, no cat
+        # [h1, t1] in one buffer, no cat; laid out as the block computes
+        z = fastpath.new_maps(x, (n + ctx.target_rows, *shape), parts.op.weight)
         st = fastpath.block_forward(parts, x, n, out=z[:n])
         t1, targets_backward = make(st.o, z[n:])
         do, dt1 = torch.empty_like(st.o), torch.empty_like(t1)
@@ -302,7 +303,7 @@ def _pair_block(parts: BlockParts, h: Tensor, t: Tensor, travel: Window | Field,
                 t_backward: TargetsBackward | None) -> Written:
     """A conv block on inputs and window or field targets, written out; L_pred against
     the fields."""
-    out = h.new_empty((h.shape[0], *shape))
+    out = fastpath.new_maps(h, (h.shape[0], *shape), parts.op.weight)
     ps = sparse.pair_forward(parts, h, t, travel, out=out, after_matmul=after_matmul,
                              drop_targets=ctx.drop_targets)
     do_x = torch.empty_like(ps.x.o)

@@ -68,13 +68,30 @@ def test_sigprop_bench_tiny(tmp_path, capsys):
     assert "machine" in result and "commit" in result
 
 
+def test_sigprop_bench_channels_last(tmp_path, capsys):
+    """--layout channels-last: every rule's maps NHWC in memory; the same columns."""
+    from sigprop.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--network", "conv", "--input", "2x16x16", "--batch-size", "4",
+                 "--rules", "backprop,ll-fa,sigprop", "--targets", "dense,sparse",
+                 "--layout", "channels-last", "--steps", "1", "--repeats", "1", "--warmup",
+                 "1", "--json", str(out)]) == 0
+    assert "layout channels-last" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert list(result["rules"]) == ["backprop", "ll-fa", "sigprop", "sigprop-sparse"]
+    assert result["args"]["layout"] == "channels-last"
+
+
 def test_sigprop_bench_errors(capsys):
     from sigprop.cli import main
 
     for argv, match in [(["bench", "--rules", "nope"], "unknown rule 'nope'"),
                         (["bench", "--targets", "thin"], "--targets takes dense"),
                         (["bench", "--targets", "sparse-g0"], "--targets takes dense"),
-                        (["bench", "--input", "3xx32"], "sample shape")]:
+                        (["bench", "--input", "3xx32"], "sample shape"),
+                        (["bench", "--network", "fc-2x8", "--input", "12", "--layout",
+                          "channels-last"], "needs --input CxHxW")]:
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and match in err, err
@@ -159,3 +176,19 @@ def test_pooling_and_step_profile_run_tiny(tmp_path):
         conv = [o for o in r["ops"] if o["op"].startswith("convolution")]
         assert conv and all(o["gflop_per_step"] > 0 for o in conv)
         assert sum(o["share"] for o in r["ops"]) == pytest.approx(1.0)
+
+
+def test_layout_benchmark_tiny(tmp_path):
+    """benchmarks/layout.py: each rule in both layouts, side by side, with its ratios."""
+    out = tmp_path / "layout.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "layout.py"), "--network", "conv",
+           "--input", "2x16x16", "--batch-size", "4", "--steps", "1", "--repeats", "2",
+           "--rules", "backprop,sigprop", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPU kernels:" in proc.stdout and "| sigprop | channels-last |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"backprop/nchw", "backprop/channels-last",
+                                      "sigprop/nchw", "sigprop/channels-last"}
+    assert all(len(r["segments"]) == 2 and r["s_per_step"] > 0
+               for r in result["results"].values())

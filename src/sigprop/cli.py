@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sigprop's prediction (default classifier: Fig. 2b, as Sec. IV-A)")
     b.add_argument("--pipeline", default="auto", choices=("auto", "off"),
                    help="sigprop's pipeline (per-layer times need it off)")
+    b.add_argument("--layout", default="nchw", choices=("nchw", "channels-last"),
+                   help="memory layout of every rule's conv maps and weights (default nchw; "
+                        "channels-last: NHWC in memory, which oneDNN convolves without "
+                        "reordering)")
     b.add_argument("--steps", type=int, default=2, help="steps per timed segment (default 2)")
     b.add_argument("--repeats", type=int, default=5, help="interleaved segments (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="warm-up steps per rule (default 1)")
@@ -383,11 +387,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     results = run_bench(ns.network, ns.input, ns.classes, ns.rules, targets=ns.targets,
                         batch_size=ns.batch_size, steps=ns.steps, repeats=ns.repeats,
                         warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
-                        head=ns.head, pipeline=ns.pipeline,
+                        head=ns.head, pipeline=ns.pipeline, layout=ns.layout,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     from .resources import cpu_capability
 
-    print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads\n")
+    print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads; layout "
+          f"{ns.layout}\n")
     print(markdown(results))
     if json_path is not None:
         facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),

@@ -186,8 +186,11 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
               rule_names: list[str], *, targets: list[str] | None = None,
               batch_size: int = 128, steps: int = 2, repeats: int = 5, warmup: int = 1,
               device: str = "cpu", dropout: float | None = None, head: str = "classifier",
-              pipeline: str = "auto", seed: int = 0, log=print) -> list[BenchResult]:
-    """Measure every rule (module docstring); ``log`` receives progress lines."""
+              pipeline: str = "auto", seed: int = 0, layout: str = "nchw",
+              log=print) -> list[BenchResult]:
+    """Measure every rule (module docstring); ``log`` receives progress lines.
+    ``layout`` "channels-last" lays every rule's conv weights and input batches out NHWC
+    in memory (the maps follow)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this machine has no usable CUDA GPU")
@@ -198,24 +201,34 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
             raise ConfigError(f"{name} must be an integer from {low} to {MAX_COUNT}{why}, got "
                               f"{value!r}")
     check_num_classes(num_classes)
+    if layout not in ("nchw", "channels-last"):
+        raise ConfigError(f"--layout takes nchw or channels-last, got {layout!r}")
+    last = layout == "channels-last"
+    if last and len(input_shape) != 3:
+        raise ConfigError("--layout channels-last lays out image maps: it needs --input "
+                          f"CxHxW, got {'x'.join(map(str, input_shape))}")
     if dropout is None:  # Sec. IV's 0.1; the spiking and Hopfield nets have no dropout
         dropout = 0.0 if network.startswith(("snn-", "hopfield-")) else 0.1
     cols = variants(rule_names, targets or ["dense"])
     _check_fits(network, input_shape, num_classes, dropout, batch_size, len(cols), dev)
     g = torch.Generator().manual_seed(seed + 1)
-    pool = [(torch.randn(batch_size, *input_shape, generator=g).to(dev),
+    fmt = torch.channels_last if last else torch.contiguous_format
+    pool = [(torch.randn(batch_size, *input_shape, generator=g).to(dev, memory_format=fmt),
              torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
             for _ in range(POOL)]
     rules: dict[str, LearningRule] = {}
     for v in cols:
         torch.manual_seed(seed)  # the same initial weights for every rule
         net = build_network(network, input_shape, num_classes, dropout=dropout)
+        if last:
+            net = net.to(memory_format=fmt)  # 4-D weights only
         opts = dict(v.options)
         takes = {o.name for o in RULES.get(v.rule).options}  # --head, --pipeline: sigprop's
         opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
-    log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
+    log(f"bench: {network}, input {'x'.join(map(str, input_shape))} ({layout}), batch "
+        f"{batch_size}, "
         f"{repeats} x {steps} steps per rule, on {dev}")
     k = [0]
 

@@ -8,7 +8,9 @@ Every rule is built twice from the same seed, once as built (NCHW) and once with
 weights and input batches laid out channels-last (NHWC in memory: oneDNN convolves such
 maps without reordering them; the maps after follow). Interleaved segments of ``--steps``
 steps, the order reversed every repeat, in one process; per rule and layout the median
-time per step and its ratio to backprop's NCHW step (when backprop is among the rules).
+time per step, and its ratios to backprop's step in the same layout (when backprop is
+among the rules) and to its own NCHW step, each the median of the ratios within a repeat
+(segments measured minutes apart share a load that the pairs cancel).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from sigprop.resources import cpu_capability
 from sigprop.rules import build_rule
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
+def paired(times: list[float], base: list[float]) -> float:
+    """The median over repeats of times[r] / base[r]."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def main(argv=None) -> int:
@@ -79,18 +86,19 @@ def main(argv=None) -> int:
             times[key].append((time.perf_counter() - t0) / args.steps)
         print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{n}/{lay} {times[(n, lay)][-1]:.2f}" for n, lay in rules), flush=True)
-    base = times.get(("backprop", "nchw"))
     rows = {}
-    print("\n| rule | layout | s per step (median, range) | / backprop NCHW | channels-last "
-          "/ NCHW |\n|---|---|---|---|---|")
+    print("\n| rule | layout | s per step (median, range) | / backprop, same layout | "
+          "/ its NCHW step |\n|---|---|---|---|---|")
     for (name, layout), ts in times.items():
         med = statistics.median(ts)
-        own = statistics.median(times[(name, "nchw")])
+        base = times.get(("backprop", layout))
+        vs_bp = paired(ts, base) if base else None
+        vs_own = paired(ts, times[(name, "nchw")])
         rows[f"{name}/{layout}"] = {"s_per_step": med, "range": [min(ts), max(ts)],
-                                    "segments": ts}
-        vs_bp = f"{med / statistics.median(base):.2f}" if base else "-"
-        print(f"| {name} | {layout} | {med:.2f} ({min(ts):.2f}-{max(ts):.2f}) | {vs_bp} | "
-              f"{med / own:.2f} |")
+                                    "segments": ts, "vs_backprop_same_layout": vs_bp,
+                                    "vs_own_nchw": vs_own}
+        print(f"| {name} | {layout} | {med:.2f} ({min(ts):.2f}-{max(ts):.2f}) | "
+              f"{'-' if vs_bp is None else f'{vs_bp:.2f}'} | {vs_own:.2f} |")
     if args.json:
         facts = {"command": " ".join(["python", "benchmarks/layout.py", *(argv or sys.argv[1:])]),
                  "cpu_capability": cpu_capability(), "torch": torch.__version__,

@@ -90,7 +90,8 @@ SNN_LEAKY_SLOPE = Option(
     "sp-surrogate / sp-voltage: the slope below threshold of the leaky comparisons "
     "(surrogate-leaky, voltage-leaky): how fast the neurons below threshold move against "
     "those above; 0 is the above-threshold comparison, 1 the plain one (default: the "
-    "model's own, docs/studies/spiking-local-loss.md); the other comparisons ignore it",
+    "model's own: sp-voltage 0.1, sp-surrogate 0.01; docs/studies/spiking-local-loss.md); "
+    "the other comparisons ignore it",
     low=0.0, high=1.0, optional=True)
 SNN_TARGETS = Option(
     "snn_targets", str, None,
@@ -346,3 +347,6 @@ class SPVoltage(SpikingSigprop):
     # seeds: docs/studies/spiking.md); voltage-leaky keeps c = 1, as the study measured it
     scale_c = 1 / 32
     scale_c_by_compare = {"voltage-leaky": 1.0}
+    # below threshold the neurons move at 1/10: at 1/100 the first steps trail Shallow,
+    # at 1 (the plain voltage) later epochs trail (docs/studies/spiking-local-loss.md)
+    leaky_slope = 0.1

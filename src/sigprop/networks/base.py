@@ -169,6 +169,13 @@ class _MaskedScale(torch.autograd.Function):
         return torch.mul(g, keep.view(torch.uint8)).mul_(ctx.scale), None, None
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D ``x`` is laid out channels-last (NHWC in memory) and not also NCHW
+    (a map with one channel or one position is both)."""
+    return x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class Dropout(nn.Module):
     """Inverted dropout with a mask from 16-bit random draws.
 
@@ -204,8 +211,7 @@ class Dropout(nn.Module):
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         lanes = bits.view(torch.int16)[: x.numel()]  # uniform in [-2^15, 2^15)
         fmt = torch.contiguous_format
-        if x.dim() == 4 and not x.is_contiguous() \
-                and x.is_contiguous(memory_format=torch.channels_last):
+        if channels_last(x):
             n, c, h, w = x.shape  # channels-last maps: a mask in their order
             lanes, fmt = lanes.view(n, h, w, c).permute(0, 3, 1, 2), torch.channels_last
         else:

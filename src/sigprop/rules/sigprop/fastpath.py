@@ -46,6 +46,7 @@ from torch.nn.modules import module as _module
 
 from ... import functional as SF
 from ...networks import Dropout
+from ...networks.base import channels_last
 from ...networks.batchnorm import InputStatsBatchNorm, input_stats_backward, input_stats_forward
 
 _PACK: ContextVar[Callable[[Tensor], object] | None] = ContextVar("sigprop_fast_pack", default=None)
@@ -143,20 +144,12 @@ def hooked(modules: tuple[nn.Module, ...]) -> bool:
     )
 
 
-def _flat_rows(x: Tensor, like: Tensor) -> Tensor:
-    """``x`` as (rows, values) in the memory order of ``like`` (NCHW, or channels-last:
-    (N, H, W, C) flattened): a view, so writes land in ``x`` (RuntimeError if ``x`` is not
-    laid out as ``like``)."""
-    if x.dim() == 4 and channels_last(like):
-        return x.permute(0, 2, 3, 1).view(x.shape[0], -1)
-    return x.reshape(x.shape[0], -1) if x is like else x.view(x.shape[0], -1)
-
-
-def channels_last(x: Tensor) -> bool:
-    """Whether a 4-D ``x`` is laid out channels-last (NHWC in memory) and not also NCHW
-    (a map with one channel or one position is both)."""
-    return x.dim() == 4 and not x.is_contiguous() \
-        and x.is_contiguous(memory_format=torch.channels_last)
+def _flat_rows(x: Tensor, nhwc: bool, write: bool = False) -> Tensor:
+    """``x`` as (rows, values), its values in (C, H, W) order or, ``nhwc``, in (H, W, C)
+    order; ``write``: a view, so writes land in ``x`` (RuntimeError if it cannot be one)."""
+    if nhwc and x.dim() == 4:
+        x = x.permute(0, 2, 3, 1)
+    return x.view(x.shape[0], -1) if write else x.reshape(x.shape[0], -1)
 
 
 def new_maps(like: Tensor, shape: tuple[int, ...], weight: Tensor | None = None) -> Tensor:
@@ -181,13 +174,13 @@ def pred_grads(
     ``dt`` (a new tensor when None). Returns (loss, logits, dL/dt, (means, present) of
     per-sample targets or None).
     """
-    n, row_shape = h.shape[0], t.shape[1:]
+    row_shape = t.shape[1:]
     # conv blocks: every (C, H, W) row compared flat, in h's memory order (views, written
     # in place); a dot product or distance does not depend on the order of the values
-    like = h
-    h, t, dh = _flat_rows(h, like), _flat_rows(t, like), _flat_rows(dh, like)
+    nhwc = channels_last(h)
+    h, t, dh = _flat_rows(h, nhwc), _flat_rows(t, nhwc), _flat_rows(dh, nhwc, write=True)
     if dt is not None:
-        dt = _flat_rows(dt, like)
+        dt = _flat_rows(dt, nhwc, write=True)
     classes = None
     if num_classes is not None:  # per-sample targets -> class means, as the autograd path
         classes = SF.class_targets(t, y, num_classes)

@@ -359,6 +359,7 @@ def test_trainer_learns_and_writes_run_folder(fake_fashion, tmp_path):
     if cfg.rule.name == "sigprop":  # first, how its step is computed
         assert lines.pop(0).startswith("sigprop step: written-out local updates")
     assert lines.pop(0).startswith("precision: float32")  # then the precision it chose
+    assert lines.pop(0).startswith("evaluation batch: ")  # and the evaluation batch
     assert [x.split()[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert all(f"test_acc {r['test_acc']:.4f}" in x for x, r in zip(lines, history))
     # the checkpoint reproduces the reported accuracy

@@ -541,13 +541,37 @@ def test_collect_reads_what_reproduce_planned(in_tmp, fake_fashion):
     assert manifest["invocations"][0]["machine"]["cores"] == os.cpu_count()
 
 
+def test_only_runs_the_named_rows_and_columns(in_tmp, fake_fashion, capsys):
+    exp = load_experiment(str(small_file(in_tmp)))
+    run_quietly(exp, "smoke", in_tmp / "out", fake_fashion, only=("fc-1x16",))
+    _, manifest, cells = collect(in_tmp / "out")
+    assert manifest["runs"] == ["fc-1x16_backprop_s0", "fc-1x16_sigprop_s0"]
+    assert [(c.row.key, c.column.key) for c in cells if c.runs] == [
+        ("fc-1x16", "backprop"), ("fc-1x16", "sigprop")]
+    # a row and a column: that cell; the folder then reports all three
+    run_quietly(exp, "smoke", in_tmp / "out", fake_fashion, only=("sigprop", "fc-2x32"))
+    _, manifest, cells = collect(in_tmp / "out")
+    assert manifest["runs"][-1] == "fc-2x32_sigprop_s0" and len(manifest["runs"]) == 3
+    for only, match in ((("conv",), "'conv' names no row or column of 'small'; its rows: "
+                                    "fc-2x32, fc-1x16; its columns: backprop, sigprop"),):
+        with pytest.raises(ConfigError, match=match):
+            run_quietly(exp, "smoke", in_tmp / "out2", fake_fashion, only=only)
+    assert not (in_tmp / "out2").exists()
+    line = one_error_line(capsys, main(["reproduce", str(small_file(in_tmp)), "--budget",
+                                        "smoke", "--only", "x,", "--out", "o"]))
+    assert "expected row or column keys" in line
+
+
 def test_forward_only_experiment_puts_every_peer_on_one_budget():
     exp = load_experiment("forward-only-fmnist")
     rules = {c.overrides["rule"]["name"] for c in exp.columns}
     assert {"backprop", "sigprop", "fa", "dfa", "ff", "pepita", "drtp", "forward-grad"} <= rules
     full = exp.runs("full")
     assert {p.seed for p in full} == {0, 1}
-    assert all(p.config.train.epochs >= 10 and p.config.data.train_limit is None for p in full)
+    assert all(p.config.data.train_limit is None for p in full)
+    # the fc rows at least 10 epochs (the bar); CONV at 2, its cost
+    assert {p.config.train.epochs for p in full if p.row.key != "conv"} == {10}
+    assert {p.config.train.epochs for p in full if p.row.key == "conv"} == {2}
     conv = {p.config.rule.name for p in full if p.config.model.network == "conv"}
     assert "ff" not in conv and "pepita" not in conv and "drtp" in conv  # fc-only rules skip it
     # each rule keeps its own settings (its engine defaults): PEPITA's batch of 64

@@ -78,19 +78,6 @@ def test_train_values_are_bounded(capsys, in_tmp, fake_fashion, argv, match):
     _nothing_made(in_tmp)
 
 
-def test_evaluation_batches_are_checked_against_memory():
-    """An evaluation batch (up to the test set's size) whose activations cannot fit."""
-    from sigprop.engine.trainer import _check_eval_batch_fits
-    from sigprop.errors import ConfigError
-    from sigprop.networks import build_network
-
-    net = build_network("fc-3x1000", (1, 28, 28), 10)
-    _check_eval_batch_fits(net, 10_000, "cpu")  # the Fashion-MNIST test set: fits
-    with pytest.raises(ConfigError, match="an evaluation batch of 100000000 samples.*lower "
-                                          "--eval-batch-size"):
-        _check_eval_batch_fits(net, 10**8, "cpu")
-
-
 @pytest.mark.parametrize("text,match", [
     ("a = " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply"),
     ("# " + "x" * (2**20 + 10) + "\n", "larger than 1 MiB"),

@@ -418,6 +418,31 @@ def test_amp_auto_chooses_16_bit_only_where_it_pays(monkeypatch, native, faster,
     assert snn("sp-surrogate", amp="off").precision("cpu") == "float32 (amp off)"
 
 
+def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path, fake_fashion,
+                                                          monkeypatch, capsys):
+    """amp auto decides once, at the run's start: a resume keeps that arithmetic even
+    where a timing on a busy machine would now decide otherwise."""
+    from sigprop import resources
+
+    monkeypatch.setattr(resources, "cpu_bf16", lambda: True)
+    run = tmp_path / "run"
+    args = ["train", "--data-dir", str(fake_fashion), "--network", "snn-conv", "--rule",
+            "sp-voltage", "--train-limit", "64", "--test-limit", "64", "--batch-size", "32",
+            "--run-dir", str(run), "--no-progress"]
+    for speedup, epochs in ((1.5, 1), (0.2, 2)):
+        monkeypatch.setattr(resources, "_HALF", {})
+        monkeypatch.setattr(resources, "_bf16_speedup", lambda s=speedup: s)
+        assert main([*args, "--epochs", str(epochs), *(["--resume"] if epochs > 1 else [])]) == 0
+    out = capsys.readouterr().out
+    assert "ran 1.50x as fast under bf16 autocast) (kept from the run's start)" in out
+    assert json.loads((run / "config.json").read_text())["precision"].startswith(
+        "bf16 autocast (amp auto")
+    r = snn("sp-voltage")
+    assert not r.keep_precision("fp16 autocast (amp auto: CUDA computes fp16 natively)", "cpu")
+    assert not snn("sp-voltage", amp="off").keep_precision("bf16 autocast (amp auto: x)", "cpu")
+    assert r.keep_precision("float32 (amp auto: x)", "cpu") and not r.amp_on(torch.device("cpu"))
+
+
 def test_spike_rates_in_epoch_metrics():
     r = snn("sp-voltage", amp="off")
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10

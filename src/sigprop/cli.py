@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                    "a CPU | smoke: seconds")
     r.add_argument("--seeds", type=_seeds, metavar="S,S,...",
                    help="seeds to run instead of the budget's (e.g. 0,1,2)")
+    r.add_argument("--only", type=_keys, metavar="KEY,KEY,...",
+                   help="run only these rows and/or columns (their keys: --list names them); "
+                   "the report covers every run in --out")
     r.add_argument("--data-dir", help="folder holding the datasets (or each in its NAME/)")
     r.add_argument("--device", help="cpu | cuda | cuda:N")
     r.add_argument("--out", metavar="DIR",
@@ -183,6 +186,15 @@ def _seeds(text: str) -> tuple[int, ...]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
     return seeds
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    parts = tuple(t.strip() for t in text.split(","))
+    if not all(t and len(t) <= 64 and t.isascii() and t.isprintable() for t in parts) \
+            or len(parts) > 64:
+        raise argparse.ArgumentTypeError(
+            f"expected row or column keys separated by commas, got {text[:80]!r}")
+    return tuple(dict.fromkeys(parts))
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -349,7 +361,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     try:
         result = reproduce(exp, ns.budget, out, seeds=ns.seeds, data_dir=ns.data_dir,
                            device=ns.device, progress=not ns.no_progress,
-                           argv=["sigprop", *ns.argv])
+                           argv=["sigprop", *ns.argv], only=ns.only)
     except KeyboardInterrupt as stop:
         what = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"sigprop: {what}; give the same command again to continue (finished runs are "

@@ -22,7 +22,7 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--augment", "data", "augment", {"help": "auto | none | crop | flip | crop+flip"}),
     ("--batch-size", "data", "batch_size", {"help": "training batch size (default 128; a rule may set its own)"}),
     ("--inputs", "data", "inputs", {"help": "what the network sees: standard (the dataset's mean and std; default) | unit (pixels in [0, 1])"}),
-    ("--eval-batch-size", "data", "eval_batch_size", {"help": "evaluation batch size (default 1000)"}),
+    ("--eval-batch-size", "data", "eval_batch_size", {"help": "the most samples an evaluation batch holds (default 1000; cut so a batch holds at most 2 GiB, printed at start; no result changes)"}),
     ("--network", "model", "network", {"help": "the network"}),
     ("--dropout", "model", "dropout", {"help": "dropout after each hidden block (default 0)"}),
     ("--epochs", "train", "epochs", {"help": "epochs to train (default 10)"}),

@@ -27,7 +27,7 @@ from ..networks import build_network
 from ..registry import RULES
 from ..resources import check_fits, step_bytes
 from ..rules import LearningRule, build_rule
-from . import runio
+from . import evalsize, runio
 from .config import Config, apply_overrides
 from .runfolder import RunFolder
 from .runstate import STAGES_FILE, RunStart, load_run_state
@@ -73,6 +73,7 @@ class Experiment:
     train: DeviceLoader
     test: DeviceLoader
     device: torch.device
+    eval_batch: evalsize.EvalBatch  # the evaluation batch and why (measured)
 
 
 def build_config_rule(cfg: Config, device: torch.device) -> LearningRule:
@@ -114,12 +115,13 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
     if cfg.data.test_limit is not None:
         t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
-    _check_eval_batch_fits(network, min(cfg.data.eval_batch_size, len(t_labels)), device)
+    eval_batch = evalsize.choose(rule, network.input_shape, cfg.data.eval_batch_size,
+                                 len(t_labels), device)
     test = DeviceLoader(
-        t_images, t_labels, batch_size=cfg.data.eval_batch_size, mean=mean, std=std,
+        t_images, t_labels, batch_size=eval_batch.size, mean=mean, std=std,
         device=device, shuffle=False, num_classes=spec.num_classes,
     )
-    return Experiment(rule, train, test, device)
+    return Experiment(rule, train, test, device, eval_batch)
 
 
 def rule_defaults_line(cfg: Config) -> str:
@@ -146,6 +148,15 @@ def input_scaling(inputs: str, spec) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(spec.mean), tuple(spec.std)
 
 
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    """The run folder's config.json, or {} where it has none or cannot be read."""
+    try:
+        record = runio.read_run_config(run_dir / runio.CONFIG)
+    except (OSError, ValueError, CheckpointError, DataError, StorageError, ConfigError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _check_batch_fits(network, batch: int, augment, device: torch.device) -> None:
     """Refuse a training batch whose activations cannot fit, before any is allocated."""
     shape = network.input_shape
@@ -155,13 +166,6 @@ def _check_batch_fits(network, batch: int, augment, device: torch.device) -> Non
     need = step_bytes(batch, shape, network.block_shapes) + batch * padded * 2
     check_fits(need, f"a training batch of {batch} samples through this network would",
                "lower --batch-size (or choose a smaller --network)", device)
-
-
-def _check_eval_batch_fits(network, batch: int, device: torch.device) -> None:
-    """Evaluation keeps no gradients: about a quarter of a training step's tensors."""
-    need = step_bytes(batch, network.input_shape, network.block_shapes) // 4
-    check_fits(need, f"an evaluation batch of {batch} samples through this network would",
-               "lower --eval-batch-size", device)
 
 
 def evaluate(rule: LearningRule, loader: DeviceLoader) -> dict[str, float]:
@@ -291,9 +295,13 @@ class Trainer:
             torch.set_rng_state(state["rng"].cpu())
             if exp.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"].cpu(), exp.device)
-        # what the run chose on this machine (16-bit or not), in its log and config.json
+        # what the run chose on this machine (16-bit or not), in its log and config.json;
+        # a resumed run keeps what it started with
+        kept = state is not None and rule.keep_precision(
+            _recorded(self.run_dir).get("precision"), exp.device)
         precision = rule.precision(exp.device)
-        history = start.begin(self._log, {"precision": precision})
+        history = start.begin(self._log, {"precision": precision,
+                                          "eval_batch": exp.eval_batch.record()})
         if state is not None:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"
@@ -303,7 +311,8 @@ class Trainer:
         said = rule_defaults_line(cfg)
         if said:
             self._log(said)
-        self._log(f"precision: {precision}")
+        self._log(f"precision: {precision}" + (" (kept from the run's start)" if kept else ""))
+        self._log(exp.eval_batch.line())
         if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream
         ckpt_path = self.run_dir / runio.CHECKPOINT

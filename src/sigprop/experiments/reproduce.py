@@ -132,11 +132,36 @@ def check_existing(plans: list[RunPlan], out: Path, configs: dict[str, Config]) 
                 f"({listed}); give another --out, or remove that run folder")
 
 
+def select(exp: Experiment, plans: list[RunPlan], only: tuple[str, ...] | None
+           ) -> list[RunPlan]:
+    """The plans of the rows and columns named in ``only`` (keys; a run is kept when its
+    row is named or no row is, and its column is named or no column is)."""
+    if not only:
+        return plans
+    rows, cols = {r.key for r in exp.rows}, {c.key for c in exp.columns}
+    unknown = [k for k in only if k not in rows | cols]
+    if unknown:
+        raise ConfigError(
+            f"--only: {', '.join(map(repr, unknown))} names no row or column of "
+            f"{exp.name!r}; its rows: {', '.join(r.key for r in exp.rows)}; its columns: "
+            f"{', '.join(c.key for c in exp.columns)}")
+    want_rows = rows & set(only) or rows
+    want_cols = cols & set(only) or cols
+    kept = [p for p in plans if p.row.key in want_rows and p.column.key in want_cols]
+    if not kept:
+        raise ConfigError(f"--only {','.join(only)} selects no run of {exp.name!r} (each "
+                          "named row skips each named column)")
+    return kept
+
+
 def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...] | None = None,
               data_dir: str | None = None, device: str | None = None, progress: bool = True,
-              argv: list[str] | None = None, log: TextIO | None = None) -> dict[str, Any]:
-    """Run what is not finished of ``exp`` under ``budget`` into ``out``, then write the
-    report. Returns ``{"report": path, "failed": {run: error}, "ran": n, "skipped": n}``.
+              argv: list[str] | None = None, log: TextIO | None = None,
+              only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run what is not finished of ``exp`` under ``budget`` into ``out`` (of the rows and
+    columns in ``only``, if given: :func:`select`), then write the report of every run
+    the folder holds. Returns ``{"report": path, "failed": {run: error}, "ran": n,
+    "skipped": n}``.
 
     A run that fails (a SigpropError: a diverging loss, a damaged file) is recorded in
     the manifest and its cell marked in the report; the others still run.
@@ -145,7 +170,7 @@ def reproduce(exp: Experiment, budget: str, out: Path, *, seeds: tuple[int, ...]
         print(msg, file=log or sys.stdout, flush=True)
 
     out = Path(out)
-    plans = exp.runs(budget, seeds)
+    plans = select(exp, exp.runs(budget, seeds), only)
     configs = {p.id: planned_config(p, out, data_dir=data_dir, device=device, progress=progress)
                for p in plans}
     for cfg in configs.values():

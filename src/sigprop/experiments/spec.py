@@ -188,8 +188,8 @@ class Experiment:
             except SigpropError:
                 where = f"not found (sigprop data download {name}; sigprop data check {name})"
             lines.append(f"  data: {name}, {where}")
-        lines.append("  rows: " + ", ".join(r.label for r in self.rows))
-        lines.append("  columns: " + ", ".join(c.label for c in self.columns))
+        lines.append("  rows: " + ", ".join(f"{r.label} [{r.key}]" for r in self.rows))
+        lines.append("  columns: " + ", ".join(f"{c.label} [{c.key}]" for c in self.columns))
         for budget in BUDGETS:
             plans = self.runs(budget)
             epochs = sum(p.config.train.epochs for p in plans)

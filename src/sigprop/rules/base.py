@@ -179,6 +179,7 @@ class LearningRule:
             raise ConfigError(f"rule {self.name!r} has no 16-bit mixed-precision mode; drop "
                               "amp='on' (--amp on)")
         self.amp_wanted = self.amp_wanted and self.supports_amp
+        self._kept: str | None = None  # the precision a resumed run keeps (keep_precision)
         if spiking:
             network.set_threshold(threshold or self.spike_threshold)
         self.scaler: torch.amp.GradScaler | None = None
@@ -226,7 +227,20 @@ class LearningRule:
         """Whether forward passes on ``device`` run under 16-bit autocast."""
         if not self.amp_wanted:
             return False
+        if self._kept is not None:
+            return self._kept.startswith(("bf16 autocast", "fp16 autocast"))
         return self.cfg.amp == "on" or half_precision_pays(device)[0]
+
+    def keep_precision(self, recorded: object, device: torch.device | str) -> bool:
+        """Under ``amp auto``, keep the arithmetic a resumed run started with
+        (``recorded``: its config.json's ``precision``) instead of deciding again, since
+        a timing on a busy machine may decide otherwise; whether it is kept."""
+        half = "bf16" if torch.device(device).type == "cpu" else "fp16"
+        if self.cfg.amp != "auto" or not self.amp_wanted or not isinstance(recorded, str) \
+                or not recorded.startswith((f"{half} autocast (amp auto", "float32 (amp auto")):
+            return False
+        self._kept = recorded
+        return True
 
     def precision(self, device: torch.device | str) -> str:
         """The arithmetic of forward passes on ``device`` and why, for the run's log and
@@ -238,6 +252,8 @@ class LearningRule:
         if not self.amp_wanted:
             return "float32 (amp " + ("off)" if self.cfg.amp == "off" else "auto: only "
                                       "spiking networks train in 16 bits)")
+        if self._kept is not None:
+            return self._kept
         pays, why = half_precision_pays(device)
         return f"{half} autocast (amp auto: {why})" if pays else f"float32 (amp auto: {why})"
 

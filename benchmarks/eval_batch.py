@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Evaluation batch size against evaluation speed: the batch a run chooses (cut to fit,
-:mod:`sigprop.engine.evalsize`) beside the batch asked for, timed side by side in one
+:mod:`sigprop.engine.batchmemory`) beside the batch asked for, timed side by side in one
 process, so the cut's cost in speed is seen.
 
     python benchmarks/eval_batch.py                              # snn-conv sp-voltage
@@ -23,7 +23,7 @@ import time
 import torch
 
 from sigprop.data import dataset_spec
-from sigprop.engine import evalsize
+from sigprop.engine import batchmemory
 from sigprop.engine.config import Config
 from sigprop.engine.trainer import build_config_rule
 from sigprop.resources import cpu_capability
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     rule = build_config_rule(cfg, device)
     shape = dataset_spec(args.dataset).shape
-    chosen = evalsize.choose(rule, shape, 1000, args.samples, device)
+    chosen = batchmemory.choose(rule, shape, 1000, args.samples, device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
         sorted({chosen.size, min(1000, args.samples)})
     print(f"{args.network} {args.rule}, {args.samples} samples, torch {torch.__version__}, "

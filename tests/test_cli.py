@@ -185,8 +185,8 @@ def nan_losses(monkeypatch, rule_class) -> None:
     """Every training step of ``rule_class`` returns nan losses."""
     orig = rule_class.train_step
 
-    def nan_step(self, x, y):
-        losses, correct = orig(self, x, y)
+    def nan_step(self, x, y, index=None):
+        losses, correct = orig(self, x, y, index)
         return losses * float("nan"), correct
 
     monkeypatch.setattr(rule_class, "train_step", nan_step)

@@ -25,9 +25,9 @@ from ..data import DeviceLoader, dataset_spec, load_dataset, parse_augment
 from ..errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
 from ..networks import build_network
 from ..registry import RULES
-from ..resources import check_fits, step_bytes
+from ..resources import check_fits, format_bytes
 from ..rules import LearningRule, build_rule
-from . import evalsize, runio
+from . import batchmemory, runio
 from .config import Config, apply_overrides
 from .runfolder import RunFolder
 from .runstate import STAGES_FILE, RunStart, load_run_state
@@ -73,7 +73,7 @@ class Experiment:
     train: DeviceLoader
     test: DeviceLoader
     device: torch.device
-    eval_batch: evalsize.EvalBatch  # the evaluation batch and why (measured)
+    eval_batch: batchmemory.EvalBatch  # the evaluation batch and why (measured)
 
 
 def build_config_rule(cfg: Config, device: torch.device) -> LearningRule:
@@ -106,7 +106,8 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     # different sample each epoch, since the order is shuffled).
     drop_last = len(labels) % cfg.data.batch_size == 1
     if with_train:
-        _check_batch_fits(network, min(cfg.data.batch_size, len(labels)), augment, device)
+        batch = min(cfg.data.batch_size, len(labels))
+        _check_batch_fits(cfg, network, spec.num_classes, batch, augment, device)
     train = DeviceLoader(
         images, labels, batch_size=cfg.data.batch_size, mean=mean, std=std,
         device=device, shuffle=True, augment=augment, seed=cfg.train.seed, drop_last=drop_last,
@@ -115,7 +116,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
     if cfg.data.test_limit is not None:
         t_images, t_labels = t_images[: cfg.data.test_limit], t_labels[: cfg.data.test_limit]
-    eval_batch = evalsize.choose(rule, network.input_shape, cfg.data.eval_batch_size,
+    eval_batch = batchmemory.choose(rule, network.input_shape, cfg.data.eval_batch_size,
                                  len(t_labels), device)
     test = DeviceLoader(
         t_images, t_labels, batch_size=eval_batch.size, mean=mean, std=std,
@@ -157,14 +158,19 @@ def _recorded(run_dir: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _check_batch_fits(network, batch: int, augment, device: torch.device) -> None:
-    """Refuse a training batch whose activations cannot fit, before any is allocated."""
+def _check_batch_fits(cfg: Config, network, num_classes: int, batch: int, augment,
+                      device: torch.device) -> None:
+    """Refuse a training batch whose step cannot fit, before any is run: its memory
+    measured on a fresh copy of the rule (:func:`.batchmemory.measure_train`)."""
     shape = network.input_shape
     pad = 2 * augment.crop_padding
     # crop pads (C, H, W) images as uint8, plus its index arithmetic (int64 per row/col)
     padded = shape[0] * (shape[1] + pad) * (shape[2] + pad) if len(shape) == 3 else 0
-    need = step_bytes(batch, shape, network.block_shapes) + batch * padded * 2
-    check_fits(need, f"a training batch of {batch} samples through this network would",
+    per, fixed = batchmemory.measure_train(lambda: build_config_rule(cfg, device), shape,
+                                           num_classes, device)
+    check_fits(fixed + batch * (per + padded * 2),
+               f"a training batch of {batch} samples through this network "
+               f"({format_bytes(per)} a sample, measured) would",
                "lower --batch-size (or choose a smaller --network)", device)
 
 

@@ -1,5 +1,5 @@
 import sys, torch, resource
-from sigprop.engine import evalsize
+from sigprop.engine import batchmemory
 from sigprop.engine.config import Config
 from sigprop.engine.trainer import build_config_rule
 from sigprop.data import dataset_spec
@@ -12,5 +12,5 @@ r.eval_step(x[:2],y[:2])
 base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 r.eval_step(x,y)
 peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-per,fixed=evalsize.measure(r, shape, torch.device("cpu"))
+per,fixed=batchmemory.measure(r, shape, torch.device("cpu"))
 print(net, rule, n, "rss delta MiB", (peak-base)/1024, "measured MiB", (fixed+n*per)/2**20)

@@ -1,20 +1,27 @@
-"""The evaluation batch: as many samples as asked, cut to what one batch may hold.
+"""The memory a batch holds, measured: the evaluation batch cut to fit, the training
+batch checked before a run starts.
 
-An evaluation batch's working memory is measured, not guessed: the rule's own evaluation
-step runs on two small batches of zeros under :class:`LiveBytes`, which sees every
-tensor the step's operations allocate and when it is freed; the peaks' difference gives
-the bytes a sample adds. (An estimate from the blocks' output shapes missed the spiking
-net's T steps of unpooled maps by about 10x: 8.7 GB resident at batch 1000.) The
-process's resident memory grows by up to :data:`SLACK` times the live bytes (the heap
-keeps freed blocks), so that is what a batch is charged. The batch is cut so it holds at
-most :data:`EVAL_BYTES` or a quarter of the usable memory, whichever is less: larger
-batches evaluate no faster, and several runs may evaluate at once.
+A batch's working memory is measured, not guessed: the rule's own step runs on two small
+batches under :class:`LiveBytes`, which sees every tensor the step's operations allocate
+and when it is freed; the peaks' difference gives the bytes a sample adds. (An estimate
+from the blocks' output shapes missed the spiking net's T steps of unpooled maps by
+about 10x: 8.7 GB resident when it evaluated 1000 samples at once.) The process's
+resident memory grows by up to :data:`SLACK` times the live bytes (the heap keeps freed
+blocks), so that is what a batch is charged.
+
+The evaluation batch is cut so it holds at most :data:`EVAL_BYTES` or a quarter of the
+usable memory, whichever is less: larger batches evaluate no faster, and several runs
+may evaluate at once. A training batch that cannot fit stops the run before it starts
+(the batch size changes the training, so it is never cut). Study:
+docs/studies/batch-memory.md.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,13 +34,18 @@ from ..resources import available_bytes, format_bytes, USABLE_FRACTION
 EVAL_BYTES = 2 * 2**30  # the most one evaluation batch may hold by default
 PROBE = (4, 12)  # the two probe batches (samples)
 # resident growth / live peak of one evaluation at batch 500, measured: snn-conv
-# bp-surrogate 1.84, sp-voltage 0.99, conv sigprop 1.07 (docs/studies/eval-memory.md)
+# bp-surrogate 1.84, sp-voltage 0.99, conv sigprop 1.07 (docs/studies/batch-memory.md)
 SLACK = 2
 
 
 def _storage(t: Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
+    """(data pointer, bytes) of ``t``'s storage; (0, 0) where it has none of its own
+    (a wrapper, e.g. a forward-mode AD level's: its data is counted where it is made)."""
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return 0, 0
 
 
 class LiveBytes(TorchDispatchMode):
@@ -43,8 +55,9 @@ class LiveBytes(TorchDispatchMode):
     outputs that share an input's storage (views, in-place results) add nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skip_shapes: set[tuple[int, ...]] | frozenset = frozenset()) -> None:
         super().__init__()
+        self.skip_shapes = skip_shapes  # outputs of these shapes are not counted
         self.live: dict[int, list[int]] = {}  # storage ptr -> [bytes, tensors holding it]
         self.live_bytes = 0
         self.peak = 0
@@ -67,6 +80,8 @@ class LiveBytes(TorchDispatchMode):
             if not isinstance(t, Tensor) or t.layout != torch.strided or id(t) in seen:
                 continue
             seen.add(id(t))
+            if self.skip_shapes and tuple(t.shape) in self.skip_shapes:
+                continue
             ptr, nbytes = _storage(t)
             if ptr == 0 or (ptr in inputs and ptr not in self.live):
                 continue  # empty, or a view of (or in place on) a tensor made outside
@@ -112,6 +127,43 @@ class EvalBatch:
                 "bytes_per_sample": self.per_sample, "bytes_fixed": self.fixed}
 
 
+def measure_train(make_rule: Callable[[], Any], input_shape: tuple[int, ...],
+                  num_classes: int, device: torch.device) -> tuple[int, int]:
+    """(bytes a sample adds, bytes fixed) of a training step, :data:`SLACK` included,
+    measured on a fresh rule from ``make_rule`` (the run's own is left untouched) after
+    one unmetered step. Tensors shaped like a parameter (gradients, the optimiser's state
+    and temporaries) are not counted: they are the parameters' check's to count, and at
+    a probe's few samples they would hide the samples' share of the peak. The RNG is
+    left as it was. An update thread's allocations (sigprop's pipeline) are not seen: it
+    holds about one block's tensors more."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    peaks = []
+    with torch.random.fork_rng(devices=devices):
+        rule = make_rule()
+        rule.set_training(True)
+        shapes = frozenset(tuple(p.shape) for p in rule.modules.parameters())
+        for n in (2, *PROBE):
+            x = torch.randn(n, *input_shape, device=device)
+            y = torch.arange(n, device=device) % num_classes
+            index = torch.arange(n, device=device) if rule.uses_sample_index else None
+            if n == 2:
+                rule.train_step(x, y, index=index)
+                continue
+            meter = LiveBytes(shapes)
+            with meter:
+                rule.train_step(x, y, index=index)
+            peaks.append(meter.peak)
+        rule.sync()
+    return _per_sample(peaks)
+
+
+def _per_sample(peaks: list[int]) -> tuple[int, int]:
+    """(bytes a sample adds, bytes fixed) from the peaks at :data:`PROBE`'s sizes."""
+    (n0, n1), (p0, p1) = PROBE, peaks
+    per = max(0, -(-(p1 - p0) // (n1 - n0)))  # rounded up
+    return SLACK * per, SLACK * max(0, p1 - n1 * per)
+
+
 def limit_bytes(device: torch.device | str) -> int:
     """The most one evaluation batch may hold on ``device``."""
     return int(min(EVAL_BYTES, available_bytes(device) * USABLE_FRACTION / 4))
@@ -139,9 +191,7 @@ def measure(rule, input_shape: tuple[int, ...], device: torch.device) -> tuple[i
                 peaks.append(meter.peak)
         finally:
             rule.set_training(was_training)
-    (n0, n1), (p0, p1) = PROBE, peaks
-    per = max(0, -(-(p1 - p0) // (n1 - n0)))  # rounded up
-    return SLACK * per, SLACK * max(0, p1 - n1 * per)
+    return _per_sample(peaks)
 
 
 def choose(rule, input_shape: tuple[int, ...], asked: int, n_test: int,

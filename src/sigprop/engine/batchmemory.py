@@ -134,8 +134,9 @@ def measure_train(make_rule: Callable[[], Any], input_shape: tuple[int, ...],
     one unmetered step. Tensors shaped like a parameter (gradients, the optimiser's state
     and temporaries) are not counted: they are the parameters' check's to count, and at
     a probe's few samples they would hide the samples' share of the peak. The RNG is
-    left as it was. An update thread's allocations (sigprop's pipeline) are not seen: it
-    holds about one block's tensors more."""
+    left as it was. The meter sees the calling thread only: ``make_rule`` should build a
+    rule without an update thread (sigprop's pipeline holds about one block's tensors
+    more)."""
     devices = [device.index or 0] if device.type == "cuda" else []
     peaks = []
     with torch.random.fork_rng(devices=devices):

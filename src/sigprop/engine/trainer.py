@@ -76,13 +76,18 @@ class Experiment:
     eval_batch: batchmemory.EvalBatch  # the evaluation batch and why (measured)
 
 
-def build_config_rule(cfg: Config, device: torch.device) -> LearningRule:
+def build_config_rule(cfg: Config, device: torch.device, *, sequential: bool = False
+                      ) -> LearningRule:
     """The rule of ``cfg``, initialised from its seed (every stage of a staged run builds
-    the same one)."""
+    the same one); with ``sequential``, one that updates on the calling thread only (no
+    update thread: sigprop's ``pipeline`` off), for the memory probe."""
     spec = dataset_spec(cfg.data.dataset)
     torch.manual_seed(cfg.train.seed)  # model init
     network = build_network(cfg.model.network, spec.shape, spec.num_classes, cfg.model.dropout)
-    return build_rule(cfg.rule.name, network, spec.num_classes, cfg.rule).to(device)
+    rule_cfg = cfg.rule
+    if sequential and any(o.name == "pipeline" for o in RULES.get(cfg.rule.name).options):
+        rule_cfg = rule_cfg.replace(pipeline="off")
+    return build_rule(cfg.rule.name, network, spec.num_classes, rule_cfg).to(device)
 
 
 def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
@@ -166,8 +171,8 @@ def _check_batch_fits(cfg: Config, network, num_classes: int, batch: int, augmen
     pad = 2 * augment.crop_padding
     # crop pads (C, H, W) images as uint8, plus its index arithmetic (int64 per row/col)
     padded = shape[0] * (shape[1] + pad) * (shape[2] + pad) if len(shape) == 3 else 0
-    per, fixed = batchmemory.measure_train(lambda: build_config_rule(cfg, device), shape,
-                                           num_classes, device)
+    per, fixed = batchmemory.measure_train(
+        lambda: build_config_rule(cfg, device, sequential=True), shape, num_classes, device)
     check_fits(fixed + batch * (per + padded * 2),
                f"a training batch of {batch} samples through this network "
                f"({format_bytes(per)} a sample, measured) would",

@@ -73,8 +73,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage(a)[0] for a in tree_leaves((args, kwargs))
-                  if isinstance(a, Tensor) and a.layout == torch.strided}
+        given = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        inputs = {_storage(a)[0] for a in given if a.layout == torch.strided}
         seen: set[int] = set()
         for t in tree_leaves(out):
             if not isinstance(t, Tensor) or t.layout != torch.strided or id(t) in seen:
@@ -85,7 +85,7 @@ class LiveBytes(TorchDispatchMode):
             ptr, nbytes = _storage(t)
             if ptr == 0 or (ptr in inputs and ptr not in self.live):
                 continue  # empty, or a view of (or in place on) a tensor made outside
-            if any(a is t for a in tree_leaves(args) if isinstance(a, Tensor)):
+            if any(a is t for a in given):
                 continue  # an in-place result: the same tensor, already counted
             entry = self.live.get(ptr)
             if entry is None:
@@ -107,7 +107,7 @@ class EvalBatch:
     per_sample: int  # bytes a sample adds to an evaluation batch (measured)
     fixed: int  # bytes a batch holds whatever its size (measured)
     cut: bool = False  # whether the memory limit made it smaller than asked
-    device: str = "cpu"
+    limit: int = 0  # the most a batch might hold when it was chosen (limit_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +119,7 @@ class EvalBatch:
         if not self.cut:
             return f"evaluation batch: {self.size} ({held})"
         return (f"evaluation batch: {self.size}, cut from {self.asked} so one batch holds at "
-                f"most {format_bytes(limit_bytes(self.device))} ({held}); "
+                f"most {format_bytes(self.limit)} ({held}); "
                 "the cut changes no result")
 
     def record(self) -> dict[str, int]:
@@ -213,4 +213,4 @@ def choose(rule, input_shape: tuple[int, ...], asked: int, n_test: int,
     if cut:  # the fewest batches of at most ``fits`` for ``want`` samples, made equal
         batches = -(-want // fits)
         fits = -(-want // batches)
-    return EvalBatch(fits, asked, per, fixed, cut, device.type)
+    return EvalBatch(fits, asked, per, fixed, cut, limit)

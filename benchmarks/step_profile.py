@@ -89,6 +89,9 @@ class OpMeter(TorchDispatchMode):
         return out
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
 def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.lower().split("x"))
 
@@ -97,7 +100,8 @@ def build(rule_name: str, args):
     from sigprop import build_network, build_rule
 
     torch.manual_seed(args.seed)
-    net = build_network(args.network, _shape(args.input), args.classes, 0.0)
+    net = build_network(args.network, _shape(args.input), args.classes, args.dropout)
+    net = net.to(memory_format=LAYOUTS[args.layout])
     kw = {"pipeline": "off"} if rule_name.startswith("sigprop") else {}
     return build_rule(rule_name, net, args.classes, **kw)
 
@@ -143,11 +147,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--top", type=int, default=14, help="ops shown per rule (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="after each block's activation (Sec. IV's 0.1, as sigprop bench)")
+    p.add_argument("--layout", default="nchw", choices=tuple(LAYOUTS),
+                   help="the conv weights' and input batch's memory layout")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     for flag in ("batch_size", "steps", "classes"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error("--dropout must be in [0, 1)")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         p.error("--warmup must be >= 0 and --threads >= 1")
     if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -165,10 +175,16 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch_size, *_shape(args.input), generator=g)
     y = torch.randint(0, args.classes, (args.batch_size,), generator=g)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=LAYOUTS[args.layout])
+    elif args.layout != "nchw":
+        p.error("--layout channels-last needs image inputs (CxHxW)")
     print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads; "
-          f"{args.network} on {args.input}, batch {args.batch_size}; {args.steps} steps "
-          f"after {args.warmup}", flush=True)
+          f"{args.network} on {args.input}, batch {args.batch_size}, {args.layout}, dropout "
+          f"{args.dropout}; "
+          f"{args.steps} steps after {args.warmup}", flush=True)
     out = {"network": args.network, "input": args.input, "batch_size": args.batch_size,
+           "layout": args.layout, "dropout": args.dropout,
            "threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
            "torch": torch.__version__, "date": _dt.date.today().isoformat(), "rules": {}}
     for name in args.rules.split(","):

@@ -519,3 +519,30 @@ def test_halving_pool_and_its_gradient_equal_atens():
         assert p.data_ptr() == out.data_ptr() and torch.equal(p, want_p)
         assert torch.equal(fp._window_index(pool, code, x.shape[3]), want_i)
     assert not fp._halving(geometry, torch.zeros(1, 1, 7, 8))
+
+
+def test_halving_pool_on_channels_last_maps_equals_atens():
+    """On channels-last maps the halving pooling takes ATen's kernel and codes from its
+    indices; the pooled map (also into a given output, laid out so), the codes and the
+    gradient written back from them equal ATen's NCHW pooling and its backward, ties
+    included."""
+    from sigprop.rules.sigprop import fastpath as fp
+
+    pool = torch.nn.MaxPool2d(2, 2)
+    geometry = fp._pool_geometry(pool)
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(3, 5, 8, 6, generator=g),
+              torch.randint(-1, 2, (3, 5, 8, 6), generator=g).float()):
+        want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
+        xc = x.contiguous(memory_format=cl)
+        for out in (None, torch.empty_like(want_p, memory_format=cl)):
+            p, code = fp._pool_2x2(xc, out)
+            assert torch.equal(p, want_p) and code.dtype == torch.uint8
+            assert p.is_contiguous(memory_format=cl)
+            assert out is None or p.data_ptr() == out.data_ptr()
+            assert torch.equal(fp._window_index(pool, code.contiguous(), x.shape[3]), want_i)
+        dq = torch.randn(want_p.shape, generator=g)
+        want = torch.ops.aten.max_pool2d_with_indices_backward(dq, x, *geometry, want_i)
+        du = fp._unpool_2x2(dq.contiguous(memory_format=cl), code, xc)
+        assert du.is_contiguous(memory_format=cl) and torch.equal(du, want)

@@ -109,10 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="sigprop's prediction (default classifier: Fig. 2b, as Sec. IV-A)")
     b.add_argument("--pipeline", default="auto", choices=("auto", "off"),
                    help="sigprop's pipeline (per-layer times need it off)")
-    b.add_argument("--layout", default="nchw", choices=("nchw", "channels-last"),
-                   help="memory layout of every rule's conv maps and weights (default nchw; "
-                        "channels-last: NHWC in memory, which oneDNN convolves without "
-                        "reordering)")
+    b.add_argument("--layout", default="auto", choices=("auto", "nchw", "channels-last"),
+                   help="memory layout of every rule's conv maps and weights: auto (as "
+                        "sigprop train: channels-last for conv networks on an AVX2/AVX-512 "
+                        "CPU; default) | nchw | channels-last (NHWC in memory, which oneDNN "
+                        "convolves without reordering)")
     b.add_argument("--steps", type=int, default=2, help="steps per timed segment (default 2)")
     b.add_argument("--repeats", type=int, default=5, help="interleaved segments (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="warm-up steps per rule (default 1)")
@@ -383,6 +384,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     import torch
 
     from .engine.bench import as_json, markdown, run_bench
+    from .engine.perf import tune_allocator
     from .engine.runio import atomic_write_text, strict_dumps
     from .experiments.provenance import provenance
     from .registry import RULES
@@ -396,6 +398,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     json_path = check_output_file(ns.json, "--json") if ns.json is not None else None
     if ns.threads is not None:
         torch.set_num_threads(check_threads(ns.threads, "--threads"))
+    tune_allocator()  # as `sigprop train` runs: the timings are a training run's
     results = run_bench(ns.network, ns.input, ns.classes, ns.rules, targets=ns.targets,
                         batch_size=ns.batch_size, steps=ns.steps, repeats=ns.repeats,
                         warmup=ns.warmup, device=ns.device, dropout=ns.dropout,
@@ -403,8 +406,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     from .resources import cpu_capability
 
+    layouts = {r.layout for r in results}
+    layout = layouts.pop() if len(layouts) == 1 else ", ".join(
+        f"{r.variant.name} {r.layout}" for r in results)
     print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads; layout "
-          f"{ns.layout}\n")
+          f"{layout}\n")
     print(markdown(results))
     if json_path is not None:
         facts = {"command": " ".join(["sigprop", *ns.argv]), **provenance(),

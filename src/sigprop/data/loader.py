@@ -49,6 +49,7 @@ class DeviceLoader:
         drop_last: bool = False,
         dtype: torch.dtype = torch.float32,
         num_classes: int | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         _validate(images, labels, batch_size, mean, std, dtype)
         if num_classes is not None:
@@ -63,6 +64,7 @@ class DeviceLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.dtype = dtype
+        self.memory_format = memory_format  # of the float batches (channels-last maps)
         # x = (pixel / 255 - mean) / std folded into one multiply-add; float64 for the fold.
         c = images.shape[1]
         mean_t = torch.tensor(mean, dtype=torch.float64).view(1, c, 1, 1)
@@ -110,7 +112,8 @@ class DeviceLoader:
         return torch.randperm(self.num_samples, generator=self._generator, device=self.device)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype).mul_(self._scale).add_(self._shift)
+        return x.to(self.dtype, memory_format=self.memory_format).mul_(self._scale) \
+            .add_(self._shift)
 
     def __repr__(self) -> str:
         return (

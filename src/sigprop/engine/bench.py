@@ -46,6 +46,7 @@ from ..registry import RULES
 from ..resources import check_fits, step_bytes
 from ..rules.checks import check_num_classes
 from ..rules import LearningRule, build_rule
+from .layout import FORMATS, LAYOUTS, apply_layout, resolve_layout
 from .memory import SavedTensorMeter
 
 MIB = 2**20
@@ -180,17 +181,19 @@ class BenchResult:
     activation_memory_bytes: int  # held activations only, at their peak
     layers: list[dict[str, Any]]  # per block: time_per_sample_s, peak_memory_bytes, ...
     notes: list[str]
+    layout: str = "nchw"  # the conv maps' memory layout it ran on
 
 
 def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
               rule_names: list[str], *, targets: list[str] | None = None,
               batch_size: int = 128, steps: int = 2, repeats: int = 5, warmup: int = 1,
               device: str = "cpu", dropout: float | None = None, head: str = "classifier",
-              pipeline: str = "auto", seed: int = 0, layout: str = "nchw",
+              pipeline: str = "auto", seed: int = 0, layout: str = "auto",
               log=print) -> list[BenchResult]:
     """Measure every rule (module docstring); ``log`` receives progress lines.
     ``layout`` "channels-last" lays every rule's conv weights and input batches out NHWC
-    in memory (the maps follow)."""
+    in memory (the maps follow); "auto" as ``sigprop train --layout auto`` chooses
+    (:mod:`.layout`)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this machine has no usable CUDA GPU")
@@ -201,38 +204,44 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
             raise ConfigError(f"{name} must be an integer from {low} to {MAX_COUNT}{why}, got "
                               f"{value!r}")
     check_num_classes(num_classes)
-    if layout not in ("nchw", "channels-last"):
-        raise ConfigError(f"--layout takes nchw or channels-last, got {layout!r}")
-    last = layout == "channels-last"
-    if last and len(input_shape) != 3:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout takes {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "channels-last" and len(input_shape) != 3:
         raise ConfigError("--layout channels-last lays out image maps: it needs --input "
                           f"CxHxW, got {'x'.join(map(str, input_shape))}")
     if dropout is None:  # Sec. IV's 0.1; the spiking and Hopfield nets have no dropout
         dropout = 0.0 if network.startswith(("snn-", "hopfield-")) else 0.1
     cols = variants(rule_names, targets or ["dense"])
+    # each rule on the layout `sigprop train --layout` gives it (auto: per rule)
+    plain = build_network(network, input_shape, num_classes)
+    layouts = {v.name: resolve_layout(layout, plain, network, v.rule, dev) for v in cols}
     _check_fits(network, input_shape, num_classes, dropout, batch_size, len(cols), dev)
     g = torch.Generator().manual_seed(seed + 1)
-    fmt = torch.channels_last if last else torch.contiguous_format
-    pool = [(torch.randn(batch_size, *input_shape, generator=g).to(dev, memory_format=fmt),
-             torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
-            for _ in range(POOL)]
+    batches = [(torch.randn(batch_size, *input_shape, generator=g).to(dev),
+                torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
+               for _ in range(POOL)]
+    pools = {name: [(x.contiguous(memory_format=FORMATS[name]) if x.dim() == 4 else x, y)
+                    for x, y in batches] for name in {lo for lo, _ in layouts.values()}}
     rules: dict[str, LearningRule] = {}
     for v in cols:
         torch.manual_seed(seed)  # the same initial weights for every rule
         net = build_network(network, input_shape, num_classes, dropout=dropout)
-        if last:
-            net = net.to(memory_format=fmt)  # 4-D weights only
+        apply_layout(net, layouts[v.name][0])  # 4-D weights only
         opts = dict(v.options)
         takes = {o.name for o in RULES.get(v.rule).options}  # --head, --pipeline: sigprop's
         opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
-    log(f"bench: {network}, input {'x'.join(map(str, input_shape))} ({layout}), batch "
-        f"{batch_size}, "
-        f"{repeats} x {steps} steps per rule, on {dev}")
+    rule_names_of = {id(r): name for name, r in rules.items()}
+    said = {f"{lo} ({why})" for lo, why in layouts.values()}
+    on = said.pop() if len(said) == 1 else "; ".join(
+        f"{n} {lo}" for n, (lo, _) in layouts.items())
+    log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
+        f"{repeats} x {steps} steps per rule, on {dev}; layout {on}")
     k = [0]
 
     def steps_of(rule: LearningRule, count: int) -> None:
+        pool = pools[layouts[rule_names_of[id(rule)]][0]]
         for _ in range(count):
             x, y = pool[k[0] % len(pool)]
             k[0] += 1
@@ -268,7 +277,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
     results = []
     for v in cols:
         rule = rules[v.name]
-        mem, act, layer_mem = _memory(rule, v, pool[0], dev, sync)
+        mem, act, layer_mem = _memory(rule, v, pools[layouts[v.name][0]][0], dev, sync)
         layers: list[dict[str, Any]] = []
         notes: list[str] = []
         layered = _layered(v.rule) and not getattr(rule, "pipelines", False)
@@ -278,7 +287,8 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         if layered:
             layers = _layer_rows(rule, timelines[v.name], layer_mem, repeats * steps
                                  * batch_size)
-        results.append(BenchResult(v, seg[v.name], mem, act, layers, notes))
+        results.append(BenchResult(v, seg[v.name], mem, act, layers, notes,
+                                   layouts[v.name][0]))
     return results
 
 
@@ -395,7 +405,7 @@ def as_json(results: list[BenchResult], facts: dict[str, Any]) -> dict[str, Any]
             "segments_time_per_sample_s": r.seconds_per_sample,
             "peak_memory_bytes": int(r.peak_memory_bytes),
             "activation_memory_bytes": int(r.activation_memory_bytes),
-            "layers": r.layers, "notes": r.notes,
+            "layers": r.layers, "notes": r.notes, "layout": r.layout,
         } for r in results},
     }
 

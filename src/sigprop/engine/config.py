@@ -5,8 +5,8 @@
     [model]  network, dropout
     [rule]   name, lr, weight_decay, amp, and the rule's own options (each rule declares
              them in its own file: sigprop.options)
-    [train]  epochs, schedule, seed, device, run_dir, progress, check_every, stages, split,
-             split_by, stage_threads, replicas
+    [train]  epochs, schedule, seed, device, layout, run_dir, progress, check_every,
+             stages, split, split_by, stage_threads, replicas
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags. What ``--resume`` may
 change: :mod:`.resumable`.
@@ -32,6 +32,7 @@ from ..registry import RULES
 from ..resources import check_processes, check_threads
 from ..rules.config import SHARED, RuleConfig, declared_options
 from .flags import SECTION_FLAGS, SWITCH_FLAGS
+from .layout import LAYOUTS
 from .stagespec import parse_split, stage_count
 
 if sys.version_info >= (3, 11):
@@ -110,6 +111,8 @@ class TrainConfig:
     schedule: str = "step"  # step (x0.25 at 50/75/89/94% of epochs) | step10 | cosine | none
     seed: int = 0
     device: str = "cpu"
+    # the conv maps' memory layout: auto | nchw | channels-last (engine.layout)
+    layout: str = "auto"
     run_dir: str | None = None
     progress: bool = True
     check_every: int = 50  # steps between non-finite-loss checks (one host sync each)
@@ -173,6 +176,8 @@ class Config:
         if t.schedule not in ("step", "step10", "cosine", "none"):
             raise ConfigError(f"train.schedule must be step, step10, cosine or none, got "
                               f"{t.schedule!r}")
+        if t.layout not in LAYOUTS:
+            raise ConfigError(f"train.layout must be {', '.join(LAYOUTS)}, got {t.layout!r}")
         if t.run_dir is not None and not t.run_dir.strip():
             raise ConfigError("train.run_dir is empty; give a folder name or leave it out")
         _positive("train.stages", t.stages)

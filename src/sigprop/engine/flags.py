@@ -29,6 +29,7 @@ SECTION_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--schedule", "train", "schedule", {"help": "learning-rate schedule: step (x0.25 at 50/75/89/94% of the epochs; default) | step10 (x0.1 at 60/90%) | cosine | none (a rule may set its own)"}),
     ("--seed", "train", "seed", {"help": "random seed (default 0)"}),
     ("--device", "train", "device", {"help": "cpu | cuda | cuda:N"}),
+    ("--layout", "train", "layout", {"help": "the conv maps' memory layout: auto (channels-last for conv networks on an AVX2/AVX-512 CPU, where it is faster; NCHW elsewhere; default) | nchw | channels-last"}),
     ("--run-dir", "train", "run_dir", {"help": "run folder (default runs/<dataset>-<network>-<rule>-<time>)"}),
     ("--check-every", "train", "check_every", {"help": "steps between NaN checks"}),
     ("--stages", "train", "stages", {"metavar": "S", "help": "sigprop: split the blocks into S stages, one process each, learning concurrently (torch.distributed; balanced by --split-by)"}),

@@ -17,6 +17,7 @@ from .config import Config
 RESUMABLE_SECTIONS = (
     "train.epochs",  # a longer run: the schedule follows the new total from the next epoch
     "train.device", "train.progress", "train.check_every", "train.run_dir",
+    "train.layout",  # how the maps lie in memory: the same updates up to rounding
     "data.data_dir",  # the same files elsewhere (their checksums are compared)
     "data.eval_batch_size",  # evaluation is per sample
     # where the blocks run: the same updates (sigprop.parallel)

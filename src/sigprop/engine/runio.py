@@ -351,6 +351,10 @@ def recorded_config(config: Any, path: Path | str):
     from ..errors import ConfigError
     from .config import config_from_dict
 
+    if isinstance(config, dict) and isinstance(config.get("train"), dict) \
+            and "layout" not in config["train"]:
+        # recorded before train.layout existed: such runs computed on NCHW maps
+        config = {**config, "train": {**config["train"], "layout": "nchw"}}
     try:
         return config_from_dict(config)
     except ConfigError as err:

@@ -29,6 +29,7 @@ from ..resources import check_fits, format_bytes
 from ..rules import LearningRule, build_rule
 from . import batchmemory, runio
 from .config import Config, apply_overrides
+from .layout import FORMATS, apply_layout, resolve_layout
 from .runfolder import RunFolder
 from .runstate import STAGES_FILE, RunStart, load_run_state
 
@@ -74,16 +75,20 @@ class Experiment:
     test: DeviceLoader
     device: torch.device
     eval_batch: batchmemory.EvalBatch  # the evaluation batch and why (measured)
+    layout: tuple[str, str] = ("nchw", "")  # the conv maps' memory layout and why
 
 
 def build_config_rule(cfg: Config, device: torch.device, *, sequential: bool = False
                       ) -> LearningRule:
     """The rule of ``cfg``, initialised from its seed (every stage of a staged run builds
     the same one); with ``sequential``, one that updates on the calling thread only (no
-    update thread: sigprop's ``pipeline`` off), for the memory probe."""
+    update thread: sigprop's ``pipeline`` off), for the memory probe. Its conv weights
+    are laid out as ``train.layout`` resolves (:mod:`.layout`)."""
     spec = dataset_spec(cfg.data.dataset)
     torch.manual_seed(cfg.train.seed)  # model init
     network = build_network(cfg.model.network, spec.shape, spec.num_classes, cfg.model.dropout)
+    apply_layout(network, resolve_layout(cfg.train.layout, network, cfg.model.network,
+                                         cfg.rule.name, device)[0])
     rule_cfg = cfg.rule
     if sequential and any(o.name == "pipeline" for o in RULES.get(cfg.rule.name).options):
         rule_cfg = rule_cfg.replace(pipeline="off")
@@ -96,6 +101,9 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     spec = dataset_spec(cfg.data.dataset)
     rule = build_config_rule(cfg, device)
     network = rule.network
+    layout = resolve_layout(cfg.train.layout, network, cfg.model.network, cfg.rule.name,
+                            device)
+    memory_format = FORMATS[layout[0]]
     augment = parse_augment(cfg.data.augment, spec)
     mean, std = input_scaling(cfg.data.inputs, spec)
     if with_train:
@@ -116,7 +124,7 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
     train = DeviceLoader(
         images, labels, batch_size=cfg.data.batch_size, mean=mean, std=std,
         device=device, shuffle=True, augment=augment, seed=cfg.train.seed, drop_last=drop_last,
-        num_classes=spec.num_classes,
+        num_classes=spec.num_classes, memory_format=memory_format,
     ) if len(labels) else None
     t_images, t_labels = load_dataset(spec.name, "test", cfg.data.data_dir)
     if cfg.data.test_limit is not None:
@@ -125,9 +133,9 @@ def build_experiment(cfg: Config, *, with_train: bool = True) -> Experiment:
                                  len(t_labels), device)
     test = DeviceLoader(
         t_images, t_labels, batch_size=eval_batch.size, mean=mean, std=std,
-        device=device, shuffle=False, num_classes=spec.num_classes,
+        device=device, shuffle=False, num_classes=spec.num_classes, memory_format=memory_format,
     )
-    return Experiment(rule, train, test, device, eval_batch)
+    return Experiment(rule, train, test, device, eval_batch, layout)
 
 
 def rule_defaults_line(cfg: Config) -> str:
@@ -311,7 +319,7 @@ class Trainer:
         kept = state is not None and rule.keep_precision(
             _recorded(self.run_dir).get("precision"), exp.device)
         precision = rule.precision(exp.device)
-        history = start.begin(self._log, {"precision": precision,
+        history = start.begin(self._log, {"precision": precision, "layout": exp.layout[0],
                                           "eval_batch": exp.eval_batch.record()})
         if state is not None:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
@@ -323,6 +331,8 @@ class Trainer:
         if said:
             self._log(said)
         self._log(f"precision: {precision}" + (" (kept from the run's start)" if kept else ""))
+        if exp.layout[1] != "auto: no conv layer":
+            self._log(f"layout: {exp.layout[0]} ({exp.layout[1]})")
         self._log(exp.eval_batch.line())
         if start.epoch == 0:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream, apart from the init stream

@@ -210,16 +210,13 @@ class Dropout(nn.Module):
         # from = int64 min, to = None: all 64 bits uniform (ATen's full-range kernel)
         bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         lanes = bits.view(torch.int16)[: x.numel()]  # uniform in [-2^15, 2^15)
-        fmt = torch.contiguous_format
+        # compared flat (a channels-last 4-d comparison took 2.4x as long) into uint8,
+        # then viewed as bool: ~5x faster than a bool result (docs/studies/fast-path.md)
+        keep = torch.ge(lanes, self._cut - 32768, out=torch.empty_like(lanes, dtype=torch.uint8))
         if channels_last(x):
-            n, c, h, w = x.shape  # channels-last maps: a mask in their order
-            lanes, fmt = lanes.view(n, h, w, c).permute(0, 3, 1, 2), torch.channels_last
-        else:
-            lanes = lanes.view(x.shape)
-        # compared into uint8, then viewed as bool: ~5x faster than a bool result
-        # (docs/studies/fast-path.md)
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device, memory_format=fmt)
-        return torch.ge(lanes, self._cut - 32768, out=keep).view(torch.bool)
+            n, c, h, w = x.shape  # channels-last maps: the mask in their memory order
+            return keep.view(n, h, w, c).permute(0, 3, 1, 2).view(torch.bool)
+        return keep.view(x.shape).view(torch.bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:

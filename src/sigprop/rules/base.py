@@ -108,6 +108,9 @@ class LearningRule:
     spike_threshold: ClassVar[float] = 1.0
     # whether the rule runs its forward passes under 16-bit autocast when cfg.amp asks
     supports_amp: ClassVar[bool] = False
+    # whether its step on conv networks is faster on channels-last maps on a CPU
+    # (measured: benchmarks/layout.py); only then does train.layout = auto choose them
+    channels_last_pays: ClassVar[bool] = False
     # a NaN or inf in x raises InputError before anything changes, on a CPU (one pass
     # over x); elsewhere that read would sync with the host every step, so it is not
     # checked there (DeviceLoader's data is finite by construction). False skips it.

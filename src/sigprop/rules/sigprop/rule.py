@@ -68,6 +68,7 @@ class Sigprop(LearningRule):
 
     options = OPTIONS
     layered = True
+    channels_last_pays = True  # VGG8b 0.91, CONV ... of the NCHW step (fast-path.md)
 
     @classmethod
     def option_scope(cls, given) -> tuple[Option, ...]:

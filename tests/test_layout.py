@@ -47,17 +47,19 @@ def test_auto_keeps_nchw_where_channels_last_is_not_measured(monkeypatch):
         == "channels-last"
 
 
-def test_auto_keeps_nchw_for_rules_whose_step_is_not_faster_so(monkeypatch):
-    """auto follows what each rule declares (measured): LL-FA's heads pool slower on
-    channels-last maps, so its conv runs stay NCHW."""
+def test_auto_follows_what_each_rule_declares(monkeypatch):
+    """auto lays conv nets out channels-last only for rules that declare it pays
+    (measured); a rule that does not (the default, e.g. a plugin's) keeps NCHW."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     from sigprop.registry import RULES
 
-    assert not RULES.get("ll-fa").channels_last_pays
-    layout, why = resolve_layout("auto", net("conv"), "conv", "ll-fa", CPU)
-    assert layout == "nchw" and "ll-fa's step is not faster" in why
-    for name in ("sigprop", "backprop"):
-        assert RULES.get(name).channels_last_pays
+    assert not RULES.get("pepita").channels_last_pays
+    layout, why = resolve_layout("auto", net("conv"), "conv", "pepita", CPU)
+    assert layout == "nchw" and "pepita's step is not faster" in why
+    conv_rules = ("sigprop", "backprop", "shallow", "fa", "dfa", "drtp", "forward-grad",
+                  "ll-bp", "ll-fa")
+    for name in conv_rules:
+        assert RULES.get(name).channels_last_pays, name
         assert resolve_layout("auto", net("conv"), "conv", name, CPU)[0] == "channels-last"
 
 
@@ -146,3 +148,30 @@ def test_fc_runs_print_no_layout(fake_fashion, in_tmp, capsys):
     out = capsys.readouterr().out
     assert "layout:" not in out
     assert json.loads((in_tmp / "run" / "config.json").read_text())["layout"] == "nchw"
+
+
+@pytest.mark.parametrize("rule", ["sigprop", "backprop", "shallow", "fa", "dfa", "drtp",
+                                  "forward-grad", "ll-bp", "ll-fa"])
+def test_every_rule_auto_lays_out_takes_the_same_step_on_channels_last_maps(rule, float64):
+    """Each rule that --layout auto puts on channels-last maps updates its conv net as on
+    NCHW maps (no dropout; float64, so only the summation order differs)."""
+    from sigprop.rules import build_rule
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 28, 28, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    states = {}
+    for layout in ("nchw", "channels-last"):
+        torch.manual_seed(0)
+        n = apply_layout(build_network("conv", (1, 28, 28), 3), layout)
+        r = build_rule(rule, n, 3)
+        r.set_training(True)
+        torch.manual_seed(1)  # the rule's own draws (forward-gradient directions)
+        xs = x.contiguous(memory_format=torch.channels_last) if layout != "nchw" else x
+        for _ in range(2):
+            r.train_step(xs, y)
+        r.sync()
+        states[layout] = {k: v.contiguous() for k, v in n.state_dict().items()}
+    for k, v in states["nchw"].items():
+        torch.testing.assert_close(states["channels-last"][k], v, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, k=k: f"{rule} {k}: {m}")

@@ -72,6 +72,9 @@ class TargetProjections(nn.Module):
 @register_rule("drtp")
 class DirectRandomTargetProjection(LearningRule):
     """DRTP (module docstring): each block from B_k^T y* alone, the head from its error."""
+    # its step on channels-last maps / on NCHW: VGG8b 0.90, CONV 0.86
+    # (docs/studies/fast-path.md)
+    channels_last_pays = True
 
     options = (DRTP_OUTPUT,)
     exit_names: ClassVar[list[str]] = ["output"]

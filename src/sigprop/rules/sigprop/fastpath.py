@@ -391,17 +391,23 @@ def _codes_2x2(idx: Tensor, width: int) -> Tensor:
     return code.add_(offset.to(torch.uint8).bitwise_and_(1))
 
 
-def _unpool_2x2(dq: Tensor, code: Tensor, like: Tensor) -> Tensor:
+def _unpool_2x2(dq: Tensor, code: Tensor, like: Tensor, keep: Tensor | None = None
+                ) -> Tensor:
     """The gradient of a 2 x 2, stride 2 pooling of channels-last maps shaped ``like``:
-    ``dq`` written into each window's quarter its code names, zero in the others (four
-    strided writes; ATen's backward took twice as long on such maps)."""
+    ``dq`` written into the window position its code names, zero at the other three (and
+    where the uint8 dropout mask ``keep``, laid out as ``like``, is 0), in one broadcast
+    product over the map seen as (N, H/2, 2, W/2, 2, C) (ATen's backward took twice as
+    long on such maps, four strided writes 1.3-2x as long as this)."""
     n, c, h, w = like.shape
+    six = (n, h // 2, 2, w // 2, 2, c)
     du = torch.empty((n, h, w, c), dtype=dq.dtype, device=dq.device)
-    quarters = du.view(n, h // 2, 2, w // 2, 2, c)
-    q, k = dq.permute(0, 2, 3, 1), code.permute(0, 2, 3, 1)
-    for r in (0, 1):
-        for col in (0, 1):
-            torch.mul(q, k == 2 * r + col, out=quarters[:, :, r, :, col])
+    q = dq.permute(0, 2, 3, 1)[:, :, None, :, None]  # (N, H/2, 1, W/2, 1, C)
+    k = code.permute(0, 2, 3, 1)[:, :, None, :, None]
+    where = torch.tensor([[0, 1], [2, 3]], dtype=code.dtype, device=code.device)
+    chosen = k == where.view(1, 1, 2, 1, 2, 1)
+    if keep is not None:  # the mask on bytes here, not on the floats after
+        chosen = torch.mul(chosen, keep.permute(0, 2, 3, 1).view(six))
+    torch.mul(q, chosen, out=du.view(six))
     return du.permute(0, 3, 1, 2)
 
 
@@ -419,8 +425,9 @@ def _pool_leaky_backward(parts: BlockParts, st: BlockState, do: Tensor) -> Tenso
     dropout mask. The same numbers as autograd through pooling, mask and LeakyReLU."""
     dq = torch.ops.aten.leaky_relu_backward(do, st.o, parts.slope, False)
     if channels_last(st.a) and _halving(_pool_geometry(parts.pool), st.a):
-        du = _unpool_2x2(dq, st.pool_code, st.a)
-        _mask_backward(st, du)
+        du = _unpool_2x2(dq, st.pool_code, st.a, st.keep)
+        if st.spare_from is not None:
+            du[st.spare_from:].mul_(1.0 / st.scale)
         return du
     idx = _window_index(parts.pool, st.pool_code, st.a.shape[3])
     du = torch.ops.aten.max_pool2d_with_indices_backward(dq, st.a, *_pool_geometry(parts.pool),

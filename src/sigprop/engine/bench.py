@@ -232,7 +232,6 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
-    rule_names_of = {id(r): name for name, r in rules.items()}
     said = {f"{lo} ({why})" for lo, why in layouts.values()}
     on = said.pop() if len(said) == 1 else "; ".join(
         f"{n} {lo}" for n, (lo, _) in layouts.items())
@@ -240,8 +239,8 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         f"{repeats} x {steps} steps per rule, on {dev}; layout {on}")
     k = [0]
 
-    def steps_of(rule: LearningRule, count: int) -> None:
-        pool = pools[layouts[rule_names_of[id(rule)]][0]]
+    def steps_of(name: str, count: int) -> None:
+        rule, pool = rules[name], pools[layouts[name][0]]
         for _ in range(count):
             x, y = pool[k[0] % len(pool)]
             k[0] += 1
@@ -253,7 +252,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
             torch.cuda.synchronize(dev)
 
     for v in cols:  # warm up: optimizer state, allocator, kernels
-        steps_of(rules[v.name], warmup)
+        steps_of(v.name, warmup)
     timelines = {v.name: _Timeline(None, dev) for v in cols}
     seg: dict[str, list[float]] = {v.name: [] for v in cols}
     for r in range(repeats):
@@ -267,7 +266,7 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
-                steps_of(rule, 1)
+                steps_of(v.name, 1)
                 tl.end()
             sync()
             seg[v.name].append((time.perf_counter() - t0) / (steps * batch_size))

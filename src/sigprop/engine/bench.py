@@ -232,9 +232,10 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
-    said = {f"{lo} ({why})" for lo, why in layouts.values()}
-    on = said.pop() if len(said) == 1 else "; ".join(
-        f"{n} {lo}" for n, (lo, _) in layouts.items())
+    kinds = {lo for lo, _ in layouts.values()}
+    whys = {why for _, why in layouts.values()}
+    on = (kinds.pop() + (f" ({whys.pop()})" if len(whys) == 1 else "") if len(kinds) == 1
+          else "; ".join(f"{n} {lo}" for n, (lo, _) in layouts.items()))
     log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
         f"{repeats} x {steps} steps per rule, on {dev}; layout {on}")
     k = [0]

@@ -389,7 +389,7 @@ def test_conv_and_each_rule_lower_the_loss_on_a_fixed_batch(rule_name, kw):
 def _lowers_loss(name, rule_name, kw):
     torch.manual_seed(0)
     net = build_network(name, (1, 16, 16), CLASSES, dropout=0.0)
-    lowers_loss(build_rule(rule_name, net, CLASSES, lr=2e-3, **kw), (1, 16, 16))
+    lowers_loss(build_rule(rule_name, net, CLASSES, **kw), (1, 16, 16))  # the default rate
 
 
 # --------------------------------------------------------------------------- data formats

@@ -24,10 +24,11 @@ import time
 import torch
 
 from sigprop import build_network
+from sigprop.engine.layout import FORMATS
 from sigprop.resources import cpu_capability
 from sigprop.rules import build_rule
 
-LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+LAYOUTS = FORMATS  # "nchw" | "channels-last" -> memory format (sigprop.engine.layout)
 
 
 def paired(times: list[float], base: list[float]) -> float:

@@ -35,6 +35,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from sigprop.engine.layout import FORMATS
+
 SKIP = {"detach", "view", "_unsafe_view", "t", "as_strided", "expand", "slice", "select",
         "alias", "unsqueeze", "squeeze", "permute", "transpose", "reshape", "_reshape_alias"}
 
@@ -89,7 +91,7 @@ class OpMeter(TorchDispatchMode):
         return out
 
 
-LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+LAYOUTS = FORMATS  # "nchw" | "channels-last" -> memory format (sigprop.engine.layout)
 
 
 def _shape(text: str) -> tuple[int, ...]:

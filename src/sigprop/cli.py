@@ -383,7 +383,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 def cmd_bench(ns: argparse.Namespace) -> int:
     import torch
 
-    from .engine.bench import as_json, markdown, run_bench
+    from .engine.bench import as_json, describe_layouts, markdown, run_bench
     from .engine.perf import tune_allocator
     from .engine.runio import atomic_write_text, strict_dumps
     from .experiments.provenance import provenance
@@ -406,9 +406,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     from .resources import cpu_capability
 
-    layouts = {r.layout for r in results}
-    layout = layouts.pop() if len(layouts) == 1 else ", ".join(
-        f"{r.variant.name} {r.layout}" for r in results)
+    layout = describe_layouts({r.variant.name: (r.layout, "") for r in results})
     print(f"CPU kernels: {cpu_capability()}; {torch.get_num_threads()} threads; layout "
           f"{layout}\n")
     print(markdown(results))

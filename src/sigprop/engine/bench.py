@@ -184,6 +184,16 @@ class BenchResult:
     layout: str = "nchw"  # the conv maps' memory layout it ran on
 
 
+def describe_layouts(named: dict[str, tuple[str, str]]) -> str:
+    """The layouts of named columns ({name: (layout, why)}) in a few words: one layout
+    (with its reason when all share it), else each column's."""
+    kinds = {lo for lo, _ in named.values()}
+    whys = {why for _, why in named.values() if why}
+    if len(kinds) == 1:
+        return kinds.pop() + (f" ({whys.pop()})" if len(whys) == 1 else "")
+    return "; ".join(f"{n} {lo}" for n, (lo, _) in named.items())
+
+
 def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
               rule_names: list[str], *, targets: list[str] | None = None,
               batch_size: int = 128, steps: int = 2, repeats: int = 5, warmup: int = 1,
@@ -232,12 +242,8 @@ def run_bench(network: str, input_shape: tuple[int, ...], num_classes: int,
         opts.update({k: x for k, x in (("head", head), ("pipeline", pipeline)) if k in takes})
         rules[v.name] = build_rule(v.rule, net, num_classes, **opts).to(dev)
         rules[v.name].set_training(True)
-    kinds = {lo for lo, _ in layouts.values()}
-    whys = {why for _, why in layouts.values()}
-    on = (kinds.pop() + (f" ({whys.pop()})" if len(whys) == 1 else "") if len(kinds) == 1
-          else "; ".join(f"{n} {lo}" for n, (lo, _) in layouts.items()))
     log(f"bench: {network}, input {'x'.join(map(str, input_shape))}, batch {batch_size}, "
-        f"{repeats} x {steps} steps per rule, on {dev}; layout {on}")
+        f"{repeats} x {steps} steps per rule, on {dev}; layout {describe_layouts(layouts)}")
     k = [0]
 
     def steps_of(name: str, count: int) -> None:
@@ -410,4 +416,4 @@ def as_json(results: list[BenchResult], facts: dict[str, Any]) -> dict[str, Any]
     }
 
 
-__all__ = ["BenchResult", "as_json", "markdown", "run_bench", "variants"]
+__all__ = ["BenchResult", "as_json", "describe_layouts", "markdown", "run_bench", "variants"]

@@ -176,6 +176,13 @@ def channels_last(x: torch.Tensor) -> bool:
         and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def laid_out_as(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous, e.g. just drawn in (C, H, W) order) laid out as ``ref``: random
+    draws made so are the same values whatever ``ref``'s layout (``*_like`` draws fill
+    the storage in memory order)."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last(ref) else t
+
+
 class Dropout(nn.Module):
     """Inverted dropout with a mask from 16-bit random draws.
 

@@ -34,7 +34,7 @@ from ..functional.feedback import (
     fa_linear_backward,
 )
 from ..networks import Network
-from ..networks.base import channels_last
+from ..networks.base import laid_out_as
 from ..registry import register_rule
 from .backprop import Backprop
 from .base import LearningRule, RuleConfig, make_grouped_adam
@@ -107,13 +107,9 @@ def convert_fa(module: nn.Module) -> nn.Module:
             new = FALinear(module.in_features, module.out_features, module.bias is not None,
                            device="meta")
         new.weight, new.bias = module.weight, module.bias
-        # drawn in (C, H, W) order, then laid out as the weight: the same matrix on
-        # channels-last maps (empty_like's storage would be filled in memory order)
-        w = module.weight
+        w = module.weight  # B drawn in (C, H, W) order: the same matrix on either layout
         B = fa_init_(torch.empty(w.shape, dtype=w.dtype, device=w.device), module)
-        if channels_last(w):
-            B = B.contiguous(memory_format=torch.channels_last)
-        new.register_buffer("fa_weight", B)
+        new.register_buffer("fa_weight", laid_out_as(B, w))
         new.train(module.training)
         return new
     for name, child in module.named_children():

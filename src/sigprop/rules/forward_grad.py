@@ -62,7 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError
 from ..networks import Dropout, Network
-from ..networks.base import channels_last
+from ..networks.base import laid_out_as
 from ..options import Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig, make_grouped_adam
@@ -370,11 +370,9 @@ class ForwardGradient(LearningRule):
         params = {n: p for ps in self.block_params[first:last] for n, p in ps.items()}
         if not self.local:
             params.update(self.head_params)
-        # drawn in (C, H, W) order, then laid out as the weight: the same directions on
-        # channels-last maps (randn_like would fill them in memory order)
-        return {n: torch.randn(p.shape, dtype=p.dtype, device=p.device).contiguous(
-            memory_format=torch.channels_last if channels_last(p) else torch.contiguous_format)
-            for n, p in params.items()}
+        # drawn in (C, H, W) order: the same directions on either layout
+        return {n: laid_out_as(torch.randn(p.shape, dtype=p.dtype, device=p.device), p)
+                for n, p in params.items()}
 
     def _weight(self, x, y, first, last, tangents, grads, share):
         """Weight perturbation: one jvp over the parameters, ``d v`` into ``grads``."""

@@ -345,10 +345,14 @@ def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Te
     return p, code.to(torch.uint8)
 
 
+# (kernel, stride, padding, dilation, ceil_mode) of VGG8b's poolings: 2 x 2, stride 2
+_HALVING = ((2, 2), (2, 2), (0, 0), (1, 1), False)
+
+
 def _halving(geometry: tuple, x: Tensor) -> bool:
     """Whether a pooling is the 2 x 2, stride 2 halving of an even map (VGG8b's), which
     :func:`_pool_2x2` computes."""
-    return geometry == ((2, 2), (2, 2), (0, 0), (1, 1), False) \
+    return geometry == _HALVING \
         and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
 
 
@@ -360,13 +364,12 @@ def _pool_2x2(x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
     the first value in row-major order either way (ATen's choice): the left column,
     then the top row. Timings: docs/studies/fast-path.md."""
     if channels_last(x):
-        geometry = ((2, 2), (2, 2), (0, 0), (1, 1), False)
         if out is None:
-            p, idx = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
+            p, idx = torch.ops.aten.max_pool2d_with_indices(x, *_HALVING)
         else:
             idx = torch.empty(out.shape, dtype=torch.int64, device=out.device,
                               memory_format=torch.channels_last)
-            p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *geometry, out=out,
+            p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *_HALVING, out=out,
                                                                 indices=idx)
         return p, _codes_2x2(idx, x.shape[3])
     left, right = x[..., 0::2], x[..., 1::2]
@@ -403,8 +406,9 @@ def _unpool_2x2(dq: Tensor, code: Tensor, like: Tensor, keep: Tensor | None = No
     du = torch.empty((n, h, w, c), dtype=dq.dtype, device=dq.device)
     q = dq.permute(0, 2, 3, 1)[:, :, None, :, None]  # (N, H/2, 1, W/2, 1, C)
     k = code.permute(0, 2, 3, 1)[:, :, None, :, None]
-    where = torch.tensor([[0, 1], [2, 3]], dtype=code.dtype, device=code.device)
-    chosen = k == where.view(1, 1, 2, 1, 2, 1)
+    # each window position's code, (row, column) -> 2 row + column, made on the device
+    where = torch.arange(4, dtype=code.dtype, device=code.device).view(1, 1, 2, 1, 2, 1)
+    chosen = k == where
     if keep is not None:  # the mask on bytes here, not on the floats after
         chosen = torch.mul(chosen, keep.permute(0, 2, 3, 1).view(six))
     torch.mul(q, chosen, out=du.view(six))

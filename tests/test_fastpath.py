@@ -522,10 +522,9 @@ def test_halving_pool_and_its_gradient_equal_atens():
 
 
 def test_halving_pool_on_channels_last_maps_equals_atens():
-    """On channels-last maps the halving pooling takes ATen's kernel and codes from its
-    indices; the pooled map (also into a given output, laid out so), the codes and the
-    gradient written back from them equal ATen's NCHW pooling and its backward, ties
-    included."""
+    """On channels-last maps the halving pooling takes ATen's kernel (the general path);
+    the pooled map (also into a given output, laid out so), the codes and the gradient
+    written back from them equal ATen's NCHW pooling and its backward, ties included."""
     from sigprop.rules.sigprop import fastpath as fp
 
     pool = torch.nn.MaxPool2d(2, 2)
@@ -537,7 +536,7 @@ def test_halving_pool_on_channels_last_maps_equals_atens():
         want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *geometry)
         xc = x.contiguous(memory_format=cl)
         for out in (None, torch.empty_like(want_p, memory_format=cl)):
-            p, code = fp._pool_2x2(xc, out)
+            p, code = fp._pool(pool, xc, out)
             assert torch.equal(p, want_p) and code.dtype == torch.uint8
             assert p.is_contiguous(memory_format=cl)
             assert out is None or p.data_ptr() == out.data_ptr()

@@ -328,7 +328,7 @@ def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Te
     maximum was, as one byte (row x kernel width + column): an eighth of the int64 index
     the pooling returns, which the update rebuilds from it (:func:`_window_index`)."""
     geometry = _pool_geometry(pool)
-    if _halving(geometry, x):
+    if _halving(geometry, x) and not channels_last(x):  # ATen's kernel is fast on those
         return _pool_2x2(x, out)
     (kh, kw) = geometry[0]
     if kh * kw > 256 or geometry[3] != (1, 1) or kw > x.shape[3]:
@@ -357,21 +357,11 @@ def _halving(geometry: tuple, x: Tensor) -> bool:
 
 
 def _pool_2x2(x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
-    """:func:`_pool` of a 2 x 2, stride 2 window. NCHW maps: by elementwise maxima of the
+    """:func:`_pool` of a 2 x 2, stride 2 window of NCHW maps by elementwise maxima of the
     window's columns, then of its rows, where ATen's NCHW kernel visits one window at a
-    time (half the time over VGG8b's four poolings). Channels-last maps: ATen's kernel,
-    ~5x faster there, and the codes from its indices (:func:`_codes_2x2`). Ties go to
-    the first value in row-major order either way (ATen's choice): the left column,
-    then the top row. Timings: docs/studies/fast-path.md."""
-    if channels_last(x):
-        if out is None:
-            p, idx = torch.ops.aten.max_pool2d_with_indices(x, *_HALVING)
-        else:
-            idx = torch.empty(out.shape, dtype=torch.int64, device=out.device,
-                              memory_format=torch.channels_last)
-            p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *_HALVING, out=out,
-                                                                indices=idx)
-        return p, _codes_2x2(idx, x.shape[3])
+    time: half the time over VGG8b's four poolings (docs/studies/fast-path.md; the
+    backward stays ATen's, which beat the same idea there). Ties go to the first value in
+    row-major order, as ATen's pooling picks: the left column, then the top row."""
     left, right = x[..., 0::2], x[..., 1::2]
     right_won = right > left
     cols = torch.maximum(left, right)
@@ -382,25 +372,13 @@ def _pool_2x2(x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
     return p, bottom_won.to(torch.uint8).mul_(2).add_(col)
 
 
-def _codes_2x2(idx: Tensor, width: int) -> Tensor:
-    """The one-byte window codes (row x 2 + column) of a 2 x 2, stride 2 pooling of an
-    even map ``width`` wide from its int64 indices, in ``idx``'s layout: the offset from
-    each window's corner is 0, 1, width or width + 1 (computed in 16 bits)."""
-    ho, wo = idx.shape[2], idx.shape[3]
-    corner = (torch.arange(ho, device=idx.device).view(-1, 1) * (2 * width)
-              + torch.arange(wo, device=idx.device).view(1, -1) * 2)
-    offset = torch.sub(idx, corner).to(torch.int16)
-    code = torch.ge(offset, width).to(torch.uint8).mul_(2)
-    return code.add_(offset.to(torch.uint8).bitwise_and_(1))
-
-
 def _unpool_2x2(dq: Tensor, code: Tensor, like: Tensor, keep: Tensor | None = None
                 ) -> Tensor:
     """The gradient of a 2 x 2, stride 2 pooling of channels-last maps shaped ``like``:
     ``dq`` written into the window position its code names, zero at the other three (and
     where the uint8 dropout mask ``keep``, laid out as ``like``, is 0), in one broadcast
-    product over the map seen as (N, H/2, 2, W/2, 2, C) (ATen's backward took twice as
-    long on such maps, four strided writes 1.3-2x as long as this)."""
+    product over the map seen as (N, H/2, 2, W/2, 2, C): ATen's backward with the indices
+    rebuilt took 1.15-1.18x as long on such maps (benchmarks/pooling.py)."""
     n, c, h, w = like.shape
     six = (n, h // 2, 2, w // 2, 2, c)
     du = torch.empty((n, h, w, c), dtype=dq.dtype, device=dq.device)

@@ -62,7 +62,9 @@ def main() -> int:
     if args._setting:
         measure(args._setting, args.network, args.steps)
         return 0
-    print(f"{args.network}, batch 128, torch {torch.__version__}")
+    from sigprop.resources import cpu_capability
+
+    print(f"{args.network}, batch 128, torch {torch.__version__}; CPU kernels: {cpu_capability()}")
     for _ in range(args.rounds):
         for setting in SETTINGS:
             subprocess.run([sys.executable, __file__, "--_setting", setting, "--network",

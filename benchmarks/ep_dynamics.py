@@ -33,6 +33,7 @@ import torch
 
 import sigprop
 from sigprop.networks import build_network
+from sigprop.resources import cpu_capability
 
 INPUT = (1, 28, 28)
 CLASSES = 10
@@ -105,7 +106,9 @@ def main(argv=None) -> int:
         torch.addmm(b, a, w)
     mm_rate = 2 * n * lin.in_features * lin.out_features * reps / (time.perf_counter() - t0)
     out = {"network": args.network, "batch_size": n, "threads": torch.get_num_threads(),
-           "matmul_gflop_per_s": mm_rate / 1e9, "rules": {}}
+           "matmul_gflop_per_s": mm_rate / 1e9, "cpu_capability": cpu_capability(),
+           "rules": {}}
+    print(f"CPU kernels: {cpu_capability()}")
     print(f"{args.network}, batch {n}, {torch.get_num_threads()} threads; addmm of "
           f"{n}x{lin.in_features}x{lin.out_features}: {mm_rate / 1e9:.1f} GFLOP/s")
     for r in rules:

@@ -32,6 +32,7 @@ import torch
 
 import sigprop
 from sigprop.engine.perf import tune_allocator
+from sigprop.resources import cpu_capability
 
 VARIANTS = ["backprop", "sigprop", "sigprop-pipelined", "sigprop-autograd",
             "sigprop-adam-per-block", "sigprop-no-adam", "backprop-no-adam"]
@@ -96,7 +97,8 @@ def main() -> None:
             times[v].append((time.perf_counter() - t) / args.steps * 1e3)
     gc.enable()
     print(f"fc-3x1000  batch {args.batch_size}  threads {args.threads}  dropout {args.dropout}  "
-          f"{args.repeats} x {args.steps} steps per variant, interleaved")
+          f"{args.repeats} x {args.steps} steps per variant, interleaved; "
+          f"CPU kernels: {cpu_capability()}")
     print(f"{'variant':28} {'ms/step':>8} {'speed-up vs backprop':>22}")
     base = times["backprop"]
     for v in names:

@@ -192,3 +192,23 @@ def test_layout_benchmark_tiny(tmp_path):
                                       "sigprop/nchw", "sigprop/channels-last"}
     assert all(len(r["segments"]) == 2 and r["s_per_step"] > 0
                for r in result["results"].values())
+
+
+def test_conv_kernels_benchmark_tiny(tmp_path):
+    """benchmarks/conv_kernels.py: its three tables over VGG8b's layers, every other form
+    of the arithmetic equal to the library's (the shifted products, the conv forms of
+    L_pred's products)."""
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "conv_kernels.py"), "--batch", "2",
+           "--targets", "1", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPU kernels:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 6 and len(result["lpred"]) == 6 and len(result["wgrad"]) == 5
+    assert all(r["forward_2"] > 0 and r["wgrad_3"] > 0 for r in result["rows"])
+    assert all(d < 1e-4 for r in result["lpred"] for d in r["max_rel_diff"].values())
+    assert all(r["max_rel_diff"] < 1e-4 for r in result["wgrad"])
+    bad = subprocess.run(cmd[:2] + ["--tables", "rows,nope"], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert bad.returncode == 2 and "--tables" in bad.stderr

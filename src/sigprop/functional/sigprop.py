@@ -106,7 +106,10 @@ def class_targets(t: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tenso
     """
     flat = t.flatten(1)
     sums = flat.new_zeros(num_classes, flat.shape[1]).index_add_(0, y, flat)
-    counts = torch.bincount(y, minlength=num_classes).to(flat.dtype)
+    # counted by index_add_ in float32 (exact to 2^24; a 16-bit sum would stall at 256),
+    # not bincount: bincount reads max(y) on the host (a sync on a GPU)
+    counts = torch.zeros(num_classes, device=y.device).index_add_(
+        0, y, torch.ones(y.shape[0], device=y.device)).to(flat.dtype)
     means = sums / counts.clamp_min(1).unsqueeze(1)
     return means.view(num_classes, *t.shape[1:]), counts > 0
 

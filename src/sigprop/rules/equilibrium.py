@@ -395,24 +395,28 @@ class EPLoopback(EquilibriumPropagation):
     def _record_alignment(self, free: list[Tensor], nudged: list[Tensor]) -> None:
         """Per sample, for each Wi: the angle between what Wi makes of the sample's
         free-phase activity at its input layer and what the loop product (transposed)
-        makes of it, ``rho(s) Wi`` against ``rho(s) Pᵀ``."""
+        makes of it, ``rho(s) Wi`` against ``rho(s) Pᵀ``. Summed on the device (sum,
+        sum of squares, count of finite angles, float64): no host sync in the step."""
         mats = self.loop_matrices()
         acc = self.__dict__.setdefault("_align", {})
         # W_i's input is loop layer i: state i (hidden 1 .. output)
         for i, (name, prod) in enumerate(zip(self.alignment_names(), self.loop_products())):
             a = EP.rho(free[i])
-            angles = EP.row_angles(a @ mats[i], a @ prod.T)
-            angles = angles[torch.isfinite(angles)]
-            s = acc.setdefault(name, [0.0, 0.0, 0])
-            s[0] += float(angles.sum())
-            s[1] += float(angles.square().sum())
-            s[2] += angles.numel()
+            angles = EP.row_angles(a @ mats[i], a @ prod.T).double()
+            finite = torch.isfinite(angles)
+            angles = torch.where(finite, angles, 0.0)
+            sums = torch.stack([angles.sum(), angles.square().sum(), finite.sum().double()])
+            if name in acc:
+                acc[name].add_(sums)
+            else:
+                acc[name] = sums
 
     def epoch_metrics(self) -> dict[str, Any]:
         out = super().epoch_metrics()
         acc = self.__dict__.pop("_align", {})
         mean, std = {}, {}
-        for name, (s, sq, n) in acc.items():
+        for name, sums in acc.items():
+            s, sq, n = sums.tolist()  # one host sync per epoch
             if n:
                 mean[name] = s / n
                 std[name] = math.sqrt(max(sq / n - (s / n) ** 2, 0.0))

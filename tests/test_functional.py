@@ -167,6 +167,15 @@ def test_class_targets_keeps_trailing_shape_and_grad():
     torch.testing.assert_close(t.grad, (1.0 / counts[y]).view(6, 1, 1, 1).expand_as(t))
 
 
+def test_class_counts_counts_each_label_exactly():
+    """Against a loop: absent classes 0, float32, exact past 16-bit range (300 of one class)."""
+    y = torch.cat([torch.tensor([0, 2, 2, 4, 2]), torch.full((300,), 1)])
+    counts = SF.class_counts(y, 6)
+    assert counts.dtype == torch.float32 and counts.shape == (6,)
+    assert counts.tolist() == [float(sum(int(v) == c for v in y)) for c in range(6)]
+    assert counts.tolist() == [1.0, 300.0, 3.0, 0.0, 1.0, 0.0]
+
+
 # --------------------------------------------------------------------------- generators
 
 

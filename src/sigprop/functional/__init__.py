@@ -15,6 +15,7 @@ from .predsim import pool_kernel, predsim_loss, similarity_matrix
 from .sigprop import (
     cell_counts,
     cell_sums,
+    class_counts,
     class_targets,
     compare,
     compare_paired,
@@ -33,7 +34,7 @@ from .sigprop import (
 )
 
 __all__ = [
-    "cell_counts", "cell_sums", "class_targets", "compare", "compare_paired", "default_scale", "dfa_feedback",
+    "cell_counts", "cell_sums", "class_counts", "class_targets", "compare", "compare_paired", "default_scale", "dfa_feedback",
     "dot_compare", "fa_conv2d_backward", "fa_linear_backward", "field_compare",
     "field_scale", "l2_compare", "label_input_modulation", "label_projection",
     "lay_out", "loop_back_error", "loop_back_prediction", "pool_kernel", "pred_loss", "pred_loss_grad", "predsim_loss",

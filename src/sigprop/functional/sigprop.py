@@ -30,6 +30,7 @@ __all__ = [
     "default_scale",
     "pred_loss",
     "class_targets",
+    "class_counts",
     "pred_loss_grad",
     "label_projection",
     "label_input_modulation",
@@ -106,12 +107,16 @@ def class_targets(t: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tenso
     """
     flat = t.flatten(1)
     sums = flat.new_zeros(num_classes, flat.shape[1]).index_add_(0, y, flat)
-    # counted by index_add_ in float32 (exact to 2^24; a 16-bit sum would stall at 256),
-    # not bincount: bincount reads max(y) on the host (a sync on a GPU)
-    counts = torch.zeros(num_classes, device=y.device).index_add_(
-        0, y, torch.ones(y.shape[0], device=y.device)).to(flat.dtype)
+    counts = class_counts(y, num_classes).to(flat.dtype)
     means = sums / counts.clamp_min(1).unsqueeze(1)
     return means.view(num_classes, *t.shape[1:]), counts > 0
+
+
+def class_counts(y: Tensor, num_classes: int) -> Tensor:
+    """How many labels of ``y`` fall in each class: (num_classes,) float32 on y's device,
+    exact to 2^24. Not ``bincount``, which reads max(y) on the host (a GPU sync)."""
+    ones = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
+    return torch.zeros(num_classes, dtype=torch.float32, device=y.device).index_add_(0, y, ones)
 
 
 def pred_loss_grad(logits: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -201,9 +201,7 @@ def pred_grads(
     if classes is None:
         return loss, logits, dt_rows, None
     # d mean_c / d t_j = 1/count_c for the samples j of class c
-    # (float32 counts, exact; not bincount: it reads max(y) on the host, a sync on a GPU)
-    counts = torch.zeros(num_classes, device=y.device).index_add_(
-        0, y, torch.ones(y.shape[0], device=y.device)).clamp_min_(1).to(dt_rows.dtype)
+    counts = SF.class_counts(y, num_classes).clamp_min_(1).to(dt_rows.dtype)
     dt_rows.div_(counts.unsqueeze(1))
     dt = torch.index_select(dt_rows, 0, y, out=dt) if dt is not None else dt_rows[y]
     means, present = classes

@@ -20,10 +20,10 @@ from sigprop.rules import build_rule
 
 CLASSES = 4
 # ops whose result a host read decides: a value read (item, bool, float), or an output
-# whose size depends on the values (nonzero, masked_select, unique, bincount)
+# whose size depends on the values (nonzero, masked_select, unique, bincount; and
+# repeat_interleave with tensor repeats and no output_size)
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select",
-              "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
-              "repeat_interleave"}
+              "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount"}
 # each rule on the first of these it trains (a rule refuses the others in one line):
 # network, input, dropout (spiking and Hopfield nets take none)
 NETWORKS = [("conv", (1, 16, 16), 0.1), ("fc-2x16", (1, 8, 8), 0.1),
@@ -40,8 +40,10 @@ class HostReads(TorchDispatchMode):
         self.seen: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in HOST_READS or name.rstrip("_") in HOST_READS:
+        name, _, overload = func.__name__.partition(".")
+        if name in HOST_READS or name.rstrip("_") in HOST_READS or (
+                name == "repeat_interleave" and "Tensor" in overload
+                and (kwargs or {}).get("output_size") is None):
             self.seen[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -92,4 +94,6 @@ def test_the_interceptor_sees_a_host_read():
     with reads:
         torch.ones(3).sum().item()
         torch.bincount(torch.tensor([0, 2]))
-    assert reads.seen["_local_scalar_dense"] == 1 and reads.seen["bincount"] == 1
+        torch.arange(3).repeat_interleave(2)  # int repeats: the size is known, no read
+        torch.arange(3).repeat_interleave(torch.tensor([1, 0, 2]))
+    assert reads.seen == {"_local_scalar_dense": 1, "bincount": 1, "repeat_interleave": 1}

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from sigprop import build_network
 from sigprop.engine.layout import FORMATS
 from sigprop.engine.perf import tune_allocator
+from sigprop.networks.base import channels_last
 from sigprop.resources import cpu_capability
+from sigprop.rules.sigprop import fastpath as fp
 
 
 def vgg8b_layers() -> tuple[list[tuple[int, int, int]], list[tuple[int, ...]]]:
@@ -111,10 +113,8 @@ def rows_one(cin: int, cout: int, side: int, args, fmt) -> dict:
 
 
 def flat(m: torch.Tensor) -> torch.Tensor:
-    """Rows flattened in memory order (a view), as the fast path compares them."""
-    if m.dim() == 4 and not m.is_contiguous():
-        return m.permute(0, 2, 3, 1).reshape(m.shape[0], -1)
-    return m.reshape(m.shape[0], -1)
+    """Rows flattened in memory order, as the fast path compares them (its own helper)."""
+    return fp._flat_rows(m, channels_last(m))
 
 
 def lpred_table(outs, args, fmt) -> list[dict]:
@@ -154,7 +154,7 @@ def lpred_one(c: int, hh: int, ww: int, args, fmt) -> dict:
     return row
 
 
-def wgrad_table(convs, args, fmt) -> list[dict]:
+def wgrad_table(convs, args) -> list[dict]:
     # not the first layer: 3 input channels, its own kernel
     return [wgrad_one(cin, cout, side, args) for cin, cout, side in convs if cin >= 16]
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         result["lpred"] = lpred_table(outs, args, fmt)
     if "wgrad" in tables:
         print("wgrad: ms, channels-last maps")
-        result["wgrad"] = wgrad_table(convs, args, fmt)
+        result["wgrad"] = wgrad_table(convs, args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -41,7 +41,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name, _, overload = func.__name__.partition(".")
-        if name in HOST_READS or name.rstrip("_") in HOST_READS or (
+        if name in HOST_READS or (
                 name == "repeat_interleave" and "Tensor" in overload
                 and (kwargs or {}).get("output_size") is None):
             self.seen[name] += 1

@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if args._stage:
         stage_worker(args)
         return 0
+    for flag in ("batch_size", "stages", "stage_threads", "microbatches", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or not args.timeout > 0:
+        p.error("--warmup must be >= 0 and --timeout > 0")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json {args.json}: its folder does not exist")
     # what the stage processes are told: the same network, batch and steps
     args.child_argv = [a for a in raw if a != "--no-gpipe"]
     for flag in ("--json",):

@@ -6,7 +6,7 @@ target rows cost, and the other forms of the same arithmetic, side by side.
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/conv_kernels.py
     python benchmarks/conv_kernels.py --layout nchw --json out.json
 
-Three tables, each over VGG8b's layers (CIFAR-shaped input), interleaved repeats in one
+Four tables, each over VGG8b's layers (CIFAR-shaped input), interleaved repeats in one
 process, medians:
 
 * ``rows``: each convolution's forward and weight gradient (``convolution_backward``,
@@ -19,7 +19,12 @@ process, medians:
   products (what the fast path runs) and as a convolution whose kernel covers the whole
   map (forward, input gradient, weight gradient);
 * ``wgrad``: a 3x3 convolution's weight gradient as oneDNN computes it against nine
-  matrix products of shifted views of the padded maps (one per tap).
+  matrix products of shifted views of the padded maps (one per tap);
+* ``bn``: BatchNorm's backward with statistics from the first ``--batch`` rows, on each
+  convolution's output (``--batch`` + ``--targets`` rows) as the fast path runs it
+  (:func:`sigprop.networks.batchnorm.input_stats_backward`: ATen's eval-mode sums, then
+  one pass writing dx) against the earlier form (ATen's eval-mode dx, then a correction
+  of the statistics' rows: four passes over the map), which exists only here.
 
 Every form is checked against the first one (largest relative difference printed). The
 allocator is tuned as `sigprop train` tunes it (without it, a fresh 70 MB output costs
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 from sigprop import build_network
 from sigprop.engine.layout import FORMATS
 from sigprop.engine.perf import tune_allocator
+from sigprop.networks.batchnorm import input_stats_backward
 from sigprop.networks.base import channels_last
 from sigprop.resources import cpu_capability
 from sigprop.rules.sigprop import fastpath as fp
@@ -193,6 +199,47 @@ def wgrad_one(cin: int, cout: int, side: int, args) -> dict:
     return row
 
 
+def bn_backward_four_passes(g, x, w, mean, var, n: int, eps: float):
+    """The fast path's BatchNorm backward before 2026-12-06: ATen's eval-mode dx, then
+    the statistics' term subtracted from rows [:n] (a temporary and an in-place pass)."""
+    invstd = torch.rsqrt(var + eps)
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, var, mean, invstd, False, eps, [True, True, True])
+    count = n * x[0, 0].numel()
+    k = w * dw * invstd.square() / count
+    c = w * db * invstd / count - mean * k
+    shape = (1, -1, 1, 1)
+    dx[:n] -= torch.addcmul(c.view(shape), x[:n], k.view(shape))
+    return dx, dw, db
+
+
+def bn_table(convs, args, fmt) -> list[dict]:
+    return [bn_one(cout, side, args, fmt) for _, cout, side in convs]
+
+
+def bn_one(c: int, side: int, args, fmt) -> dict:
+    n = args.batch
+    rows = n + args.targets
+    x = (torch.randn(rows, c, side, side) * 3 + 1).contiguous(memory_format=fmt)
+    g = torch.randn(rows, c, side, side).contiguous(memory_format=fmt)
+    w = torch.rand(c) + 0.5
+    var, mean = torch.var_mean(x[:n], dim=[0, 2, 3], correction=0)
+    eps = 1e-5
+    diff = rel(input_stats_backward(g, x, w, mean, var, n, eps)[0],
+               bn_backward_four_passes(g, x, w, mean, var, n, eps)[0])
+    ms = timed({"four_passes": lambda: bn_backward_four_passes(g, x, w, mean, var, n, eps),
+                "two_passes": lambda: input_stats_backward(g, x, w, mean, var, n, eps)},
+               args.repeats)
+    mb = x.numel() * 4 / 1e6
+    row = {"map": f"{rows}x{c}x{side}x{side}", **{k: round(v, 3) for k, v in ms.items()},
+           "ratio": round(ms["two_passes"] / ms["four_passes"], 3),
+           "max_rel_diff": float(f"{diff:.2e}")}
+    print(f"  {row['map']:16} ({mb:5.0f} MB)   four passes {ms['four_passes']:7.2f} ms   "
+          f"two passes {ms['two_passes']:7.2f} ms   ratio {row['ratio']:.3f}   "
+          f"max rel. diff {diff:.1e}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
@@ -200,12 +247,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layout", default="channels-last", choices=tuple(FORMATS))
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--tables", default="rows,lpred,wgrad", help="which tables, comma-separated")
+    p.add_argument("--tables", default="rows,lpred,wgrad,bn", help="which tables, comma-separated")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t]
-    if any(t not in ("rows", "lpred", "wgrad") for t in tables) or not tables:
-        p.error("--tables takes rows, lpred and wgrad, comma-separated")
+    if any(t not in ("rows", "lpred", "wgrad", "bn") for t in tables) or not tables:
+        p.error("--tables takes rows, lpred, wgrad and bn, comma-separated")
     if min(args.batch, args.targets, args.threads, args.repeats) < 1:
         p.error("--batch, --targets, --threads and --repeats must be at least 1")
     if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -230,6 +277,9 @@ def main(argv=None) -> int:
     if "wgrad" in tables:
         print("wgrad: ms, channels-last maps")
         result["wgrad"] = wgrad_table(convs, args)
+    if "bn" in tables:
+        print("bn: BatchNorm backward with input statistics, ms")
+        result["bn"] = bn_table(convs, args, fmt)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

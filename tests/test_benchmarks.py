@@ -195,9 +195,9 @@ def test_layout_benchmark_tiny(tmp_path):
 
 
 def test_conv_kernels_benchmark_tiny(tmp_path):
-    """benchmarks/conv_kernels.py: its three tables over VGG8b's layers, every other form
+    """benchmarks/conv_kernels.py: its four tables over VGG8b's layers, every other form
     of the arithmetic equal to the library's (the shifted products, the conv forms of
-    L_pred's products)."""
+    L_pred's products, the earlier BatchNorm backward)."""
     out = tmp_path / "kernels.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "conv_kernels.py"), "--batch", "2",
            "--targets", "1", "--repeats", "1", "--threads", "1", "--json", str(out)]
@@ -209,6 +209,7 @@ def test_conv_kernels_benchmark_tiny(tmp_path):
     assert all(r["forward_2"] > 0 and r["wgrad_3"] > 0 for r in result["rows"])
     assert all(d < 1e-4 for r in result["lpred"] for d in r["max_rel_diff"].values())
     assert all(r["max_rel_diff"] < 1e-4 for r in result["wgrad"])
+    assert len(result["bn"]) == 6 and all(r["max_rel_diff"] < 1e-4 for r in result["bn"])
     bad = subprocess.run(cmd[:2] + ["--tables", "rows,nope"], capture_output=True, text=True,
                          timeout=120, check=False)
     assert bad.returncode == 2 and "--tables" in bad.stderr

@@ -92,26 +92,47 @@ def input_stats_backward(g: torch.Tensor, x: torch.Tensor, weight, mean, var, n:
         dx_j = r * (dxh_j - [j < n] * (sum(dxh) + xh_j * sum(dxh * xh)) / N),
 
     dxh = g * w, xh = (x - mu) * r, sums over all rows, N the element count per channel
-    in rows [:n]. ATen's eval-mode backward (statistics held fixed) yields g * w * r,
-    sum(g * xh) and sum(g); one correction over rows [:n] adds the statistics' term
-    (with ``steps``: over the first n samples of every step-major group).
+    in rows [:n] (with ``steps``: the first n samples of every step-major group). ATen's
+    eval-mode backward (statistics held fixed) yields the sums sum(g * xh) and sum(g);
+    then dx = s g - (k x + c) on those rows, s g on the others, per channel: two passes
+    over the map where the eval-mode dx and a correction took four
+    (docs/studies/fast-path.md).
     """
     w = weight if weight is not None else torch.ones_like(mean)
     invstd = torch.rsqrt(var + eps)
     # The CUDA kernel wants save_mean / save_invstd defined even in eval mode (an
     # internal assert otherwise); they hold the same statistics, so every backend
     # computes the same thing.
-    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-        g, x, w, mean, var, mean, invstd, False, eps, [True, True, True]
+    _, dw, db = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, var, mean, invstd, False, eps, [False, True, True]
     )
-    rows, drows = _stats_rows(x, n, steps), _stats_rows(dx, n, steps)
+    rows = _stats_rows(x, n, steps)
     count = sum(r.numel() for r in rows) // x.shape[1]
-    k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
-    c = w * db * invstd / count - mean * k
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    for r, dr in zip(rows, drows):
-        dr -= torch.addcmul(c.view(shape), r, k.view(shape)).to(dx.dtype)
+    dx = torch.empty_like(g)
+    _apply_stats_grad(dx, g, x, n, steps, w, dw, db, mean, invstd, count)
     return dx, dw, db
+
+
+def _apply_stats_grad(dx, g, x, n: int, steps: int, w, dw, db, mean, invstd, count: int
+                      ) -> None:
+    """Write dx = s g - (k x + c) into the statistics' rows of ``dx`` and s g into the
+    others (s = w r, k = w r² sum(g xh) / N, c = w r sum(g) / N - k mu)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
+    neg_c = (mean * k - w * db * invstd / count).view(shape)
+    neg_k, s = k.neg().view(shape), (w * invstd).view(shape)
+    if steps == 1:
+        pairs = [(slice(0, n), slice(n, None))]
+        xs, gs, dxs = [x], [g], [dx]
+    else:
+        pairs = [(slice(0, n), slice(n, None))] * steps
+        size = (steps, x.shape[0] // steps)
+        xs, gs, dxs = (list(t.unflatten(0, size)) for t in (x, g, dx))
+    for (stat, rest), xr, gr, dr in zip(pairs, xs, gs, dxs):
+        torch.addcmul(neg_c, xr[stat], neg_k, out=dr[stat])
+        dr[stat].addcmul_(gr[stat], s)
+        if dr[rest].numel():
+            torch.mul(gr[rest], s, out=dr[rest])
 
 
 def input_stats_backward_pair(g: torch.Tensor, x: torch.Tensor, g_t: torch.Tensor,
@@ -122,17 +143,16 @@ def input_stats_backward_pair(g: torch.Tensor, x: torch.Tensor, g_t: torch.Tenso
     statistics and t's rows only using them, their sums taken over both."""
     w = weight if weight is not None else torch.ones_like(mean)
     invstd = torch.rsqrt(var + eps)
-    mask = [True, True, True]
-    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+    mask = [False, True, True]
+    _, dw, db = torch.ops.aten.native_batch_norm_backward(
         g, x, w, mean, var, mean, invstd, False, eps, mask)
-    dt, dw_t, db_t = torch.ops.aten.native_batch_norm_backward(
+    _, dw_t, db_t = torch.ops.aten.native_batch_norm_backward(
         g_t, t, w, mean, var, mean, invstd, False, eps, mask)
     dw, db = dw + dw_t, db + db_t
     count = x.numel() // x.shape[1]
-    k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
-    c = w * db * invstd / count - mean * k
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    dx -= torch.addcmul(c.view(shape), x, k.view(shape))
+    dx = torch.empty_like(g)
+    _apply_stats_grad(dx, g, x, x.shape[0], 1, w, dw, db, mean, invstd, count)
+    dt = torch.mul(g_t, (w * invstd).view((1, -1) + (1,) * (t.dim() - 2)))
     return dx, dt, dw, db
 
 

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from sigprop import build_network
 from sigprop.engine.layout import FORMATS
 from sigprop.engine.perf import tune_allocator
-from sigprop.networks.batchnorm import input_stats_backward
 from sigprop.networks.base import channels_last
+from sigprop.networks.batchnorm import input_stats_backward
 from sigprop.resources import cpu_capability
 from sigprop.rules.sigprop import fastpath as fp
 

@@ -552,3 +552,26 @@ def test_snn_builds_on_the_meta_device():
     with torch.device("meta"):
         net = build_network("snn-conv", (1, 28, 28), 10)
     assert net.block_shapes[-1] == (4, 2048)
+
+
+def test_fa_trains_a_spiking_net_in_16_bits():
+    """FA through the spikes' surrogate under 16-bit autocast: its backward takes the
+    16-bit gradient with the 32-bit saved input and feedback matrix (was a dtype error),
+    and the weights get 32-bit gradients."""
+    r = snn("fa", amp="on")
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4) % 10
+    before = [p.detach().clone() for p in r.network.parameters()]
+    losses, _ = r.train_step(x, y)
+    assert torch.isfinite(losses).all()
+    assert any(not torch.equal(a, p) for a, p in zip(before, r.network.parameters()))
+    assert all(p.dtype == torch.float32 for p in r.network.parameters())
+
+
+def test_spiking_refusal_names_the_rules_that_train_them():
+    from sigprop.registry import RULES
+
+    with pytest.raises(ConfigError) as err:
+        snn("dfa")
+    for name, cls in RULES.items():
+        if cls.trains_spiking:
+            assert name in str(err.value)

@@ -169,8 +169,7 @@ class LearningRule:
         if spiking and not self.trains_spiking:
             raise ConfigError(
                 f"rule {self.name!r} does not train spiking networks; for "
-                f"{type(network).__name__} use bp-surrogate, sp-surrogate, sp-voltage or "
-                "shallow (Sec. VI)")
+                f"{type(network).__name__} use {_spiking_rules()} (Sec. VI)")
         threshold = opts.get("spike_threshold")
         if not spiking and threshold is not None:
             raise ConfigError("spike_threshold sets the IF neurons' threshold of a spiking "
@@ -481,3 +480,11 @@ def _dropped_biases(modules: nn.Module, saved: dict) -> bool:
         if leaf == "bias" and isinstance(m, nn.Linear) and m.bias is None:
             return True
     return False
+
+
+def _spiking_rules() -> str:
+    """The registered rules that train spiking networks, for an error message."""
+    from ..registry import RULES
+
+    names = [n for n, cls in RULES.items() if getattr(cls, "trains_spiking", False)]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)

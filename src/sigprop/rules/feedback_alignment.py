@@ -40,6 +40,14 @@ from .backprop import Backprop
 from .base import LearningRule, RuleConfig, make_grouped_adam
 
 
+def _as_grad_dtype(g: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The saved tensors in the incoming gradient's dtype: under autocast the forward
+    ran in 16 bits (g is 16-bit) while x, W and B were saved as given (32-bit), and the
+    products of the backward want one dtype, as autocast's own backward computes them.
+    Autograd casts the returned gradients to each input's dtype."""
+    return tuple(t.to(g.dtype) for t in saved)
+
+
 class _FALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, B):
@@ -48,7 +56,7 @@ class _FALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, B = ctx.saved_tensors
+        x, B = _as_grad_dtype(g, ctx.saved_tensors)
         needs = ctx.needs_input_grad
         gx, gw, gb = fa_linear_backward(g, x, B, (needs[0], needs[1], needs[2]))
         return gx, gw, gb, None
@@ -63,7 +71,7 @@ class _FAConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, B = ctx.saved_tensors
+        x, weight, B = _as_grad_dtype(g, ctx.saved_tensors)
         needs = ctx.needs_input_grad
         gx, gw, gb = fa_conv2d_backward(g, x, weight, B, *ctx.conv,
                                         needs=(needs[0], needs[1], needs[2]))

@@ -428,6 +428,33 @@ def test_nan_loss_names_layer_epoch_and_step(fake_fashion, tmp_path, monkeypatch
         assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == epoch
 
 
+def test_a_failed_fresh_run_leaves_nothing_and_a_failed_resume_its_records(
+        fake_fashion, tmp_path, monkeypatch):
+    """A NaN loss before the first checkpoint: the fresh run's files and the folder it
+    made are gone (the same command can start again); in a folder that existed, only its
+    files. A resume that stops the same way keeps config.json as recorded before."""
+    _nan_at(monkeypatch, 3, 0)
+    cfg = small_config(fake_fashion, train={"epochs": 1})
+    with pytest.raises(TrainingError):
+        run_quiet(cfg, tmp_path / "made")
+    assert not (tmp_path / "made").exists()
+    (tmp_path / "given").mkdir()
+    monkeypatch.undo()
+    _nan_at(monkeypatch, 3, 0)
+    with pytest.raises(TrainingError):
+        run_quiet(cfg, tmp_path / "given")
+    assert not any(p.name in runio.RUN_FILES for p in (tmp_path / "given").iterdir())
+    monkeypatch.undo()
+    run_quiet(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / runio.CONFIG).read_bytes()
+    _nan_at(monkeypatch, 1, 0)
+    longer = small_config(fake_fashion, train={"epochs": 2})
+    with pytest.raises(TrainingError, match="epoch 2, step 1"):
+        run_quiet(longer, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / runio.CONFIG).read_bytes() == before
+    assert runio.load_checkpoint(tmp_path / "run" / runio.CHECKPOINT)["epoch"] == 1
+
+
 def test_real_divergence_is_caught(fake_fashion, tmp_path, monkeypatch):
     """A genuinely non-finite loss (inf inputs) raises TrainingError, not a crash later."""
     from sigprop.data import DeviceLoader

@@ -232,6 +232,9 @@ def test_ep_rules_need_a_hopfield_network_and_valid_options():
         build_rule("ep-loopback", build_network("fc-2x8", (4,), CLASSES), CLASSES)
     with pytest.raises(ConfigError, match="ep_lrs must list 4"):
         tiny(ep_lrs="0.1,0.1")
+    for bad in ("1e39,0.1,0.1,0.1", "0.1,0.1,0.1,inf", "0.1,0.1,0.1,0"):  # 1e39: no float32
+        with pytest.raises(ConfigError, match="ep_lrs must list 4"):
+            tiny(ep_lrs=bad)
     with pytest.raises(ConfigError, match="loopback"):
         tiny(loopback="sometimes")
     with pytest.raises(ConfigError, match="dropout"):

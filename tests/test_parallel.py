@@ -732,3 +732,15 @@ def test_cuda_stages_need_a_device_each(monkeypatch):
         check_devices(cfg, 2)
     check_devices(cfg, 1)
     check_devices(apply_overrides(Config(), {"train": {"stages": 2}}), 4)  # a CPU run
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300", "1e-9", "abc", ""])
+def test_stage_timeout_refuses_values_a_process_group_cannot_take(monkeypatch, value):
+    from sigprop.errors import ConfigError
+    from sigprop.parallel.stage import timeout_s
+
+    monkeypatch.setenv("SIGPROP_STAGE_TIMEOUT", value)
+    with pytest.raises(ConfigError, match="SIGPROP_STAGE_TIMEOUT must be a number of seconds"):
+        timeout_s()
+    monkeypatch.setenv("SIGPROP_STAGE_TIMEOUT", "12.5")
+    assert timeout_s() == 12.5

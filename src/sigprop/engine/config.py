@@ -301,8 +301,11 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     try:
         if path.is_dir():
             raise ConfigError(f"{what} {path} is a directory; give a .toml file")
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{what} {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"{what} {path} is not a regular file (a device, a pipe or a "
+                              "socket); give a .toml file")
         with open(path, "rb") as f:
             data = f.read(MAX_TOML + 1)
         if len(data) > MAX_TOML:

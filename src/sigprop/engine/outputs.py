@@ -9,6 +9,7 @@ one ConfigError naming the flag, the path and the fix; nothing has been made or 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -49,6 +50,15 @@ def _writable_folder(folder: Path, flag: str, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag}: cannot write in {folder} (no permission); choose a "
                           "folder you can write to")
+    # the permission bits do not tell everything (root in /sys or /proc, a read-only
+    # mount): create and remove a file there, so the command fails now, not after its work
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sigprop-write-check-")
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot create files in {folder} ({err.strerror or err}); "
+                          "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_file(text: object, flag: str) -> Path:

@@ -265,13 +265,6 @@ class RunStart:
             recorded = runio.recorded_config(self.state["config"], path)
             self.changes = resume_changes(recorded, cfg, self.epoch)
 
-    def begin(self, log: Callable[[str], None], facts: dict[str, Any] | None = None
-              ) -> list[dict[str, Any]]:
-        """:meth:`prepare`, then :meth:`write`; the history so far."""
-        history = self.prepare(log, facts)
-        self.write()
-        return history
-
     def prepare(self, log: Callable[[str], None], facts: dict[str, Any] | None = None
                 ) -> list[dict[str, Any]]:
         """Check that a resumed run reads the data it was trained on and settle the

@@ -269,6 +269,9 @@ class Trainer:
         self.resume = resume
         self.out = out  # None: whatever sys.stdout is when a line is printed
         self.epochs_done = 0  # checkpointed epochs, for an interrupted run's message
+        self._start_epoch = 0  # the checkpoint's epoch this session started from
+        self._recorded_config: bytes | None = None
+        self._wrote_config = False
 
     def _log(self, msg: str) -> None:
         print(msg, file=self.out or sys.stdout, flush=True)
@@ -276,16 +279,37 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         self.cfg.validate()  # bad values stop before the folder is touched
         folder = self.folder or RunFolder.acquire(self.run_dir)
+        config_path = self.run_dir / runio.CONFIG
+        self._recorded_config = config_path.read_bytes() if config_path.is_file() else None
+        self._wrote_config = False
         try:
             return self._run(folder)
         except StorageError as err:  # a full disk, a folder made read-only, ...
             raise StorageError(f"{err}; {self._kept(folder)}") from None
+        except KeyboardInterrupt:  # the message offers --resume: the folder stays
+            folder.discard_if_unused()
+            raise
         except BaseException:
-            folder.discard_if_unused()  # a fresh run that failed before its first file
+            self._undo(folder)
             raise
         finally:
             if self.folder is None:
                 folder.release()
+
+    def _undo(self, folder: RunFolder) -> None:
+        """A run that failed (a NaN loss, bad data, a bug) before this session saved a
+        checkpoint leaves the folder as it found it: a fresh run's files removed (and the
+        folder if it made it), a resumed run's config.json as recorded before."""
+        if not self._wrote_config or self.epochs_done > self._start_epoch:
+            folder.discard_if_unused()
+            return
+        try:
+            if self._recorded_config is None:
+                folder.discard(runio.RUN_FILES)
+            else:
+                runio.atomic_write_bytes(self.run_dir / runio.CONFIG, self._recorded_config)
+        except OSError:
+            pass  # the folder cannot be changed now: the error at hand is the one to report
 
     def _kept(self, folder: RunFolder) -> str:
         """What a run stopped by a failed write keeps, and how to go on: its newest
@@ -319,8 +343,11 @@ class Trainer:
         kept = state is not None and rule.keep_precision(
             _recorded(self.run_dir).get("precision"), exp.device)
         precision = rule.precision(exp.device)
-        history = start.begin(self._log, {"precision": precision, "layout": exp.layout[0],
-                                          "eval_batch": exp.eval_batch.record()})
+        self._start_epoch = start.epoch
+        history = start.prepare(self._log, {"precision": precision, "layout": exp.layout[0],
+                                            "eval_batch": exp.eval_batch.record()})
+        self._wrote_config = True  # (from here on: write() may have written part of it)
+        start.write()
         if state is not None:
             said = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start.changes.items())
             self._log(f"resuming {self.run_dir} after epoch {start.epoch}"

@@ -44,7 +44,7 @@ def hopfield(arch: str, input_shape: Sequence[int], num_classes: int,
     """``hopfield-<D>x<W>`` (e.g. hopfield-2x1500); dropout is not part of the model."""
     if dropout:
         raise ConfigError("hopfield networks have no dropout (the dynamics relax to a fixed "
-                          "point); drop --dropout")
+                          "point); set --dropout 0 (a rule may default to dropout: pepita does)")
     try:
         depth, width = parse_fc_arch(arch)
     except ConfigError:

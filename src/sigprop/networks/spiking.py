@@ -185,7 +185,8 @@ def snn(arch: str, input_shape: Sequence[int], num_classes: int,
         raise ConfigError(f"bad network 'snn-{arch}'; the spiking network of Sec. VI is "
                           "'snn-conv'")
     if dropout:
-        raise ConfigError("snn-conv has no dropout (Sec. VI-A uses none); drop --dropout")
+        raise ConfigError("snn-conv has no dropout (Sec. VI-A uses none); set --dropout 0 (a rule "
+                          "may default to dropout: pepita does)")
     c, h, w = _image_shape("snn-conv", input_shape)
     if h < 4 or w < 4:
         raise ConfigError(f"network snn-conv does not fit {h}x{w} images: its two 2x2 "

@@ -8,6 +8,11 @@ import os
 from ..errors import ConfigError
 
 
+# below a second the process group's own setup times out; above a week, a hung stage
+# is never given up (and torch's timedelta overflows at 1e300)
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
+
+
 def timeout_s() -> float:
     """How long a stage waits for any one message or collective before it gives up
     (``SIGPROP_STAGE_TIMEOUT``, default 300 s). A stage that dies is noticed at once
@@ -17,9 +22,10 @@ def timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ConfigError(f"SIGPROP_STAGE_TIMEOUT must be a positive number of seconds, "
-                          f"got {text!r}")
+    if not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:  # NaN fails too
+        raise ConfigError(f"SIGPROP_STAGE_TIMEOUT must be a number of seconds from "
+                          f"{MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}, got {text!r}; set another "
+                          "or unset it (default 300)")
     return value
 
 

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from ..functional import ep as EP
 from ..networks import Network
 from ..networks.hopfield import HopfieldNetwork
-from ..options import Option
+from ..options import MAX_MAGNITUDE, Option
 from ..registry import register_rule
 from .base import LearningRule, RuleConfig
 
@@ -275,10 +275,10 @@ def _parse_lrs(text: str, count: int) -> list[float]:
         lrs = [float(v) for v in text.split(",")]
     except ValueError:
         lrs = []
-    if len(lrs) != count or not all(math.isfinite(v) and v > 0 for v in lrs):
-        raise ConfigError(f"ep_lrs must list {count} positive learning rates separated by "
-                          f"commas (one per weight matrix, the input's first, the loop-back's "
-                          f"last), got {text!r}")
+    if len(lrs) != count or not all(0 < v <= MAX_MAGNITUDE for v in lrs):
+        raise ConfigError(f"ep_lrs must list {count} positive learning rates of at most "
+                          f"{MAX_MAGNITUDE:g} separated by commas (one per weight matrix, the "
+                          f"input's first, the loop-back's last), got {text!r}")
     return lrs
 
 

@@ -144,3 +144,72 @@ def test_a_broken_plugin_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "sigprop: error: plugin 'broken' (broken_plugin) failed to import: RuntimeError: "
         "boom; fix it or uninstall its package"]
+
+
+def _plugin(tmp_path: Path, name: str, code: str) -> Path:
+    """A site folder holding one plugin module ``name`` with ``code``."""
+    site = tmp_path / name
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(code)
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[sigprop.plugins]\n{name} = {name}\n")
+    return site
+
+
+RULE_HEAD = """import torch
+from sigprop import LearningRule, Option, make_adam, register_rule, register_network
+@register_rule("{name}")
+class Rule(LearningRule):
+    exit_names = ["output"]
+    options = ({options})
+    def __init__(self, network, num_classes, cfg):
+        super().__init__(network, num_classes, cfg)
+        self.opt = make_adam(network.parameters(), cfg)
+        self.optimizers = [self.opt]
+"""
+
+
+@pytest.mark.parametrize("case, body, args, want", [
+    ("clash", "    def _train_step(self, x, y): pass\n    def _exit_scores(self, x): pass\n",
+     ["--help"], "option 'lr' is declared twice, differently"),
+    ("bare", "", ["--help"], "does not implement _train_step and _exit_scores"),
+    ("exits", "import sys; sys.exit(5)\n", ["--help"], "failed to import: SystemExit: 5"),
+    ("steps", "    def _train_step(self, x, y): raise RuntimeError('boom')\n"
+              "    def _exit_scores(self, x): return [self.network(x)]\n",
+     ["train", "--rule", "steps"], "plugin code failed at"),
+    ("shapes", "    def _train_step(self, x, y): return torch.zeros(5), 'no'\n"
+               "    def _exit_scores(self, x): return [torch.zeros(3)]\n",
+     ["train", "--rule", "shapes"], "_train_step returned ((5,), 'str')"),
+])
+def test_a_plugin_that_breaks_the_contract_is_one_line(tmp_path, fake_fashion, case, body,
+                                                       args, want):
+    """A plugin's rule that clashes with an option, implements nothing, exits on import,
+    raises in its step or returns the wrong shapes: one line naming it, exit 2, and no
+    run folder left."""
+    options = 'Option("lr", str, "x", "clash"),' if case == "clash" else ""
+    code = RULE_HEAD.format(name=case, options=options) + body
+    if case == "exits":
+        code = body
+    site = _plugin(tmp_path, case, code)
+    extra = ["--data-dir", fake_fashion, "--train-limit", "64", "--test-limit", "32",
+             "--epochs", "1", "--network", "fc-1x8", "--no-progress", "--run-dir",
+             tmp_path / "run"] if args[0] == "train" else []
+    out = _sigprop(site, *args, *extra)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and want in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_network_builder_that_returns_no_network_is_one_line(tmp_path):
+    code = ("from sigprop import register_network\n"
+            "@register_network('nonet')\ndef build(arch, shape, classes, dropout=0.0):\n"
+            "    return 42\n")
+    out = _sigprop(_plugin(tmp_path, "nonet", code), "bench", "--network", "nonet",
+                   "--input", "1x8x8", "--steps", "1", "--repeats", "1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "sigprop: error: network builder 'nonet' (nonet) returned a int, not a "
+        "sigprop.Network; fix the builder or uninstall its plugin"]

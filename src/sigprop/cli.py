@@ -20,7 +20,7 @@ from .engine.outputs import check_output_file, check_output_folder, checked_text
 from .engine.runio import write_failure
 from .engine.stagespec import stage_count
 from .errors import ConfigError, SigpropError
-from .registry import DATASETS, load_plugins
+from .registry import DATASETS, load_plugins, plugin_packages
 from .resources import check_threads
 
 
@@ -317,6 +317,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_data(ns: argparse.Namespace) -> int:
     from .data import check_dataset, download_dataset, find_dataset_dir
+    from .errors import DataError
     from .registry import DATASETS
 
     if ns.data_command == "list":
@@ -330,7 +331,10 @@ def cmd_data(ns: argparse.Namespace) -> int:
     if ns.data_command == "check":
         report = check_dataset(ns.name, ns.data_dir)
         print(report.summary())
-        return 0 if report.ok else 1
+        failure = report.failure()
+        if failure is not None:  # the report stays on stdout; the first failure, one line
+            raise DataError(failure)
+        return 0
     try:
         path = download_dataset(ns.name, ns.dest, include_optional=ns.include_optional,
                                 stall_timeout=ns.stall_timeout, deadline=ns.deadline)
@@ -471,6 +475,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sigprop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
                   file=sys.stderr)
             return stop.code if isinstance(stop, Terminated) else 130
+        except Exception as err:
+            where = _plugin_frame(err)
+            if where is None:
+                raise  # sigprop's own bug: the traceback is the report
+            first = " ".join(str(err).split()) or type(err).__name__
+            print(f"sigprop: error: plugin code failed at {where}: {type(err).__name__}: "
+                  f"{first}; fix the plugin or uninstall its package", file=sys.stderr)
+            return 2
+
+
+def _plugin_frame(err: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of ``err``'s traceback that lies in a loaded
+    plugin's package, or None if none does."""
+    packages = plugin_packages()
+    tb, where = err.__traceback__, None
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.split(".")[0] in packages:
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 if __name__ == "__main__":

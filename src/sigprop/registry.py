@@ -77,6 +77,30 @@ register_signal = SIGNALS.register
 register_sparse_signal = SPARSE_SIGNALS.register
 
 _loaded: dict[str, str] = {}
+_plugin_modules: set[str] = set()  # the top-level packages the plugins loaded from
+
+
+def plugin_packages() -> frozenset[str]:
+    """The top-level packages of the plugins loaded so far (to tell their errors apart)."""
+    return frozenset(_plugin_modules)
+
+
+def _check_registered() -> None:
+    """What a plugin registered fits the rest: every rule implements its step and scores,
+    and no option name is declared twice with different meanings."""
+    from .rules.base import LearningRule
+    from .rules.config import declared_options
+
+    for name, cls in RULES.items():
+        if isinstance(cls, type) and issubclass(cls, LearningRule):
+            missing = [m for m in ("_train_step", "_exit_scores")
+                       if getattr(cls, m) is getattr(LearningRule, m)]
+            if missing:
+                raise ConfigError(f"rule {name!r} does not implement {' and '.join(missing)}")
+    try:
+        declared_options()
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_plugins() -> dict[str, str]:
@@ -88,12 +112,14 @@ def load_plugins() -> dict[str, str]:
             continue
         try:
             ep.load()
+            _check_registered()
         except ConfigError as err:
             raise ConfigError(f"plugin {ep.name!r} ({ep.value}): {err}") from None
-        except Exception as err:  # a plugin's own bug: name it, do not crash the CLI
+        except (Exception, SystemExit) as err:  # a plugin's own bug: name it, no crash
             first = " ".join(str(err).split()) or type(err).__name__
             raise ConfigError(f"plugin {ep.name!r} ({ep.value}) failed to import: "
                               f"{type(err).__name__}: {first}; fix it or uninstall its "
                               "package") from None
         _loaded[ep.name] = ep.value
+        _plugin_modules.add(ep.value.partition(":")[0].split(".")[0])
     return dict(_loaded)

@@ -266,7 +266,12 @@ def build_network(
                           "pass the number of classes of the dataset")
     family, _, arch = name.partition("-")
     builder = NETWORKS.get(family)
-    return builder(arch, input_shape, int(num_classes), dropout=dropout)
+    net = builder(arch, input_shape, int(num_classes), dropout=dropout)
+    if not isinstance(net, Network):  # a plugin's builder (the built-in ones return one)
+        raise ConfigError(f"network builder {family!r} ({getattr(builder, '__module__', '?')}) "
+                          f"returned a {type(net).__name__}, not a sigprop.Network; fix the "
+                          "builder or uninstall its plugin")
+    return net
 
 
 def check_parameter_memory(count: int, name: str) -> None:

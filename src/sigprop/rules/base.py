@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, TrainingError
 from ..networks import Network
 from ..options import Option, Options, resolve
 from ..registry import RULES
@@ -209,7 +209,34 @@ class LearningRule:
         if index is not None:
             check_index(index, x.shape[0], x.device)
         self.sample_index = index
-        return self._train_step(x, y)
+        return self._checked_step(self._train_step(x, y), x.shape[0])
+
+    def _checked_step(self, out: object, n: int) -> tuple[Tensor, Tensor]:
+        """``_train_step``'s result if it is (losses (k,), correct (k,)) tensors, one per
+        exit; a plugin's rule that returns something else is named here, not deep in the
+        trainer (shapes only: nothing is read from the device)."""
+        k = len(self.exit_names)
+        ok = isinstance(out, tuple) and len(out) == 2 and all(
+            isinstance(t, Tensor) and tuple(t.shape) == (k,) for t in out)
+        if not ok:
+            got = (tuple(type(t).__name__ if not isinstance(t, Tensor) else tuple(t.shape)
+                         for t in out) if isinstance(out, tuple) else type(out).__name__)
+            raise TrainingError(f"rule {self.name!r}: _train_step returned {got}, not (losses, "
+                                f"correct) tensors of shape ({k},), one per exit; fix the rule")
+        return out  # type: ignore[return-value]
+
+    def _checked_scores(self, scores: object, n: int) -> list[Tensor]:
+        """``_exit_scores``' result if it is one (n, classes) tensor per exit."""
+        k, c = len(self.exit_names), self.num_classes
+        ok = isinstance(scores, (list, tuple)) and len(scores) == k and all(
+            isinstance(t, Tensor) and tuple(t.shape) == (n, c) for t in scores)
+        if not ok:
+            got = ([tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    for t in scores] if isinstance(scores, (list, tuple))
+                   else type(scores).__name__)
+            raise TrainingError(f"rule {self.name!r}: _exit_scores returned {got}, not {k} "
+                                f"tensor(s) of shape ({n}, {c}), one per exit; fix the rule")
+        return list(scores)
 
     def autocast(self, x: Tensor):
         """The 16-bit autocast context for forward passes on ``x``'s device when the
@@ -271,7 +298,7 @@ class LearningRule:
         self._check_inputs(x)
         self.sync()
         with torch.no_grad(), self.autocast(x):
-            return [_full(s) for s in self._exit_scores(x)]
+            return [_full(s) for s in self._checked_scores(self._exit_scores(x), x.shape[0])]
 
     def predict(self, x: Tensor) -> Tensor:
         """(n, classes) scores of the final exit (no grad)."""
@@ -293,10 +320,11 @@ class LearningRule:
         raise NotImplementedError(f"{type(self).__name__} must implement _exit_scores")
 
     def _eval_step(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.stack([(s.argmax(1) == y).sum() for s in self._exit_scores(x)])
+        scores = self._checked_scores(self._exit_scores(x), x.shape[0])
+        return torch.stack([(s.argmax(1) == y).sum() for s in scores])
 
     def _predict(self, x: Tensor) -> Tensor:
-        return self._exit_scores(x)[-1]
+        return self._checked_scores(self._exit_scores(x), x.shape[0])[-1]
 
     # --- input checks --------------------------------------------------------------
     def _check_inputs(self, x: Tensor) -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -291,6 +292,20 @@ def test_reproduce_then_report_equals_the_runs_metrics(in_tmp, fake_fashion):
     write_report(out)
     again = json.loads((out / "report.json").read_text())
     assert [c["values"] for c in again["cells"]] == [c["values"] for c in report["cells"]]
+    # a path it writes is taken by a folder, or its plots folder by a file: one error,
+    # and no file changed
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
+    with pytest.raises(ConfigError, match="report.md is a folder where the report writes"):
+        write_report(out)
+    (out / "report.md").rmdir()
+    shutil.move(out / "plots", in_tmp / "plots-aside")
+    (out / "plots").write_text("")
+    with pytest.raises(ConfigError, match="plots is a file where the report puts"):
+        write_report(out)
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert all(after[p] == t for p, t in before.items() if p in after)
 
 
 def assert_png(path: Path) -> None:

@@ -260,11 +260,27 @@ def _plots(exp: Experiment, cells: list[Cell], out: Path) -> dict[str, Path]:
     return made
 
 
+def _check_targets(out: Path) -> None:
+    """Every path the report writes can be written: the plots folder is a folder (or
+    absent), the files are not folders; else one ConfigError naming the path."""
+    plots_dir = out / PLOTS
+    if plots_dir.exists() and not plots_dir.is_dir():
+        raise ConfigError(f"{plots_dir} is a file where the report puts its plots folder; "
+                          "move or delete it, then run sigprop report again")
+    targets = [out / REPORT_MD, out / REPORT_JSON] + [
+        plots_dir / f"{name}.png" for name in ("curves", "exits", "alignment")]
+    for path in targets:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder where the report writes a file; move or "
+                              "delete it, then run sigprop report again")
+
+
 def write_report(out: Path) -> Path:
     """Write ``report.md``, ``report.json`` and the plots of the reproduction in ``out``."""
     out = Path(out)
     exp, manifest, cells = collect(out)
     budget = exp.budgets[manifest["budget"]]
+    _check_targets(out)  # before any file changes
     made = _plots(exp, cells, out)
     heading, unit, lower = METRICS[exp.metric]
     runs = [r for c in cells for r in c.runs]

@@ -228,9 +228,10 @@ def test_data_check_broken_file(tmp_path, fake_fashion, capsys):
     shutil.copytree(fake_fashion, broken)
     raw = (broken / "t10k-images-idx3-ubyte.gz").read_bytes()
     (broken / "t10k-images-idx3-ubyte.gz").write_bytes(raw[: len(raw) // 2])
-    assert main(["data", "check", "fashion-mnist", "--data-dir", str(broken)]) == 1
-    out = capsys.readouterr().out
-    assert "split train: ok" in out and "split test: FAILED" in out
+    assert main(["data", "check", "fashion-mnist", "--data-dir", str(broken)]) == 2
+    out, err = capsys.readouterr()
+    assert "split train: ok" in out and "split test: FAILED" in out  # the report: stdout
+    assert err.startswith("sigprop: error: fashion-mnist: split test: ") and err.count("\n") == 1
 
 
 def test_epoch_lines_reach_captured_stdout(fake_fashion, capsys):

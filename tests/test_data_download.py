@@ -44,7 +44,7 @@ def test_download_file_bad_md5(tmp_path):
     dest = tmp_path / "out" / "file.bin"
     with pytest.raises(DataError, match="md5"):
         download_file(src.as_uri(), dest, "0" * 32, progress=False)
-    assert list(dest.parent.iterdir()) == []
+    assert not dest.parent.exists()  # nothing it made is left: no .part, no folder
 
 
 def test_download_file_network_error(tmp_path):
@@ -399,7 +399,7 @@ def test_interrupted_download_leaves_no_part(tmp_path, fake_remote, exc):
     with pytest.raises(type(exc)):
         download_dataset("fashion-mnist", tmp_path / "d", False, opener=opener)
     no_part_left(tmp_path)
-    assert list((tmp_path / "d" / "fashion-mnist").iterdir()) == []
+    assert not (tmp_path / "d").exists()  # the folders it made went with the .part
 
 
 def test_interrupt_while_connecting_leaves_no_part(tmp_path):
@@ -561,3 +561,37 @@ def test_download_dest_at_a_file(in_tmp, capsys, dest, monkeypatch):
 def test_download_limits_validated(capsys, flag, value):
     line = one_error_line(capsys, main(["data", "download", "mnist", flag, value]))
     assert flag in line
+
+
+# --------------------------------------------------------------------------- what a failure leaves
+
+
+def _unreachable(url, timeout):
+    raise urllib.error.URLError("Name or service not known")
+
+
+def test_failed_download_removes_the_folders_it_made(in_tmp, capsys, monkeypatch):
+    monkeypatch.setattr(dl, "URL_OPENER", _unreachable)
+    one_error_line(capsys, main(["data", "download", "mnist", "--dest", "dl"]))
+    assert list(in_tmp.iterdir()) == []  # neither dl/ nor dl/mnist/
+    (in_tmp / "mine").mkdir()
+    (in_tmp / "mine" / "notes.txt").write_text("x")
+    one_error_line(capsys, main(["data", "download", "mnist", "--dest", "mine/a/b"]))
+    assert [p.name for p in (in_tmp / "mine").iterdir()] == ["notes.txt"]  # only what it made
+    (in_tmp / "empty").mkdir()
+    with pytest.raises(DataError):
+        download_file("http://x/y", in_tmp / "empty" / "y", "0" * 32, opener=_unreachable)
+    assert (in_tmp / "empty").is_dir()  # there before: kept
+
+
+def test_failed_download_keeps_verified_files_and_their_folder(tmp_path, fake_remote):
+    opener, calls, _ = fake_remote
+
+    def fails_on_the_third(url, timeout):
+        if len(calls) == 2:
+            raise urllib.error.URLError("connection reset")
+        return opener(url, timeout)
+
+    with pytest.raises(DataError, match="connection reset"):
+        download_dataset("fashion-mnist", tmp_path / "new", False, opener=fails_on_the_third)
+    assert len(list((tmp_path / "new" / "fashion-mnist").iterdir())) == 2  # verified: kept

@@ -9,6 +9,8 @@ import os
 import pickle
 import struct
 import tarfile
+import tracemalloc
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,13 +26,14 @@ from helpers import (
     make_cifar10,
     make_idx_dataset,
     make_svhn_mat,
+    one_error_line,
     one_line,
     write,
 )
 
 import sigprop.data.datasets as ds
 from sigprop.data import dataset_spec, load_cifar, load_dataset, load_idx, load_svhn_mat, read_idx
-from sigprop.data.formats import CorruptFileError
+from sigprop.data.formats import CorruptFileError, check_idx
 from sigprop.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("isolated_data")  # no real dataset is visible
@@ -351,3 +354,149 @@ def test_svhn_wrong_shape(tmp_path):
     scipy.io.savemat(tmp_path / "t.mat", {"X": np.zeros((28, 28, 1, 2), np.uint8), "y": [[1], [2]]})
     with pytest.raises(DataError, match=r"expected uint8 \(32, 32, 3, N\)"):
         load_svhn_mat(tmp_path / "t.mat")
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _svhn_with_labels(path: Path, y) -> Path:
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": y})
+    return path
+
+
+@pytest.mark.parametrize("y, match", [
+    (np.array(["a"] * 4), r"labels are text \(first 'a'\), expected whole numbers"),
+    (np.full((4, 1), np.nan), r"label nan \(at position 0\) is not a whole number"),
+    (np.full((4, 1), np.inf), r"label inf \(at position 0\) is not a whole number"),
+    (np.array([[1.0], [2.5], [3.0], [4.0]]), r"label 2\.5 \(at position 1\) is not a whole"),
+    (np.full((4, 1), 11.0), r"labels span 11\.\.11, expected 0\.\.10"),
+    (np.full((4, 1), -1e30), r"labels span -1e\+30\.\.-1e\+30, expected 0\.\.10"),
+    (np.ones((2, 2)), r"y has shape \(2, 2\), expected \(4, 1\)"),
+])
+def test_svhn_labels_must_be_whole_numbers_in_range(tmp_path, y, match):
+    path = _svhn_with_labels(tmp_path / "train_32x32.mat", y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from a NaN cast would be printed
+        with pytest.raises(CorruptFileError, match=r"train_32x32\.mat: " + match) as err:
+            load_svhn_mat(path)
+    assert "download it again" in one_line(err)
+
+
+def test_svhn_float_labels_that_are_whole_numbers_load(tmp_path):
+    path = _svhn_with_labels(tmp_path / "t.mat", np.array([[10.0], [1.0], [2.0], [9.0]]))
+    assert load_svhn_mat(path)[1].tolist() == [0, 1, 2, 9]
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([0, 1.7], r"label 1\.7 \(at position 1\) is not a whole number"),
+    (["0", "1"], r"labels are text \(first '0'\)"),
+    ([0, float("nan")], r"label nan"),
+    ([0, -1], r"labels span -1\.\.0"),
+    ([0, 10**30], r"labels are Python objects"),
+])
+def test_cifar_labels_must_be_whole_numbers(tmp_path, labels, match):
+    batch = cifar_batch(2)
+    batch[b"labels"] = labels
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CorruptFileError, match=r"test_batch: " + match) as err:
+            load_cifar(tmp_path, ["test_batch"])
+    one_line(err)
+
+
+def test_cli_svhn_text_labels_one_line(in_tmp, capsys):
+    from sigprop.cli import main
+
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        _svhn_with_labels(in_tmp / name, np.array(["a"] * 4))
+    rc = main(["train", "--dataset", "svhn", "--data-dir", str(in_tmp), "--network", "fc-1x32",
+               "--epochs", "1", "--no-progress", "--run-dir", "r"])
+    assert "labels are text" in one_error_line(capsys, rc)
+    assert not (in_tmp / "r").exists()
+    rc = main(["data", "check", "svhn", "--data-dir", str(in_tmp)])
+    assert "svhn: split train: " in one_error_line(capsys, rc)
+
+
+# --------------------------------------------------------------------------- IDX sizes
+
+
+def _idx_header(dims: tuple[int, ...]) -> bytes:
+    return b"\x00\x00\x08" + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+
+
+def test_oversized_raw_idx_is_refused_unread(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(_idx_header((60000, 28, 28)))
+    os.truncate(path, 2 << 30)  # sparse: 2 GiB, past the 1 GiB an IDX file may hold
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError, match=r"train-images-idx3-ubyte: 2147483648 bytes, "
+                           r"more than an IDX file of a dataset holds") as err:
+            read_idx(path, 3)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20  # nothing of it was read
+    finally:
+        tracemalloc.stop()
+    assert "download it again" in one_line(err)
+
+
+def test_idx_size_checked_against_the_header_without_reading(tmp_path):
+    path = tmp_path / "imgs"
+    path.write_bytes(_idx_header((60000, 28, 28)))
+    os.truncate(path, 100 << 20)  # sparse
+    with pytest.raises(CorruptFileError, match=r"header \(60000, 28, 28\) needs 47040016 bytes "
+                       r"but the file has 104857600"):
+        check_idx(path, 3)
+    path.write_bytes(_idx_header((60000, 28, 28)) + b"\0" * 100)  # claims more than it holds
+    with pytest.raises(CorruptFileError, match=r"needs 47040016 bytes but the file has 116"):
+        check_idx(path, 3)
+
+
+def test_gzip_content_past_the_header_stops_early(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(_idx_header((100,)) + bytes(100) + bytes(64 << 20), 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError, match=r"labels-idx1-ubyte\.gz: header \(100,\) needs "
+                           r"108 bytes but the file has at least \d+ \(reading stopped there\)"):
+            read_idx(path, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # bounded pieces: never the 64 MiB it decompresses to
+    with pytest.raises(CorruptFileError, match=r"needs 108 bytes but the file has at least"):
+        check_idx(path, 1)
+
+
+def test_gzip_bomb_without_an_idx_header_stops_at_the_header(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes(64 << 20), 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError, match=r"IDX element type 0x00"):
+            read_idx(path, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_header_claiming_an_absurd_size(tmp_path, gz):
+    path = write(tmp_path / "x", _idx_header((2**32 - 1,) * 3) + bytes(10), gz)
+    with pytest.raises(CorruptFileError, match=r"claims \d+ bytes of data, more than an IDX file"):
+        read_idx(path, 3)
+    with pytest.raises(CorruptFileError, match=r"claims \d+ bytes of data"):
+        check_idx(path, 3)
+
+
+def test_idx_gzip_members_and_trailer(tmp_path):
+    data = idx_bytes(np.arange(60, dtype=np.uint8).reshape(5, 3, 4))
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(data[:20]) + gzip.compress(data[20:]))  # two members
+    assert check_idx(path, 3) == (5, 3, 4)  # the trailer tells the last member only: counted
+    assert np.array_equal(read_idx(path, 3), np.arange(60).reshape(5, 3, 4))
+    path.write_bytes(gzip.compress(data) + b"junk")
+    with pytest.raises(CorruptFileError, match="data after the end of the gzip stream"):
+        read_idx(path, 3)
+    assert read_idx(write(tmp_path / "y", data, gz=False), 3).flags.writeable

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from .augment import Augment, parse_augment
 from .check import DatasetCheck, FileCheck, SplitCheck, check_dataset
-from .datasets import cache_root, find_dataset_dir, load_dataset, split_file_records, split_paths
+from .datasets import (
+    cache_root,
+    check_split_files,
+    find_dataset_dir,
+    load_dataset,
+    split_file_records,
+    split_paths,
+)
 from .download import download_dataset, download_file
 from .formats import CorruptFileError, load_cifar, load_idx, load_svhn_mat, read_idx
 from .loader import DeviceLoader
@@ -28,6 +35,7 @@ __all__ = [
     "SplitCheck",
     "cache_root",
     "check_dataset",
+    "check_split_files",
     "dataset_spec",
     "download_dataset",
     "download_file",

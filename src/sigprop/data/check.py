@@ -50,6 +50,12 @@ class DatasetCheck:
         re-compress files, which changes the md5 but not the content."""
         return all(s.ok for s in self.splits)
 
+    def failure(self) -> str | None:
+        """The first failed split as one line (its error names the file and the fix), or
+        None when every checked split loads."""
+        bad = next((s for s in self.splits if not s.ok), None)
+        return None if bad is None else f"{self.name}: split {bad.split}: {bad.detail}"
+
     def summary(self) -> str:
         """Human-readable multi-line report."""
         lines = [f"{self.name}: {self.directory}"]

@@ -31,6 +31,10 @@ from .formats import (
     CORRUPT_FIX,
     Batch,
     CorruptFileError,
+    check_gzip_start,
+    check_idx,
+    check_mat_start,
+    check_pickle_start,
     cifar_tensors,
     corrupt,
     load_idx,
@@ -319,12 +323,52 @@ def _check_loaded(spec: DatasetSpec, split: str, images: torch.Tensor, labels: t
     # Readers validate the file format; this checks the content fits the dataset.
     where = f"dataset {spec.name!r} split {split!r} in {shown(folder)}"
     if tuple(images.shape[1:]) != spec.shape:
-        raise DataError(f"{where}: images are {tuple(images.shape[1:])}, expected {spec.shape}")
+        raise DataError(f"{where}: images are {tuple(images.shape[1:])}, expected {spec.shape}; "
+                        f"these are not {spec.name}'s files - delete them and `sigprop data "
+                        f"download {spec.name}`")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
         raise DataError(
             f"{where}: labels span {int(labels.min())}..{int(labels.max())}, "
-            f"expected 0..{spec.num_classes - 1}"
+            f"expected 0..{spec.num_classes - 1}; these are not {spec.name}'s files, or they "
+            f"are damaged - delete them and `sigprop data download {spec.name}`"
         )
+
+
+def _check_headers(spec: DatasetSpec, files: _SplitFiles, split: str) -> None:
+    """What :func:`_read_split` would find wrong that the files' headers and sizes show."""
+    if spec.format == "idx":
+        images, labels = files.paths
+        dims = check_idx(images, ndim=3)
+        (count,) = check_idx(labels, ndim=1)
+        if count != dims[0]:
+            raise corrupt(labels, f"{count} labels for {dims[0]} images in {shown(images)}")
+        _require_images(dims[0], images, spec, split)
+        if dims[1:] != spec.shape[1:]:
+            raise corrupt(images, f"images are {dims[1]}x{dims[2]}, {spec.name} has "
+                                  f"{spec.shape[1]}x{spec.shape[2]}")
+    elif spec.format == "cifar":
+        for path in files.paths:
+            (check_gzip_start if files.archive else check_pickle_start)(path)
+    elif spec.format == "svhn":
+        for path in files.paths:
+            check_mat_start(path)
+    else:
+        raise AssertionError(f"unknown dataset format {spec.format!r}")
+
+
+def check_split_files(name: str, split: str, data_dir: Path | str | None = None) -> list[Path]:
+    """The files ``load_dataset(name, split, data_dir)`` reads, found and checked without
+    loading them: IDX headers against the file sizes and each other, the magic bytes of
+    CIFAR and SVHN files. A cheap check before work starts: what it passes may still fail to
+    load (a bad CRC, a damaged pickle), never the other way round. Errors as load_dataset's."""
+    spec = dataset_spec(name)
+    spec.files_for(split)
+    files = _split_files(spec, find_dataset_dir(name, data_dir), split)
+    try:
+        _check_headers(spec, files, split)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{e} (`sigprop data download {name}`)") from None
+    return list(files.paths)
 
 
 def load_dataset(name: str, split: str, data_dir: Path | str | None = None) -> Batch:

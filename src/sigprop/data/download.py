@@ -2,7 +2,8 @@
 
 Before any network access the destination is checked (created, writable, no folder where a
 file goes). Each file streams to ``FILE.part`` and is published under its name only with the
-official md5; the ``.part`` is removed on every way out (errors, Ctrl-C, SystemExit). Two
+official md5; the ``.part`` is removed on every way out (errors, Ctrl-C, SystemExit), and so
+are the folders the call made, unless a file verified before the failure is in them. Two
 limits, in seconds, bound a download: ``stall_timeout`` (no byte for that long ends it; also
 the socket timeout) and ``deadline`` (for a whole :func:`download_dataset` call, checked
 between chunks). Each failure is one DataError line saying which limit was hit and how to
@@ -97,14 +98,22 @@ def _is_timeout(err: BaseException) -> bool:
     return isinstance(err, _TIMEOUTS) or isinstance(reason, _TIMEOUTS)
 
 
-def _writable_dir(folder: Path, what: str = "download folder") -> None:
+def _writable_dir(folder: Path, created: list[Path], what: str = "download folder") -> None:
     """Create ``folder`` if needed and prove it writable (a temp file made and removed),
-    before any network access; root ignores permission bits, so this really writes."""
+    before any network access; root ignores permission bits, so this really writes. The
+    folders it makes are added to ``created``, deepest first, for :func:`_remove_created`."""
     fix = "choose another --dest (dest_dir=)"
     kind = path_kind(folder, what, fix)
     if kind == "missing":
+        missing = [folder]
+        for parent in folder.parents:
+            if path_kind(parent, what, fix) != "missing":
+                break
+            missing.append(parent)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            for d in reversed(missing):  # outermost first, each recorded once made
+                d.mkdir(exist_ok=True)
+                created.insert(0, d)
         except (OSError, ValueError) as e:
             raise DataError(f"{what} {shown(folder)} cannot be created ({os_reason(e)}); "
                             f"{fix}") from None
@@ -118,6 +127,14 @@ def _writable_dir(folder: Path, what: str = "download folder") -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders a failed download made, deepest first; only empty ones go
+    (``rmdir``), so files verified before the failure stay, with their folder."""
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def _check_dest_file(dest: Path) -> None:
@@ -227,13 +244,19 @@ def download_file(url: str, dest: Path | str, md5: str, *, progress: bool = True
     the socket timeout. ``deadline``: seconds for the whole file, checked between chunks.
     Both must be positive and finite (else ConfigError). ``opener(url, timeout)`` replaces
     ``URL_OPENER``. The folder of ``dest`` is created and checked writable before the
-    network is touched; every failure is one DataError line, and no ``.part`` is left.
+    network is touched; every failure is one DataError line, and leaves no ``.part`` and
+    no folder it made.
     """
     stall, limit = _seconds(stall_timeout, "stall_timeout"), _seconds(deadline, "deadline")
     dest = Path(dest)
-    _writable_dir(dest.parent)
-    _check_dest_file(dest)
-    return _fetch(url, dest, md5, progress, opener or URL_OPENER, stall, _Deadline(limit))
+    created: list[Path] = []
+    try:
+        _writable_dir(dest.parent, created)
+        _check_dest_file(dest)
+        return _fetch(url, dest, md5, progress, opener or URL_OPENER, stall, _Deadline(limit))
+    except BaseException:  # Ctrl-C and SystemExit too: no empty folder is left behind
+        _remove_created(created)
+        raise
 
 
 def download_dataset(name: str, dest_dir: Path | str | None = None, progress: bool = True, *,
@@ -244,7 +267,8 @@ def download_dataset(name: str, dest_dir: Path | str | None = None, progress: bo
 
     ``dest_dir`` defaults to the user cache root; a ``dest_dir`` already named ``<name>``
     is used as is. Before any network access the folder is created and proved writable,
-    and no file to download may be a folder there: else one DataError line. Files already
+    and no file to download may be a folder there: else one DataError line. A call that
+    fails removes the folders it made, unless a file it verified is in them. Files already
     present with the right md5 are skipped. ``include_optional`` also fetches optional
     files (SVHN ``extra``, 1.3 GB). ``stall_timeout`` (seconds without a byte, default 30)
     and ``deadline`` (seconds for this whole call, default 3600) bound the time; both must
@@ -256,13 +280,18 @@ def download_dataset(name: str, dest_dir: Path | str | None = None, progress: bo
     spec = dataset_spec(name)
     root = given_root(dest_dir, "dest_dir") if dest_dir is not None else cache_root()
     folder = root if root.name == name else root / name
-    _writable_dir(folder)
-    wanted = [f for f in spec.files if include_optional or not f.optional]
-    for f in wanted:
-        _check_dest_file(folder / f.name)
-    for f in wanted:
-        dest = folder / f.name
-        if path_kind(dest) == "file" and file_md5(dest) == f.md5:
-            continue
-        _fetch(f.url, dest, f.md5, progress, opener or URL_OPENER, stall, clock)
+    created: list[Path] = []
+    try:
+        _writable_dir(folder, created)
+        wanted = [f for f in spec.files if include_optional or not f.optional]
+        for f in wanted:
+            _check_dest_file(folder / f.name)
+        for f in wanted:
+            dest = folder / f.name
+            if path_kind(dest) == "file" and file_md5(dest) == f.md5:
+                continue
+            _fetch(f.url, dest, f.md5, progress, opener or URL_OPENER, stall, clock)
+    except BaseException:  # Ctrl-C and SystemExit too: no empty folder is left behind
+        _remove_created(created)
+        raise
     return folder

@@ -7,8 +7,8 @@ A reproduction killed at any point continues where it stopped when the same comm
 given again: finished runs are skipped, an interrupted one resumes from its last
 checkpoint (``sigprop train --resume``), the rest start. Before anything is created,
 everything that can be checked is: the experiment file, the budget and seeds, that each
-dataset is there, that each network fits its data, and that runs already in OUT were
-made with the settings this reproduction needs.
+dataset is there with sound file headers and sizes, that each network fits its data, and
+that runs already in OUT were made with the settings this reproduction needs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
-from ..data import dataset_spec, split_paths
+from ..data import check_split_files, dataset_spec, split_paths
 from ..engine import runio
 from ..engine.config import Config
 from ..engine.outputs import check_output_folder
@@ -47,7 +47,9 @@ from .spec import Experiment, RunPlan
 
 
 def check_data(exp: Experiment, budget: str, configs: dict[str, Config]) -> None:
-    """Every split the runs read is where each run will look, else one DataError line."""
+    """Every split the runs read is where each run will look, and its files pass the cheap
+    checks (headers and sizes: :func:`check_split_files`, nothing loaded), else one
+    DataError line."""
     seen = set()
     for cfg in configs.values():
         d = cfg.data
@@ -65,6 +67,12 @@ def check_data(exp: Experiment, budget: str, configs: dict[str, Config]) -> None
                 f"{exp.name} needs dataset {d.dataset!r}, which is not here: {err} (get it "
                 f"with {how}`sigprop data download {d.dataset}`, or point --data-dir at it)"
             ) from None
+        for split in dict.fromkeys((d.train_split, "test")):
+            try:
+                check_split_files(d.dataset, split, d.data_dir)
+            except DataError as err:
+                raise DataError(f"{exp.name} needs dataset {d.dataset!r}, whose split "
+                                f"{split!r} cannot be read: {err}") from None
 
 
 def check_runs(plans: list[RunPlan], configs: dict[str, Config]) -> None:

@@ -21,13 +21,19 @@ from .registry import (
     NETWORKS,
     RULES,
     SIGNALS,
-    load_plugins,
     register_dataset,
     register_network,
     register_rule,
     register_signal,
 )
-from .rules import LearningRule, RuleConfig, build_rule, make_adam, make_grouped_adam
+from .rules import (
+    LearningRule,
+    RuleConfig,
+    build_rule,
+    load_plugins,
+    make_adam,
+    make_grouped_adam,
+)
 from .signals import TargetGenerator, build_signal
 
 __all__ = [

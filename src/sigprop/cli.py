@@ -20,8 +20,9 @@ from .engine.outputs import check_output_file, check_output_folder, checked_text
 from .engine.runio import write_failure
 from .engine.stagespec import stage_count
 from .errors import ConfigError, SigpropError
-from .registry import DATASETS, load_plugins, plugin_packages
+from .registry import DATASETS, plugin_packages
 from .resources import check_threads
+from .rules import load_plugins
 
 
 class _Parser(argparse.ArgumentParser):

@@ -85,34 +85,19 @@ def plugin_packages() -> frozenset[str]:
     return frozenset(_plugin_modules)
 
 
-def _check_registered() -> None:
-    """What a plugin registered fits the rest: every rule implements its step and scores,
-    and no option name is declared twice with different meanings."""
-    from .rules.base import LearningRule
-    from .rules.config import declared_options
-
-    for name, cls in RULES.items():
-        if isinstance(cls, type) and issubclass(cls, LearningRule):
-            missing = [m for m in ("_train_step", "_exit_scores")
-                       if getattr(cls, m) is getattr(LearningRule, m)]
-            if missing:
-                raise ConfigError(f"rule {name!r} does not implement {' and '.join(missing)}")
-    try:
-        declared_options()
-    except TypeError as err:
-        raise ConfigError(str(err)) from None
-
-
-def load_plugins() -> dict[str, str]:
+def load_plugins(check: Callable[[], None] | None = None) -> dict[str, str]:
     """Import every module named in the entry-point group ``sigprop.plugins`` (its
     ``@register_*`` decorators run); once per process. Returns {entry name: module}. A
-    plugin that fails to import is a ConfigError naming it and the error."""
+    plugin that fails to import, or after which ``check()`` raises ConfigError (what it
+    registered does not fit: :func:`sigprop.rules.load_plugins` checks the rules), is a
+    ConfigError naming it and the error."""
     for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         if ep.name in _loaded:
             continue
         try:
             ep.load()
-            _check_registered()
+            if check is not None:
+                check()
         except ConfigError as err:
             raise ConfigError(f"plugin {ep.name!r} ({ep.value}): {err}") from None
         except (Exception, SystemExit) as err:  # a plugin's own bug: name it, no crash

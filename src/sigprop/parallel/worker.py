@@ -14,7 +14,7 @@ from ..engine.config import config_from_dict
 from ..engine.interrupt import Terminated, on_sigterm, one_line
 from ..engine.perf import tune_allocator
 from ..errors import SigpropError
-from ..registry import load_plugins
+from ..rules import load_plugins
 from .launch import PEER_EXIT
 from .runner import run_stage
 from .transport import StageFailure

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="list, check or download datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dsub.add_parser("list", help="known datasets and where they were found")
-    c = dsub.add_parser("check", help="look for a dataset's files and load them")
+    c = dsub.add_parser("check", help="look for a dataset's files and load them (exit 2, one "
+                        "line on stderr, if a split fails)")
     c.add_argument("name")
     c.add_argument("--data-dir")
     dl = dsub.add_parser("download", help="download a dataset (checksums verified)")

@@ -439,11 +439,13 @@ def test_a_failed_fresh_run_leaves_nothing_and_a_failed_resume_its_records(
         run_quiet(cfg, tmp_path / "made")
     assert not (tmp_path / "made").exists()
     (tmp_path / "given").mkdir()
+    (tmp_path / "given" / runio.METRICS_CSV).write_text("the user's own\n")  # not ours
     monkeypatch.undo()
     _nan_at(monkeypatch, 3, 0)
     with pytest.raises(TrainingError):
         run_quiet(cfg, tmp_path / "given")
-    assert not any(p.name in runio.RUN_FILES for p in (tmp_path / "given").iterdir())
+    left = {p.name for p in (tmp_path / "given").iterdir()} & set(runio.RUN_FILES)
+    assert left == {runio.METRICS_CSV}
     monkeypatch.undo()
     run_quiet(cfg, tmp_path / "run")
     before = (tmp_path / "run" / runio.CONFIG).read_bytes()

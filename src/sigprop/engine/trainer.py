@@ -271,6 +271,7 @@ class Trainer:
         self.epochs_done = 0  # checkpointed epochs, for an interrupted run's message
         self._start_epoch = 0  # the checkpoint's epoch this session started from
         self._recorded_config: bytes | None = None
+        self._found: set[str] = set()  # run files the folder held before this session
         self._wrote_config = False
 
     def _log(self, msg: str) -> None:
@@ -281,6 +282,7 @@ class Trainer:
         folder = self.folder or RunFolder.acquire(self.run_dir)
         config_path = self.run_dir / runio.CONFIG
         self._recorded_config = config_path.read_bytes() if config_path.is_file() else None
+        self._found = {n for n in runio.RUN_FILES if (self.run_dir / n).exists()}
         self._wrote_config = False
         try:
             return self._run(folder)
@@ -304,8 +306,8 @@ class Trainer:
             folder.discard_if_unused()
             return
         try:
-            if self._recorded_config is None:
-                folder.discard(runio.RUN_FILES)
+            if self._recorded_config is None:  # only what this session wrote goes
+                folder.discard(tuple(n for n in runio.RUN_FILES if n not in self._found))
             else:
                 runio.atomic_write_bytes(self.run_dir / runio.CONFIG, self._recorded_config)
         except OSError:

@@ -19,7 +19,7 @@ from .engine.interrupt import Terminated, one_line, sigterm_raises
 from .engine.outputs import check_output_file, check_output_folder, checked_text
 from .engine.runio import write_failure
 from .engine.stagespec import stage_count
-from .errors import ConfigError, SigpropError
+from .errors import ConfigError, DataError, SigpropError
 from .registry import DATASETS, plugin_packages
 from .resources import check_threads
 from .rules import load_plugins
@@ -319,8 +319,6 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_data(ns: argparse.Namespace) -> int:
     from .data import check_dataset, download_dataset, find_dataset_dir
-    from .errors import DataError
-    from .registry import DATASETS
 
     if ns.data_command == "list":
         for name in DATASETS.names():

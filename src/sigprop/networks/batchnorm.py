@@ -121,18 +121,13 @@ def _apply_stats_grad(dx, g, x, n: int, steps: int, w, dw, db, mean, invstd, cou
     k = w * dw * invstd.square() / count  # coefficient of (x_j - mu)
     neg_c = (mean * k - w * db * invstd / count).view(shape)
     neg_k, s = k.neg().view(shape), (w * invstd).view(shape)
-    if steps == 1:
-        pairs = [(slice(0, n), slice(n, None))]
-        xs, gs, dxs = [x], [g], [dx]
-    else:
-        pairs = [(slice(0, n), slice(n, None))] * steps
-        size = (steps, x.shape[0] // steps)
-        xs, gs, dxs = (list(t.unflatten(0, size)) for t in (x, g, dx))
-    for (stat, rest), xr, gr, dr in zip(pairs, xs, gs, dxs):
-        torch.addcmul(neg_c, xr[stat], neg_k, out=dr[stat])
-        dr[stat].addcmul_(gr[stat], s)
-        if dr[rest].numel():
-            torch.mul(gr[rest], s, out=dr[rest])
+    groups = [(x, g, dx)] if steps == 1 else \
+        zip(*(t.unflatten(0, (steps, x.shape[0] // steps)) for t in (x, g, dx)))
+    for xr, gr, dr in groups:  # each step-major group: rows [:n] are the statistics'
+        torch.addcmul(neg_c, xr[:n], neg_k, out=dr[:n])
+        dr[:n].addcmul_(gr[:n], s)
+        if dr[n:].numel():
+            torch.mul(gr[n:], s, out=dr[n:])
 
 
 def input_stats_backward_pair(g: torch.Tensor, x: torch.Tensor, g_t: torch.Tensor,

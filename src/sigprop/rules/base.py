@@ -209,9 +209,9 @@ class LearningRule:
         if index is not None:
             check_index(index, x.shape[0], x.device)
         self.sample_index = index
-        return self._checked_step(self._train_step(x, y), x.shape[0])
+        return self._checked_step(self._train_step(x, y))
 
-    def _checked_step(self, out: object, n: int) -> tuple[Tensor, Tensor]:
+    def _checked_step(self, out: object) -> tuple[Tensor, Tensor]:
         """``_train_step``'s result if it is (losses (k,), correct (k,)) tensors, one per
         exit; a plugin's rule that returns something else is named here, not deep in the
         trainer (shapes only: nothing is read from the device)."""
@@ -512,7 +512,5 @@ def _dropped_biases(modules: nn.Module, saved: dict) -> bool:
 
 def _spiking_rules() -> str:
     """The registered rules that train spiking networks, for an error message."""
-    from ..registry import RULES
-
     names = [n for n, cls in RULES.items() if getattr(cls, "trains_spiking", False)]
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)

@@ -316,19 +316,20 @@ def test_default_fc_networks_take_the_written_out_step(dropout, signal):
 
 # --- conv blocks (Conv2d, BatchNorm2d, LeakyReLU, Dropout, MaxPool2d) -----------------
 
-def conv_net(dropout=0.0, seed=0, pool_first=True, bias=False, channels=1):
+def conv_net(dropout=0.0, seed=0, pool_first=True, bias=False, channels=1, size=6):
     """A small conv net of the library's conv blocks: conv 3x3 -> 2x2 pool, conv 3x3,
-    then an fc block and the head: (channels, 6, 6) -> (4, 3, 3) -> (5, 3, 3) -> (8,)."""
+    then an fc block and the head: (channels, 6, 6) -> (4, 3, 3) -> (5, 3, 3) -> (8,)
+    (maps ``size`` wide: 6 by default)."""
     from sigprop.networks.conv import Pool, conv_block
 
     torch.manual_seed(seed)
     first = conv_block(channels, 4, 3, 1, dropout, Pool(2, 2) if pool_first else None)
     if bias:
         first[0] = nn.Conv2d(channels, 4, 3, padding=1, bias=True)
-    side = 3 if pool_first else 6
+    side = size // 2 if pool_first else size
     blocks = [first, conv_block(4, 5, 3, 1, dropout, None),
               fc_block(5 * side * side, 8, dropout, flatten=True)]
-    return Network(blocks, nn.Linear(8, CLASSES), (channels, 6, 6))
+    return Network(blocks, nn.Linear(8, CLASSES), (channels, size, size))
 
 
 CONV_CASES = [
@@ -429,6 +430,32 @@ def test_conv_fast_path_on_channels_last_maps(case, float64):
         assert_same_state(fast, nchw)
 
 
+@pytest.mark.parametrize("case", [{}, {"dropout": 0.2, "loss": "l2"}, {"targets": "sparse"}],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_conv_fast_path_on_channels_last_maps_a_power_of_two_wide(case, float64):
+    """Channels-last maps 8 wide: the pooling's codes come from ATen's indices on one
+    byte (fastpath._halving_code); the step still matches autograd."""
+    case = dict(case)
+    net_kw = {k: case.pop(k) for k in ("dropout",) if k in case}
+    cl = torch.channels_last
+
+    def rule(fast):
+        net = conv_net(channels=2, size=8, **net_kw).to(memory_format=cl)
+        return build_rule("sigprop", net, CLASSES, fast_path=fast, pipeline="off", **case)
+
+    batches = [(x.contiguous(memory_format=cl), y) for x, y in data(input_shape=(2, 8, 8))]
+    fast, slow = rule("on"), rule("off")
+    codes = []
+    real = fastpath._halving_code
+    with patch.object(fastpath, "_halving_code",
+                      lambda idx, width: codes.append(width) or real(idx, width)):
+        for (lf, cf), (ls, cs) in zip(run(fast, batches), run(slow, batches)):
+            torch.testing.assert_close(lf, ls, atol=1e-10, rtol=1e-9)
+            assert torch.equal(cf, cs)
+    assert codes and set(codes) == {8}
+    assert_same_state(fast, slow)
+
+
 @pytest.mark.parametrize("targets,target_dropout,grid",
                          [("dense", "on", 1), ("sparse", "on", 1), ("dense", "off", 1),
                           ("sparse", "off", 1), ("sparse", "off", 2)])
@@ -521,6 +548,24 @@ def test_halving_pool_and_its_gradient_equal_atens():
     assert not fp._halving(geometry, torch.zeros(1, 1, 7, 8))
 
 
+@pytest.mark.parametrize("width", [2, 4, 8, 16, 32, 64, 128, 6, 10, 256])
+def test_halving_pool_codes_on_channels_last_maps_of_any_even_width(width):
+    """The one-byte codes of a channels-last halving pooling (from the index's low byte
+    when the width is a power of two up to 128, else by the general path) rebuild ATen's
+    indices, ties included."""
+    from sigprop.rules.sigprop import fastpath as fp
+
+    pool = torch.nn.MaxPool2d(2, 2)
+    g = torch.Generator().manual_seed(width)
+    for x in (torch.randn(2, 3, 6, width, generator=g),
+              torch.randint(-1, 2, (2, 3, 6, width), generator=g).float()):
+        want_p, want_i = torch.ops.aten.max_pool2d_with_indices(x, *fp._pool_geometry(pool))
+        p, code = fp._pool(pool, x.contiguous(memory_format=torch.channels_last), None)
+        assert torch.equal(p, want_p) and code.dtype == torch.uint8
+        assert code.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fp._window_index(pool, code.contiguous(), width), want_i)
+
+
 def test_halving_pool_on_channels_last_maps_equals_atens():
     """On channels-last maps the halving pooling takes ATen's kernel (the general path);
     the pooled map (also into a given output, laid out so), the codes and the gradient
@@ -547,3 +592,17 @@ def test_halving_pool_on_channels_last_maps_equals_atens():
         want = torch.ops.aten.max_pool2d_with_indices_backward(dq, x, *geometry, want_i)
         du = fp._unpool_2x2(dq.contiguous(memory_format=cl), code, xc)
         assert du.is_contiguous(memory_format=cl) and torch.equal(du, want)
+
+
+@pytest.mark.parametrize("k", [1000, 2048, 6 * 4096, 8192, 32768, 65536])
+def test_classes_by_values_equals_the_matrix_product(k, float64):
+    """dL/dt = gᵀ h over chunks of the values (long rows) equals the one product, into a
+    given output (a view of a larger map) or a new tensor, for rows that are views."""
+    g = torch.randn(12, 10)
+    rows = torch.randn(14, k)[:12]  # h: the first rows of a larger map
+    want = g.T @ rows
+    torch.testing.assert_close(fastpath._classes_by_values(g, rows), want, rtol=1e-12, atol=1e-12)
+    big = torch.empty(13, k)
+    out = fastpath._classes_by_values(g, rows, big[3:])
+    assert out.data_ptr() == big[3:].data_ptr()
+    torch.testing.assert_close(big[3:], want, rtol=1e-12, atol=1e-12)

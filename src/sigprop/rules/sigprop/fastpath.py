@@ -194,7 +194,7 @@ def pred_grads(
     loss, g = SF.pred_loss_grad(logits, y, scale)
     torch.mm(g, t, out=dh)
     # dL/d(rows of t): the targets themselves, or the class means
-    dt_rows = torch.mm(g.T, h, out=dt) if dt is not None and classes is None else g.T @ h
+    dt_rows = _classes_by_values(g, h, dt if classes is None else None)
     if kind == "l2":
         dh.mul_(2).sub_(h * (2 * g.sum(1, keepdim=True)))
         dt_rows.mul_(2).sub_(t * (2 * g.sum(0).unsqueeze(1)))
@@ -206,6 +206,26 @@ def pred_grads(
     dt = torch.index_select(dt_rows, 0, y, out=dt) if dt is not None else dt_rows[y]
     means, present = classes
     return loss, logits, dt, (means.view(-1, *row_shape), present)
+
+
+# a row of h is cut into chunks of at least this many values for dL/dt (_classes_by_values)
+_CHUNK = 2048
+
+
+def _classes_by_values(g: Tensor, h: Tensor, out: Tensor | None = None) -> Tensor:
+    """gᵀ h, (classes, values), into ``out`` if given. Rows of a conv block's maps (tens
+    of thousands of values) are cut into 4-16 chunks, one batched product: MKL's single
+    10 x n by n x K product read h at a third of the rate (docs/studies/fast-path.md);
+    each value still sums the same n products."""
+    k = h.shape[1]
+    chunks = next((c for c in (16, 8, 4) if k % c == 0 and k // c >= _CHUNK), 1)
+    if chunks == 1 or h.stride(1) != 1:
+        return torch.mm(g.T, h, out=out)
+    parts = torch.bmm(g.T.expand(chunks, -1, -1), h.unflatten(1, (chunks, -1)).transpose(0, 1))
+    if out is None:
+        out = parts.new_empty(g.shape[1], k)
+    out.unflatten(1, (chunks, -1)).copy_(parts.transpose(0, 1))
+    return out
 
 
 @dataclass
@@ -342,9 +362,23 @@ def _pool(pool: nn.MaxPool2d, x: Tensor, out: Tensor | None) -> tuple[Tensor, Te
         idx = torch.empty_like(out, dtype=torch.int64)
         p, idx = torch.ops.aten.max_pool2d_with_indices.out(x, *geometry, out=out, indices=idx)
     width = x.shape[3]
+    if _halving(geometry, x) and width & (width - 1) == 0 and width <= 128:
+        return p, _halving_code(idx, width)
     offset = idx.sub_(_window_corner(pool, p, width))  # row * width + column in the window
     code = offset.sub_(_rows_down(offset, width, kh).mul_(width - kw))
     return p, code.to(torch.uint8)
+
+
+def _halving_code(idx: Tensor, width: int) -> Tensor:
+    """The window codes (2 row + column) of a 2 x 2, stride 2 pooling of maps ``width``
+    wide, a power of two up to 128, from ATen's int64 indices, on one byte from the first
+    pass: an index is (2i + r) width + 2j + s, so modulo 2 width (which divides 256, where
+    the cast to uint8 wraps) it is r width + 2j + s with 2j + s < width: r is its
+    ``width`` bit, s its lowest. A fifth of the general path's passes over int64 indices
+    (docs/studies/fast-path.md)."""
+    b = idx.to(torch.uint8)  # idx mod 256
+    row = torch.bitwise_right_shift(b, width.bit_length() - 2).bitwise_and_(2)  # 2 r
+    return row.bitwise_or_(b.bitwise_and_(1))
 
 
 # (kernel, stride, padding, dilation, ceil_mode) of VGG8b's poolings: 2 x 2, stride 2

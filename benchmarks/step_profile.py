@@ -4,6 +4,7 @@
     python benchmarks/step_profile.py                                # VGG8b, CIFAR-shaped, batch 128
     python benchmarks/step_profile.py --rules sigprop,ll-fa,backprop --batch-size 32
     python benchmarks/step_profile.py --network fc-3x1000 --input 1x28x28 --json out.json
+    python benchmarks/step_profile.py --rules sigprop --layout channels-last --dropout 0.1 --by-shape
 
 Every ATen op a step runs is intercepted (a ``TorchDispatchMode``), run, and charged
 with its wall time (on a CPU an op is finished when it returns), its FLOPs (PyTorch's
@@ -68,8 +69,9 @@ def _bytes(args, out) -> int:
 class OpMeter(TorchDispatchMode):
     """Wall time, FLOPs and bytes per op name (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_shape: bool = False) -> None:
         super().__init__()
+        self.by_shape = by_shape
         self.time = defaultdict(float)
         self.flops = defaultdict(int)
         self.bytes = defaultdict(int)
@@ -81,6 +83,9 @@ class OpMeter(TorchDispatchMode):
         out = func(*args, **kwargs)
         dt = time.perf_counter() - t
         name = func.overloadpacket.__name__
+        if self.by_shape:  # the op and its first two tensor inputs' shapes
+            shapes = [tuple(t.shape) for t, _ in zip(_tensors((args, kwargs)), range(2))]
+            name = f"{name} {' '.join('x'.join(map(str, s)) or '()' for s in shapes)}"
         self.time[name] += dt
         self.calls[name] += 1
         if name not in SKIP:
@@ -108,11 +113,12 @@ def build(rule_name: str, args):
     return build_rule(rule_name, net, args.classes, **kw)
 
 
-def profile(rule, x, y, steps: int, warmup: int) -> tuple[OpMeter, float]:
+def profile(rule, x, y, steps: int, warmup: int, by_shape: bool = False
+            ) -> tuple[OpMeter, float]:
     for _ in range(warmup):
         rule.train_step(x, y)
     rule.sync()
-    meter = OpMeter()
+    meter = OpMeter(by_shape)
     t = time.perf_counter()
     with meter:
         for _ in range(steps):
@@ -154,6 +160,9 @@ def main(argv=None) -> int:
                         "sigprop bench uses Sec. IV's 0.1)")
     p.add_argument("--layout", default="nchw", choices=tuple(LAYOUTS),
                    help="the conv weights' and input batch's memory layout")
+    p.add_argument("--by-shape", action="store_true",
+                   help="one row per op and the shapes of its first two tensor inputs "
+                        "(which call of an op costs what)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     for flag in ("batch_size", "steps", "classes"):
@@ -191,7 +200,8 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
            "torch": torch.__version__, "date": _dt.date.today().isoformat(), "rules": {}}
     for name in args.rules.split(","):
-        meter, step_s = profile(build(name, args), x, y, args.steps, args.warmup)
+        meter, step_s = profile(build(name, args), x, y, args.steps, args.warmup,
+                                args.by_shape)
         rows = table(meter, args.steps)
         flops = sum(r["gflop_per_step"] for r in rows)
         mb = sum(r["mb_per_step"] for r in rows)
@@ -199,10 +209,11 @@ def main(argv=None) -> int:
         print(f"\n{name}: {1e3 * step_s:.0f} ms a step ({1e3 * step_s / args.batch_size:.2f} ms "
               f"a sample), {flops:.1f} GFLOP ({flops / step_s:.1f} GFLOP/s), {mb:.0f} MB "
               f"touched, {ops:.0f} ops")
-        print(f"  {'op':<34}{'ms/step':>9}{'share':>7}{'calls':>7}{'GFLOP':>8}{'MB':>8}"
+        width = max([34] + [len(r["op"]) + 2 for r in rows[:args.top or None]])
+        print(f"  {'op':<{width}}{'ms/step':>9}{'share':>7}{'calls':>7}{'GFLOP':>8}{'MB':>8}"
               f"{'GFLOP/s':>9}{'GB/s':>7}")
         for r in rows[:args.top] if args.top > 0 else rows:
-            print(f"  {r['op']:<34}{r['ms_per_step']:9.1f}{r['share']:7.1%}"
+            print(f"  {r['op']:<{width}}{r['ms_per_step']:9.1f}{r['share']:7.1%}"
                   f"{r['calls_per_step']:7.0f}{r['gflop_per_step']:8.2f}{r['mb_per_step']:8.0f}"
                   f"{r['gflop_per_s']:9.1f}{r['gb_per_s']:7.1f}")
         out["rules"][name] = {"step_ms": 1e3 * step_s, "gflop_per_step": flops,

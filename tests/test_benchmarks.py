@@ -176,6 +176,15 @@ def test_pooling_and_step_profile_run_tiny(tmp_path):
         conv = [o for o in r["ops"] if o["op"].startswith("convolution")]
         assert conv and all(o["gflop_per_step"] > 0 for o in conv)
         assert sum(o["share"] for o in r["ops"]) == pytest.approx(1.0)
+    # --by-shape: a row per op and input shapes, the same step time in all
+    prof = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"),
+                           "--network", "conv", "--input", "1x16x16", "--batch-size", "4",
+                           "--rules", "sigprop", "--steps", "1", "--threads", "1", "--by-shape",
+                           "--top", "0", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    ops = [o["op"] for o in json.loads(out.read_text())["rules"]["sigprop"]["ops"]]
+    assert any(o.startswith("convolution 4x1x16x16 ") for o in ops), ops
 
 
 def test_layout_benchmark_tiny(tmp_path):

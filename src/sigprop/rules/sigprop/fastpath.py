@@ -213,13 +213,13 @@ _CHUNK = 2048
 
 
 def _classes_by_values(g: Tensor, h: Tensor, out: Tensor | None = None) -> Tensor:
-    """gᵀ h, (classes, values), into ``out`` if given. Rows of a conv block's maps (tens
-    of thousands of values) are cut into 4-16 chunks, one batched product: MKL's single
-    10 x n by n x K product read h at a third of the rate (docs/studies/fast-path.md);
-    each value still sums the same n products."""
+    """gᵀ h, (classes, values), into ``out`` if given. On a CPU, rows of a conv block's
+    maps (tens of thousands of values) are cut into 4-16 chunks, one batched product:
+    MKL's single 10 x n by n x K product read h at a third of the rate
+    (docs/studies/fast-path.md); each value still sums the same n products."""
     k = h.shape[1]
     chunks = next((c for c in (16, 8, 4) if k % c == 0 and k // c >= _CHUNK), 1)
-    if chunks == 1 or h.stride(1) != 1:
+    if chunks == 1 or h.stride(1) != 1 or h.device.type != "cpu":
         return torch.mm(g.T, h, out=out)
     parts = torch.bmm(g.T.expand(chunks, -1, -1), h.unflatten(1, (chunks, -1)).transpose(0, 1))
     if out is None:

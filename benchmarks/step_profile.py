@@ -82,13 +82,14 @@ class OpMeter(TorchDispatchMode):
         t = time.perf_counter()
         out = func(*args, **kwargs)
         dt = time.perf_counter() - t
-        name = func.overloadpacket.__name__
+        op = func.overloadpacket.__name__
+        name = op
         if self.by_shape:  # the op and its first two tensor inputs' shapes
             shapes = [tuple(t.shape) for t, _ in zip(_tensors((args, kwargs)), range(2))]
-            name = f"{name} {' '.join('x'.join(map(str, s)) or '()' for s in shapes)}"
+            name = f"{op} {' '.join('x'.join(map(str, s)) or '()' for s in shapes)}"
         self.time[name] += dt
         self.calls[name] += 1
-        if name not in SKIP:
+        if op not in SKIP:
             self.bytes[name] += _bytes((args, kwargs), out)
         count = flop_registry.get(func.overloadpacket)
         if count is not None:
@@ -209,10 +210,11 @@ def main(argv=None) -> int:
         print(f"\n{name}: {1e3 * step_s:.0f} ms a step ({1e3 * step_s / args.batch_size:.2f} ms "
               f"a sample), {flops:.1f} GFLOP ({flops / step_s:.1f} GFLOP/s), {mb:.0f} MB "
               f"touched, {ops:.0f} ops")
-        width = max([34] + [len(r["op"]) + 2 for r in rows[:args.top or None]])
+        shown = rows[:args.top] if args.top > 0 else rows
+        width = max([34] + [len(r["op"]) + 2 for r in shown])
         print(f"  {'op':<{width}}{'ms/step':>9}{'share':>7}{'calls':>7}{'GFLOP':>8}{'MB':>8}"
               f"{'GFLOP/s':>9}{'GB/s':>7}")
-        for r in rows[:args.top] if args.top > 0 else rows:
+        for r in shown:
             print(f"  {r['op']:<{width}}{r['ms_per_step']:9.1f}{r['share']:7.1%}"
                   f"{r['calls_per_step']:7.0f}{r['gflop_per_step']:8.2f}{r['mb_per_step']:8.0f}"
                   f"{r['gflop_per_s']:9.1f}{r['gb_per_s']:7.1f}")
